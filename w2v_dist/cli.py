@@ -1,0 +1,146 @@
+"""The ``w2v-dist`` command (also ``python -m w2v_dist``) and the argument handling ``train.py`` shares."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from w2v_dist.config import ConfigError, load_config, to_yaml
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML file with changes from the defaults")
+    parser.add_argument("--dump-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. trainer.max_steps=100")
+
+
+def run_train(args: argparse.Namespace) -> int:
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    if args.dump_config:
+        print(to_yaml(cfg), end="")
+        return 0
+    from w2v_dist.trainer import train
+
+    train(cfg, args.local_rank)
+    return 0
+
+
+def _synth(args: argparse.Namespace) -> int:
+    from w2v_dist.data.synth import synthesize
+
+    root = synthesize(args.out_dir, args.utterances, args.dev_utterances, args.seed, args.workers)
+    print(f"wrote LibriSpeech-layout corpus under {root}")
+    return 0
+
+
+def _init_model(args: argparse.Namespace) -> int:
+    from w2v_dist.model import init_model
+
+    print(f"wrote randomly initialised {args.size} Wav2Vec2ForCTC to {init_model(args.out_dir, args.size, args.seed)}")
+    return 0
+
+
+def _shard(args: argparse.Namespace) -> int:
+    from w2v_dist.data.shards import ShardOptions, shard_corpus
+    from w2v_dist.data.sources import librispeech_sources, manifest_sources
+
+    if bool(args.librispeech) == bool(args.manifest):
+        print("give exactly one of --librispeech ROOT (with --subset) or --manifest FILE", file=sys.stderr)
+        return 2
+    if args.librispeech:
+        sources = librispeech_sources(args.librispeech, args.subset or ["train-clean-100"])
+        described: dict[str, object] = {"subsets": args.subset or ["train-clean-100"]}
+    else:
+        sources = manifest_sources(args.manifest)
+        described = {"manifest": Path(args.manifest).name}
+    opts = ShardOptions(shard_size_mb=args.shard_size_mb, workers=args.workers, min_seconds=args.min_seconds,
+                        max_seconds=args.max_seconds, shuffle_seed=None if args.shuffle_seed < 0 else args.shuffle_seed,
+                        sort_in_shards=args.sort_in_shards, overwrite=args.overwrite, dry_run=args.dry_run)
+    try:
+        index = shard_corpus(sources, args.out, opts, described)
+    except FileExistsError as err:
+        print(err, file=sys.stderr)
+        return 1
+    totals = index["totals"]
+    verb = "would write" if args.dry_run else "wrote"
+    print(f"{totals['inputs']} inputs = {totals['written']} written + {totals['rejected']} rejected; {verb} "
+          f"{totals['shards']} shards, {totals['hours']:.3f} h, {totals['bytes'] / 1e6:.1f} MB to {args.out} "
+          f"in {index['elapsed_seconds']:.1f} s")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from w2v_dist.demo import run_demo
+
+    return run_demo(Path(args.work_dir), args.config, args.overrides)
+
+
+def _transcribe(args: argparse.Namespace) -> int:
+    from w2v_dist.inference import transcribe_files
+
+    for path, text in transcribe_files(args.model, args.files):
+        print(json.dumps({"file": path, "text": text}) if args.json else f"{path}\t{text}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="w2v-dist", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="train (same as train.py; run it under deepspeed/torchrun for >1 rank)")
+    add_train_arguments(train)
+    train.set_defaults(func=run_train)
+
+    synth = sub.add_parser("synth", help="write a synthetic LibriSpeech-layout corpus with espeak-ng")
+    synth.add_argument("out_dir")
+    synth.add_argument("--utterances", type=int, default=200, help="train-clean-100 utterances")
+    synth.add_argument("--dev-utterances", type=int, default=None, help="dev-clean utterances (default N/8)")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    synth.set_defaults(func=_synth)
+
+    init = sub.add_parser("init-model", help="save a randomly initialised Wav2Vec2ForCTC + processor")
+    init.add_argument("out_dir")
+    init.add_argument("--size", choices=("tiny", "base"), default="tiny")
+    init.add_argument("--seed", type=int, default=0)
+    init.set_defaults(func=_init_model)
+
+    shard = sub.add_parser("shard", help="write WebDataset shards + index.json + rejects.jsonl + vocab.json")
+    shard.add_argument("--librispeech", help="LibriSpeech root (the LibriSpeech dir or its parent)")
+    shard.add_argument("--subset", action="append", help="subset to shard (repeatable)")
+    shard.add_argument("--manifest", help="TSV (path, transcript[, speaker]) or JSONL (path, text[, key, speaker])")
+    shard.add_argument("--out", required=True)
+    shard.add_argument("--shard-size-mb", type=float, default=256.0)
+    shard.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    shard.add_argument("--min-seconds", type=float, default=0.0)
+    shard.add_argument("--max-seconds", type=float, default=35.0)
+    shard.add_argument("--shuffle-seed", type=int, default=0, help="-1 keeps corpus order")
+    shard.add_argument("--sort-in-shards", action="store_true")
+    shard.add_argument("--overwrite", action="store_true")
+    shard.add_argument("--dry-run", action="store_true")
+    shard.set_defaults(func=_shard)
+
+    demo = sub.add_parser("demo", help="synth corpus -> shards -> tiny model -> 2-rank DeepSpeed -> WER -> export")
+    demo.add_argument("--work-dir", default="work/demo")
+    demo.add_argument("--config", default="configs/demo.yaml")
+    demo.add_argument("overrides", nargs="*")
+    demo.set_defaults(func=_demo)
+
+    transcribe = sub.add_parser("transcribe", help="transcribe audio files with an exported model")
+    transcribe.add_argument("--model", required=True)
+    transcribe.add_argument("--json", action="store_true")
+    transcribe.add_argument("files", nargs="+")
+    transcribe.set_defaults(func=_transcribe)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))

@@ -1,0 +1,335 @@
+"""Typed run configuration: defaults ⊕ YAML file ⊕ ``key=value`` overrides, checked at load time.
+
+Every field carries an attribute docstring (the string literal under it); :func:`field_docs` reads them
+so that ``docs/configuration.md`` and error messages come from one place.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import inspect
+import os
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A configuration value or key that cannot be used; the message names the key and its source."""
+
+
+@dataclass
+class DataConfig:
+    train_shards: str = ""
+    """Training shard directory or URL prefix holding ``index.json`` (written by ``w2v-dist shard``)."""
+    dev_shards: dict[str, str] = field(default_factory=dict)
+    """Dev sets to evaluate: name → shard directory or URL prefix, e.g. ``{dev-clean: /data/shards/dev-clean}``."""
+    shard_command: str = ""
+    """Optional ``pipe:`` template used to open shards, e.g. ``pipe:aws s3 cp s3://b/{shard} -``; ``{shard}`` is
+    replaced by the checked shard file name from the index, never by free text."""
+    max_batch_seconds: float = 200.0
+    """Micro-batch budget per rank: padded length × batch size, in seconds of audio."""
+    max_batch_size: int = 64
+    """Upper bound on utterances per micro-batch, whatever the seconds budget allows."""
+    bucket_window: int = 512
+    """Look-ahead window (utterances) sorted by duration before packing batches; larger pads less."""
+    shuffle_buffer: int = 2000
+    """Shuffle buffer size in utterances after shard interleave; bounds worker memory."""
+    min_seconds: float = 0.5
+    """Utterances shorter than this are skipped at load time (counted)."""
+    max_seconds: float = 35.0
+    """Utterances longer than this are skipped at load time (counted)."""
+    num_workers: int = 2
+    """DataLoader worker processes per rank (0 decodes in the main process)."""
+    prefetch_factor: int = 4
+    """Batches each worker prepares ahead of the train step."""
+    max_train_samples: int = 0
+    """Use only the first N utterances of the training index (0 = all); the seed script used 300."""
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = "facebook/wav2vec2-base"
+    """Model directory or hub id passed to ``from_pretrained``; a processor is read from the same place, else from
+    the training shards' ``vocab.json`` (new CTC head)."""
+    freeze_feature_encoder: bool = True
+    """Freeze the convolutional feature encoder (always done when fine-tuning wav2vec 2.0)."""
+    freeze_finetune_updates: int = 0
+    """Keep the whole encoder frozen (only the CTC head trains) for this many updates (fairseq)."""
+    mask_time_prob: float = 0.05
+    """SpecAugment-style time masking probability (fairseq ``mask_prob``)."""
+    mask_time_length: int = 10
+    """Length of each time mask in frames."""
+    mask_feature_prob: float = 0.0
+    """Channel masking probability (fairseq ``mask_channel_prob``)."""
+    mask_feature_length: int = 64
+    """Length of each channel mask."""
+    layerdrop: float = 0.1
+    """Probability of dropping a whole transformer layer during training."""
+    hidden_dropout: float = 0.0
+    """Dropout inside the transformer (fairseq ``dropout``)."""
+    attention_dropout: float = 0.0
+    """Dropout on attention probabilities."""
+    activation_dropout: float = 0.1
+    """Dropout after the feed-forward activation."""
+    final_dropout: float = 0.0
+    """Dropout before the CTC head."""
+    ctc_zero_infinity: bool = True
+    """Zero infinite CTC losses (infeasible alignments) instead of poisoning the step."""
+    gradient_checkpointing: bool = False
+    """Recompute transformer activations in backward to save memory."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-5
+    """Peak learning rate of AdamW."""
+    betas: tuple[float, float] = (0.9, 0.98)
+    """AdamW betas."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay; never applied to biases and norm weights."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value (0 disables)."""
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = "tri_stage"
+    """Learning-rate schedule: ``tri_stage`` (fairseq), ``linear`` or ``cosine`` (warmup then decay), ``constant``."""
+    warmup_steps: int = 0
+    """Warmup updates for ``linear``/``cosine`` (``tri_stage`` uses ``phase_ratio``)."""
+    phase_ratio: tuple[float, float, float] = (0.1, 0.4, 0.5)
+    """``tri_stage``: fractions of ``trainer.max_steps`` spent warming up, holding and decaying."""
+    init_lr_scale: float = 0.01
+    """``tri_stage``: learning rate at step 0 as a fraction of the peak."""
+    final_lr_scale: float = 0.05
+    """Learning rate at the last step as a fraction of the peak (all decaying schedules)."""
+
+
+@dataclass
+class InjectConfig:
+    nan_loss_at_steps: list[int] = field(default_factory=list)
+    """Fault injection: make the loss NaN at these steps (on rank ``rank`` only)."""
+    inf_grad_at_steps: list[int] = field(default_factory=list)
+    """Fault injection: make the gradients infinite at these steps (on rank ``rank`` only)."""
+    rank: int = 0
+    """The rank that receives the injected faults."""
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 20000
+    """Optimizer updates to run; the data stream is endless, epochs are reported, not counted."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer update on every rank."""
+    eval_every: int = 1000
+    """Evaluate the dev sets every N updates (and always at the end); 0 evaluates only at the end."""
+    save_every: int = 1000
+    """Save a checkpoint every N updates (and always at the end); 0 saves only at the end."""
+    log_every: int = 10
+    """Write a metrics line every N updates."""
+    seed: int = 1
+    """Seed for model-side randomness and the data order."""
+    max_consecutive_bad_steps: int = 10
+    """Stop the run after this many skipped (non-finite) updates in a row."""
+    on_divergence: str = "stop"
+    """What to do after ``max_consecutive_bad_steps``: ``stop``."""
+    inject: InjectConfig = field(default_factory=InjectConfig)
+    """Fault injection for tests and demonstrations of the NaN/Inf guard."""
+
+
+@dataclass
+class CheckpointConfig:
+    keep_last: int = 2
+    """Number of most recent checkpoints kept on disk."""
+    resume: bool = True
+    """Continue from ``<output_dir>/checkpoints/latest`` when it exists."""
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "disabled"
+    """``online``, ``offline`` or ``disabled`` (needs no login)."""
+    project: str = "w2v-dist"
+    """wandb project name."""
+    run_name: str = ""
+    """wandb run name (empty: the output directory name)."""
+
+
+@dataclass
+class LoggingConfig:
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    """Weights & Biases settings; only rank 0 ever initialises wandb."""
+    progress_bar: bool = True
+    """Show a tqdm bar on rank 0."""
+    sample_transcripts: int = 3
+    """Number of (reference, hypothesis) pairs logged per dev set at each evaluation."""
+
+
+@dataclass
+class DeepSpeedConfig:
+    precision: str = "fp32"
+    """``bf16``, ``fp16`` (dynamic loss scale) or ``fp32``."""
+    zero_stage: int = 0
+    """ZeRO stage 0-3."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Escape hatch merged into the generated DeepSpeed JSON (may not redefine what this config owns)."""
+
+
+@dataclass
+class Config:
+    output_dir: str = "runs/default"
+    """Where checkpoints, exports, metrics and the resolved ``config.yaml`` go."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Shards, batching and loader workers."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Model to fine-tune and the fine-tuning recipe knobs."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """AdamW and gradient clipping."""
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    """Learning-rate schedule, stepped per optimizer update."""
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    """Loop length, evaluation, checkpoint cadence and the NaN/Inf guard."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Checkpoint retention and auto-resume."""
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """metrics.jsonl, progress bar and wandb."""
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    """Precision and ZeRO; the DeepSpeed JSON is derived from the whole config."""
+
+
+_CHOICES: dict[str, tuple[Any, ...]] = {
+    "schedule.name": ("tri_stage", "linear", "cosine", "constant"),
+    "trainer.on_divergence": ("stop",),
+    "logging.wandb.mode": ("online", "offline", "disabled"),
+    "deepspeed.precision": ("bf16", "fp16", "fp32"),
+    "deepspeed.zero_stage": (0, 1, 2, 3),
+}
+_DEEPSPEED_OWNED = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping",
+                    "bf16", "fp16", "zero_optimization", "optimizer", "scheduler", "train_batch_size")
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Attribute docstrings of a dataclass, keyed by field name."""
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for node, following in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            if isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant):
+                docs[node.target.id] = inspect.cleandoc(str(following.value.value))
+    return docs
+
+
+def all_keys(cls: type = Config, prefix: str = "") -> list[str]:
+    """Every dotted key of the schema, sections included."""
+    keys: list[str] = []
+    for f in fields(cls):
+        key = f"{prefix}{f.name}"
+        keys.append(key)
+        if is_dataclass(f.type) or (isinstance(f.type, str) and f.type in _SECTIONS):
+            keys.extend(all_keys(_SECTIONS[f.type] if isinstance(f.type, str) else f.type, key + "."))
+    return keys
+
+
+_SECTIONS: dict[str, type] = {c.__name__: c for c in (
+    DataConfig, ModelConfig, OptimConfig, ScheduleConfig, InjectConfig, TrainerConfig, CheckpointConfig,
+    WandbConfig, LoggingConfig, DeepSpeedConfig)}
+
+
+def _unknown_key_message(key: str, source: str) -> str:
+    close = difflib.get_close_matches(key, all_keys(), n=1, cutoff=0.6)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return f"unknown config key '{key}' in {source}{hint}"
+
+
+def _merge(base: DictConfig, other: DictConfig, source: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, other)  # type: ignore[return-value]
+    except (ConfigKeyError, ConfigAttributeError) as err:
+        if "not in struct" in str(err) or "Key '" in str(err):
+            raise ConfigError(_unknown_key_message(str(err.full_key), source)) from None
+        raise ConfigError(f"{source}: {err.msg}") from None
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"bad value for '{err.full_key}' in {source}: {err.msg}") from None
+
+
+def validate(cfg: Config, source: str = "config") -> None:
+    """Check values that the types alone cannot; raise :class:`ConfigError` naming the key."""
+    def fail(key: str, why: str) -> None:
+        raise ConfigError(f"bad value for '{key}' in {source}: {why}")
+
+    for key, choices in _CHOICES.items():
+        value: Any = cfg
+        for part in key.split("."):
+            value = getattr(value, part)
+        if value not in choices:
+            fail(key, f"{value!r} is not one of {list(choices)}")
+    positive = {"trainer.max_steps": cfg.trainer.max_steps, "trainer.grad_accum": cfg.trainer.grad_accum,
+                "data.max_batch_seconds": cfg.data.max_batch_seconds, "data.max_batch_size": cfg.data.max_batch_size,
+                "data.bucket_window": cfg.data.bucket_window, "data.shuffle_buffer": cfg.data.shuffle_buffer,
+                "optim.lr": cfg.optim.lr, "trainer.log_every": cfg.trainer.log_every,
+                "trainer.max_consecutive_bad_steps": cfg.trainer.max_consecutive_bad_steps,
+                "checkpoint.keep_last": cfg.checkpoint.keep_last}
+    for key, value in positive.items():
+        if value <= 0:
+            fail(key, f"must be > 0, got {value}")
+    for key, value in {"trainer.eval_every": cfg.trainer.eval_every, "trainer.save_every": cfg.trainer.save_every,
+                       "data.num_workers": cfg.data.num_workers, "optim.grad_clip": cfg.optim.grad_clip,
+                       "model.freeze_finetune_updates": cfg.model.freeze_finetune_updates}.items():
+        if value < 0:
+            fail(key, f"must be >= 0, got {value}")
+    if not 0 <= cfg.data.min_seconds < cfg.data.max_seconds:
+        fail("data.min_seconds", f"need 0 <= min_seconds < max_seconds, got {cfg.data.min_seconds}, "
+                                 f"{cfg.data.max_seconds}")
+    for key in ("mask_time_prob", "mask_feature_prob", "layerdrop", "hidden_dropout", "attention_dropout",
+                "activation_dropout", "final_dropout"):
+        if not 0.0 <= getattr(cfg.model, key) < 1.0:
+            fail(f"model.{key}", "must be in [0, 1)")
+    if abs(sum(cfg.schedule.phase_ratio) - 1.0) > 1e-6:
+        fail("schedule.phase_ratio", f"must sum to 1, got {list(cfg.schedule.phase_ratio)}")
+    if cfg.data.shard_command and not cfg.data.shard_command.startswith("pipe:"):
+        fail("data.shard_command", "must start with 'pipe:'")
+    if cfg.data.shard_command and "{shard}" not in cfg.data.shard_command:
+        fail("data.shard_command", "must contain the '{shard}' placeholder")
+    owned = sorted(set(cfg.deepspeed.extra) & set(_DEEPSPEED_OWNED))
+    if owned:
+        fail("deepspeed.extra", f"{owned} are derived from this config; set them through its own keys")
+    if cfg.trainer.inject.rank < 0:
+        fail("trainer.inject.rank", "must be >= 0")
+
+
+def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Build the run config: defaults, then the YAML file at ``path``, then ``key=value`` overrides."""
+    merged: DictConfig = OmegaConf.structured(Config)
+    if path is not None:
+        if not Path(path).is_file():
+            raise ConfigError(f"config file not found: {path}")
+        loaded = OmegaConf.load(path)
+        if not isinstance(loaded, DictConfig):
+            raise ConfigError(f"{path}: top level must be a mapping")
+        merged = _merge(merged, loaded, str(path))
+    bad = [item for item in overrides if "=" not in item]
+    if bad:
+        raise ConfigError(f"overrides must look like key=value, got {bad}")
+    merged = _merge(merged, OmegaConf.from_dotlist(list(overrides)), "command-line overrides")
+    cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    validate(cfg, str(path) if path is not None else "defaults")
+    return cfg
+
+
+def to_yaml(cfg: Config) -> str:
+    """The resolved config as YAML (secrets are never part of it: they stay in the environment)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def save_config(cfg: Config, path: str | os.PathLike[str]) -> None:
+    """Write the resolved config; readable back with :func:`load_config`."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(to_yaml(cfg))

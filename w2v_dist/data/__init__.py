@@ -1,0 +1,1 @@
+"""Corpus discovery and synthesis, shard writing, planning, streaming, collation and text handling."""

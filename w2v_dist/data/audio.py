@@ -1,0 +1,76 @@
+"""Audio decoding and the wav2vec 2.0 feature-encoder geometry (frames per input length)."""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import numpy as np
+import soundfile as sf
+
+SAMPLE_RATE = 16_000
+
+
+@dataclass(frozen=True)
+class EncoderGeometry:
+    """Kernel sizes and strides of the convolutional feature encoder (wav2vec2-base defaults)."""
+
+    kernels: tuple[int, ...] = (10, 3, 3, 3, 3, 2, 2)
+    strides: tuple[int, ...] = (5, 2, 2, 2, 2, 2, 2)
+
+    @property
+    def receptive_field(self) -> int:
+        """Fewest input samples that give one output frame (400 for wav2vec2)."""
+        field, jump = 1, 1
+        for kernel, stride in zip(self.kernels, self.strides):
+            field += (kernel - 1) * jump
+            jump *= stride
+        return field
+
+    @property
+    def inputs_to_logits_ratio(self) -> int:
+        ratio = 1
+        for stride in self.strides:
+            ratio *= stride
+        return ratio
+
+    def frames(self, num_samples: int) -> int:
+        """Output frames for ``num_samples`` inputs, exactly as the conv stack computes them."""
+        length = num_samples
+        for kernel, stride in zip(self.kernels, self.strides):
+            length = (length - kernel) // stride + 1
+            if length <= 0:
+                return 0
+        return length
+
+    @classmethod
+    def from_model_config(cls, config: object) -> EncoderGeometry:
+        return cls(tuple(config.conv_kernel), tuple(config.conv_stride))  # type: ignore[attr-defined]
+
+
+def decode(data: bytes) -> tuple[np.ndarray, int]:
+    """Decode audio bytes to float32 ``(samples, channels)`` and the sample rate."""
+    audio, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
+    return audio, rate
+
+
+def to_16k_mono(audio: np.ndarray, rate: int) -> np.ndarray:
+    """Down-mix to mono and resample to 16 kHz with torchaudio."""
+    mono = audio.mean(axis=1) if audio.ndim == 2 else audio
+    if rate == SAMPLE_RATE:
+        return mono.astype(np.float32)
+    import torch
+    import torchaudio.functional as F
+
+    return F.resample(torch.from_numpy(np.ascontiguousarray(mono)), rate, SAMPLE_RATE).numpy()
+
+
+def encode_flac(audio: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    sf.write(buffer, audio, SAMPLE_RATE, format="FLAC", subtype="PCM_16")
+    return buffer.getvalue()
+
+
+def normalize_waveform(audio: np.ndarray) -> np.ndarray:
+    """Zero mean, unit variance, as ``Wav2Vec2FeatureExtractor(do_normalize=True)`` does it."""
+    return (audio - audio.mean()) / np.sqrt(audio.var() + 1e-7)

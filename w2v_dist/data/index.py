@@ -1,0 +1,113 @@
+"""Reading a shard set's ``index.json`` and turning its shard names into URLs that are safe to open.
+
+Shard names come from a file that may have been downloaded, so they must be plain file names: no path
+separators, no ``..``, no URL schemes and no ``pipe:``. Commands only ever come from the user's own config
+(``data.shard_command``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import webdataset as wds
+
+INDEX_NAME = "index.json"
+FORMAT_VERSION = 1
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+class ShardIndexError(ValueError):
+    """An index that cannot be used, with the location it came from."""
+
+
+@dataclass(frozen=True)
+class Utterance:
+    """What the loader plans batches with, read from the index without touching audio."""
+
+    shard: int
+    position: int
+    """Position of the sample inside its shard."""
+    key: str
+    num_samples: int
+    label_length: int
+
+
+@dataclass(frozen=True)
+class ShardSet:
+    location: str
+    urls: tuple[str, ...]
+    seconds: tuple[float, ...]
+    utterances: tuple[tuple[Utterance, ...], ...]
+    """Per shard, its utterances in tar order."""
+    sample_rate: int
+
+    @property
+    def total_samples(self) -> int:
+        return sum(len(u) for u in self.utterances)
+
+    @property
+    def total_seconds(self) -> float:
+        return sum(self.seconds)
+
+
+def is_remote(location: str) -> bool:
+    return "://" in location or location.startswith("pipe:")
+
+
+def check_shard_name(name: object, location: str) -> str:
+    if not isinstance(name, str) or not _SAFE_NAME.match(name) or ".." in name:
+        raise ShardIndexError(f"{location}: refusing shard name {name!r}: index shard names must be plain "
+                              "file names (no separators, '..', schemes or commands)")
+    return name
+
+
+def _join(location: str, name: str) -> str:
+    return f"{location.rstrip('/')}/{name}" if is_remote(location) else str(Path(location) / name)
+
+
+def read_index_json(location: str) -> dict:
+    """The parsed ``index.json`` of a local directory or an ``http(s)://`` prefix."""
+    url = _join(location, INDEX_NAME)
+    try:
+        with wds.gopen(url, "rb") as stream:
+            return json.loads(stream.read())
+    except FileNotFoundError:
+        raise ShardIndexError(f"no {INDEX_NAME} at {url}: run 'w2v-dist shard' to create shards") from None
+    except json.JSONDecodeError as err:
+        raise ShardIndexError(f"{url} is not valid JSON: {err}") from None
+    except Exception as err:  # gopen raises plain IOError/ValueError for HTTP and pipe failures
+        raise ShardIndexError(f"cannot read {url}: {err}") from None
+
+
+def load_shard_set(location: str, shard_command: str = "", max_samples: int = 0) -> ShardSet:
+    """Load and check an index; ``shard_command`` (``pipe:...{shard}...``) replaces direct opening.
+
+    ``max_samples`` keeps only the first N utterances in index order (the seed script's ``MAX_SAMPLES``).
+    """
+    index = read_index_json(location)
+    if index.get("version") != FORMAT_VERSION:
+        raise ShardIndexError(f"{location}: index version {index.get('version')!r}, expected {FORMAT_VERSION}")
+    urls, seconds, utterances = [], [], []
+    remaining = max_samples or -1
+    for shard_number, entry in enumerate(index["shards"]):
+        name = check_shard_name(entry.get("name"), location)
+        rows = entry["utterances"]
+        if remaining >= 0:
+            rows = rows[:remaining]
+            remaining -= len(rows)
+        if not rows:
+            break
+        urls.append(shard_command.replace("{shard}", name) if shard_command else _join(location, name))
+        utts = tuple(Utterance(shard_number, pos, str(k), int(n), int(lab)) for pos, (k, n, lab) in enumerate(rows))
+        utterances.append(utts)
+        seconds.append(sum(u.num_samples for u in utts) / index["sample_rate"])
+    if not urls:
+        raise ShardIndexError(f"{location}: the index lists no utterances")
+    return ShardSet(location, tuple(urls), tuple(seconds), tuple(utterances), int(index["sample_rate"]))
+
+
+def vocab_path(location: str) -> str:
+    return _join(location, "vocab.json")

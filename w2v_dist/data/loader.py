@@ -1,0 +1,217 @@
+"""Streaming loader: reads tar shards through webdataset, decodes in workers, yields collated batches.
+
+Training streams are endless (epochs roll over), so no rank can run out of batches while another waits in a
+collective: the trainer takes exactly ``max_steps * grad_accum`` batches on every rank. The position is one
+number per rank (batches consumed); everything else is replayed from the plan, see :mod:`w2v_dist.data.plan`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import tarfile
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import soundfile as sf
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from w2v_dist.data.audio import EncoderGeometry, decode, normalize_waveform
+from w2v_dist.data.collate import CTCCollator, Example
+from w2v_dist.data.index import ShardSet, Utterance
+from w2v_dist.data.plan import Batch, BatchPolicy, Piece, assign_pieces, epoch_rng, plan_batches
+
+log = logging.getLogger("w2v_dist.data")
+MAX_EMPTY_EPOCHS = 3
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Everything a worker needs to turn tar members into model inputs (picklable)."""
+
+    tokenizer: Any
+    do_normalize: bool
+    collator: CTCCollator
+    geometry: EncoderGeometry
+    min_samples: int
+    max_samples: int
+
+    def skip_reason(self, utt: Utterance) -> str | None:
+        if utt.label_length == 0:
+            return "empty_label"
+        if utt.num_samples < max(self.min_samples, self.geometry.receptive_field):
+            return "too_short"
+        if utt.num_samples > self.max_samples:
+            return "too_long"
+        if self.geometry.frames(utt.num_samples) < utt.label_length:
+            return "ctc_infeasible"
+        return None
+
+    def example(self, key: str, members: dict[str, bytes], sample_rate: int) -> Example:
+        meta = json.loads(members["json"])
+        audio, rate = decode(members["flac"])
+        if rate != sample_rate or audio.shape[1] != 1:
+            raise ValueError(f"expected {sample_rate} Hz mono, got {rate} Hz with {audio.shape[1]} channels")
+        wave = audio[:, 0]
+        if self.do_normalize:
+            wave = normalize_waveform(wave)
+        labels = self.tokenizer(meta["text"]).input_ids
+        return Example(key, wave, labels, meta["text"])
+
+
+def read_members(url: str, wanted: set[str], skips: Counter[str]) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Samples of one shard whose key is wanted; a truncated tar ends the shard with a warning (the samples
+    it did not deliver are counted by the caller as ``missing_member``)."""
+    try:
+        stream = wds.gopen(url, "rb")
+    except Exception as err:
+        raise RuntimeError(f"cannot open shard {url}: {err}") from err
+    current: dict[str, bytes] = {}
+    key = None
+    try:
+        with stream:
+            for member in wds.tariterators.tar_file_iterator(stream, select_files=lambda f: f.split(".")[0] in wanted):
+                prefix, _, ext = member["fname"].partition(".")
+                if prefix != key:
+                    if key in wanted:
+                        yield key, current
+                    key, current = prefix, {}
+                if prefix in wanted:
+                    current[ext] = member["data"]
+        if key in wanted:
+            yield key, current
+    except (tarfile.TarError, OSError, EOFError) as err:
+        log.warning("shard %s is truncated or corrupt after key %s (%s); its remaining samples are skipped",
+                    url, key, err)
+        skips["truncated_shard"] += 1
+
+
+class _Stream(IterableDataset):  # type: ignore[type-arg]
+    def __init__(self, shards: ShardSet, policy: BatchPolicy, prep: Preprocess) -> None:
+        self.shards, self.policy, self.prep = shards, policy, prep
+
+    def _batches(self, batches: list[Batch], pieces: list[Piece], skips: Counter[str]) -> Iterator[dict]:
+        """Read ``pieces`` in order and yield the planned ``batches``, decoding only what they contain."""
+        needed = {(u.shard, u.key) for batch in batches for u in batch}
+        held: dict[tuple[int, str], dict[str, bytes]] = {}
+        pending = iter(pieces)
+        reader: Iterator[tuple[str, dict[str, bytes]]] = iter(())
+        shard = -1
+        exhausted = False
+        for batch in batches:
+            while not exhausted and any((u.shard, u.key) not in held for u in batch):
+                item = next(reader, None)
+                if item is None:
+                    piece = next((p for p in pending if any((p.shard, u.key) in needed
+                                                            for u in p.select(self.shards.utterances[p.shard]))), None)
+                    if piece is None:
+                        exhausted = True
+                        break
+                    shard = piece.shard
+                    wanted = {u.key for u in piece.select(self.shards.utterances[shard]) if (shard, u.key) in needed}
+                    reader = read_members(self.shards.urls[shard], wanted, skips)
+                    continue
+                held[(shard, item[0])] = item[1]
+            examples = []
+            for utt in batch:
+                members = held.pop((utt.shard, utt.key), None)
+                if members is None or "flac" not in members or "json" not in members:
+                    log.warning("shard %s: sample %s is missing or incomplete; skipped",
+                                self.shards.urls[utt.shard], utt.key)
+                    skips["missing_member"] += 1
+                    continue
+                try:
+                    examples.append(self.prep.example(utt.key, members, self.shards.sample_rate))
+                except (sf.LibsndfileError, ValueError, KeyError, RuntimeError) as err:
+                    log.warning("shard %s: sample %s cannot be decoded (%s); skipped",
+                                self.shards.urls[utt.shard], utt.key, err)
+                    skips["bad_audio"] += 1
+            out = self.prep.collator(examples)
+            out["skips"] = dict(skips)
+            skips.clear()
+            yield out
+
+
+def _worker() -> tuple[int, int]:
+    info = get_worker_info()
+    return (info.id, info.num_workers) if info else (0, 1)
+
+
+class TrainStream(_Stream):
+    """Endless, deterministic, resumable training batches for one rank."""
+
+    def __init__(self, shards: ShardSet, policy: BatchPolicy, prep: Preprocess, rank: int, world_size: int,
+                 num_workers: int, seed: int) -> None:
+        super().__init__(shards, policy, prep)
+        self.rank, self.world_size, self.slots_per_rank, self.seed = rank, world_size, max(1, num_workers), seed
+        self.consumed = 0
+
+    def plan(self, slot: int, epoch: int) -> tuple[list[Batch], list[Piece], Counter[str]]:
+        pieces = assign_pieces(self.shards.seconds, self.world_size * self.slots_per_rank, self.seed, epoch)[slot]
+        batches, skips = plan_batches(pieces, self.shards.utterances, self.policy, self.prep.skip_reason,
+                                      epoch_rng(self.seed, epoch, slot))
+        return batches, pieces, skips
+
+    def __iter__(self) -> Iterator[dict]:
+        worker, workers = _worker()
+        assert workers == self.slots_per_rank, "DataLoader workers must match the stream's slots"
+        logical = (worker + self.consumed) % workers
+        skip = max(0, -(-(self.consumed - logical) // workers))
+        slot = self.rank * workers + logical
+        empty_epochs = 0
+        for epoch in itertools.count():
+            batches, pieces, skips = self.plan(slot, epoch)
+            if skip >= len(batches):
+                skip -= len(batches)
+                empty_epochs = empty_epochs + 1 if not batches else 0
+                if empty_epochs >= MAX_EMPTY_EPOCHS:
+                    raise RuntimeError(f"data slot {slot} received no usable samples in {empty_epochs} epochs: "
+                                       "too few utterances for this many ranks x workers, or all were filtered")
+                continue
+            yield from self._batches(batches[skip:], pieces, skips if skip == 0 else Counter())
+            skip = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"consumed": self.consumed, "world_size": self.world_size, "workers": self.slots_per_rank,
+                "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        mine = self.state_dict()
+        changed = {k: (state[k], mine[k]) for k in ("world_size", "workers", "seed") if state[k] != mine[k]}
+        if changed:
+            raise ValueError(f"cannot resume the data position exactly: {changed} (saved, now) differ; "
+                             "resume with the same ranks, data.num_workers and trainer.seed")
+        self.consumed = int(state["consumed"])
+
+
+class EvalStream(_Stream):
+    """Each dev utterance exactly once over all ranks: rank r takes global positions ≡ r (mod world)."""
+
+    def __init__(self, shards: ShardSet, policy: BatchPolicy, prep: Preprocess, rank: int, world_size: int) -> None:
+        super().__init__(shards, policy, prep)
+        first, pieces = 0, []
+        for shard, utts in enumerate(shards.utterances):
+            pieces.append(Piece(shard, world_size, (rank - first) % world_size))
+            first += len(utts)
+        self.pieces = pieces
+
+    def plan(self) -> tuple[list[Batch], Counter[str]]:
+        return plan_batches(self.pieces, self.shards.utterances, self.policy, self.prep.skip_reason, None)
+
+    def __iter__(self) -> Iterator[dict]:
+        worker, workers = _worker()
+        mine = self.pieces[worker::workers]
+        batches, skips = plan_batches(mine, self.shards.utterances, self.policy, self.prep.skip_reason, None)
+        yield from self._batches(batches, mine, skips)
+
+
+def make_loader(stream: _Stream, num_workers: int, prefetch_factor: int) -> DataLoader:  # type: ignore[type-arg]
+    extra: dict[str, Any] = {"prefetch_factor": prefetch_factor, "multiprocessing_context": "fork"} \
+        if num_workers else {}
+    return DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=torch.cuda.is_available(),
+                      **extra)

@@ -1,0 +1,137 @@
+"""Batch plans computed from index metadata alone: which samples each worker slot reads, in which order, in
+which batches. Nothing here touches audio, so a plan can be replayed (for exact resume) at metadata speed.
+
+A *slot* is one data-producing process of the whole job: ``rank * workers + worker``. Each epoch, shards are
+permuted by ``(seed, epoch)`` and given to slots so that audio seconds balance; with more slots than shards,
+each shard is split into strided *pieces* so that every slot reads something and every sample is still read
+exactly once per epoch.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+from w2v_dist.data.index import Utterance
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Samples ``offset, offset + stride, ...`` (positions inside the tar) of one shard."""
+
+    shard: int
+    stride: int = 1
+    offset: int = 0
+
+    def select(self, utterances: Sequence[Utterance]) -> list[Utterance]:
+        return list(utterances[self.offset::self.stride])
+
+
+@dataclass(frozen=True)
+class BatchPolicy:
+    max_batch_samples: int
+    """Padded length × batch size limit, in audio samples."""
+    max_batch_size: int
+    bucket_window: int
+    shuffle_buffer: int
+
+
+Batch = list[Utterance]
+Filter = Callable[[Utterance], str | None]
+"""Returns a skip reason, or ``None`` to keep the utterance."""
+
+
+def epoch_rng(*parts: int) -> random.Random:
+    return random.Random(hash(tuple(parts)) & 0xFFFFFFFFFFFF)
+
+
+def assign_pieces(shard_seconds: Sequence[float], slots: int, seed: int, epoch: int) -> list[list[Piece]]:
+    """Pieces per slot for one epoch, balanced by seconds (longest-processing-time first)."""
+    stride = math.ceil(slots / len(shard_seconds)) if slots > len(shard_seconds) else 1
+    pieces = [Piece(shard, stride, offset) for shard in range(len(shard_seconds)) for offset in range(stride)]
+    epoch_rng(seed, epoch).shuffle(pieces)
+    pieces.sort(key=lambda p: -shard_seconds[p.shard])  # stable: equal sizes keep the shuffled order
+    load = [0.0] * slots
+    assigned: list[list[Piece]] = [[] for _ in range(slots)]
+    for piece in pieces:
+        slot = min(range(slots), key=lambda s: (load[s], len(assigned[s]), s))
+        assigned[slot].append(piece)
+        load[slot] += shard_seconds[piece.shard] / stride
+    for slot_pieces in assigned:
+        epoch_rng(seed, epoch, len(slot_pieces)).shuffle(slot_pieces)
+    return assigned
+
+
+def shuffled(items: Iterable[Utterance], size: int, rng: random.Random) -> Iterator[Utterance]:
+    """A bounded shuffle buffer, as webdataset's ``shuffle`` stage does it, but replayable."""
+    buffer: list[Utterance] = []
+    for item in items:
+        if len(buffer) < size:
+            buffer.append(item)
+            continue
+        slot = rng.randrange(size)
+        yield buffer[slot]
+        buffer[slot] = item
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+def pack(window: list[Utterance], policy: BatchPolicy) -> list[Batch]:
+    """Sort a window by length and cut it into batches under the padded-samples and size budgets."""
+    batches: list[Batch] = []
+    current: Batch = []
+    for utt in sorted(window, key=lambda u: (u.num_samples, u.key)):
+        padded = max(utt.num_samples, current[-1].num_samples if current else 0) * (len(current) + 1)
+        if current and (padded > policy.max_batch_samples or len(current) >= policy.max_batch_size):
+            batches.append(current)
+            current = []
+        current.append(utt)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def plan_batches(pieces: Sequence[Piece], utterances: Sequence[Sequence[Utterance]], policy: BatchPolicy,
+                 keep: Filter, rng: random.Random | None) -> tuple[list[Batch], Counter[str]]:
+    """Batches for one slot and epoch, and the load-time skips by reason.
+
+    ``rng`` shuffles (buffer and batch order); ``None`` keeps stream order, as evaluation wants.
+    """
+    skips: Counter[str] = Counter()
+    kept: list[Utterance] = []
+    for piece in pieces:
+        for utt in piece.select(utterances[piece.shard]):
+            reason = keep(utt)
+            if reason is None:
+                kept.append(utt)
+            else:
+                skips[reason] += 1
+    stream: Iterable[Utterance] = shuffled(kept, policy.shuffle_buffer, rng) if rng else kept
+    batches: list[Batch] = []
+    window: list[Utterance] = []
+    for utt in stream:
+        window.append(utt)
+        if len(window) == policy.bucket_window:
+            batches.extend(_ordered(pack(window, policy), rng))
+            window = []
+    if window:
+        batches.extend(_ordered(pack(window, policy), rng))
+    return batches, skips
+
+
+def _ordered(batches: list[Batch], rng: random.Random | None) -> list[Batch]:
+    if rng is not None:
+        rng.shuffle(batches)
+    return batches
+
+
+def padding_fraction(batches: Iterable[Batch]) -> float:
+    """Padded samples / all samples in the batches (0 = no padding)."""
+    real = padded = 0
+    for batch in batches:
+        real += sum(u.num_samples for u in batch)
+        padded += max(u.num_samples for u in batch) * len(batch)
+    return 1.0 - real / padded if padded else 0.0

@@ -1,0 +1,198 @@
+"""Writing WebDataset shards: probe every input, reject what cannot train, pack, write atomically, index last.
+
+The format is documented in ``docs/data-format.md``. Invariant: inputs = written + rejected, and every
+reject has a line in ``rejects.jsonl``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import random
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import soundfile as sf
+import webdataset as wds
+from tqdm import tqdm
+
+from w2v_dist.data.audio import SAMPLE_RATE, EncoderGeometry, decode, encode_flac, to_16k_mono
+from w2v_dist.data.index import INDEX_NAME, FORMAT_VERSION
+from w2v_dist.data.sources import Reject, Source
+from w2v_dist.data.text import TranscriptError, build_vocab, label_length, normalize, write_vocab
+
+SHARD_PATTERN = "shard-{:06d}.tar"
+
+
+@dataclass
+class ShardOptions:
+    shard_size_mb: float = 256.0
+    workers: int = 2
+    min_seconds: float = 0.0
+    max_seconds: float = 35.0
+    shuffle_seed: int | None = 0
+    sort_in_shards: bool = False
+    overwrite: bool = False
+    dry_run: bool = False
+    geometry: EncoderGeometry = field(default_factory=EncoderGeometry)
+
+
+@dataclass(frozen=True)
+class Probed:
+    """An input that passed every check, with what its shard json records."""
+
+    source: Source
+    text: str
+    num_samples: int
+    bytes: int
+    converted_from: str = ""
+    """``"<rate> Hz, <channels> ch"`` when the audio was resampled/down-mixed and re-encoded."""
+
+
+def probe(src: Source, opts: ShardOptions) -> Probed | Reject:
+    """Decode and check one input; a :class:`Reject` says why it cannot be written."""
+    def reject(reason: str) -> Reject:
+        return Reject(src.key, src.source, reason)
+
+    if src.audio is None or not src.audio.is_file():
+        return reject("audio file missing")
+    if src.text is None:
+        return reject("no transcript line")
+    try:
+        text = normalize(src.text)
+    except TranscriptError as err:
+        return reject(str(err))
+    raw = src.audio.read_bytes()
+    try:
+        audio, rate = decode(raw)
+    except (sf.LibsndfileError, RuntimeError, ValueError) as err:
+        return reject(f"unreadable audio ({err})")
+    converted = ""
+    if rate != SAMPLE_RATE or audio.shape[1] != 1:
+        converted = f"{rate} Hz, {audio.shape[1]} ch"
+        raw = encode_flac(to_16k_mono(audio, rate))
+        num_samples = len(sf.SoundFile(io.BytesIO(raw)))
+    else:
+        num_samples = audio.shape[0]
+    seconds = num_samples / SAMPLE_RATE
+    if num_samples < opts.geometry.receptive_field:
+        return reject(f"audio shorter than the encoder's receptive field ({num_samples} samples)")
+    if not opts.min_seconds <= seconds <= opts.max_seconds:
+        return reject(f"duration {seconds:.2f}s outside [{opts.min_seconds}, {opts.max_seconds}]")
+    frames, labels = opts.geometry.frames(num_samples), label_length(text)
+    if frames < labels:
+        return reject(f"CTC infeasible: {frames} frames < {labels} label tokens")
+    return Probed(src, text, num_samples, len(raw), converted)
+
+
+def _probe_star(args: tuple[Source, ShardOptions]) -> Probed | Reject:
+    return probe(*args)
+
+
+def plan_shards(items: list[Probed], opts: ShardOptions) -> list[list[Probed]]:
+    """Group accepted inputs into shards of about ``shard_size_mb`` (order: shuffled, optionally sorted)."""
+    ordered = sorted(items, key=lambda p: p.source.key)
+    if opts.shuffle_seed is not None:
+        random.Random(opts.shuffle_seed).shuffle(ordered)
+    limit = opts.shard_size_mb * 1e6
+    shards: list[list[Probed]] = [[]]
+    size = 0
+    for item in ordered:
+        if shards[-1] and size + item.bytes > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append(item)
+        size += item.bytes
+    if opts.sort_in_shards:
+        shards = [sorted(shard, key=lambda p: p.num_samples) for shard in shards]
+    return [s for s in shards if s]
+
+
+def sample_json(item: Probed) -> dict[str, object]:
+    meta: dict[str, object] = {"text": item.text, "seconds": item.num_samples / SAMPLE_RATE,
+                               "num_samples": item.num_samples, "sample_rate": SAMPLE_RATE,
+                               "speaker": item.source.speaker, "chapter": item.source.chapter,
+                               "source": item.source.source}
+    if item.converted_from:
+        meta["converted_from"] = item.converted_from
+    return meta
+
+
+def write_shard(path: Path, items: list[Probed]) -> dict[str, object]:
+    """Write one tar under a temporary name, then rename; return its index entry."""
+    tmp = path.with_name(path.name + ".partial")
+    with open(tmp, "wb") as stream, wds.TarWriter(stream, mtime=0.0, user="w2v", group="w2v") as sink:
+        for item in items:
+            audio = item.source.audio.read_bytes()  # type: ignore[union-attr]
+            if item.converted_from:
+                audio = encode_flac(to_16k_mono(*decode(audio)))
+            sink.write({"__key__": item.source.key, "flac": audio,
+                        "json": json.dumps(sample_json(item), sort_keys=True).encode()})
+    digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
+    tmp.rename(path)
+    return {"name": path.name, "samples": len(items), "seconds": round(sum(i.num_samples for i in items) / SAMPLE_RATE, 3),
+            "bytes": path.stat().st_size, "sha256": digest,
+            "utterances": [[i.source.key, i.num_samples, label_length(i.text)] for i in items]}
+
+
+def _write_star(args: tuple[Path, list[Probed]]) -> dict[str, object]:
+    return write_shard(*args)
+
+
+def histogram(seconds: list[float], bin_seconds: float = 1.0) -> dict[str, object]:
+    counts = [0] * (int(max(seconds, default=0) // bin_seconds) + 1)
+    for s in seconds:
+        counts[int(s // bin_seconds)] += 1
+    return {"bin_seconds": bin_seconds, "counts": counts}
+
+
+def shard_corpus(sources: list[Source], out: str | Path, opts: ShardOptions, described: dict[str, object]) -> dict:
+    """Probe, pack and write ``sources`` into ``out``; return the index (also written unless dry-run)."""
+    out_dir = Path(out)
+    if not opts.dry_run:
+        if out_dir.exists() and any(out_dir.glob("*.tar")) and not opts.overwrite:
+            raise FileExistsError(f"{out_dir} already holds shards; pass --overwrite to replace them")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for stale in [*out_dir.glob("shard-*.tar"), *out_dir.glob("*.partial"), out_dir / INDEX_NAME]:
+            stale.unlink(missing_ok=True)
+    started = time.monotonic()
+    accepted: list[Probed] = []
+    rejects: list[Reject] = []
+    with ProcessPoolExecutor(max_workers=max(1, opts.workers)) as pool, \
+            tqdm(total=len(sources), desc="probe", unit="utt", disable=None) as bar:
+        for result in pool.map(_probe_star, [(s, opts) for s in sources], chunksize=32):
+            (accepted if isinstance(result, Probed) else rejects).append(result)  # type: ignore[arg-type]
+            hours = sum(p.num_samples for p in accepted) / SAMPLE_RATE / 3600
+            bar.set_postfix_str(f"{hours:.2f} h accepted, {len(rejects)} rejected", refresh=False)
+            bar.update()
+    groups = plan_shards(accepted, opts)
+    jobs = [(out_dir / SHARD_PATTERN.format(i), group) for i, group in enumerate(groups)]
+    if opts.dry_run:
+        entries = [{"name": p.name, "samples": len(g), "seconds": sum(i.num_samples for i in g) / SAMPLE_RATE,
+                    "bytes": sum(i.bytes for i in g)} for p, g in jobs]
+    else:
+        with ProcessPoolExecutor(max_workers=max(1, opts.workers)) as pool:
+            entries = list(tqdm(pool.map(_write_star, jobs), total=len(jobs), desc="write", unit="shard",
+                                disable=None))
+    seconds = [p.num_samples / SAMPLE_RATE for p in accepted]
+    index = {"format": "w2v-dist-shards", "version": FORMAT_VERSION, **described,
+             "options": {k: v for k, v in asdict(opts).items() if k not in ("workers", "overwrite", "dry_run")},
+             "sample_rate": SAMPLE_RATE, "shards": entries,
+             "totals": {"inputs": len(sources), "written": len(accepted), "rejected": len(rejects),
+                        "shards": len(entries), "seconds": round(sum(seconds), 3),
+                        "hours": round(sum(seconds) / 3600, 4), "bytes": sum(int(e["bytes"]) for e in entries)},
+             "duration_histogram": histogram(seconds)}
+    assert index["totals"]["inputs"] == len(accepted) + len(rejects)
+    if not opts.dry_run:
+        with open(out_dir / "rejects.jsonl", "w") as handle:
+            for r in sorted(rejects, key=lambda r: r.key):
+                handle.write(json.dumps(asdict(r)) + "\n")
+        write_vocab(build_vocab(p.text for p in accepted), out_dir / "vocab.json")
+        tmp = out_dir / (INDEX_NAME + ".partial")
+        tmp.write_text(json.dumps(index, indent=1) + "\n")
+        tmp.rename(out_dir / INDEX_NAME)
+    index["elapsed_seconds"] = time.monotonic() - started
+    return index

@@ -1,0 +1,95 @@
+"""Rank, world size and the few collectives the trainer needs. World size 1 takes the same code path.
+
+The process group itself is created by :func:`w2v_dist.engine.init_distributed` (DeepSpeed's
+``init_distributed``); this module reads the launcher's environment and wraps ``torch.distributed``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as torch_dist
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int
+    local_rank: int
+    size: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def world_from_env(local_rank_arg: int | None = None) -> World:
+    """Ranks from torchrun/deepspeed (RANK, WORLD_SIZE, LOCAL_RANK) or SLURM (SLURM_PROCID...); else one process.
+
+    Missing rendezvous variables are filled in so that the same code runs with no launcher at all.
+    """
+    env = os.environ
+    if "RANK" not in env and "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        env["RANK"], env["WORLD_SIZE"] = env["SLURM_PROCID"], env["SLURM_NTASKS"]
+        env.setdefault("LOCAL_RANK", env.get("SLURM_LOCALID", "0"))
+    rank = int(env.setdefault("RANK", "0"))
+    size = int(env.setdefault("WORLD_SIZE", "1"))
+    local = int(env.get("LOCAL_RANK", local_rank_arg if local_rank_arg is not None else 0))
+    env["LOCAL_RANK"] = str(local)
+    env.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in env:
+        if size > 1:
+            raise RuntimeError("WORLD_SIZE > 1 but MASTER_PORT is not set; start ranks with deepspeed, torchrun "
+                               "or launch/slurm/train.sbatch")
+        env["MASTER_PORT"] = str(_free_port())
+    return World(rank, local, size)
+
+
+def is_initialized() -> bool:
+    return torch_dist.is_available() and torch_dist.is_initialized()
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    """Sum a few numbers over all ranks in one collective (float64, exact for counts)."""
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    if is_initialized():
+        torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.SUM)
+    return tensor.tolist()
+
+
+def all_reduce_max(values: list[float], device: torch.device) -> list[float]:
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    if is_initialized():
+        torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.MAX)
+    return tensor.tolist()
+
+
+def all_gather_objects(obj: Any) -> list[Any]:
+    if not is_initialized():
+        return [obj]
+    out: list[Any] = [None] * torch_dist.get_world_size()
+    torch_dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank."""
+    if not is_initialized():
+        return obj
+    box = [obj]
+    torch_dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def barrier() -> None:
+    if is_initialized():
+        torch_dist.barrier()

@@ -1,0 +1,210 @@
+"""The DeepSpeed engine: configuration, the guarded optimizer, forward/backward/step, checkpoint I/O.
+
+This is the only module that imports deepspeed.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import deepspeed
+import torch
+from transformers import Wav2Vec2ForCTC
+
+from w2v_dist.config import Config
+
+log = logging.getLogger("w2v_dist.engine")
+NO_DECAY = ("bias", "layer_norm", "layernorm", "norm.weight", "masked_spec_embed")
+
+
+def init_distributed(timeout_minutes: float = 30.0) -> None:
+    """Create the process group (NCCL on GPUs, gloo/ccl on CPU) with a bounded collective timeout."""
+    deepspeed.init_distributed(timeout=datetime.timedelta(minutes=timeout_minutes), verbose=False)
+
+
+def device_for(local_rank: int) -> torch.device:
+    name = deepspeed.get_accelerator().device_name()
+    return torch.device(name, local_rank) if name != "cpu" else torch.device("cpu")
+
+
+def deepspeed_config(cfg: Config) -> dict[str, Any]:
+    """The DeepSpeed JSON, derived from our config; ``deepspeed.extra`` is merged on top.
+
+    Batches are sized by seconds, so DeepSpeed's sample counters are notional: micro-batch 1 per rank.
+    """
+    precision = cfg.deepspeed.precision
+    ds: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": cfg.trainer.grad_accum,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16,
+                 "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1},
+        "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    return _deep_merge(ds, dict(cfg.deepspeed.extra))
+
+
+def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    for key, value in extra.items():
+        base[key] = _deep_merge(dict(base[key]), value) if isinstance(value, dict) and isinstance(
+            base.get(key), dict) else value
+    return base
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: (head | encoder) × (decay | no decay); norms and biases are never decayed."""
+    groups: dict[tuple[str, bool], list[torch.nn.Parameter]] = {}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            part = "head" if name.startswith("lm_head") else "encoder"
+            decay = param.ndim > 1 and not any(tag in name for tag in NO_DECAY)
+            groups.setdefault((part, decay), []).append(param)
+    return [{"params": params, "part": part, "weight_decay": weight_decay if decay else 0.0}
+            for (part, decay), params in sorted(groups.items())]
+
+
+class GuardedAdamW(torch.optim.AdamW):
+    """AdamW that applies nothing on an update the guard marked bad, and counts the updates it applied.
+
+    DeepSpeed (ZeRO 1/2) may also skip on its own when it sees an overflow; comparing ``applied`` before and
+    after ``engine.step()`` makes such silent skips visible.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.skip_next = False
+        self.applied = 0
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+        if self.skip_next:
+            return None
+        self.applied += 1
+        return super().step(closure)
+
+
+@dataclass
+class UpdateOutcome:
+    applied: bool
+    grad_norm: float | None
+    engine_skipped: bool
+    """DeepSpeed skipped the update itself (fp16 loss-scale overflow, or a ZeRO overflow check)."""
+
+
+class Engine:
+    """A DeepSpeed engine around ``Wav2Vec2ForCTC`` with the NaN/Inf guard's hooks."""
+
+    def __init__(self, cfg: Config, model: Wav2Vec2ForCTC, local_rank: int) -> None:
+        self.cfg = cfg
+        self.device = device_for(local_rank)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        groups = param_groups(model, cfg.optim.weight_decay)
+        self.optimizer = GuardedAdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
+                                      fused=self.device.type == "cuda")
+        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.deepspeed.precision]
+        self.ds_config = deepspeed_config(cfg)
+        self.ds, _, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=self.ds_config)
+        self.grad_nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
+        if cfg.deepspeed.precision != "fp16":  # under fp16 the loss scaler owns overflow handling
+            for param in model.parameters():
+                if param.requires_grad:
+                    param.register_hook(self._watch_grad)
+
+    def _watch_grad(self, grad: torch.Tensor) -> torch.Tensor:
+        self.grad_nonfinite |= ~torch.isfinite(grad).all()
+        return grad
+
+    @property
+    def module(self) -> Wav2Vec2ForCTC:
+        return self.ds.module
+
+    def to_device(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        names = ("input_values", "attention_mask", "labels")
+        return {k: batch[k].to(self.device, non_blocking=True) for k in names if k in batch}
+
+    def forward(self, batch: dict[str, Any], with_labels: bool = True, inject_inf_grad: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed CTC loss (fp32: the model takes log-softmax in fp32) and the logits.
+
+        An empty batch (every sample skipped) gives a zero loss that still reaches every trainable parameter,
+        so backward's collectives run on this rank like on the others.
+        """
+        inputs = self.to_device(batch)
+        if not with_labels:
+            inputs.pop("labels", None)
+        if inputs["input_values"].numel() == 0:
+            return self._zero_loss(), torch.zeros(0, device=self.device)
+        inputs["input_values"] = inputs["input_values"].to(self.dtype)
+        out = self.ds(**inputs)
+        if inject_inf_grad:
+            out.logits.register_hook(lambda g: g * math.inf)
+        loss = out.loss.float() if with_labels else torch.zeros((), device=self.device)
+        return loss, out.logits
+
+    def dummy_forward(self) -> None:
+        """A forward on silence, for ranks that ran out of eval batches (keeps ZeRO-3 gathers paired)."""
+        self.ds(input_values=torch.zeros(1, 16_000, device=self.device, dtype=self.dtype))
+
+    def _zero_loss(self) -> torch.Tensor:
+        return sum((p.sum() * 0.0 for p in self.module.parameters() if p.requires_grad),
+                   torch.zeros((), device=self.device))
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.ds.backward(loss)
+
+    def update(self, skip: bool) -> UpdateOutcome:
+        """End of an optimizer update (call after the last micro-batch's backward)."""
+        assert self.ds.is_gradient_accumulation_boundary(), "update() must follow the last micro-batch"
+        applied_before, skipped_before = self.optimizer.applied, self.ds.skipped_steps
+        self.optimizer.skip_next = skip
+        self.ds.step()
+        self.optimizer.skip_next = False
+        self.grad_nonfinite.zero_()
+        applied = self.optimizer.applied > applied_before
+        norm = self.ds.get_global_grad_norm()
+        return UpdateOutcome(applied, float(norm) if norm is not None and applied else None,
+                             engine_skipped=not skip and (not applied or self.ds.skipped_steps > skipped_before))
+
+    def micro_step(self) -> None:
+        """After a micro-batch that is not the last of its update (DeepSpeed counts the boundary)."""
+        assert not self.ds.is_gradient_accumulation_boundary()
+        self.ds.step()
+
+    def set_lr(self, lr: float, encoder_frozen: bool) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = 0.0 if encoder_frozen and group.get("part") == "encoder" else lr
+
+    def save(self, directory: Path, tag: str, client_state: dict[str, Any]) -> None:
+        """Every rank must call this (DeepSpeed#2993: rank-0-only saves hang)."""
+        self.ds.save_checkpoint(str(directory), tag=tag, client_state=client_state, save_latest=True)
+
+    def load(self, directory: Path, tag: str | None = None) -> dict[str, Any] | None:
+        path, client_state = self.ds.load_checkpoint(str(directory), tag=tag, load_module_strict=True)
+        return client_state if path is not None else None
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Full weights (ZeRO-3 shards gathered, so every rank must call this; only rank 0's are complete)."""
+        if self.cfg.deepspeed.zero_stage == 3:
+            return self.ds._zero3_consolidated_16bit_state_dict() or {}
+        return {k: v.detach().float().cpu() for k, v in self.module.state_dict().items()}
+
+    def train(self) -> None:
+        self.ds.train()
+
+    def eval(self) -> None:
+        self.ds.eval()
+
+
+def accelerator_name() -> str:
+    return deepspeed.get_accelerator().device_name() + f" ({os.environ.get('DS_ACCELERATOR', 'auto')})"

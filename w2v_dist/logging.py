@@ -1,0 +1,98 @@
+"""Where metrics go: ``metrics.jsonl`` always, a tqdm bar and wandb on rank 0. Other ranks get no-op loggers."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+SECRET_MARKERS = ("KEY", "TOKEN", "SECRET", "PASSWORD")
+
+
+def setup_console(rank: int) -> None:
+    """Rank-tagged console logging; non-zero ranks only report warnings."""
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, stream=sys.stderr,
+                        format=f"[%(asctime)s rank{rank} %(name)s] %(message)s", datefmt="%H:%M:%S", force=True)
+    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "httpx", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def scrub(values: dict[str, Any]) -> dict[str, Any]:
+    """Drop anything that looks like a secret (``WANDB_API_KEY`` and friends never leave the environment)."""
+    return {k: scrub(v) if isinstance(v, dict) else v for k, v in values.items()
+            if not any(marker in k.upper() for marker in SECRET_MARKERS)}
+
+
+def _clean(value: Any) -> Any:
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+class RunLogger:
+    """No-op base: what every rank but 0 gets."""
+
+    def log(self, record: dict[str, Any]) -> None: ...
+
+    def progress(self, step: int, postfix: dict[str, Any]) -> None: ...
+
+    def table(self, name: str, columns: list[str], rows: list[list[Any]], step: int) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class MainLogger(RunLogger):
+    """Rank 0: appends JSON lines to ``metrics.jsonl``, drives the bar, mirrors to wandb when enabled."""
+
+    def __init__(self, output_dir: Path, config: dict[str, Any], wandb_mode: str, project: str, run_name: str,
+                 total_steps: int, start_step: int, progress_bar: bool) -> None:
+        self.path = output_dir / "metrics.jsonl"
+        self.file = self.path.open("a")
+        self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
+                        disable=not progress_bar)
+        self.wandb: Any = None
+        if wandb_mode != "disabled":
+            import wandb
+
+            id_file = output_dir / "wandb_run_id"
+            run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+            id_file.write_text(run_id)
+            self.wandb = wandb.init(project=project, name=run_name or output_dir.name, id=run_id, resume="allow",
+                                    mode=wandb_mode, dir=str(output_dir), config=scrub(config))
+
+    def log(self, record: dict[str, Any]) -> None:
+        clean = {k: _clean(v) for k, v in record.items()}
+        self.file.write(json.dumps(clean) + "\n")
+        self.file.flush()
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in clean.items() if isinstance(v, int | float)}, step=record.get("step"))
+
+    def progress(self, step: int, postfix: dict[str, Any]) -> None:
+        self.bar.n = step
+        self.bar.set_postfix(postfix, refresh=False)
+        self.bar.refresh()
+
+    def table(self, name: str, columns: list[str], rows: list[list[Any]], step: int) -> None:
+        if self.wandb is not None:
+            import wandb
+
+            self.wandb.log({name: wandb.Table(columns=columns, data=rows)}, step=step)
+
+    def close(self) -> None:
+        self.bar.close()
+        self.file.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def make_logger(is_main: bool, output_dir: Path, config: dict[str, Any], wandb_cfg: Any, total_steps: int,
+                start_step: int, progress_bar: bool) -> RunLogger:
+    if not is_main:
+        return RunLogger()
+    os.environ.setdefault("WANDB_SILENT", "true")
+    return MainLogger(output_dir, config, wandb_cfg.mode, wandb_cfg.project, wandb_cfg.run_name, total_steps,
+                      start_step, progress_bar)

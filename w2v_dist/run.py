@@ -1,0 +1,116 @@
+"""Assembling a run from the config: world, processor, model, shard sets, loaders and engine."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import webdataset as wds
+from transformers import Wav2Vec2Processor
+
+from w2v_dist import dist
+from w2v_dist.config import Config
+from w2v_dist.data.audio import EncoderGeometry
+from w2v_dist.data.collate import CTCCollator
+from w2v_dist.data.index import ShardSet, is_remote, load_shard_set, vocab_path
+from w2v_dist.data.loader import EvalStream, Preprocess, TrainStream, make_loader
+from w2v_dist.data.plan import BatchPolicy
+from w2v_dist.engine import Engine, accelerator_name, init_distributed
+from w2v_dist.logging import setup_console
+from w2v_dist.model import load_model, load_processor, parameter_counts
+
+log = logging.getLogger("w2v_dist.run")
+
+
+@dataclass
+class Run:
+    world: dist.World
+    engine: Engine
+    processor: Wav2Vec2Processor
+    train_stream: TrainStream
+    train_loader: Any
+    dev_loaders: dict[str, Any]
+    train_utterances: int
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _shard_vocab(location: str) -> dict[str, int] | None:
+    try:
+        with wds.gopen(vocab_path(location), "rb") as stream:
+            return json.loads(stream.read())
+    except Exception:  # a missing vocab.json only matters when the model has no tokenizer; load_processor says so
+        return None
+
+
+def check_output_dir(path: Path) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    if not os.access(path, os.W_OK):
+        raise PermissionError(f"output_dir {path} is not writable")
+
+
+def build_run(cfg: Config, local_rank: int | None = None) -> Run:
+    world = dist.world_from_env(local_rank)
+    setup_console(world.rank)
+    init_distributed()
+    check_output_dir(Path(cfg.output_dir))
+    seed_everything(cfg.trainer.seed)
+    if not cfg.data.train_shards:
+        raise ValueError("data.train_shards is not set: point it at a directory written by 'w2v-dist shard'")
+    train_set = load_shard_set(cfg.data.train_shards, cfg.data.shard_command, cfg.data.max_train_samples)
+    check_shards_readable(train_set)
+    processor = load_processor(cfg.model, _shard_vocab(cfg.data.train_shards))
+    model = load_model(cfg.model, processor)
+    extractor = processor.feature_extractor
+    sample_rate = train_set.sample_rate
+    prep = Preprocess(tokenizer=processor.tokenizer, do_normalize=bool(extractor.do_normalize),
+                      collator=CTCCollator(bool(extractor.return_attention_mask), sample_rate),
+                      geometry=EncoderGeometry.from_model_config(model.config),
+                      min_samples=int(cfg.data.min_seconds * sample_rate),
+                      max_samples=int(cfg.data.max_seconds * sample_rate))
+    policy = BatchPolicy(int(cfg.data.max_batch_seconds * sample_rate), cfg.data.max_batch_size,
+                         cfg.data.bucket_window, cfg.data.shuffle_buffer)
+    stream = TrainStream(train_set, policy, prep, world.rank, world.size, cfg.data.num_workers, cfg.trainer.seed)
+    train_loader = make_loader(stream, cfg.data.num_workers, cfg.data.prefetch_factor)
+    dev_loaders = {}
+    eval_policy = BatchPolicy(policy.max_batch_samples, policy.max_batch_size, policy.bucket_window, 1)
+    for name, location in cfg.data.dev_shards.items():
+        dev_set = load_shard_set(location, cfg.data.shard_command)
+        check_shards_readable(dev_set)
+        dev_loaders[name] = make_loader(EvalStream(dev_set, eval_policy, prep, world.rank, world.size),
+                                        cfg.data.num_workers, cfg.data.prefetch_factor)
+    engine = Engine(cfg, model, world.local_rank)
+    _announce(cfg, world, train_set, model)
+    return Run(world, engine, processor, stream, train_loader, dev_loaders, train_set.total_samples)
+
+
+def check_shards_readable(shards: ShardSet) -> None:
+    """Fail at startup, naming the shard, when this node cannot see a local shard (remote ones fail on open)."""
+    for url in shards.urls:
+        if not is_remote(url) and not Path(url).is_file():
+            raise FileNotFoundError(f"shard {url} listed in {shards.location}/index.json is not readable here")
+
+
+def _announce(cfg: Config, world: dist.World, train_set: ShardSet, model: torch.nn.Module) -> None:
+    if not world.is_main:
+        return
+    counts = parameter_counts(model)
+    batch_seconds = cfg.data.max_batch_seconds * cfg.trainer.grad_accum * world.size
+    log.info("world: %d rank(s) on %s; precision %s; ZeRO stage %d", world.size, accelerator_name(),
+             cfg.deepspeed.precision, cfg.deepspeed.zero_stage)
+    log.info("train: %d utterances, %.2f h in %d shards; effective batch <= %.0f s of audio "
+             "(%.0f s x %d accum x %d ranks); ~%.1f updates per epoch", train_set.total_samples,
+             train_set.total_seconds / 3600, len(train_set.urls), batch_seconds, cfg.data.max_batch_seconds,
+             cfg.trainer.grad_accum, world.size, train_set.total_seconds / batch_seconds)
+    log.info("parameters: %s trainable, %s frozen", f"{counts['trainable']:,}", f"{counts['frozen']:,}")

@@ -1,0 +1,210 @@
+"""The training loop: when to step, evaluate, log, save and export. The train step itself is one function."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from w2v_dist import dist
+from w2v_dist.checkpoint import Checkpointer, export_hf
+from w2v_dist.config import Config, save_config, to_yaml
+from w2v_dist.engine import Engine, UpdateOutcome
+from w2v_dist.evaluate import DevSet, evaluate
+from w2v_dist.logging import make_logger
+from w2v_dist.metrics import ErrorCounts
+from w2v_dist.run import Run, build_run
+from w2v_dist.schedule import lr_at
+
+log = logging.getLogger("w2v_dist.trainer")
+
+
+class DivergenceError(RuntimeError):
+    """Too many consecutive updates were skipped for non-finite losses or gradients."""
+
+
+@dataclass
+class StepResult:
+    loss_per_target: float
+    targets: int
+    utterances: int
+    seconds: float
+    cause: str | None
+    """Why the update was skipped (``loss_nonfinite``, ``grad_nonfinite``, ``fp16_overflow``,
+    ``deepspeed_skipped``), or ``None`` when it was applied."""
+    outcome: UpdateOutcome
+
+
+def train_step(engine: Engine, micro_batches: list[dict[str, Any]], world_size: int, nan_loss: bool = False,
+               inf_grad: bool = False) -> StepResult:
+    """One optimizer update. Every rank runs the same collectives whatever its data, so none can hang."""
+    local = [sum(int((b["labels"] >= 0).sum()) for b in micro_batches), sum(len(b["keys"]) for b in micro_batches),
+             sum(b["seconds"] for b in micro_batches)]
+    targets, utterances, seconds = dist.all_reduce_sum(local, engine.device)
+    scale = world_size * len(micro_batches) / max(targets, 1.0)  # DeepSpeed averages over ranks and micro-batches
+    loss_sum = torch.zeros((), device=engine.device)
+    for index, batch in enumerate(micro_batches):
+        loss, _ = engine.forward(batch, inject_inf_grad=inf_grad)
+        loss = loss * math.nan if nan_loss else loss
+        engine.backward(loss * scale)
+        loss_sum += loss.detach()
+        if index < len(micro_batches) - 1:
+            engine.micro_step()
+    flags = torch.stack([loss_sum, (~torch.isfinite(loss_sum)).double(), engine.grad_nonfinite.double()])
+    total, loss_bad, grad_bad = dist.all_reduce_sum(flags.double().nan_to_num(0.0).tolist(), engine.device)
+    cause = "loss_nonfinite" if loss_bad else "grad_nonfinite" if grad_bad else None
+    outcome = engine.update(skip=cause is not None)
+    if cause is None and outcome.engine_skipped:
+        cause = "fp16_overflow" if engine.cfg.deepspeed.precision == "fp16" else "deepspeed_skipped"
+    return StepResult(total / max(targets, 1.0), int(targets), int(utterances), seconds, cause, outcome)
+
+
+@dataclass
+class RunState:
+    """What a checkpoint carries besides weights and optimizer: all of it resumes exactly."""
+
+    step: int = 0
+    skipped: Counter[str] = field(default_factory=Counter)
+    consecutive_bad: int = 0
+    loader_skips: Counter[str] = field(default_factory=Counter)
+    seconds_seen: float = 0.0
+    utterances_seen: int = 0
+    best_wer: float | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "skipped": dict(self.skipped), "loader_skips": dict(self.loader_skips)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key, value in state.items():
+            setattr(self, key, Counter(value) if key in ("skipped", "loader_skips") else value)
+
+
+class Trainer:
+    def __init__(self, cfg: Config, run: Run) -> None:
+        self.cfg, self.run = cfg, run
+        self.world = run.world
+        self.output = Path(cfg.output_dir)
+        self.state = RunState()
+        self.checkpointer = Checkpointer(self.output, self.world, cfg.checkpoint.keep_last)
+        if cfg.checkpoint.resume:
+            client_state = self.checkpointer.resume(run.engine)
+            if client_state is not None:
+                self.state.load_state_dict(client_state["run"])
+                run.train_stream.load_state_dict(client_state["loader"])
+        self.logger = make_logger(self.world.is_main, self.output, json.loads(json.dumps(asdict(cfg))),
+                                  cfg.logging.wandb, cfg.trainer.max_steps, self.state.step, cfg.logging.progress_bar)
+
+    def fit(self) -> dict[str, ErrorCounts]:
+        cfg, state, run = self.cfg, self.state, self.run
+        batches = iter(run.train_loader)
+        window_start, wait, window_seconds = time.perf_counter(), 0.0, 0.0
+        results: dict[str, ErrorCounts] = {}
+        while state.step < cfg.trainer.max_steps:
+            fetch_start = time.perf_counter()
+            micro = [next(batches) for _ in range(cfg.trainer.grad_accum)]
+            wait += time.perf_counter() - fetch_start
+            run.train_stream.consumed += len(micro)
+            step = state.step + 1
+            lr = lr_at(state.step, cfg.optim.lr, cfg.trainer.max_steps, cfg.schedule)
+            run.engine.set_lr(lr, encoder_frozen=state.step < cfg.model.freeze_finetune_updates)
+            inject = cfg.trainer.inject
+            mine = self.world.rank == inject.rank
+            result = train_step(run.engine, micro, self.world.size, nan_loss=mine and step in inject.nan_loss_at_steps,
+                                inf_grad=mine and step in inject.inf_grad_at_steps)
+            state.step = step
+            self._account(result, micro)
+            window_seconds += result.seconds
+            if step % cfg.trainer.log_every == 0 or step == cfg.trainer.max_steps:
+                elapsed = time.perf_counter() - window_start
+                self._log_train(result, lr, window_seconds / max(elapsed, 1e-9), wait / max(elapsed, 1e-9))
+                window_start, wait, window_seconds = time.perf_counter(), 0.0, 0.0
+            last = step == cfg.trainer.max_steps
+            if last or (cfg.trainer.eval_every and step % cfg.trainer.eval_every == 0):
+                results = self._evaluate()
+            if last or (cfg.trainer.save_every and step % cfg.trainer.save_every == 0):
+                self._save()
+        self._export(results)
+        self.logger.close()
+        return results
+
+    def _account(self, result: StepResult, micro: list[dict[str, Any]]) -> None:
+        state = self.state
+        for batch in micro:
+            state.loader_skips.update(batch["skips"])
+        state.seconds_seen += result.seconds
+        state.utterances_seen += result.utterances
+        if result.cause is None:
+            state.consecutive_bad = 0
+            return
+        state.skipped[result.cause] += 1
+        state.consecutive_bad += 1
+        keys = dist.all_gather_objects([k for b in micro for k in b["keys"]])
+        if self.world.is_main:
+            record = {"step": state.step, "cause": result.cause, "keys_by_rank": keys}
+            with open(self.output / "bad_batches.jsonl", "a") as handle:
+                handle.write(json.dumps(record) + "\n")
+            log.warning("step %d skipped on all ranks (%s); batch keys in bad_batches.jsonl", state.step, result.cause)
+        if state.consecutive_bad >= self.cfg.trainer.max_consecutive_bad_steps:
+            raise DivergenceError(f"{state.consecutive_bad} consecutive updates had non-finite losses or gradients "
+                                  f"(last: {result.cause}); see {self.output / 'bad_batches.jsonl'}. Lower optim.lr, "
+                                  "check the data, or use bf16 instead of fp16")
+
+    def _log_train(self, result: StepResult, lr: float, audio_rate: float, wait_fraction: float) -> None:
+        state = self.state
+        record = {"step": state.step, "loss": result.loss_per_target, "lr": lr,
+                  "grad_norm": result.outcome.grad_norm, "epoch": state.utterances_seen / self.run.train_utterances,
+                  "audio_seconds_per_second": audio_rate, "data_wait_fraction": wait_fraction, "skipped": dict(state.skipped),
+                  "loader_skips": dict(state.loader_skips)}
+        if torch.cuda.is_available():
+            record["max_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        self.logger.log(record)
+        self.logger.progress(state.step, {"loss": f"{result.loss_per_target:.3f}", "lr": f"{lr:.2e}",
+                                          "aud_s/s": f"{record['audio_seconds_per_second']:.0f}"})
+
+    def _evaluate(self) -> dict[str, ErrorCounts]:
+        dev_sets = [DevSet(name, loader) for name, loader in self.run.dev_loaders.items()]
+        results = evaluate(self.run.engine, self.run.processor, dev_sets, self.cfg.logging.sample_transcripts)
+        record: dict[str, Any] = {"step": self.state.step}
+        for name, counts in results.items():
+            record |= {f"dev/{name}/wer": counts.wer, f"dev/{name}/cer": counts.cer,
+                       f"dev/{name}/utterances": counts.utterances}
+            self.logger.table(f"dev/{name}/samples", ["key", "reference", "hypothesis"],
+                              [list(s) for s in counts.samples], self.state.step)
+            for key, ref, hyp in counts.samples:
+                log.info("%s %s\n  REF: %s\n  HYP: %s", name, key, ref, hyp)
+            log.info("step %d %s: WER %.4f CER %.4f over %d utterances", self.state.step, name, counts.wer,
+                     counts.cer, counts.utterances)
+        if results:
+            first = next(iter(results.values()))
+            if math.isfinite(first.wer) and (self.state.best_wer is None or first.wer < self.state.best_wer):
+                self.state.best_wer = first.wer
+        self.logger.log(record)
+        return results
+
+    def _save(self) -> None:
+        client_state = {"run": self.state.state_dict(), "loader": self.run.train_stream.state_dict(),
+                        "config": to_yaml(self.cfg)}
+        self.checkpointer.save(self.run.engine, self.state.step, client_state)
+
+    def _export(self, results: dict[str, ErrorCounts]) -> None:
+        finite = export_hf(self.run.engine, self.run.processor, self.output / "final", self.world.is_main)
+        if self.world.is_main:
+            summary = {"step": self.state.step, "exported": finite, "skipped": dict(self.state.skipped),
+                       "loader_skips": dict(self.state.loader_skips),
+                       **{f"dev/{n}/wer": c.wer for n, c in results.items()}}
+            self.logger.log({"final": summary})
+
+
+def train(cfg: Config, local_rank: int | None = None) -> dict[str, ErrorCounts]:
+    """Build everything from ``cfg`` and run to ``trainer.max_steps`` (resuming when a checkpoint exists)."""
+    run = build_run(cfg, local_rank)
+    if run.world.is_main:
+        save_config(cfg, Path(cfg.output_dir) / "config.yaml")
+    return Trainer(cfg, run).fit()
