@@ -212,7 +212,8 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
     "deepspeed.zero_stage": (0, 1, 2, 3),
 }
 _DEEPSPEED_OWNED = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping",
-                    "bf16", "fp16", "zero_optimization", "optimizer", "scheduler", "train_batch_size")
+                    "optimizer", "scheduler", "train_batch_size", "zero_optimization.stage", "bf16.enabled",
+                    "fp16.enabled")
 
 
 def field_docs(cls: type) -> dict[str, str]:
@@ -298,7 +299,8 @@ def validate(cfg: Config, source: str = "config") -> None:
         fail("data.shard_command", "must start with 'pipe:'")
     if cfg.data.shard_command and "{shard}" not in cfg.data.shard_command:
         fail("data.shard_command", "must contain the '{shard}' placeholder")
-    owned = sorted(set(cfg.deepspeed.extra) & set(_DEEPSPEED_OWNED))
+    extra_keys = {f"{k}.{sub}" for k, v in cfg.deepspeed.extra.items() if isinstance(v, dict) for sub in v}
+    owned = sorted((set(cfg.deepspeed.extra) | extra_keys) & set(_DEEPSPEED_OWNED))
     if owned:
         fail("deepspeed.extra", f"{owned} are derived from this config; set them through its own keys")
     if cfg.trainer.inject.rank < 0:

@@ -1,0 +1,142 @@
+"""The streaming loader over real shards: endless, exact resume, every dev utterance once, bad data skipped."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import shutil
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from helpers import eval_stream, http_server, take_batches, train_stream
+
+from w2v_dist.data.index import ShardIndexError, load_shard_set
+from w2v_dist.data.loader import make_loader
+
+
+def keys(batches: list[dict]) -> list[list[str]]:
+    return [b["keys"] for b in batches]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_reproduces_the_uninterrupted_key_sequence(shard_dirs: dict, tiny_model: Path, workers: int) -> None:
+    location = str(shard_dirs["train-clean-100"])
+    straight = keys(take_batches(train_stream(location, tiny_model, workers=workers), workers, 40))
+    for cut in (1, 7, 23):
+        resumed = train_stream(location, tiny_model, workers=workers)
+        resumed.load_state_dict({**resumed.state_dict(), "consumed": cut})
+        assert keys(take_batches(resumed, workers, 40 - cut)) == straight[cut:], f"resume at {cut}"
+
+
+def test_streams_are_endless_and_cross_epochs(shard_dirs: dict, tiny_model: Path) -> None:
+    """2 ranks x 2 workers = 4 slots over fewer shards: each rank keeps producing past several epochs."""
+    location = str(shard_dirs["train-clean-100"])
+    total = load_shard_set(location).total_samples
+    for rank in (0, 1):
+        batches = take_batches(train_stream(location, tiny_model, rank=rank, world=2, workers=2), 2, 60)
+        assert len(batches) == 60
+        assert sum(len(b["keys"]) for b in batches) > total  # past one epoch of the whole set on one rank
+
+
+def test_resume_refuses_a_different_world(shard_dirs: dict, tiny_model: Path) -> None:
+    stream = train_stream(str(shard_dirs["train-clean-100"]), tiny_model, world=2)
+    with pytest.raises(ValueError, match="world_size"):
+        stream.load_state_dict({"consumed": 3, "world_size": 4, "workers": 1, "seed": 1})
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_each_dev_utterance_once_over_ranks(shard_dirs: dict, tiny_model: Path, world: int) -> None:
+    location = str(shard_dirs["dev-clean"])
+    seen = Counter()
+    for rank in range(world):
+        for batch in make_loader(eval_stream(location, tiny_model, rank, world), 0, 2):
+            seen.update(batch["keys"])
+    index = json.loads((shard_dirs["dev-clean"] / "index.json").read_text())
+    assert seen == Counter(u[0] for s in index["shards"] for u in s["utterances"])
+
+
+def test_shards_stream_from_a_loopback_http_server(shard_dirs: dict, tiny_model: Path) -> None:
+    directory = shard_dirs["train-clean-100"]
+    local = keys(take_batches(train_stream(str(directory), tiny_model), 0, 12))
+    with http_server(directory) as url:
+        remote = take_batches(train_stream(url, tiny_model, workers=1), 1, 12)
+    assert keys(remote) == local and remote[0]["input_values"].shape[0] == len(local[0])
+
+
+def rewrite_tar(path: Path, change: dict[str, bytes | None]) -> None:
+    """Replace (or with None, drop) members of a tar in place."""
+    members = []
+    with tarfile.open(path) as tar:
+        for info in tar.getmembers():
+            data = tar.extractfile(info).read()
+            if info.name in change:
+                if change[info.name] is None:
+                    continue
+                data = change[info.name]
+                info.size = len(data)
+            members.append((info, data))
+    with tarfile.open(path, "w") as tar:
+        for info, data in members:
+            tar.addfile(info, io.BytesIO(data))
+
+
+@pytest.fixture()
+def damaged_shards(shard_dirs: dict, tmp_path: Path) -> tuple[Path, str, str]:
+    out = tmp_path / "shards"
+    shutil.copytree(shard_dirs["dev-clean"], out)
+    index = json.loads((out / "index.json").read_text())
+    first, second = index["shards"][0]["utterances"][0][0], index["shards"][0]["utterances"][1][0]
+    rewrite_tar(out / index["shards"][0]["name"], {f"{first}.flac": b"garbage" * 100, f"{second}.json": None})
+    return out, first, second
+
+
+def test_bad_members_are_skipped_counted_and_named(damaged_shards: tuple, tiny_model: Path,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    location, corrupt, missing = damaged_shards
+    with caplog.at_level(logging.WARNING, logger="w2v_dist.data"):
+        batches = list(make_loader(eval_stream(str(location), tiny_model, 0, 1), 0, 2))
+    skips = Counter()
+    for b in batches:
+        skips.update(b["skips"])
+    delivered = {k for b in batches for k in b["keys"]}
+    assert corrupt not in delivered and missing not in delivered
+    assert skips["bad_audio"] == 1 and skips["missing_member"] == 1
+    assert f"sample {corrupt} cannot be decoded" in caplog.text and "shard-000000.tar" in caplog.text
+
+
+def test_truncated_shard_is_skipped_with_a_warning(shard_dirs: dict, tiny_model: Path, tmp_path: Path,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    out = tmp_path / "shards"
+    shutil.copytree(shard_dirs["dev-clean"], out)
+    shard = out / "shard-000000.tar"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    index = json.loads((out / "index.json").read_text())
+    with caplog.at_level(logging.WARNING, logger="w2v_dist.data"):
+        batches = list(make_loader(eval_stream(str(out), tiny_model, 0, 1), 0, 2))
+    delivered = sum(len(b["keys"]) for b in batches)
+    missing = sum(b["skips"].get("missing_member", 0) for b in batches)
+    assert missing > 0 and delivered + missing == index["totals"]["written"]
+    assert "truncated or corrupt" in caplog.text
+
+
+def test_missing_shard_fails_fast_with_its_url(shard_dirs: dict, tiny_model: Path, tmp_path: Path) -> None:
+    out = tmp_path / "shards"
+    shutil.copytree(shard_dirs["dev-clean"], out)
+    (out / "shard-000000.tar").unlink()
+    with pytest.raises(RuntimeError, match="shard-000000.tar"):
+        list(make_loader(eval_stream(str(out), tiny_model, 0, 1), 0, 2))
+
+
+@pytest.mark.parametrize("name", ["../escape.tar", "/etc/passwd", "pipe:rm -rf x", "http://evil/x.tar", "a/b.tar",
+                                  ".."])
+def test_index_shard_names_cannot_inject_paths_or_commands(shard_dirs: dict, tmp_path: Path, name: str) -> None:
+    out = tmp_path / "shards"
+    shutil.copytree(shard_dirs["dev-clean"], out)
+    index = json.loads((out / "index.json").read_text())
+    index["shards"][0]["name"] = name
+    (out / "index.json").write_text(json.dumps(index))
+    with pytest.raises(ShardIndexError, match="refusing shard name"):
+        load_shard_set(str(out))

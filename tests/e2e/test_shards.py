@@ -1,0 +1,112 @@
+"""The sharder on a synthetic LibriSpeech layout: round trip, determinism, every kind of bad input."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import webdataset as wds
+
+from w2v_dist.data.shards import ShardOptions, shard_corpus
+from w2v_dist.data.sources import librispeech_sources
+
+
+def read_back(out: Path) -> dict[str, tuple[dict, bytes]]:
+    urls = [str(out / s["name"]) for s in json.loads((out / "index.json").read_text())["shards"]]
+    return {s["__key__"]: (json.loads(s["json"]), s["flac"]) for s in wds.WebDataset(urls, shardshuffle=False)}
+
+
+def test_round_trip_every_key_text_and_sample(corpus: Path, tmp_path: Path) -> None:
+    sources = librispeech_sources(corpus, ["train-clean-100"])
+    index = shard_corpus(sources, tmp_path / "out", ShardOptions(shard_size_mb=0.2, workers=2), {"subsets": ["x"]})
+    samples = read_back(tmp_path / "out")
+    assert index["totals"]["written"] == len(sources) == len(samples) and index["totals"]["shards"] > 1
+    for src in sources:
+        meta, flac = samples[src.key]
+        assert flac == src.audio.read_bytes()  # 16 kHz mono FLAC is copied, not re-encoded
+        assert meta["text"] == src.text and meta["source"] == src.source
+        assert meta["speaker"] == src.key.split("-")[0] and meta["sample_rate"] == 16_000
+    names = subprocess.run(["tar", "-tf", str(tmp_path / "out" / index["shards"][0]["name"])], capture_output=True,
+                           text=True, check=True).stdout.split()
+    assert names[0].endswith(".flac") and names[1].endswith(".json")
+    for shard in index["shards"]:
+        assert hashlib.sha256((tmp_path / "out" / shard["name"]).read_bytes()).hexdigest() == shard["sha256"]
+    vocab = json.loads((tmp_path / "out" / "vocab.json").read_text())
+    assert vocab["<pad>"] == 0 and vocab["|"] == 4
+    assert sum(index["duration_histogram"]["counts"]) == len(sources)
+
+
+def test_same_inputs_give_byte_identical_output(corpus: Path, tmp_path: Path) -> None:
+    sources = librispeech_sources(corpus, ["dev-clean"])
+    for run in ("a", "b"):
+        shard_corpus(sources, tmp_path / run, ShardOptions(shard_size_mb=0.05, workers=2), {"subsets": ["dev"]})
+    files = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert files == sorted(p.name for p in (tmp_path / "b").iterdir()) and "index.json" in files
+    for name in files:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+
+
+@pytest.fixture()
+def bad_corpus(corpus: Path, tmp_path: Path) -> Path:
+    """A copy of dev-clean with one of each kind of bad input added."""
+    root = tmp_path / "LibriSpeech"
+    shutil.copytree(corpus / "dev-clean", root / "dev-clean")
+    chapter = root / "dev-clean" / "900" / "9000"
+    chapter.mkdir(parents=True)
+    good = sorted((root / "dev-clean").glob("*/*/*.flac"))[0].read_bytes()
+    rng = np.random.default_rng(0)
+    (chapter / "900-9000-0001.flac").write_bytes(good[: len(good) // 2])  # truncated
+    (chapter / "900-9000-0002.flac").write_bytes(b"not a flac at all" * 10)  # corrupt
+    (chapter / "900-9000-0004.flac").write_bytes(good)  # no transcript line
+    sf.write(chapter / "900-9000-0005.flac", rng.normal(0, 0.1, 300).astype("float32"), 16_000)  # too short
+    sf.write(chapter / "900-9000-0006.flac", rng.normal(0, 0.1, 4_000).astype("float32"), 16_000)  # CTC infeasible
+    sf.write(chapter / "900-9000-0007.flac", rng.normal(0, 0.1, (44_100, 2)).astype("float32"), 44_100)  # stereo
+    for key in ("0008", "0009"):
+        (chapter / f"900-9000-{key}.flac").write_bytes(good)
+    lines = ["900-9000-0001 TRUNCATED FILE", "900-9000-0002 CORRUPT FILE", "900-9000-0003 AUDIO IS MISSING",
+             "900-9000-0005 TOO SHORT", "900-9000-0006 " + "A VERY LONG LABEL FOR A QUARTER SECOND",
+             "900-9000-0007 STEREO AT FORTY FOUR", "900-9000-0008 ", "900-9000-0009 CHAPTER 12"]
+    (chapter / "900-9000.trans.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def test_bad_inputs_are_rejected_with_reasons_and_counted(bad_corpus: Path, tmp_path: Path) -> None:
+    sources = librispeech_sources(bad_corpus, ["dev-clean"])
+    index = shard_corpus(sources, tmp_path / "out", ShardOptions(workers=2), {"subsets": ["dev-clean"]})
+    rejects = {r["key"]: r["reason"] for r in map(json.loads, (tmp_path / "out" / "rejects.jsonl").open())}
+    expected = {"900-9000-0001": "unreadable audio", "900-9000-0002": "unreadable audio",
+                "900-9000-0003": "audio file missing", "900-9000-0004": "no transcript line",
+                "900-9000-0005": "receptive field", "900-9000-0006": "CTC infeasible",
+                "900-9000-0008": "empty transcript", "900-9000-0009": "outside the vocabulary"}
+    assert set(rejects) == set(expected)
+    for key, reason in expected.items():
+        assert reason in rejects[key], (key, rejects[key])
+    totals = index["totals"]
+    assert totals["inputs"] == totals["written"] + totals["rejected"] == len(sources)
+    meta, flac = read_back(tmp_path / "out")["900-9000-0007"]
+    audio, rate = sf.read(__import__("io").BytesIO(flac))
+    assert rate == 16_000 and audio.ndim == 1 and meta["converted_from"] == "44100 Hz, 2 ch"
+    assert meta["num_samples"] == len(audio) == 16_000
+
+
+def test_existing_shards_are_refused_without_overwrite(corpus: Path, tmp_path: Path) -> None:
+    sources = librispeech_sources(corpus, ["dev-clean"])
+    shard_corpus(sources, tmp_path / "out", ShardOptions(workers=1), {})
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        shard_corpus(sources, tmp_path / "out", ShardOptions(workers=1), {})
+    shard_corpus(sources, tmp_path / "out", ShardOptions(workers=1, overwrite=True), {})
+
+
+def test_cli_shard_dry_run_writes_nothing(corpus: Path, tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "w2v_dist", "shard", "--librispeech", str(corpus), "--subset",
+                           "dev-clean", "--out", str(tmp_path / "out"), "--dry-run", "--workers", "1"],
+                          capture_output=True, text=True, check=True)
+    assert "12 inputs = 12 written + 0 rejected; would write" in proc.stdout
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,82 @@
+"""Test helpers: building streams over real shards, a loopback HTTP server, running 2-rank DeepSpeed."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import itertools
+import os
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from transformers import Wav2Vec2Processor
+
+from w2v_dist.data.audio import EncoderGeometry
+from w2v_dist.data.collate import CTCCollator
+from w2v_dist.data.index import load_shard_set
+from w2v_dist.data.loader import EvalStream, Preprocess, TrainStream, make_loader
+from w2v_dist.data.plan import BatchPolicy
+
+REPO = Path(__file__).resolve().parent.parent
+POLICY = BatchPolicy(max_batch_samples=8 * 16_000, max_batch_size=4, bucket_window=8, shuffle_buffer=6)
+
+
+def preprocess(model_dir: Path) -> Preprocess:
+    processor = Wav2Vec2Processor.from_pretrained(model_dir)
+    return Preprocess(processor.tokenizer, True, CTCCollator(False), EncoderGeometry(), 3_200, 35 * 16_000)
+
+
+def train_stream(location: str, model_dir: Path, rank: int = 0, world: int = 1, workers: int = 0,
+                 seed: int = 1) -> TrainStream:
+    return TrainStream(load_shard_set(location), POLICY, preprocess(model_dir), rank, world, workers, seed)
+
+
+def eval_stream(location: str, model_dir: Path, rank: int, world: int) -> EvalStream:
+    return EvalStream(load_shard_set(location), POLICY, preprocess(model_dir), rank, world)
+
+
+def take_batches(stream: TrainStream, workers: int, count: int) -> list[dict]:
+    return list(itertools.islice(iter(make_loader(stream, workers, 2)), count))
+
+
+@contextmanager
+def http_server(directory: Path) -> Iterator[str]:
+    """Serve ``directory`` on 127.0.0.1 (an ephemeral port) for the duration of the block."""
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(directory))
+    handler.log_message = lambda *args: None  # type: ignore[method-assign]
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def run_deepspeed(args: list[str], ranks: int = 2, timeout: float = 600, cwd: Path = REPO
+                  ) -> subprocess.CompletedProcess[str]:
+    """``deepspeed --num_gpus N train.py ARGS`` on DeepSpeed's CPU accelerator (gloo)."""
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", WANDB_MODE="disabled")
+    deepspeed = str(Path(sys.executable).with_name("deepspeed"))
+    cmd = [deepspeed, "--num_gpus", str(ranks), "--master_port", str(free_port()), str(REPO / "train.py"), *args]
+    return subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+def run_single(args: list[str], timeout: float = 600, env: dict[str, str] | None = None
+               ) -> subprocess.CompletedProcess[str]:
+    """``python train.py ARGS``: one process, no launcher."""
+    full_env = dict(os.environ, OMP_NUM_THREADS="2", WANDB_MODE="disabled", **(env or {}))
+    return subprocess.run([sys.executable, str(REPO / "train.py"), *args], env=full_env, cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout)

@@ -1,0 +1,102 @@
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from w2v_dist.config import Config, ConfigError, _SECTIONS, field_docs, load_config, save_config
+from w2v_dist.engine import deepspeed_config
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads(path: Path) -> None:
+    cfg = load_config(path)
+    assert cfg.output_dir
+
+
+def test_yaml_then_overrides_win(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("trainer:\n  max_steps: 7\n  seed: 3\ndata:\n  dev_shards:\n    a: /x\n")
+    cfg = load_config(path, ["trainer.max_steps=9", "optim.lr=0.5"])
+    assert (cfg.trainer.max_steps, cfg.trainer.seed, cfg.optim.lr) == (9, 3, 0.5)
+    assert cfg.data.dev_shards == {"a": "/x"}
+    assert cfg.model.freeze_feature_encoder is True  # untouched default
+
+
+def test_typo_in_file_names_file_key_and_suggestion(tmp_path: Path) -> None:
+    path = tmp_path / "typo.yaml"
+    path.write_text("trainer:\n  max_step: 7\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert "trainer.max_step" in str(err.value) and str(path) in str(err.value)
+    assert "did you mean 'trainer.max_steps'" in str(err.value)
+
+
+def test_typo_in_override_is_named() -> None:
+    with pytest.raises(ConfigError, match="logging.wandb.mdoe.*did you mean 'logging.wandb.mode'"):
+        load_config(None, ["logging.wandb.mdoe=offline"])
+
+
+@pytest.mark.parametrize("override, key", [
+    ("deepspeed.precision=fp8", "deepspeed.precision"),
+    ("deepspeed.zero_stage=4", "deepspeed.zero_stage"),
+    ("trainer.max_steps=0", "trainer.max_steps"),
+    ("trainer.max_steps=many", "trainer.max_steps"),
+    ("schedule.phase_ratio=[0.5,0.5,0.5]", "schedule.phase_ratio"),
+    ("data.shard_command=curl x", "data.shard_command"),
+    ("model.layerdrop=1.5", "model.layerdrop"),
+])
+def test_bad_values_fail_at_load_naming_the_key(override: str, key: str) -> None:
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(None, [override])
+
+
+def test_required_key_names_exist() -> None:
+    cfg = load_config(None, ["output_dir=o", "data.train_shards=t", "data.dev_shards={d: x}",
+                             "model.name_or_path=m", "trainer.max_steps=1", "trainer.eval_every=1",
+                             "trainer.save_every=1", "trainer.seed=1", "logging.wandb.mode=offline"])
+    assert cfg.data.dev_shards == {"d": "x"} and cfg.logging.wandb.mode == "offline"
+
+
+def test_every_field_has_a_docstring() -> None:
+    for cls in [Config, *_SECTIONS.values()]:
+        docs = field_docs(cls)
+        missing = [f.name for f in dataclasses.fields(cls) if not docs.get(f.name)]
+        assert not missing, f"{cls.__name__} fields without a docstring: {missing}"
+
+
+def test_saved_config_round_trips(tmp_path: Path) -> None:
+    cfg = load_config(REPO / "configs" / "base.yaml", ["trainer.max_steps=11"])
+    save_config(cfg, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == cfg
+
+
+def test_deepspeed_json_is_derived_and_extra_merges() -> None:
+    cfg = load_config(REPO / "configs" / "base.yaml", ["trainer.grad_accum=4", "optim.grad_clip=2.0",
+                                                         "deepspeed.extra={zero_optimization: {overlap_comm: true}}"])
+    ds = deepspeed_config(cfg)
+    assert ds["gradient_accumulation_steps"] == 4 and ds["gradient_clipping"] == 2.0
+    assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
+    assert ds["zero_optimization"] == {"stage": 2, "overlap_comm": True}
+
+
+def test_extra_may_not_redefine_owned_keys() -> None:
+    with pytest.raises(ConfigError, match="deepspeed.extra"):
+        load_config(None, ["deepspeed.extra={gradient_clipping: 5}"])
+
+
+def test_dump_config_cli_prints_resolved_yaml() -> None:
+    out = subprocess.run([sys.executable, "train.py", "--config", "configs/debug.yaml", "--dump-config",
+                          "trainer.max_steps=3"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    assert "max_steps: 3" in out and "train_shards: work/demo/shards/train-clean-100" in out
+
+
+def test_cli_reports_config_errors_with_exit_code_2() -> None:
+    proc = subprocess.run([sys.executable, "-m", "w2v_dist", "train", "--config", "configs/debug.yaml",
+                           "trainer.max_stesp=3"], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 2 and "did you mean 'trainer.max_steps'" in proc.stderr

@@ -1,0 +1,74 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from w2v_dist.config import ScheduleConfig
+from w2v_dist.data.audio import EncoderGeometry
+from w2v_dist.data.collate import LABEL_PAD, CTCCollator, Example
+from w2v_dist.data.text import TranscriptError, build_vocab, librispeech_vocab, normalize
+from w2v_dist.metrics import ErrorCounts, greedy_ids
+from w2v_dist.schedule import lr_at
+
+
+def test_normalize_policy() -> None:
+    assert normalize("  hello,   world-wide! it's ") == "HELLO WORLD WIDE IT'S"
+    with pytest.raises(TranscriptError, match="empty"):
+        normalize(" ... ")
+    with pytest.raises(TranscriptError, match="'3'"):
+        normalize("chapter 3")
+
+
+def test_vocab_matches_wav2vec2_960h_layout() -> None:
+    vocab = librispeech_vocab()
+    assert len(vocab) == 32
+    assert [vocab[t] for t in ("<pad>", "<s>", "</s>", "<unk>", "|", "E", "T", "Z")] == [0, 1, 2, 3, 4, 5, 6, 31]
+    assert list(build_vocab(["BAD"])) == ["<pad>", "<s>", "</s>", "<unk>", "|", "A", "D", "B"]
+
+
+def test_encoder_geometry_matches_wav2vec2() -> None:
+    geometry = EncoderGeometry()
+    assert geometry.receptive_field == 400 and geometry.inputs_to_logits_ratio == 320
+    assert geometry.frames(399) == 0 and geometry.frames(400) == 1 and geometry.frames(16_000) == 49
+
+
+def test_tri_stage_schedule() -> None:
+    cfg = ScheduleConfig(name="tri_stage", phase_ratio=(0.1, 0.4, 0.5), init_lr_scale=0.01, final_lr_scale=0.05)
+    assert lr_at(0, 1.0, 100, cfg) == pytest.approx(0.01)
+    assert lr_at(10, 1.0, 100, cfg) == pytest.approx(1.0)
+    assert lr_at(49, 1.0, 100, cfg) == pytest.approx(1.0)
+    assert lr_at(100, 1.0, 100, cfg) == pytest.approx(0.05)
+    assert 0.05 < lr_at(75, 1.0, 100, cfg) < 1.0
+
+
+@pytest.mark.parametrize("name", ["linear", "cosine"])
+def test_warmup_then_decay(name: str) -> None:
+    cfg = ScheduleConfig(name=name, warmup_steps=10, final_lr_scale=0.0)
+    assert lr_at(0, 1.0, 110, cfg) == pytest.approx(0.1)
+    assert lr_at(9, 1.0, 110, cfg) == pytest.approx(1.0)
+    assert lr_at(110, 1.0, 110, cfg) == pytest.approx(0.0)
+    assert lr_at(60, 1.0, 110, cfg) == pytest.approx(0.5)
+
+
+def test_error_counts_pool_edits_not_rates() -> None:
+    a, b = ErrorCounts(), ErrorCounts()
+    a.add(["k1"], ["ONE TWO THREE FOUR"], ["ONE TWO THREE FOUR"])
+    b.add(["k2"], ["YES"], ["NO"])
+    pooled = ErrorCounts.from_list([x + y for x, y in zip(a.as_list(), b.as_list())])
+    assert pooled.wer == pytest.approx(1 / 5)  # not the mean of per-rank rates (0.5)
+    assert pooled.utterances == 2
+
+
+def test_greedy_ids_cut_at_real_frames() -> None:
+    logits = torch.zeros(2, 4, 3)
+    logits[:, :, 2] = 1.0
+    assert greedy_ids(logits, torch.tensor([4, 2])) == [[2, 2, 2, 2], [2, 2]]
+
+
+def test_collator_pads_and_masks_only_when_asked() -> None:
+    examples = [Example("a", torch.ones(5).numpy(), [7, 8], "AB"), Example("b", torch.ones(3).numpy(), [9], "C")]
+    batch = CTCCollator(return_attention_mask=False)(examples)
+    assert batch["input_values"].shape == (2, 5) and "attention_mask" not in batch
+    assert batch["labels"].tolist() == [[7, 8], [9, LABEL_PAD]]
+    assert batch["keys"] == ["a", "b"] and batch["seconds"] == pytest.approx(8 / 16_000)
+    assert CTCCollator(return_attention_mask=True)(examples)["attention_mask"].tolist()[1] == [1, 1, 1, 0, 0]
