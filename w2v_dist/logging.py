@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import sys
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +60,7 @@ class MainLogger(RunLogger):
             import wandb
 
             id_file = output_dir / "wandb_run_id"
-            run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+            run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
             id_file.write_text(run_id)
             self.wandb = wandb.init(project=project, name=run_name or output_dir.name, id=run_id, resume="allow",
                                     mode=wandb_mode, dir=str(output_dir), config=scrub(config))

@@ -1,0 +1,120 @@
+"""End-to-end training on a tiny random model: 2 DeepSpeed ranks on CPU, the guard, resume, debug mode."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import run_deepspeed, run_single
+from safetensors.torch import load_file
+
+pytestmark = pytest.mark.slow
+
+
+def overrides(shard_dirs: dict, model: Path, out: Path, **extra: object) -> list[str]:
+    values = {"output_dir": out, "data.train_shards": shard_dirs["train-clean-100"],
+              "data.dev_shards": "{dev-clean: %s}" % shard_dirs["dev-clean"], "model.name_or_path": model,
+              "data.max_batch_seconds": 8.0, "data.bucket_window": 16, "data.shuffle_buffer": 8,
+              "data.min_seconds": 0.2, "data.num_workers": 1, "model.mask_time_prob": 0.0, "model.layerdrop": 0.0,
+              "optim.lr": 1e-3, "schedule.name": "constant", "trainer.max_steps": 6, "trainer.eval_every": 3,
+              "trainer.save_every": 3, "trainer.log_every": 1, "logging.progress_bar": False, **extra}
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def check(proc) -> None:
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+
+
+def test_two_rank_deepspeed_run_exports_a_loadable_model(shard_dirs: dict, tiny_model: Path, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "run"
+    monkeypatch.setenv("WANDB_API_KEY", "sekret-0123456789abcdef")
+    proc = run_deepspeed(["--config", "configs/demo.yaml",
+                          *overrides(shard_dirs, tiny_model, out, **{"logging.wandb.mode": "offline"})])
+    check(proc)
+    records = metrics(out)
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert len(losses) == 6 and all(math.isfinite(x) for x in losses)
+    evals = [r for r in records if "dev/dev-clean/wer" in r]
+    assert [r["step"] for r in evals] == [3, 6] and evals[-1]["dev/dev-clean/utterances"] == 12
+    assert (out / "config.yaml").is_file() and (out / "checkpoints" / "latest").read_text() == "step_00000006"
+    assert (out / "final" / "model.safetensors").is_file()
+
+    from transformers import Wav2Vec2ForCTC, pipeline
+
+    model = Wav2Vec2ForCTC.from_pretrained(out / "final")
+    assert model.config.vocab_size == 32
+    asr = pipeline("automatic-speech-recognition", model=str(out / "final"), device="cpu")
+    assert isinstance(asr({"raw": torch.zeros(16_000).numpy(), "sampling_rate": 16_000})["text"], str)
+
+    secret_hits = [p for p in out.rglob("*") if p.is_file() and b"sekret-0123456789abcdef" in p.read_bytes()]
+    assert not secret_hits, f"the API key leaked into {secret_hits}"
+    assert any((out / "wandb").glob("offline-run-*")), "wandb offline run was not written on rank 0"
+
+
+def test_nan_and_inf_on_one_rank_skip_the_update_on_all_ranks(shard_dirs: dict, tiny_model: Path,
+                                                              tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    proc = run_deepspeed(["--config", "configs/demo.yaml", *overrides(
+        shard_dirs, tiny_model, out, **{"trainer.inject.nan_loss_at_steps": "[2]",
+                                        "trainer.inject.inf_grad_at_steps": "[4]", "trainer.inject.rank": 1})])
+    check(proc)
+    last = [r for r in metrics(out) if "loss" in r][-1]
+    assert last["skipped"] == {"loss_nonfinite": 1, "grad_nonfinite": 1}
+    bad = [json.loads(line) for line in (out / "bad_batches.jsonl").read_text().splitlines()]
+    assert [(b["step"], b["cause"]) for b in bad] == [(2, "loss_nonfinite"), (4, "grad_nonfinite")]
+    assert all(len(b["keys_by_rank"]) == 2 and all(b["keys_by_rank"]) for b in bad)
+    weights = load_file(out / "final" / "model.safetensors")
+    assert all(torch.isfinite(t).all() for t in weights.values())
+
+
+def test_consecutive_bad_updates_stop_the_run_with_a_clear_message(shard_dirs: dict, tiny_model: Path,
+                                                                    tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    proc = run_single(["--config", "configs/debug.yaml", *overrides(
+        shard_dirs, tiny_model, out, **{"trainer.inject.nan_loss_at_steps": "[2,3,4]",
+                                        "trainer.max_consecutive_bad_steps": 3, "data.num_workers": 0})])
+    assert proc.returncode != 0
+    assert "3 consecutive updates had non-finite losses or gradients" in proc.stderr
+    assert not (out / "final").exists()
+
+
+def test_resume_continues_to_identical_weights(shard_dirs: dict, tiny_model: Path, tmp_path: Path) -> None:
+    """Debug mode (one process, no launcher): 8 steps straight == 4 steps, stop, rerun the same command."""
+    common = {"data.num_workers": 0, "trainer.eval_every": 0, "trainer.save_every": 0,
+              "model.mask_time_prob": 0.3, "model.mask_time_length": 2, "model.layerdrop": 0.1,
+              "model.hidden_dropout": 0.1}
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    check(run_single(["--config", "configs/debug.yaml", *overrides(shard_dirs, tiny_model, straight, **common,
+                                                                   **{"trainer.max_steps": 8})]))
+    check(run_single(["--config", "configs/debug.yaml", *overrides(shard_dirs, tiny_model, interrupted, **common,
+                                                                   **{"trainer.max_steps": 4})]))
+    resumed = run_single(["--config", "configs/debug.yaml",
+                          *overrides(shard_dirs, tiny_model, interrupted, **common, **{"trainer.max_steps": 8})])
+    check(resumed)
+    assert "resumed from" in resumed.stderr
+    a, b = load_file(straight / "final" / "model.safetensors"), load_file(interrupted / "final" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    losses_a = [r["loss"] for r in metrics(straight) if "loss" in r]
+    losses_b = [r["loss"] for r in metrics(interrupted) if "loss" in r]
+    assert losses_a == losses_b
+
+
+def test_tiny_model_overfits_a_few_utterances(shard_dirs: dict, tiny_model: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    proc = run_single(["--config", "configs/debug.yaml", *overrides(
+        shard_dirs, tiny_model, out, **{"data.max_train_samples": 4, "data.num_workers": 0, "optim.lr": 3e-3,
+                                        "trainer.max_steps": 120, "trainer.eval_every": 0, "trainer.save_every": 0,
+                                        "model.freeze_feature_encoder": True})])
+    check(proc)
+    losses = [r["loss"] for r in metrics(out) if "loss" in r]
+    assert losses[-1] < 0.5 * losses[0], losses[::10]
