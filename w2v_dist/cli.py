@@ -91,6 +91,13 @@ def _transcribe(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config_docs(args: argparse.Namespace) -> int:
+    from w2v_dist.config import config_reference
+
+    print(config_reference())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="w2v-dist", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -132,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--config", default="configs/demo.yaml")
     demo.add_argument("overrides", nargs="*")
     demo.set_defaults(func=_demo)
+
+    docs = sub.add_parser("config-docs", help="print the configuration reference (markdown)")
+    docs.set_defaults(func=_config_docs)
 
     transcribe = sub.add_parser("transcribe", help="transcribe audio files with an exported model")
     transcribe.add_argument("--model", required=True)

@@ -335,3 +335,31 @@ def save_config(cfg: Config, path: str | os.PathLike[str]) -> None:
     """Write the resolved config; readable back with :func:`load_config`."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(to_yaml(cfg))
+
+
+def config_reference() -> str:
+    """Markdown reference of every key with its default and docstring (``docs/configuration.md``)."""
+    lines = ["# Configuration reference", "",
+             "Generated from the docstrings in `w2v_dist/config.py` (`w2v-dist config-docs > docs/configuration.md`).",
+             "A YAML file holds only changes from these defaults; `key=value` arguments override both.", ""]
+
+    def section(cls: type, prefix: str, default: Any) -> None:
+        docs = field_docs(cls)
+        nested = []
+        rows = ["| key | default | meaning |", "|---|---|---|"]
+        for f in fields(cls):
+            value = getattr(default, f.name)
+            if is_dataclass(value):
+                nested.append((f.name, value))
+                continue
+            text = docs.get(f.name, "").replace("\n", " ").replace("|", "\\|")
+            shown = OmegaConf.to_yaml({"v": value}).strip()[3:].replace("\n", " ") if isinstance(
+                value, (dict, list, tuple)) else repr(value)
+            rows.append(f"| `{prefix}{f.name}` | `{shown}` | {text} |")
+        if len(rows) > 2:
+            lines.extend([f"## `{prefix.rstrip('.') or 'top level'}`", "", *rows, ""])
+        for name, value in nested:
+            section(type(value), f"{prefix}{name}.", value)
+
+    section(Config, "", Config())
+    return "\n".join(lines)

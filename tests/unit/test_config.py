@@ -100,3 +100,10 @@ def test_cli_reports_config_errors_with_exit_code_2() -> None:
     proc = subprocess.run([sys.executable, "-m", "w2v_dist", "train", "--config", "configs/debug.yaml",
                            "trainer.max_stesp=3"], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 2 and "did you mean 'trainer.max_steps'" in proc.stderr
+
+
+def test_configuration_reference_in_docs_is_current() -> None:
+    from w2v_dist.config import config_reference
+
+    assert (REPO / "docs" / "configuration.md").read_text().strip() == config_reference().strip(), \
+        "regenerate with: w2v-dist config-docs > docs/configuration.md"
