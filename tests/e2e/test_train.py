@@ -118,3 +118,20 @@ def test_tiny_model_overfits_a_few_utterances(shard_dirs: dict, tiny_model: Path
     check(proc)
     losses = [r["loss"] for r in metrics(out) if "loss" in r]
     assert losses[-1] < 0.5 * losses[0], losses[::10]
+
+
+def test_torchrun_launch_with_two_cpu_ranks(shard_dirs: dict, tiny_model: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    import subprocess
+
+    from helpers import REPO
+
+    proc = subprocess.run(["launch/local.sh", "torchrun", "2", "configs/demo.yaml",
+                           *overrides(shard_dirs, tiny_model, out, **{"trainer.max_steps": 3, "trainer.eval_every": 3,
+                                                                      "trainer.save_every": 0})],
+                          cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env={**__import__("os").environ, "WANDB_MODE": "disabled"})
+    check(proc)
+    assert "world: 2 rank(s)" in proc.stderr
+    assert [r["step"] for r in metrics(out) if "loss" in r] == [1, 2, 3]
+    assert (out / "final" / "model.safetensors").is_file()
