@@ -20,6 +20,7 @@ from w2v_dist.engine import Engine, UpdateOutcome
 from w2v_dist.evaluate import DevSet, evaluate
 from w2v_dist.logging import make_logger
 from w2v_dist.metrics import ErrorCounts
+from w2v_dist.preemption import REQUEUE_FILE, StopSignal, request_requeue
 from w2v_dist.run import Run, build_run
 from w2v_dist.schedule import lr_at
 
@@ -36,14 +37,16 @@ class StepResult:
     targets: int
     utterances: int
     seconds: float
+    stop: bool
+    """Some rank was asked to stop (SIGUSR1/SIGTERM): all ranks stop after this step."""
     cause: str | None
     """Why the update was skipped (``loss_nonfinite``, ``grad_nonfinite``, ``fp16_overflow``,
     ``deepspeed_skipped``), or ``None`` when it was applied."""
     outcome: UpdateOutcome
 
 
-def train_step(engine: Engine, micro_batches: list[dict[str, Any]], world_size: int, nan_loss: bool = False,
-               inf_grad: bool = False) -> StepResult:
+def train_step(engine: Engine, micro_batches: list[dict[str, Any]], world_size: int, stop_requested: bool = False,
+               nan_loss: bool = False, inf_grad: bool = False) -> StepResult:
     """One optimizer update. Every rank runs the same collectives whatever its data, so none can hang."""
     local = [sum(int((b["labels"] >= 0).sum()) for b in micro_batches), sum(len(b["keys"]) for b in micro_batches),
              sum(b["seconds"] for b in micro_batches)]
@@ -57,13 +60,14 @@ def train_step(engine: Engine, micro_batches: list[dict[str, Any]], world_size: 
         loss_sum += loss.detach()
         if index < len(micro_batches) - 1:
             engine.micro_step()
-    flags = torch.stack([loss_sum, (~torch.isfinite(loss_sum)).double(), engine.grad_nonfinite.double()])
-    total, loss_bad, grad_bad = dist.all_reduce_sum(flags.double().nan_to_num(0.0).tolist(), engine.device)
+    flags = torch.stack([loss_sum.double(), (~torch.isfinite(loss_sum)).double(), engine.grad_nonfinite.double(),
+                         torch.tensor(float(stop_requested), dtype=torch.float64, device=engine.device)])
+    total, loss_bad, grad_bad, stop = dist.all_reduce_sum(flags.nan_to_num(0.0).tolist(), engine.device)
     cause = "loss_nonfinite" if loss_bad else "grad_nonfinite" if grad_bad else None
     outcome = engine.update(skip=cause is not None)
     if cause is None and outcome.engine_skipped:
         cause = "fp16_overflow" if engine.cfg.deepspeed.precision == "fp16" else "deepspeed_skipped"
-    return StepResult(total / max(targets, 1.0), int(targets), int(utterances), seconds, cause, outcome)
+    return StepResult(total / max(targets, 1.0), int(targets), int(utterances), seconds, stop > 0, cause, outcome)
 
 
 @dataclass
@@ -92,6 +96,9 @@ class Trainer:
         self.world = run.world
         self.output = Path(cfg.output_dir)
         self.state = RunState()
+        self.stop_signal = StopSignal()
+        if self.world.is_main:
+            (self.output / REQUEUE_FILE).unlink(missing_ok=True)
         self.checkpointer = Checkpointer(self.output, self.world, cfg.checkpoint.keep_last)
         if cfg.checkpoint.resume:
             client_state = self.checkpointer.resume(run.engine)
@@ -116,7 +123,8 @@ class Trainer:
             run.engine.set_lr(lr, encoder_frozen=state.step < cfg.model.freeze_finetune_updates)
             inject = cfg.trainer.inject
             mine = self.world.rank == inject.rank
-            result = train_step(run.engine, micro, self.world.size, nan_loss=mine and step in inject.nan_loss_at_steps,
+            result = train_step(run.engine, micro, self.world.size, self.stop_signal.requested,
+                                nan_loss=mine and step in inject.nan_loss_at_steps,
                                 inf_grad=mine and step in inject.inf_grad_at_steps)
             state.step = step
             self._account(result, micro)
@@ -125,6 +133,9 @@ class Trainer:
                 elapsed = time.perf_counter() - window_start
                 self._log_train(result, lr, window_seconds / max(elapsed, 1e-9), wait / max(elapsed, 1e-9))
                 window_start, wait, window_seconds = time.perf_counter(), 0.0, 0.0
+            if result.stop and step < cfg.trainer.max_steps:
+                self._preempted()
+                return {}
             last = step == cfg.trainer.max_steps
             if last or (cfg.trainer.eval_every and step % cfg.trainer.eval_every == 0):
                 results = self._evaluate()
@@ -133,6 +144,14 @@ class Trainer:
         self._export(results)
         self.logger.close()
         return results
+
+    def _preempted(self) -> None:
+        self._save()
+        if self.world.is_main:
+            reason = self.stop_signal.received or "a signal on another rank"
+            path = request_requeue(self.output, self.state.step, reason)
+            log.warning("stopped at step %d (%s): checkpoint saved, %s written", self.state.step, reason, path)
+        self.logger.close()
 
     def _account(self, result: StepResult, micro: list[dict[str, Any]]) -> None:
         state = self.state
