@@ -181,3 +181,30 @@ def test_sigusr1_saves_on_all_ranks_asks_for_requeue_and_resumes_exactly(shard_d
     assert resumed == pytest.approx([r["loss"] for r in metrics(straight) if "loss" in r], rel=1e-5)
     a, b = load_file(straight / "final" / "model.safetensors"), load_file(preempted / "final" / "model.safetensors")
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_two_ranks_equal_one_rank_accumulating_the_same_batches(shard_dirs: dict, tiny_model: Path,
+                                                                tmp_path: Path, stage: int) -> None:
+    """Loss normalised by global target count: 2 ranks x 1 micro-batch == 1 rank x 2 micro-batches (fp32)."""
+    import os
+    import subprocess
+    import sys
+
+    from helpers import REPO, free_port
+
+    worker = str(REPO / "tests" / "e2e" / "equivalence_worker.py")
+    args = [str(tiny_model), str(shard_dirs["train-clean-100"]), "3", str(stage)]
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    deepspeed = str(Path(sys.executable).with_name("deepspeed"))
+    for ranks, name in ((2, "two"), (1, "one")):
+        proc = subprocess.run([deepspeed, "--num_gpus", str(ranks), "--master_port", str(free_port()), worker,
+                               str(tmp_path / name), *args], env=env, cwd=REPO, capture_output=True, text=True,
+                              timeout=600)
+        check(proc)
+    two, one = torch.load(tmp_path / "two", weights_only=True), torch.load(tmp_path / "one", weights_only=True)
+    initial = load_file(tiny_model / "model.safetensors")
+    moved = [k for k in one if k in initial and not torch.equal(one[k], initial[k])]
+    assert moved, "training did not change the weights"
+    for key in one:
+        assert torch.allclose(one[key], two[key], rtol=1e-5, atol=1e-6), key
