@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import shutil
@@ -40,16 +41,22 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 class Checkpointer:
-    def __init__(self, output_dir: Path, world: dist.World, keep_last: int) -> None:
+    """Tags ``step_NNNNNNNN`` under ``<output_dir>/checkpoints``; keeps the last k and the best k by dev WER."""
+
+    def __init__(self, output_dir: Path, world: dist.World, keep_last: int, keep_best: int = 0) -> None:
         self.root = output_dir / "checkpoints"
-        self.world, self.keep_last = world, keep_last
+        self.world, self.keep_last, self.keep_best = world, keep_last, keep_best
+        self.scores_file = self.root / "scores.json"
 
     def latest_tag(self) -> str | None:
         latest = self.root / "latest"
         return latest.read_text().strip() if latest.is_file() else None
 
-    def save(self, engine: Engine, step: int, client_state: dict[str, Any]) -> Path:
-        """Collective: all ranks write their part; ``latest`` moves only once the save is complete."""
+    def save(self, engine: Engine, step: int, client_state: dict[str, Any], score: float | None = None) -> Path:
+        """Collective: all ranks write their part; ``latest`` moves only once the save is complete.
+
+        ``score`` (dev WER, lower is better) ranks the checkpoint for ``keep_best``.
+        """
         tag = f"{TAG_PREFIX}{step:08d}"
         directory = self.root / tag
         directory.mkdir(parents=True, exist_ok=True)
@@ -58,15 +65,24 @@ class Checkpointer:
         engine.save(self.root, tag, client_state)
         dist.barrier()
         if self.world.is_main:
-            self._prune(keep=tag)
+            scores = self.scores()
+            if score is not None:
+                scores[tag] = score
+                self.scores_file.write_text(json.dumps(scores, indent=1))
+            self._prune(tag, scores)
         log.info("saved checkpoint %s", directory)
         return directory
 
-    def _prune(self, keep: str) -> None:
-        tags = sorted(p for p in self.root.glob(f"{TAG_PREFIX}*") if p.is_dir())
-        for old in tags[:-self.keep_last]:
-            if old.name != keep:
-                shutil.rmtree(old, ignore_errors=True)
+    def scores(self) -> dict[str, float]:
+        return json.loads(self.scores_file.read_text()) if self.scores_file.is_file() else {}
+
+    def _prune(self, latest: str, scores: dict[str, float]) -> None:
+        tags = sorted(p.name for p in self.root.glob(f"{TAG_PREFIX}*") if p.is_dir())
+        best = sorted((t for t in tags if t in scores), key=lambda t: (scores[t], t))[:self.keep_best]
+        keep = {latest, *tags[-self.keep_last:], *best}
+        for old in tags:
+            if old not in keep:
+                shutil.rmtree(self.root / old, ignore_errors=True)
 
     def resume(self, engine: Engine) -> dict[str, Any] | None:
         """Load the latest complete checkpoint into ``engine``; its client state, or ``None`` to start fresh."""

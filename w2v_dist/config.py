@@ -139,7 +139,10 @@ class TrainerConfig:
     max_consecutive_bad_steps: int = 10
     """Stop the run after this many skipped (non-finite) updates in a row."""
     on_divergence: str = "stop"
-    """What to do after ``max_consecutive_bad_steps``: ``stop``."""
+    """What to do after ``max_consecutive_bad_steps``: ``stop`` the run, or ``rollback`` to the latest checkpoint's
+    weights and optimizer state and go on with the data that follows (the bad batches are not replayed)."""
+    max_rollbacks: int = 3
+    """With ``on_divergence=rollback``: stop anyway after this many rollbacks."""
     inject: InjectConfig = field(default_factory=InjectConfig)
     """Fault injection for tests and demonstrations of the NaN/Inf guard."""
 
@@ -148,6 +151,10 @@ class TrainerConfig:
 class CheckpointConfig:
     keep_last: int = 2
     """Number of most recent checkpoints kept on disk."""
+    keep_best: int = 1
+    """Also keep this many checkpoints with the lowest WER on ``best_metric`` (0 keeps none for that reason)."""
+    best_metric: str = ""
+    """Dev set whose WER picks the best checkpoint and the ``<output_dir>/best/`` export (empty: the first dev set)."""
     resume: bool = True
     """Continue from ``<output_dir>/checkpoints/latest`` when it exists."""
 
@@ -206,7 +213,7 @@ class Config:
 
 _CHOICES: dict[str, tuple[Any, ...]] = {
     "schedule.name": ("tri_stage", "linear", "cosine", "constant"),
-    "trainer.on_divergence": ("stop",),
+    "trainer.on_divergence": ("stop", "rollback"),
     "logging.wandb.mode": ("online", "offline", "disabled"),
     "deepspeed.precision": ("bf16", "fp16", "fp32"),
     "deepspeed.zero_stage": (0, 1, 2, 3),
@@ -283,7 +290,9 @@ def validate(cfg: Config, source: str = "config") -> None:
             fail(key, f"must be > 0, got {value}")
     for key, value in {"trainer.eval_every": cfg.trainer.eval_every, "trainer.save_every": cfg.trainer.save_every,
                        "data.num_workers": cfg.data.num_workers, "optim.grad_clip": cfg.optim.grad_clip,
-                       "model.freeze_finetune_updates": cfg.model.freeze_finetune_updates}.items():
+                       "model.freeze_finetune_updates": cfg.model.freeze_finetune_updates,
+                       "trainer.max_rollbacks": cfg.trainer.max_rollbacks,
+                       "checkpoint.keep_best": cfg.checkpoint.keep_best}.items():
         if value < 0:
             fail(key, f"must be >= 0, got {value}")
     if not 0 <= cfg.data.min_seconds < cfg.data.max_seconds:
@@ -303,6 +312,9 @@ def validate(cfg: Config, source: str = "config") -> None:
     owned = sorted((set(cfg.deepspeed.extra) | extra_keys) & set(_DEEPSPEED_OWNED))
     if owned:
         fail("deepspeed.extra", f"{owned} are derived from this config; set them through its own keys")
+    if cfg.checkpoint.best_metric and cfg.checkpoint.best_metric not in cfg.data.dev_shards:
+        fail("checkpoint.best_metric", f"'{cfg.checkpoint.best_metric}' is not a key of data.dev_shards "
+                                       f"{sorted(cfg.data.dev_shards)}")
     if cfg.trainer.inject.rank < 0:
         fail("trainer.inject.rank", "must be >= 0")
 

@@ -81,6 +81,7 @@ class RunState:
     seconds_seen: float = 0.0
     utterances_seen: int = 0
     best_wer: float | None = None
+    rollbacks: int = 0
 
     def state_dict(self) -> dict[str, Any]:
         return {**asdict(self), "skipped": dict(self.skipped), "loader_skips": dict(self.loader_skips)}
@@ -99,7 +100,8 @@ class Trainer:
         self.stop_signal = StopSignal()
         if self.world.is_main:
             (self.output / REQUEUE_FILE).unlink(missing_ok=True)
-        self.checkpointer = Checkpointer(self.output, self.world, cfg.checkpoint.keep_last)
+        self.checkpointer = Checkpointer(self.output, self.world, cfg.checkpoint.keep_last, cfg.checkpoint.keep_best)
+        self.last_eval: tuple[int, float] | None = None  # (step, WER on checkpoint.best_metric)
         if cfg.checkpoint.resume:
             client_state = self.checkpointer.resume(run.engine)
             if client_state is not None:
@@ -170,10 +172,27 @@ class Trainer:
             with open(self.output / "bad_batches.jsonl", "a") as handle:
                 handle.write(json.dumps(record) + "\n")
             log.warning("step %d skipped on all ranks (%s); batch keys in bad_batches.jsonl", state.step, result.cause)
-        if state.consecutive_bad >= self.cfg.trainer.max_consecutive_bad_steps:
+        if state.consecutive_bad < self.cfg.trainer.max_consecutive_bad_steps:
+            return
+        if self.cfg.trainer.on_divergence == "rollback" and state.rollbacks < self.cfg.trainer.max_rollbacks \
+                and self.checkpointer.latest_tag() is not None:
+            self._rollback()
+        else:
             raise DivergenceError(f"{state.consecutive_bad} consecutive updates had non-finite losses or gradients "
                                   f"(last: {result.cause}); see {self.output / 'bad_batches.jsonl'}. Lower optim.lr, "
                                   "check the data, or use bf16 instead of fp16")
+
+    def _rollback(self) -> None:
+        """Back to the latest checkpoint's weights, optimizer and step; the data stream moves on past the bad
+        batches instead of replaying them."""
+        client_state = self.checkpointer.resume(self.run.engine)
+        assert client_state is not None
+        bad_at, self.state.step = self.state.step, int(client_state["run"]["step"])
+        self.state.consecutive_bad = 0
+        self.state.rollbacks += 1
+        log.warning("rolled back from step %d to the checkpoint at step %d (rollback %d of %d)", bad_at,
+                    self.state.step, self.state.rollbacks, self.cfg.trainer.max_rollbacks)
+        self.logger.log({"step": self.state.step, "rollback_from": bad_at, "rollbacks": self.state.rollbacks})
 
     def _log_train(self, result: StepResult, lr: float, audio_rate: float, wait_fraction: float) -> None:
         state = self.state
@@ -200,17 +219,20 @@ class Trainer:
                 log.info("%s %s\n  REF: %s\n  HYP: %s", name, key, ref, hyp)
             log.info("step %d %s: WER %.4f CER %.4f over %d utterances", self.state.step, name, counts.wer,
                      counts.cer, counts.utterances)
-        if results:
-            first = next(iter(results.values()))
-            if math.isfinite(first.wer) and (self.state.best_wer is None or first.wer < self.state.best_wer):
-                self.state.best_wer = first.wer
         self.logger.log(record)
+        if results:
+            wer = results[self.cfg.checkpoint.best_metric or next(iter(results))].wer
+            self.last_eval = (self.state.step, wer)
+            if math.isfinite(wer) and (self.state.best_wer is None or wer < self.state.best_wer):
+                self.state.best_wer = wer
+                export_hf(self.run.engine, self.run.processor, self.output / "best", self.world.is_main)
         return results
 
     def _save(self) -> None:
         client_state = {"run": self.state.state_dict(), "loader": self.run.train_stream.state_dict(),
                         "config": to_yaml(self.cfg)}
-        self.checkpointer.save(self.run.engine, self.state.step, client_state)
+        score = self.last_eval[1] if self.last_eval and self.last_eval[0] == self.state.step else None
+        self.checkpointer.save(self.run.engine, self.state.step, client_state, score)
 
     def _export(self, results: dict[str, ErrorCounts]) -> None:
         finite = export_hf(self.run.engine, self.run.processor, self.output / "final", self.world.is_main)

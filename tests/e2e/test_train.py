@@ -208,3 +208,30 @@ def test_two_ranks_equal_one_rank_accumulating_the_same_batches(shard_dirs: dict
     assert moved, "training did not change the weights"
     for key in one:
         assert torch.allclose(one[key], two[key], rtol=1e-5, atol=1e-6), key
+
+
+def test_rollback_returns_to_the_last_checkpoint_then_gives_up(shard_dirs: dict, tiny_model: Path,
+                                                               tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    proc = run_single(["--config", "configs/debug.yaml", *overrides(
+        shard_dirs, tiny_model, out, **{"trainer.inject.nan_loss_at_steps": "[5,6]", "trainer.max_steps": 10,
+                                        "trainer.max_consecutive_bad_steps": 2, "trainer.on_divergence": "rollback",
+                                        "trainer.max_rollbacks": 1, "trainer.save_every": 4, "trainer.eval_every": 0,
+                                        "data.num_workers": 0})])
+    assert proc.returncode != 0
+    assert "rolled back from step 6 to the checkpoint at step 4 (rollback 1 of 1)" in proc.stderr
+    assert "2 consecutive updates had non-finite" in proc.stderr
+    assert [r["rollback_from"] for r in metrics(out) if "rollback_from" in r] == [6]
+
+
+def test_best_export_and_checkpoint_scores(shard_dirs: dict, tiny_model: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    check(run_single(["--config", "configs/debug.yaml", *overrides(
+        shard_dirs, tiny_model, out, **{"trainer.max_steps": 6, "trainer.eval_every": 2, "trainer.save_every": 2,
+                                        "checkpoint.keep_last": 1, "checkpoint.keep_best": 1, "data.num_workers": 0})]))
+    scores = json.loads((out / "checkpoints" / "scores.json").read_text())
+    assert sorted(scores) == ["step_00000002", "step_00000004", "step_00000006"]
+    best = min(scores, key=lambda t: (scores[t], t))
+    kept = sorted(p.name for p in (out / "checkpoints").glob("step_*"))
+    assert kept == sorted({best, "step_00000006"})
+    assert (out / "best" / "model.safetensors").is_file() and (out / "final" / "model.safetensors").is_file()
