@@ -77,6 +77,32 @@ def _shard(args: argparse.Namespace) -> int:
     return 0
 
 
+def _download(args: argparse.Namespace) -> int:
+    from w2v_dist.data.download import DownloadError, download
+
+    try:
+        download(args.subset, args.root, args.mirror, args.checksums, args.keep_archive)
+    except DownloadError as err:
+        print(f"download failed: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from w2v_dist.data.index import ShardIndexError
+    from w2v_dist.data.verify import verify_dir
+
+    try:
+        result = verify_dir(args.dir, args.workers, on_shard=lambda report: print(report.line(), flush=True))
+    except ShardIndexError as err:
+        print(f"verify: {err}", file=sys.stderr)
+        return 2
+    for problem in result.problems:
+        print(f"problem: {problem}")
+    print(result.summary())
+    return 0 if result.ok else 1
+
+
 def _demo(args: argparse.Namespace) -> int:
     from w2v_dist.demo import run_demo
 
@@ -139,6 +165,20 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--config", default="configs/demo.yaml")
     demo.add_argument("overrides", nargs="*")
     demo.set_defaults(func=_demo)
+
+    dl = sub.add_parser("download", help="download, MD5-check and safely extract LibriSpeech subsets")
+    dl.add_argument("--subset", action="append", required=True, help="e.g. train-clean-100 (repeatable)")
+    dl.add_argument("--root", required=True, help="where LibriSpeech/<subset>/ is extracted (archives go here too)")
+    dl.add_argument("--mirror", default=None,
+                    help="base URL holding <subset>.tar.gz (default: https://www.openslr.org/resources/12)")
+    dl.add_argument("--checksums", help="md5sum-style file (<md5>  <subset>.tar.gz) overriding the built-in table")
+    dl.add_argument("--keep-archive", action="store_true", help="keep <subset>.tar.gz after extraction")
+    dl.set_defaults(func=_download)
+
+    verify = sub.add_parser("verify", help="re-read a shard directory and check it against its index.json")
+    verify.add_argument("dir", help="shard directory (the one holding index.json)")
+    verify.add_argument("--workers", type=int, default=2, help="processes reading shards in parallel")
+    verify.set_defaults(func=_verify)
 
     docs = sub.add_parser("config-docs", help="print the configuration reference (markdown)")
     docs.set_defaults(func=_config_docs)

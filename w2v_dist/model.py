@@ -7,8 +7,13 @@ import tempfile
 from pathlib import Path
 
 import torch
-from transformers import (Wav2Vec2Config, Wav2Vec2CTCTokenizer, Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC,
-                          Wav2Vec2Processor)
+from transformers import (
+    Wav2Vec2Config,
+    Wav2Vec2CTCTokenizer,
+    Wav2Vec2FeatureExtractor,
+    Wav2Vec2ForCTC,
+    Wav2Vec2Processor,
+)
 
 from w2v_dist.config import ModelConfig
 from w2v_dist.data.audio import EncoderGeometry

@@ -78,6 +78,7 @@ class RunState:
     skipped: Counter[str] = field(default_factory=Counter)
     consecutive_bad: int = 0
     loader_skips: Counter[str] = field(default_factory=Counter)
+    """Skipped utterances by reason, summed over all ranks (see ``Trainer._pool_loader_skips``)."""
     seconds_seen: float = 0.0
     utterances_seen: int = 0
     best_wer: float | None = None
@@ -101,6 +102,7 @@ class Trainer:
         if self.world.is_main:
             (self.output / REQUEUE_FILE).unlink(missing_ok=True)
         self.checkpointer = Checkpointer(self.output, self.world, cfg.checkpoint.keep_last, cfg.checkpoint.keep_best)
+        self.unpooled_skips: Counter[str] = Counter()  # this rank's loader skips since the last pooling
         self.last_eval: tuple[int, float] | None = None  # (step, WER on checkpoint.best_metric)
         if cfg.checkpoint.resume:
             client_state = self.checkpointer.resume(run.engine)
@@ -158,7 +160,7 @@ class Trainer:
     def _account(self, result: StepResult, micro: list[dict[str, Any]]) -> None:
         state = self.state
         for batch in micro:
-            state.loader_skips.update(batch["skips"])
+            self.unpooled_skips.update(batch["skips"])
         state.seconds_seen += result.seconds
         state.utterances_seen += result.utterances
         if result.cause is None:
@@ -194,12 +196,19 @@ class Trainer:
                     self.state.step, self.state.rollbacks, self.cfg.trainer.max_rollbacks)
         self.logger.log({"step": self.state.step, "rollback_from": bad_at, "rollbacks": self.state.rollbacks})
 
+    def _pool_loader_skips(self) -> None:
+        """Collective: add every rank's new loader skips to the run total (identical on all ranks)."""
+        for counts in dist.all_gather_objects(dict(self.unpooled_skips)):
+            self.state.loader_skips.update(counts)
+        self.unpooled_skips.clear()
+
     def _log_train(self, result: StepResult, lr: float, audio_rate: float, wait_fraction: float) -> None:
+        self._pool_loader_skips()
         state = self.state
         record = {"step": state.step, "loss": result.loss_per_target, "lr": lr,
                   "grad_norm": result.outcome.grad_norm, "epoch": state.utterances_seen / self.run.train_utterances,
-                  "audio_seconds_per_second": audio_rate, "data_wait_fraction": wait_fraction, "skipped": dict(state.skipped),
-                  "loader_skips": dict(state.loader_skips)}
+                  "audio_seconds_per_second": audio_rate, "data_wait_fraction": wait_fraction,
+                  "skipped": dict(state.skipped), "loader_skips": dict(state.loader_skips)}
         if torch.cuda.is_available():
             record["max_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
         self.logger.log(record)
@@ -229,6 +238,7 @@ class Trainer:
         return results
 
     def _save(self) -> None:
+        self._pool_loader_skips()
         client_state = {"run": self.state.state_dict(), "loader": self.run.train_stream.state_dict(),
                         "config": to_yaml(self.cfg)}
         score = self.last_eval[1] if self.last_eval and self.last_eval[0] == self.state.step else None

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 
 def overrides(shard_dirs: dict, model: Path, out: Path, **extra: object) -> list[str]:
     values = {"output_dir": out, "data.train_shards": shard_dirs["train-clean-100"],
-              "data.dev_shards": "{dev-clean: %s}" % shard_dirs["dev-clean"], "model.name_or_path": model,
+              "data.dev_shards": f"{{dev-clean: {shard_dirs['dev-clean']}}}", "model.name_or_path": model,
               "data.max_batch_seconds": 8.0, "data.bucket_window": 16, "data.shuffle_buffer": 8,
               "data.min_seconds": 0.2, "data.num_workers": 1, "model.mask_time_prob": 0.0, "model.layerdrop": 0.0,
               "optim.lr": 1e-3, "schedule.name": "constant", "trainer.max_steps": 6, "trainer.eval_every": 3,
@@ -63,11 +63,16 @@ def test_nan_and_inf_on_one_rank_skip_the_update_on_all_ranks(shard_dirs: dict, 
                                                               tmp_path: Path) -> None:
     out = tmp_path / "run"
     proc = run_deepspeed(["--config", "configs/demo.yaml", *overrides(
-        shard_dirs, tiny_model, out, **{"trainer.inject.nan_loss_at_steps": "[2]",
+        shard_dirs, tiny_model, out, **{"trainer.inject.nan_loss_at_steps": "[2]", "data.max_seconds": 1.6,
                                         "trainer.inject.inf_grad_at_steps": "[4]", "trainer.inject.rank": 1})])
     check(proc)
     last = [r for r in metrics(out) if "loss" in r][-1]
     assert last["skipped"] == {"loss_nonfinite": 1, "grad_nonfinite": 1}
+    index = json.loads((shard_dirs["train-clean-100"] / "index.json").read_text())
+    too_long = sum(1 for s in index["shards"] for _, n, _ in s["utterances"] if n > 1.6 * 16_000)
+    first = [r for r in metrics(out) if "loss" in r][0]
+    # every slot reports its epoch-0 filter counts with its first batch: pooled over ranks they cover the index
+    assert 0 < too_long <= first["loader_skips"]["too_long"], (too_long, first["loader_skips"])
     bad = [json.loads(line) for line in (out / "bad_batches.jsonl").read_text().splitlines()]
     assert [(b["step"], b["cause"]) for b in bad] == [(2, "loss_nonfinite"), (4, "grad_nonfinite")]
     assert all(len(b["keys_by_rank"]) == 2 and all(b["keys_by_rank"]) for b in bad)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from w2v_dist.config import Config, ConfigError, _SECTIONS, field_docs, load_config, save_config
+from w2v_dist.config import _SECTIONS, Config, ConfigError, field_docs, load_config, save_config
 from w2v_dist.engine import deepspeed_config
 
 REPO = Path(__file__).resolve().parents[2]

@@ -20,7 +20,7 @@ import webdataset as wds
 from tqdm import tqdm
 
 from w2v_dist.data.audio import SAMPLE_RATE, EncoderGeometry, decode, encode_flac, to_16k_mono
-from w2v_dist.data.index import INDEX_NAME, FORMAT_VERSION
+from w2v_dist.data.index import FORMAT_VERSION, INDEX_NAME
 from w2v_dist.data.sources import Reject, Source
 from w2v_dist.data.text import TranscriptError, build_vocab, label_length, normalize, write_vocab
 
@@ -133,8 +133,9 @@ def write_shard(path: Path, items: list[Probed]) -> dict[str, object]:
                         "json": json.dumps(sample_json(item), sort_keys=True).encode()})
     digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
     tmp.rename(path)
-    return {"name": path.name, "samples": len(items), "seconds": round(sum(i.num_samples for i in items) / SAMPLE_RATE, 3),
-            "bytes": path.stat().st_size, "sha256": digest,
+    seconds = round(sum(i.num_samples for i in items) / SAMPLE_RATE, 3)
+    return {"name": path.name, "samples": len(items), "seconds": seconds, "bytes": path.stat().st_size,
+            "sha256": digest,
             "utterances": [[i.source.key, i.num_samples, label_length(i.text)] for i in items]}
 
 
