@@ -15,6 +15,7 @@ from typing import Any
 
 import deepspeed
 import torch
+from deepspeed.utils import safe_get_full_fp32_param
 from transformers import Wav2Vec2ForCTC
 
 from w2v_dist.config import Config
@@ -114,6 +115,8 @@ class Engine:
                                       fused=self.device.type == "cuda")
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.deepspeed.precision]
         self.ds_config = deepspeed_config(cfg)
+        self.frozen_fp32 = {name: p.detach().float().cpu().clone() for name, p in model.named_parameters()
+                            if not p.requires_grad} if self.dtype != torch.float32 else {}
         self.ds, _, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=self.ds_config)
         self.grad_nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
         if cfg.deepspeed.precision != "fp16":  # under fp16 the loss scaler owns overflow handling
@@ -194,10 +197,22 @@ class Engine:
         return client_state if path is not None else None
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """Full weights (ZeRO-3 shards gathered, so every rank must call this; only rank 0's are complete)."""
+        """Full fp32 weights for export: trainable ones from the optimiser's fp32 master copy under bf16/fp16,
+        frozen ones as they were loaded (the module itself holds only 16-bit copies). ZeRO-3 shards are gathered,
+        so every rank must call this; only rank 0's result is complete."""
+        module = self.module
         if self.cfg.deepspeed.zero_stage == 3:
-            return self.ds._zero3_consolidated_16bit_state_dict() or {}
-        return {k: v.detach().float().cpu() for k, v in self.module.state_dict().items()}
+            state = self.ds._zero3_consolidated_16bit_state_dict() or {}
+        else:
+            state = {k: v.detach().cpu() for k, v in module.state_dict().items()}
+        if self.dtype != torch.float32:
+            for name, param in module.named_parameters():
+                if param.requires_grad:
+                    master = safe_get_full_fp32_param(param)
+                    state[name] = (master if master is not None else param).detach().float().cpu()
+                else:
+                    state[name] = self.frozen_fp32[name]
+        return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
 
     def train(self) -> None:
         self.ds.train()

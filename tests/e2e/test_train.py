@@ -240,3 +240,20 @@ def test_best_export_and_checkpoint_scores(shard_dirs: dict, tiny_model: Path, t
     kept = sorted(p.name for p in (out / "checkpoints").glob("step_*"))
     assert kept == sorted({best, "step_00000006"})
     assert (out / "best" / "model.safetensors").is_file() and (out / "final" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_bf16_zero_export_keeps_fp32_weights(shard_dirs: dict, tiny_model: Path, tmp_path: Path, stage: int) -> None:
+    """bf16 training keeps 16-bit module copies; the export must carry the fp32 master and the untouched frozen
+    encoder, not bf16-rounded weights."""
+    out = tmp_path / "run"
+    check(run_deepspeed(["--config", "configs/demo.yaml", *overrides(
+        shard_dirs, tiny_model, out, **{"deepspeed.precision": "bf16", "deepspeed.zero_stage": stage,
+                                        "trainer.max_steps": 3, "trainer.eval_every": 3, "trainer.save_every": 3,
+                                        "model.freeze_feature_encoder": True})]))
+    initial, final = load_file(tiny_model / "model.safetensors"), load_file(out / "final" / "model.safetensors")
+    frozen = [k for k in initial if k.startswith("wav2vec2.feature_extractor.")]
+    assert frozen and all(torch.equal(initial[k], final[k]) for k in frozen)
+    head = final["lm_head.weight"]
+    assert not torch.equal(head, initial["lm_head.weight"]), "the head should have trained"
+    assert not torch.equal(head, head.bfloat16().float()), "exported head is bf16-rounded, not the fp32 master"
