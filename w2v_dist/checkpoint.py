@@ -61,6 +61,8 @@ class Checkpointer:
         directory = self.root / tag
         directory.mkdir(parents=True, exist_ok=True)
         torch.save(rng_state(), directory / f"rng_rank{self.world.rank}.pt")
+        if self.world.is_main:
+            (directory / "world.json").write_text(json.dumps({"world_size": self.world.size, "step": step}))
         dist.barrier()
         engine.save(self.root, tag, client_state)
         dist.barrier()
@@ -89,6 +91,11 @@ class Checkpointer:
         tag = self.latest_tag()
         if tag is None:
             return None
+        saved = json.loads((self.root / tag / "world.json").read_text())["world_size"]
+        if saved != self.world.size:
+            raise RuntimeError(f"checkpoint {self.root / tag} was written by {saved} ranks but this run has "
+                               f"{self.world.size}: relaunch with {saved} ranks (the data position and ZeRO "
+                               "partitions are per rank; elastic resume is not supported), or use a new output_dir")
         client_state = engine.load(self.root, tag)
         if client_state is None:
             raise RuntimeError(f"checkpoint {self.root / tag} could not be loaded")

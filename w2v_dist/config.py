@@ -141,6 +141,8 @@ class TrainerConfig:
     on_divergence: str = "stop"
     """What to do after ``max_consecutive_bad_steps``: ``stop`` the run, or ``rollback`` to the latest checkpoint's
     weights and optimizer state and go on with the data that follows (the bad batches are not replayed)."""
+    collective_timeout_minutes: float = 30.0
+    """How long a collective waits for a rank that stopped answering before the run fails with an error."""
     max_rollbacks: int = 3
     """With ``on_divergence=rollback``: stop anyway after this many rollbacks."""
     inject: InjectConfig = field(default_factory=InjectConfig)

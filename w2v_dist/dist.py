@@ -54,6 +54,16 @@ def world_from_env(local_rank_arg: int | None = None) -> World:
     return World(rank, local, size)
 
 
+_PEER_FAILURE_MARKERS = ("gloo", "NCCL", "Connection closed", "Connection reset", "timed out", "Timed out")
+
+
+def is_collective_failure(err: BaseException) -> bool:
+    """True for what torch.distributed raises when a peer vanishes or a collective times out (gloo raises plain
+    RuntimeErrors carrying its source path)."""
+    return isinstance(err, torch_dist.DistError) or (
+        isinstance(err, RuntimeError) and any(marker in str(err) for marker in _PEER_FAILURE_MARKERS))
+
+
 def is_initialized() -> bool:
     return torch_dist.is_available() and torch_dist.is_initialized()
 

@@ -63,7 +63,7 @@ def check_output_dir(path: Path) -> None:
 def build_run(cfg: Config, local_rank: int | None = None) -> Run:
     world = dist.world_from_env(local_rank)
     setup_console(world.rank)
-    init_distributed()
+    init_distributed(cfg.trainer.collective_timeout_minutes)
     check_output_dir(Path(cfg.output_dir))
     seed_everything(cfg.trainer.seed)
     if not cfg.data.train_shards:

@@ -257,3 +257,49 @@ def test_bf16_zero_export_keeps_fp32_weights(shard_dirs: dict, tiny_model: Path,
     head = final["lm_head.weight"]
     assert not torch.equal(head, initial["lm_head.weight"]), "the head should have trained"
     assert not torch.equal(head, head.bfloat16().float()), "exported head is bf16-rounded, not the fp32 master"
+
+
+def test_sigkill_of_one_rank_fails_fast_and_relaunch_resumes(shard_dirs: dict, tiny_model: Path,
+                                                             tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+    from helpers import REPO, free_port
+
+    out = tmp_path / "run"
+    args = overrides(shard_dirs, tiny_model, out, **{"trainer.max_steps": 60, "trainer.save_every": 5,
+                                                    "trainer.eval_every": 0, "trainer.collective_timeout_minutes": 1})
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", WANDB_MODE="disabled")
+    cmd = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", "2", "--master_port", str(free_port()),
+           str(REPO / "train.py"), "--config", "configs/demo.yaml", *args]
+    launcher = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (out / "checkpoints" / "latest").exists():
+        time.sleep(0.2)
+    time.sleep(1.0)
+    victim = [p for p in psutil.Process(launcher.pid).children(recursive=True)
+              if "--local_rank=1" in " ".join(p.cmdline())][0]
+    killed_at = time.time()
+    victim.send_signal(signal.SIGKILL)
+    output, _ = launcher.communicate(timeout=180)
+    assert launcher.returncode != 0
+    assert time.time() - killed_at < 120, "the surviving rank must not hang"
+    assert "exits with return code = -9" in output or "Another rank has most likely died" in output, output[-3000:]
+    saved = (out / "checkpoints" / "latest").read_text()
+    relaunch = run_deepspeed(["--config", "configs/demo.yaml", *args])
+    check(relaunch)
+    assert f"resumed from {out / 'checkpoints' / saved}" in relaunch.stderr
+    assert [r for r in metrics(out) if "final" in r][-1]["final"]["step"] == 60
+
+
+def test_resume_with_a_different_world_size_is_refused(shard_dirs: dict, tiny_model: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    args = overrides(shard_dirs, tiny_model, out, **{"trainer.max_steps": 2, "trainer.eval_every": 0})
+    check(run_deepspeed(["--config", "configs/demo.yaml", *args]))
+    proc = run_single(["--config", "configs/demo.yaml", *args, "trainer.max_steps=4"])
+    assert proc.returncode != 0
+    assert "was written by 2 ranks but this run has 1" in proc.stderr
