@@ -17,9 +17,8 @@ from pathlib import Path
 from transformers import Wav2Vec2Processor
 
 from w2v_dist.data.audio import EncoderGeometry
-from w2v_dist.data.collate import CTCCollator
 from w2v_dist.data.index import load_shard_set
-from w2v_dist.data.loader import EvalStream, Preprocess, TrainStream, make_loader
+from w2v_dist.data.loader import EvalStream, Preprocess, TrainStream, make_loader, make_preprocess
 from w2v_dist.data.plan import BatchPolicy
 
 REPO = Path(__file__).resolve().parent.parent
@@ -27,8 +26,7 @@ POLICY = BatchPolicy(max_batch_samples=8 * 16_000, max_batch_size=4, bucket_wind
 
 
 def preprocess(model_dir: Path) -> Preprocess:
-    processor = Wav2Vec2Processor.from_pretrained(model_dir)
-    return Preprocess(processor.tokenizer, True, CTCCollator(False), EncoderGeometry(), 3_200, 35 * 16_000)
+    return make_preprocess(Wav2Vec2Processor.from_pretrained(model_dir), EncoderGeometry(), 16_000, 0.2, 35.0)
 
 
 def train_stream(location: str, model_dir: Path, rank: int = 0, world: int = 1, workers: int = 0,

@@ -110,10 +110,64 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _transcribe(args: argparse.Namespace) -> int:
-    from w2v_dist.inference import transcribe_files
+    from w2v_dist.inference import check_chunking, transcribe
 
-    for path, text in transcribe_files(args.model, args.files):
-        print(json.dumps({"file": path, "text": text}) if args.json else f"{path}\t{text}")
+    try:
+        check_chunking(args.chunk_seconds, args.overlap_seconds)
+    except ValueError as err:
+        print(f"transcribe: {err}", file=sys.stderr)
+        return 2
+    for result in transcribe(args.model, args.files, args.chunk_seconds, args.overlap_seconds,
+                             word_timestamps=args.json, config=args.config):
+        line = {"file": result.path, "text": result.text, "seconds": result.seconds, "words": result.words}
+        print(json.dumps(line) if args.json else f"{result.path}\t{result.text}", flush=True)
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from w2v_dist.data.index import ShardIndexError
+    from w2v_dist.decoding import DecoderUnavailable
+    from w2v_dist.export import ModelSourceError
+    from w2v_dist.offline_eval import EvalOptions, run
+
+    opts = EvalOptions(model=args.model, shards=args.shards, out=args.out, config=args.config,
+                       batch_seconds=args.batch_seconds, max_batch_size=args.max_batch_size, workers=args.workers,
+                       decoder=args.decoder, lm=args.lm, beam_width=args.beam_width, alpha=args.alpha,
+                       beta=args.beta, worst=args.worst, shard_command=args.shard_command)
+    try:
+        return run(opts, args.local_rank)
+    except (ModelSourceError, ShardIndexError, DecoderUnavailable, ConfigError, OSError) as err:
+        print(f"evaluate: {err}", file=sys.stderr)
+        return 2
+
+
+def _report(args: argparse.Namespace) -> int:
+    from w2v_dist.report import write_report
+
+    try:
+        print(f"wrote {write_report(args.run_dir, args.out)}")
+    except FileNotFoundError as err:
+        print(f"report: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from w2v_dist.export import ModelSourceError, export_checkpoint
+
+    try:
+        print(f"wrote {export_checkpoint(args.checkpoint, args.out, args.tag, args.config)}")
+    except (ModelSourceError, ConfigError) as err:
+        print(f"export: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    if args.what == "loader":
+        from w2v_dist.bench.loader import run
+
+        run(Path(args.work_dir) / "loader", args.utterances, args.workers)
     return 0
 
 
@@ -180,14 +234,59 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--workers", type=int, default=2, help="processes reading shards in parallel")
     verify.set_defaults(func=_verify)
 
+    bench = sub.add_parser("bench", help="benchmarks: one JSON line per measurement, ratios measured side by side")
+    bench.add_argument("what", choices=("loader",))
+    bench.add_argument("--work-dir", default="work/bench", help="where the benchmark corpus and shards are kept")
+    bench.add_argument("--utterances", type=int, default=300, help="size of the LibriSpeech-shaped corpus")
+    bench.add_argument("--workers", type=int, default=2, help="loader workers (ours and the seed-style pipeline)")
+    bench.set_defaults(func=_bench)
+
     docs = sub.add_parser("config-docs", help="print the configuration reference (markdown)")
     docs.set_defaults(func=_config_docs)
 
-    transcribe = sub.add_parser("transcribe", help="transcribe audio files with an exported model")
-    transcribe.add_argument("--model", required=True)
-    transcribe.add_argument("--json", action="store_true")
+    model_help = "HF export dir (e.g. RUN/final) or DeepSpeed checkpoint: RUN dir, RUN/checkpoints or a step_* dir"
+    transcribe = sub.add_parser("transcribe", help="transcribe audio files (any soundfile format; long files chunked)")
+    transcribe.add_argument("--model", required=True, help=model_help)
+    transcribe.add_argument("--config", help="the run's config.yaml when --model is a checkpoint outside its run dir")
+    transcribe.add_argument("--json", action="store_true", help="one JSON line per file, with word timestamps")
+    transcribe.add_argument("--chunk-seconds", type=float, default=30.0, help="files longer than this are chunked")
+    transcribe.add_argument("--overlap-seconds", type=float, default=2.0,
+                            help="context each chunk shares with its neighbour on each side (dropped from output)")
     transcribe.add_argument("files", nargs="+")
     transcribe.set_defaults(func=_transcribe)
+
+    evaluate = sub.add_parser("evaluate", help="WER/CER on shard sets, per utterance (JSONL) and per set (stdout); "
+                                               "runs under deepspeed/torchrun too")
+    evaluate.add_argument("--model", required=True, help=model_help)
+    evaluate.add_argument("--shards", action="append", required=True, help="shard directory (repeatable)")
+    evaluate.add_argument("--out", help="per-utterance JSONL file")
+    evaluate.add_argument("--config", help="the run's config.yaml when --model is a checkpoint outside its run dir")
+    evaluate.add_argument("--batch-seconds", type=float, default=100.0, help="padded audio seconds per batch")
+    evaluate.add_argument("--max-batch-size", type=int, default=0,
+                          help="utterances per batch; 0: 1 for group-norm encoders without attention mask "
+                               "(wav2vec2-base: padding changes their outputs), else 64")
+    evaluate.add_argument("--workers", type=int, default=1, help="DataLoader workers per rank")
+    evaluate.add_argument("--decoder", choices=("greedy", "beam"), default="greedy")
+    evaluate.add_argument("--lm", help="KenLM n-gram (.arpa or .bin) for --decoder beam")
+    evaluate.add_argument("--beam-width", type=int, default=100)
+    evaluate.add_argument("--alpha", type=float, default=0.5, help="LM weight")
+    evaluate.add_argument("--beta", type=float, default=1.0, help="word insertion bonus")
+    evaluate.add_argument("--worst", type=int, default=10, help="list this many worst utterances on stderr")
+    evaluate.add_argument("--shard-command", default="", help="pipe:...{shard}... template, as data.shard_command")
+    evaluate.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    evaluate.set_defaults(func=_evaluate)
+
+    report = sub.add_parser("report", help="plots (PNG) and report.md from a run's metrics.jsonl")
+    report.add_argument("run_dir", help="the run's output_dir")
+    report.add_argument("--out", help="output directory (default RUN_DIR/report)")
+    report.set_defaults(func=_report)
+
+    export = sub.add_parser("export", help="DeepSpeed checkpoint (any ZeRO stage) -> Hugging Face dir")
+    export.add_argument("--checkpoint", required=True, help="RUN dir, RUN/checkpoints or a step_* dir")
+    export.add_argument("--tag", help="checkpoint tag (default: latest)")
+    export.add_argument("--out", required=True)
+    export.add_argument("--config", help="the run's config.yaml (default: next to the checkpoints/ dir)")
+    export.set_defaults(func=_export)
     return parser
 
 

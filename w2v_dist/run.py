@@ -18,9 +18,8 @@ from transformers import Wav2Vec2Processor
 from w2v_dist import dist
 from w2v_dist.config import Config
 from w2v_dist.data.audio import EncoderGeometry
-from w2v_dist.data.collate import CTCCollator
 from w2v_dist.data.index import ShardSet, is_remote, load_shard_set, vocab_path
-from w2v_dist.data.loader import EvalStream, Preprocess, TrainStream, make_loader
+from w2v_dist.data.loader import EvalStream, TrainStream, make_loader, make_preprocess
 from w2v_dist.data.plan import BatchPolicy
 from w2v_dist.engine import Engine, accelerator_name, init_distributed
 from w2v_dist.logging import setup_console
@@ -72,13 +71,9 @@ def build_run(cfg: Config, local_rank: int | None = None) -> Run:
     check_shards_readable(train_set)
     processor = load_processor(cfg.model, _shard_vocab(cfg.data.train_shards))
     model = load_model(cfg.model, processor)
-    extractor = processor.feature_extractor
     sample_rate = train_set.sample_rate
-    prep = Preprocess(tokenizer=processor.tokenizer, do_normalize=bool(extractor.do_normalize),
-                      collator=CTCCollator(bool(extractor.return_attention_mask), sample_rate),
-                      geometry=EncoderGeometry.from_model_config(model.config),
-                      min_samples=int(cfg.data.min_seconds * sample_rate),
-                      max_samples=int(cfg.data.max_seconds * sample_rate))
+    prep = make_preprocess(processor, EncoderGeometry.from_model_config(model.config), sample_rate,
+                           cfg.data.min_seconds, cfg.data.max_seconds)
     policy = BatchPolicy(int(cfg.data.max_batch_seconds * sample_rate), cfg.data.max_batch_size,
                          cfg.data.bucket_window, cfg.data.shuffle_buffer)
     stream = TrainStream(train_set, policy, prep, world.rank, world.size, cfg.data.num_workers, cfg.trainer.seed)

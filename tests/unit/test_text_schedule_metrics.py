@@ -72,3 +72,14 @@ def test_collator_pads_and_masks_only_when_asked() -> None:
     assert batch["labels"].tolist() == [[7, 8], [9, LABEL_PAD]]
     assert batch["keys"] == ["a", "b"] and batch["seconds"] == pytest.approx(8 / 16_000)
     assert CTCCollator(return_attention_mask=True)(examples)["attention_mask"].tolist()[1] == [1, 1, 1, 0, 0]
+
+
+def test_char_labeler_matches_the_tokenizer(tmp_path) -> None:
+    from w2v_dist.data.text import CharLabeler
+    from w2v_dist.model import processor_from_vocab
+
+    tokenizer = processor_from_vocab(build_vocab(["ABC DEF'"])).tokenizer
+    labeler = CharLabeler(tokenizer)
+    assert labeler.vocab is not None
+    for text in ["ABC", "A B C", "DEAF CAB'S", "ZZZ Q", ""]:
+        assert labeler(text) == tokenizer(text).input_ids, text

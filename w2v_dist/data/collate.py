@@ -30,17 +30,17 @@ class CTCCollator:
     def __call__(self, examples: list[Example]) -> dict[str, object]:
         longest = max((len(e.audio) for e in examples), default=0)
         longest_label = max((len(e.labels) for e in examples), default=0)
-        input_values = torch.zeros(len(examples), longest)
-        mask = torch.zeros(len(examples), longest, dtype=torch.long)
-        labels = torch.full((len(examples), longest_label), LABEL_PAD, dtype=torch.long)
+        input_values = np.zeros((len(examples), longest), dtype=np.float32)
+        labels = np.full((len(examples), longest_label), LABEL_PAD, dtype=np.int64)
         for row, example in enumerate(examples):
-            input_values[row, :len(example.audio)] = torch.from_numpy(example.audio)
-            mask[row, :len(example.audio)] = 1
-            labels[row, :len(example.labels)] = torch.tensor(example.labels, dtype=torch.long)
-        batch: dict[str, object] = {"input_values": input_values, "labels": labels,
-                                    "keys": [e.key for e in examples], "texts": [e.text for e in examples],
-                                    "seconds": float(mask.sum()) / self.sample_rate,
-                                    "input_lengths": mask.sum(dim=1)}
+            input_values[row, :len(example.audio)] = example.audio
+            labels[row, :len(example.labels)] = example.labels
+        lengths = torch.tensor([len(e.audio) for e in examples], dtype=torch.long)
+        mask = (torch.arange(longest)[None, :] < lengths[:, None]).long()
+        batch: dict[str, object] = {"input_values": torch.from_numpy(input_values),
+                                    "labels": torch.from_numpy(labels), "keys": [e.key for e in examples],
+                                    "texts": [e.text for e in examples],
+                                    "seconds": float(lengths.sum()) / self.sample_rate, "input_lengths": lengths}
         if self.return_attention_mask:
             batch["attention_mask"] = mask
         return batch

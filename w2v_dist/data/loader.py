@@ -25,6 +25,7 @@ from w2v_dist.data.audio import EncoderGeometry, decode, normalize_waveform
 from w2v_dist.data.collate import CTCCollator, Example
 from w2v_dist.data.index import ShardSet, Utterance
 from w2v_dist.data.plan import Batch, BatchPolicy, Piece, assign_pieces, epoch_rng, plan_batches
+from w2v_dist.data.text import CharLabeler
 
 log = logging.getLogger("w2v_dist.data")
 MAX_EMPTY_EPOCHS = 3
@@ -34,7 +35,7 @@ MAX_EMPTY_EPOCHS = 3
 class Preprocess:
     """Everything a worker needs to turn tar members into model inputs (picklable)."""
 
-    tokenizer: Any
+    labels: CharLabeler
     do_normalize: bool
     collator: CTCCollator
     geometry: EncoderGeometry
@@ -60,8 +61,7 @@ class Preprocess:
         wave = audio[:, 0]
         if self.do_normalize:
             wave = normalize_waveform(wave)
-        labels = self.tokenizer(meta["text"]).input_ids
-        return Example(key, wave, labels, meta["text"])
+        return Example(key, wave, self.labels(meta["text"]), meta["text"])
 
 
 def read_members(url: str, wanted: set[str], skips: Counter[str]) -> Iterator[tuple[str, dict[str, bytes]]]:
@@ -208,6 +208,15 @@ class EvalStream(_Stream):
         mine = self.pieces[worker::workers]
         batches, skips = plan_batches(mine, self.shards.utterances, self.policy, self.prep.skip_reason, None)
         yield from self._batches(batches, mine, skips)
+
+
+def make_preprocess(processor: Any, geometry: EncoderGeometry, sample_rate: int, min_seconds: float,
+                    max_seconds: float) -> Preprocess:
+    """The worker-side preprocessing the model's processor implies."""
+    extractor = processor.feature_extractor
+    return Preprocess(labels=CharLabeler(processor.tokenizer), do_normalize=bool(extractor.do_normalize),
+                      collator=CTCCollator(bool(extractor.return_attention_mask), sample_rate), geometry=geometry,
+                      min_samples=int(min_seconds * sample_rate), max_samples=int(max_seconds * sample_rate))
 
 
 def make_loader(stream: _Stream, num_workers: int, prefetch_factor: int) -> DataLoader:  # type: ignore[type-arg]

@@ -1,0 +1,196 @@
+"""``w2v-dist bench loader``: our streaming loader against the decode limit and a seed-style pipeline.
+
+All measurements run in one process tree, one after the other, on the same corpus: (1) raw soundfile decode of
+the same FLAC bytes on one core (the physical limit), (2) our loader, (3) the seed script's map-style pipeline
+(per-file reads, per-sample processor, ``DataLoader(batch_size=2, shuffle=True)``) with the same worker count;
+then padding, resume skip rate, worker memory, and shards vs per-file reads over loopback HTTP.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+import soundfile as sf
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from w2v_dist.bench.corpus import build
+from w2v_dist.data.audio import EncoderGeometry
+from w2v_dist.data.index import load_shard_set
+from w2v_dist.data.loader import TrainStream, make_loader, make_preprocess
+from w2v_dist.data.plan import BatchPolicy, padding_fraction
+from w2v_dist.data.sources import librispeech_sources
+
+SR = 16_000
+
+
+def emit(record: dict[str, Any]) -> dict[str, Any]:
+    print(json.dumps(record), flush=True)
+    return record
+
+
+def raw_decode_rate(files: list[Path]) -> float:
+    """Audio-seconds decoded per second on one core, from bytes already in memory."""
+    blobs = [f.read_bytes() for f in files]
+    start, seconds = time.perf_counter(), 0.0
+    for blob in blobs:
+        seconds += len(sf.read(io.BytesIO(blob), dtype="float32")[0]) / SR
+    return seconds / (time.perf_counter() - start)
+
+
+def timed_batches(batches: Iterator[dict[str, Any]], audio_seconds: float) -> tuple[float, list[dict[str, Any]]]:
+    """Audio-seconds per second over batches until ``audio_seconds`` of real audio went by (first batch
+    excluded: worker start-up is not throughput)."""
+    first = next(batches)
+    start, seen, kept = time.perf_counter(), 0.0, [first]
+    for batch in batches:
+        seen += batch["seconds"]
+        kept.append(batch)
+        if seen >= audio_seconds:
+            break
+    return seen / (time.perf_counter() - start), kept
+
+
+class SeedStyleDataset(Dataset):  # type: ignore[type-arg]
+    """The original script's pipeline: one file read and one processor call per sample."""
+
+    def __init__(self, items: list[tuple[str, str]], processor: Any, read: Callable[[str], bytes]) -> None:
+        self.items, self.processor, self.read = items, processor, read
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        location, text = self.items[index]
+        audio, rate = sf.read(io.BytesIO(self.read(location)), dtype="float32")
+        values = self.processor(audio, sampling_rate=rate).input_values[0]
+        return {"input_values": values, "labels": self.processor.tokenizer(text).input_ids}
+
+
+def seed_collate(processor: Any) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
+    def collate(features: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = processor.feature_extractor.pad([{"input_values": f["input_values"]} for f in features],
+                                                return_tensors="pt", return_attention_mask=True)
+        mask = batch["attention_mask"]
+        return {"input_values": batch["input_values"], "seconds": float(mask.sum()) / SR,
+                "padded": mask.numel(), "real": int(mask.sum())}
+    return collate
+
+
+def seed_style_loader(items: list[tuple[str, str]], processor: Any, workers: int,
+                      read: Callable[[str], bytes]) -> Iterator[dict[str, Any]]:
+    loader = DataLoader(SeedStyleDataset(items, processor, read), batch_size=2, shuffle=True, num_workers=workers,
+                        collate_fn=seed_collate(processor))
+    return itertools.chain.from_iterable(itertools.repeat(loader))  # type: ignore[arg-type]
+
+
+def worker_uss_mb() -> float:
+    """Largest unique (non-shared) memory of a worker: what the shuffle buffer and decoding cost, without the
+    copy-on-write pages inherited from the parent."""
+    children = psutil.Process().children(recursive=True)
+    return max((c.memory_full_info().uss for c in children), default=0) / 2**20
+
+
+def http_get(url: str) -> bytes:
+    with urllib.request.urlopen(url) as response:
+        return bytes(response.read())
+
+
+def run(work_dir: Path, utterances: int, workers: int) -> dict[str, Any]:
+    from w2v_dist.data.shards import ShardOptions, shard_corpus
+    from w2v_dist.data.text import librispeech_vocab
+    from w2v_dist.model import processor_from_vocab
+
+    corpus = build(work_dir / "corpus", utterances)
+    shards = work_dir / "shards"
+    if not (shards / "index.json").exists():
+        shard_corpus(librispeech_sources(corpus, ["train-clean-100"]), shards,
+                     ShardOptions(shard_size_mb=16, workers=workers, overwrite=True), {"subsets": ["bench"]})
+    processor = processor_from_vocab(librispeech_vocab())
+    files = sorted(corpus.glob("train-clean-100/*/*/*.flac"))
+    total_seconds = sum(sf.info(str(f)).frames for f in files) / SR
+    shard_set = load_shard_set(str(shards))
+    policy = BatchPolicy(200 * SR, 64, 512, 2000)
+    prep = make_preprocess(processor, EncoderGeometry(), shard_set.sample_rate, 0.0, 35.0)
+    emit({"measure": "corpus", "utterances": len(files), "audio_hours": total_seconds / 3600,
+          "flac_mb": sum(f.stat().st_size for f in files) / 1e6, "shards": len(shard_set.urls)})
+
+    raw = emit({"measure": "raw_decode", "audio_seconds_per_second_per_core": raw_decode_rate(files)})
+    stream = TrainStream(shard_set, policy, prep, 0, 1, workers, seed=1)
+    running = iter(make_loader(stream, workers, 4))
+    ours_rate, ours_batches = timed_batches(running, total_seconds)
+    uss = worker_uss_mb()
+    del running
+    ours = emit({"measure": "ours", "workers": workers, "audio_seconds_per_second": ours_rate,
+                 "per_worker": ours_rate / max(workers, 1), "worker_uss_mb": uss,
+                 "shuffle_buffer": policy.shuffle_buffer, "bucket_window": policy.bucket_window})
+    texts = {s.key: s.text for s in librispeech_sources(corpus, ["train-clean-100"])}
+    items = [(str(f), texts[f.stem]) for f in files]
+    local_files = seed_style_loader(items, processor, workers, lambda p: Path(p).read_bytes())
+    seed_rate, seed_batches = timed_batches(local_files, total_seconds)
+    emit({"measure": "seed_style", "workers": workers, "audio_seconds_per_second": seed_rate,
+          "ours_over_seed": ours_rate / seed_rate})
+
+    ours_padding = 1 - sum(float(b["input_lengths"].sum()) for b in ours_batches) / sum(
+        b["input_values"].numel() for b in ours_batches)
+    utts = [u for shard in shard_set.utterances for u in shard]
+    mean_size = int(round(np.mean([len(b["keys"]) for b in ours_batches])))
+    order = np.random.default_rng(0).permutation(len(utts))
+    random_batches = [[utts[i] for i in order[j:j + mean_size]] for j in range(0, len(utts), mean_size)]
+    seed_padding = 1 - sum(b["real"] for b in seed_batches) / sum(b["padded"] for b in seed_batches)
+    emit({"measure": "padding", "ours": ours_padding, "random_same_size": padding_fraction(random_batches),
+          "seed_style_batch2": seed_padding, "mean_batch_size": mean_size})
+
+    skip = resume_skip_rate(shard_set, policy, prep)
+    emit({"measure": "resume_skip", **skip})
+    http = http_comparison(work_dir, shard_set, policy, prep, items, processor, workers, total_seconds)
+    summary = {"measure": "summary", "fraction_of_raw_decode": ours["per_worker"] /
+               raw["audio_seconds_per_second_per_core"], "padding_fraction": ours_padding,
+               "ours_over_seed_style": ours_rate / seed_rate, "resume_skip_samples_per_second":
+               skip["samples_per_second"], "http_shards_over_per_file": http["shards_over_per_file"],
+               "worker_uss_mb": uss, "torch_threads": torch.get_num_threads()}
+    return emit(summary)
+
+
+def resume_skip_rate(shard_set: Any, policy: BatchPolicy, prep: Any) -> dict[str, float]:
+    """Samples per second a resume skips: the plan replay that positions a stream, with no audio read."""
+    stream = TrainStream(shard_set, policy, prep, 0, 1, 0, seed=1)
+    start = time.perf_counter()
+    skipped = sum(len(batch) for epoch in range(20) for batch in stream.plan(0, epoch)[0])
+    replay = time.perf_counter() - start
+    stream.consumed = sum(len(stream.plan(0, epoch)[0]) for epoch in range(20))
+    start = time.perf_counter()
+    next(iter(make_loader(stream, 0, 2)))
+    return {"samples_skipped": skipped, "replay_seconds": replay, "samples_per_second": skipped / replay,
+            "first_batch_after_20_epochs_seconds": time.perf_counter() - start}
+
+
+def http_comparison(work_dir: Path, shard_set: Any, policy: BatchPolicy, prep: Any, items: list[tuple[str, str]],
+                    processor: Any, workers: int, total_seconds: float) -> dict[str, float]:
+    """Shards streamed over loopback HTTP vs one HTTP request per FLAC (object storage's shape)."""
+    server = subprocess.Popen([sys.executable, "-u", "-m", "http.server", "0", "--bind", "127.0.0.1",
+                               "-d", str(work_dir)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        port = int(server.stdout.readline().split("port ")[1].split()[0])  # type: ignore[union-attr]
+        base = f"http://127.0.0.1:{port}"
+        remote = load_shard_set(f"{base}/shards")
+        stream = TrainStream(remote, policy, prep, 0, 1, workers, seed=1)
+        shards_rate, _ = timed_batches(iter(make_loader(stream, workers, 4)), total_seconds / 2)
+        urls = [(f"{base}/{Path(p).relative_to(work_dir)}", t) for p, t in items]
+        files_rate, _ = timed_batches(seed_style_loader(urls, processor, workers, http_get), total_seconds / 2)
+    finally:
+        server.terminate()
+        server.wait()
+    return emit({"measure": "http", "shards_audio_seconds_per_second": shards_rate,
+                 "per_file_audio_seconds_per_second": files_rate, "shards_over_per_file": shards_rate / files_rate})
