@@ -303,3 +303,23 @@ def test_resume_with_a_different_world_size_is_refused(shard_dirs: dict, tiny_mo
     proc = run_single(["--config", "configs/demo.yaml", *args, "trainer.max_steps=4"])
     assert proc.returncode != 0
     assert "was written by 2 ranks but this run has 1" in proc.stderr
+
+
+def test_two_ranks_two_workers_over_three_uneven_shards_finish(corpus: Path, tiny_model: Path, shard_dirs: dict,
+                                                               tmp_path: Path) -> None:
+    """4 data slots over 3 shards of different sizes: naive shard splitting would leave a slot empty and hang."""
+    from w2v_dist.data.shards import ShardOptions, shard_corpus
+    from w2v_dist.data.sources import librispeech_sources
+
+    sources = librispeech_sources(corpus, ["train-clean-100"])
+    total_mb = sum(s.audio.stat().st_size for s in sources) / 1e6
+    index = shard_corpus(sources, tmp_path / "three", ShardOptions(shard_size_mb=total_mb * 0.45, workers=2), {})
+    assert index["totals"]["shards"] == 3
+    assert len({s["samples"] for s in index["shards"]}) > 1
+    out = tmp_path / "run"
+    dirs = {**shard_dirs, "train-clean-100": tmp_path / "three"}
+    check(run_deepspeed(["--config", "configs/demo.yaml", *overrides(
+        dirs, tiny_model, out, **{"data.num_workers": 2, "trainer.max_steps": 30, "trainer.eval_every": 0,
+                                  "trainer.save_every": 0, "trainer.log_every": 10})]))
+    last = [r for r in metrics(out) if "loss" in r][-1]
+    assert last["step"] == 30 and last["epoch"] > 1.0
