@@ -136,6 +136,8 @@ class TrainerConfig:
     """Write a metrics line every N updates."""
     seed: int = 1
     """Seed for model-side randomness and the data order."""
+    preflight: bool = True
+    """Before step 1, run the worst-case micro-batch forward and backward once, so an OOM shows in seconds."""
     max_consecutive_bad_steps: int = 10
     """Stop the run after this many skipped (non-finite) updates in a row."""
     on_divergence: str = "stop"

@@ -21,6 +21,7 @@ from transformers import Wav2Vec2ForCTC
 from w2v_dist.config import Config
 
 log = logging.getLogger("w2v_dist.engine")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 NO_DECAY = ("bias", "layer_norm", "layernorm", "norm.weight", "masked_spec_embed")
 
 
@@ -113,7 +114,7 @@ class Engine:
         groups = param_groups(model, cfg.optim.weight_decay)
         self.optimizer = GuardedAdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
                                       fused=self.device.type == "cuda")
-        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.deepspeed.precision]
+        self.dtype = DTYPES[cfg.deepspeed.precision]
         self.ds_config = deepspeed_config(cfg)
         self.frozen_fp32 = {name: p.detach().float().cpu().clone() for name, p in model.named_parameters()
                             if not p.requires_grad} if self.dtype != torch.float32 else {}

@@ -21,9 +21,10 @@ from w2v_dist.data.audio import EncoderGeometry
 from w2v_dist.data.index import ShardSet, is_remote, load_shard_set, vocab_path
 from w2v_dist.data.loader import EvalStream, TrainStream, make_loader, make_preprocess
 from w2v_dist.data.plan import BatchPolicy
-from w2v_dist.engine import Engine, accelerator_name, init_distributed
+from w2v_dist.engine import DTYPES, Engine, accelerator_name, device_for, init_distributed
 from w2v_dist.logging import setup_console
 from w2v_dist.model import load_model, load_processor, parameter_counts
+from w2v_dist.preflight import preflight, worst_case
 
 log = logging.getLogger("w2v_dist.run")
 
@@ -85,6 +86,9 @@ def build_run(cfg: Config, local_rank: int | None = None) -> Run:
         check_shards_readable(dev_set)
         dev_loaders[name] = make_loader(EvalStream(dev_set, eval_policy, prep, world.rank, world.size),
                                         cfg.data.num_workers, cfg.data.prefetch_factor)
+    if cfg.trainer.preflight:
+        preflight(model, device_for(world.local_rank), DTYPES[cfg.deepspeed.precision],
+                  worst_case(train_set, policy, prep.skip_reason))
     engine = Engine(cfg, model, world.local_rank)
     _announce(cfg, world, train_set, model)
     return Run(world, engine, processor, stream, train_loader, dev_loaders, train_set.total_samples)

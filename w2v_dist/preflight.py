@@ -1,0 +1,66 @@
+"""Run the worst-case micro-batch forward and backward once before step 1 (icefall's
+``scan_pessimistic_batches_for_oom``), so an out-of-memory shows in seconds, with advice, not after hours."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+from transformers import Wav2Vec2ForCTC
+
+from w2v_dist.data.index import ShardSet
+from w2v_dist.data.plan import BatchPolicy, Filter
+
+log = logging.getLogger("w2v_dist.preflight")
+
+
+class PreflightError(RuntimeError):
+    """The worst-case batch does not fit; the message says which knobs to turn."""
+
+
+@dataclass(frozen=True)
+class WorstCase:
+    batch_size: int
+    num_samples: int
+    label_length: int
+
+    @property
+    def seconds(self) -> float:
+        return self.batch_size * self.num_samples / 16_000
+
+
+def worst_case(shards: ShardSet, policy: BatchPolicy, keep: Filter) -> WorstCase:
+    """The largest micro-batch the plan can form: the longest kept utterance, as many as the budget allows."""
+    kept = [u for shard in shards.utterances for u in shard if keep(u) is None]
+    longest = max(u.num_samples for u in kept)
+    count = max(1, min(policy.max_batch_size, policy.max_batch_samples // longest))
+    return WorstCase(count, longest, max(u.label_length for u in kept))
+
+
+def preflight(model: Wav2Vec2ForCTC, device: torch.device, dtype: torch.dtype, case: WorstCase) -> None:
+    """Forward + backward of ``case`` on random input; gradients are dropped afterwards."""
+    model.to(device).train()
+    inputs = torch.randn(case.batch_size, case.num_samples, device=device)
+    labels = torch.randint(5, model.config.vocab_size, (case.batch_size, case.label_length), device=device)
+    start = time.perf_counter()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            loss = model(input_values=inputs, labels=labels).loss
+        loss.backward()
+    except torch.OutOfMemoryError as err:
+        raise PreflightError(
+            f"the worst-case micro-batch ({case.batch_size} x {case.num_samples / 16_000:.1f} s = {case.seconds:.0f} s "
+            f"of padded audio) does not fit in memory: lower data.max_batch_seconds or data.max_seconds, or set "
+            f"model.gradient_checkpointing=true ({err})") from None
+    finally:
+        model.zero_grad(set_to_none=True)
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    log.info("preflight: worst-case micro-batch %d x %.1f s fits (%.1f s%s)", case.batch_size,
+             case.num_samples / 16_000, time.perf_counter() - start,
+             f", peak {peak:.1f} GiB before optimizer state" if peak is not None else "")
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
