@@ -168,6 +168,14 @@ def _bench(args: argparse.Namespace) -> int:
         from w2v_dist.bench.loader import run
 
         run(Path(args.work_dir) / "loader", args.utterances, args.workers)
+    elif args.what == "step":
+        from w2v_dist.bench.step import run as run_step
+
+        run_step(Path(args.work_dir), args.size, args.batch_seconds, args.rounds, args.steps)
+    elif args.what == "scaling":
+        from w2v_dist.bench.scaling import run as run_scaling
+
+        run_scaling(Path(args.work_dir), args.steps, args.batch_seconds)
     return 0
 
 
@@ -235,10 +243,14 @@ def build_parser() -> argparse.ArgumentParser:
     verify.set_defaults(func=_verify)
 
     bench = sub.add_parser("bench", help="benchmarks: one JSON line per measurement, ratios measured side by side")
-    bench.add_argument("what", choices=("loader",))
+    bench.add_argument("what", choices=("loader", "step", "scaling"))
     bench.add_argument("--work-dir", default="work/bench", help="where the benchmark corpus and shards are kept")
     bench.add_argument("--utterances", type=int, default=300, help="size of the LibriSpeech-shaped corpus")
     bench.add_argument("--workers", type=int, default=2, help="loader workers (ours and the seed-style pipeline)")
+    bench.add_argument("--size", choices=("tiny", "base"), default="tiny", help="step: model geometry")
+    bench.add_argument("--batch-seconds", type=float, default=16.0, help="step: padded seconds per batch")
+    bench.add_argument("--rounds", type=int, default=5, help="step: interleaved timing rounds")
+    bench.add_argument("--steps", type=int, default=8, help="step: steps per round")
     bench.set_defaults(func=_bench)
 
     docs = sub.add_parser("config-docs", help="print the configuration reference (markdown)")

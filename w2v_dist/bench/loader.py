@@ -107,16 +107,23 @@ def http_get(url: str) -> bytes:
         return bytes(response.read())
 
 
-def run(work_dir: Path, utterances: int, workers: int) -> dict[str, Any]:
+def prepare_shards(work_dir: Path, utterances: int, workers: int) -> tuple[Path, Path]:
+    """The benchmark corpus and its shards under ``work_dir`` (reused when present)."""
     from w2v_dist.data.shards import ShardOptions, shard_corpus
-    from w2v_dist.data.text import librispeech_vocab
-    from w2v_dist.model import processor_from_vocab
 
     corpus = build(work_dir / "corpus", utterances)
     shards = work_dir / "shards"
     if not (shards / "index.json").exists():
         shard_corpus(librispeech_sources(corpus, ["train-clean-100"]), shards,
                      ShardOptions(shard_size_mb=16, workers=workers, overwrite=True), {"subsets": ["bench"]})
+    return corpus, shards
+
+
+def run(work_dir: Path, utterances: int, workers: int) -> dict[str, Any]:
+    from w2v_dist.data.text import librispeech_vocab
+    from w2v_dist.model import processor_from_vocab
+
+    corpus, shards = prepare_shards(work_dir, utterances, workers)
     processor = processor_from_vocab(librispeech_vocab())
     files = sorted(corpus.glob("train-clean-100/*/*/*.flac"))
     total_seconds = sum(sf.info(str(f)).frames for f in files) / SR

@@ -1,0 +1,112 @@
+"""``w2v-dist bench scaling``: 1 vs 2 ranks (weak scaling, same batch per rank), the share of step time spent in
+the gradient all-reduce, and a model-based projection to 8 GPUs x N nodes.
+
+The worker half of this file runs under ``deepspeed --num_gpus N`` (gloo on CPU here, NCCL on GPUs).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from w2v_dist.bench.loader import emit
+
+PROJECTION_ASSUMPTIONS = {
+    "gradient_bytes_per_param": 2, "base_trainable_params": 90_000_000,
+    "nvlink_bus_gb_per_s": 350.0, "infiniband_gb_per_s_per_gpu": 46.0,
+    "step_seconds_at_7000_audio_s_per_gpu_200s_batch": 200 / 7000, "overlappable_fraction_of_step": 0.6,
+}
+"""H100 SXM NVLink ring bus bandwidth as NCCL reaches it (~350 of 450 GB/s), one 400 Gb/s NDR NIC per GPU
+(~46 GB/s measured), bf16 gradients of wav2vec2-base's trainable parameters, backward ≈ 60% of a step."""
+
+
+def projection(nodes: int, gpus_per_node: int = 8) -> dict[str, Any]:
+    """Ring all-reduce time per step and its share of the step, with and without overlap with backward."""
+    a = PROJECTION_ASSUMPTIONS
+    world = nodes * gpus_per_node
+    volume = 2 * (world - 1) / world * a["base_trainable_params"] * a["gradient_bytes_per_param"]
+    bandwidth = a["nvlink_bus_gb_per_s"] if nodes == 1 else a["infiniband_gb_per_s_per_gpu"]
+    seconds = volume / (bandwidth * 1e9)
+    step = a["step_seconds_at_7000_audio_s_per_gpu_200s_batch"]
+    exposed = max(0.0, seconds - a["overlappable_fraction_of_step"] * step)
+    return {"nodes": nodes, "gpus": world, "allreduce_ms": seconds * 1e3,
+            "fraction_unoverlapped": seconds / (step + seconds), "fraction_overlapped": exposed / (step + exposed),
+            "projected_weak_scaling_efficiency": step / (step + exposed)}
+
+
+def worker(work_dir: Path, steps: int, batch_seconds: float, out: Path) -> None:
+    """Runs on every rank: timed training steps on a fixed per-rank batch, then timed all-reduces of a
+    gradient-sized buffer."""
+    import torch.distributed as torch_dist
+
+    from w2v_dist.bench.step import fixed_batches
+    from w2v_dist.config import load_config
+    from w2v_dist.dist import all_reduce_sum, world_from_env
+    from w2v_dist.engine import Engine, init_distributed
+    from w2v_dist.model import load_model, load_processor
+    from w2v_dist.trainer import train_step
+
+    world = world_from_env()
+    init_distributed()
+    model_dir = work_dir / "model-tiny"
+    cfg = load_config(None, [f"model.name_or_path={model_dir}", "model.mask_time_prob=0", "model.layerdrop=0"])
+    model = load_model(cfg.model, load_processor(cfg.model, None))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    engine = Engine(cfg, model, world.local_rank)
+    batch = fixed_batches(work_dir / "loader" / "shards", model_dir, 1, batch_seconds)[0]
+    train_step(engine, [batch], world.size)
+    start = time.perf_counter()
+    for _ in range(steps):
+        train_step(engine, [batch], world.size)
+    step_s = (time.perf_counter() - start) / steps
+    buffer = torch.zeros(trainable, device=engine.device)
+    reduce_times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        if world.size > 1:
+            torch_dist.all_reduce(buffer)
+        reduce_times.append(time.perf_counter() - start)
+    rate = all_reduce_sum([batch["seconds"] / step_s], engine.device)[0] / world.size
+    if world.is_main:
+        out.write_text(json.dumps({"ranks": world.size, "step_s": step_s, "audio_seconds_per_second_per_rank": rate,
+                                   "allreduce_s": statistics.median(reduce_times), "trainable_params": trainable,
+                                   "allreduce_fraction": statistics.median(reduce_times) / step_s}))
+
+
+def run(work_dir: Path, steps: int, batch_seconds: float) -> dict[str, Any]:
+    from w2v_dist.bench.loader import prepare_shards
+    from w2v_dist.dist import _free_port
+    from w2v_dist.model import init_model
+
+    prepare_shards(work_dir / "loader", 120, 2)
+    if not (work_dir / "model-tiny" / "config.json").exists():
+        init_model(work_dir / "model-tiny", "tiny")
+    results = {}
+    for ranks in (1, 2):
+        out = work_dir / f"scaling-{ranks}.json"
+        env = dict(os.environ, OMP_NUM_THREADS="1")  # one core per rank: weak scaling, no oversubscription
+        if not torch.cuda.is_available():
+            env["DS_ACCELERATOR"] = "cpu"
+        subprocess.run([str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", str(ranks), "--master_port",
+                        str(_free_port()), __file__, str(work_dir), str(steps), str(batch_seconds), str(out)],
+                       check=True, capture_output=True, env=env)
+        results[ranks] = emit({"measure": "scaling", **json.loads(out.read_text())})
+    efficiency = results[2]["audio_seconds_per_second_per_rank"] / results[1]["audio_seconds_per_second_per_rank"]
+    for nodes in (1, 2, 4, 8):
+        emit({"measure": "projection", **projection(nodes)})
+    return emit({"measure": "summary", "weak_scaling_efficiency_1_to_2": efficiency,
+                 "allreduce_fraction_2_ranks": results[2]["allreduce_fraction"], "cores": os.cpu_count(),
+                 "assumptions": PROJECTION_ASSUMPTIONS})
+
+
+if __name__ == "__main__":
+    args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
+    worker(Path(args[0]), int(args[1]), float(args[2]), Path(args[3]))
