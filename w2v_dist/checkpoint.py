@@ -22,7 +22,7 @@ TAG_PREFIX = "step_"
 
 def rng_state() -> dict[str, Any]:
     """RNG states in a form ``torch.load(weights_only=True)`` accepts."""
-    np_state = np.random.get_state()
+    np_state: tuple[Any, ...] = tuple(np.random.get_state())
     state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state(),
                              "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]]}
     if torch.cuda.is_available():

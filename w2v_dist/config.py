@@ -245,8 +245,9 @@ def all_keys(cls: type = Config, prefix: str = "") -> list[str]:
     for f in fields(cls):
         key = f"{prefix}{f.name}"
         keys.append(key)
-        if is_dataclass(f.type) or (isinstance(f.type, str) and f.type in _SECTIONS):
-            keys.extend(all_keys(_SECTIONS[f.type] if isinstance(f.type, str) else f.type, key + "."))
+        section = _SECTIONS.get(f.type) if isinstance(f.type, str) else f.type
+        if isinstance(section, type) and is_dataclass(section):
+            keys.extend(all_keys(section, key + "."))
     return keys
 
 
@@ -329,7 +330,7 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str]
     if path is not None:
         if not Path(path).is_file():
             raise ConfigError(f"config file not found: {path}")
-        loaded = OmegaConf.load(path)
+        loaded = OmegaConf.load(Path(path))
         if not isinstance(loaded, DictConfig):
             raise ConfigError(f"{path}: top level must be a mapping")
         merged = _merge(merged, loaded, str(path))

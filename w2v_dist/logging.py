@@ -63,7 +63,7 @@ class MainLogger(RunLogger):
             run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
             id_file.write_text(run_id)
             self.wandb = wandb.init(project=project, name=run_name or output_dir.name, id=run_id, resume="allow",
-                                    mode=wandb_mode, dir=str(output_dir), config=scrub(config))
+                                    mode=wandb_mode, dir=str(output_dir), config=scrub(config))  # type: ignore[arg-type]
 
     def log(self, record: dict[str, Any]) -> None:
         clean = {k: _clean(v) for k, v in record.items()}
@@ -81,7 +81,7 @@ class MainLogger(RunLogger):
         if self.wandb is not None:
             import wandb
 
-            self.wandb.log({name: wandb.Table(columns=columns, data=rows)}, step=step)
+            self.wandb.log({name: wandb.Table(columns=list[str | int](columns), data=rows)}, step=step)
 
     def close(self) -> None:
         self.bar.close()

@@ -143,7 +143,7 @@ def run(work_dir: Path, utterances: int, workers: int) -> dict[str, Any]:
                  "per_worker": ours_rate / max(workers, 1), "worker_uss_mb": uss,
                  "shuffle_buffer": policy.shuffle_buffer, "bucket_window": policy.bucket_window})
     texts = {s.key: s.text for s in librispeech_sources(corpus, ["train-clean-100"])}
-    items = [(str(f), texts[f.stem]) for f in files]
+    items = [(str(f), str(texts[f.stem])) for f in files]
     local_files = seed_style_loader(items, processor, workers, lambda p: Path(p).read_bytes())
     seed_rate, seed_batches = timed_batches(local_files, total_seconds)
     emit({"measure": "seed_style", "workers": workers, "audio_seconds_per_second": seed_rate,

@@ -72,7 +72,7 @@ def read_members(url: str, wanted: set[str], skips: Counter[str]) -> Iterator[tu
     except Exception as err:
         raise RuntimeError(f"cannot open shard {url}: {err}") from err
     current: dict[str, bytes] = {}
-    key = None
+    key = ""
     try:
         with stream:
             for member in wds.tariterators.tar_file_iterator(stream, select_files=lambda f: f.split(".")[0] in wanted):

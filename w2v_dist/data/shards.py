@@ -14,6 +14,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import soundfile as sf
 import webdataset as wds
@@ -150,7 +151,8 @@ def histogram(seconds: list[float], bin_seconds: float = 1.0) -> dict[str, objec
     return {"bin_seconds": bin_seconds, "counts": counts}
 
 
-def shard_corpus(sources: list[Source], out: str | Path, opts: ShardOptions, described: dict[str, object]) -> dict:
+def shard_corpus(sources: list[Source], out: str | Path, opts: ShardOptions, described: dict[str, object]
+                 ) -> dict[str, Any]:
     """Probe, pack and write ``sources`` into ``out``; return the index (also written unless dry-run)."""
     out_dir = Path(out)
     if not opts.dry_run:
@@ -162,15 +164,21 @@ def shard_corpus(sources: list[Source], out: str | Path, opts: ShardOptions, des
     started = time.monotonic()
     accepted: list[Probed] = []
     rejects: list[Reject] = []
+    accepted_samples = 0
     with ProcessPoolExecutor(max_workers=max(1, opts.workers)) as pool, \
             tqdm(total=len(sources), desc="probe", unit="utt", disable=None) as bar:
         for result in pool.map(_probe_star, [(s, opts) for s in sources], chunksize=32):
-            (accepted if isinstance(result, Probed) else rejects).append(result)  # type: ignore[arg-type]
-            hours = sum(p.num_samples for p in accepted) / SAMPLE_RATE / 3600
+            if isinstance(result, Probed):
+                accepted.append(result)
+                accepted_samples += result.num_samples
+            else:
+                rejects.append(result)
+            hours = accepted_samples / SAMPLE_RATE / 3600
             bar.set_postfix_str(f"{hours:.2f} h accepted, {len(rejects)} rejected", refresh=False)
             bar.update()
     groups = plan_shards(accepted, opts)
     jobs = [(out_dir / SHARD_PATTERN.format(i), group) for i, group in enumerate(groups)]
+    entries: list[dict[str, Any]]
     if opts.dry_run:
         entries = [{"name": p.name, "samples": len(g), "seconds": sum(i.num_samples for i in g) / SAMPLE_RATE,
                     "bytes": sum(i.bytes for i in g)} for p, g in jobs]
@@ -179,7 +187,7 @@ def shard_corpus(sources: list[Source], out: str | Path, opts: ShardOptions, des
             entries = list(tqdm(pool.map(_write_star, jobs), total=len(jobs), desc="write", unit="shard",
                                 disable=None))
     seconds = [p.num_samples / SAMPLE_RATE for p in accepted]
-    index = {"format": "w2v-dist-shards", "version": FORMAT_VERSION, **described,
+    index: dict[str, Any] = {"format": "w2v-dist-shards", "version": FORMAT_VERSION, **described,
              "options": {k: v for k, v in asdict(opts).items() if k not in ("workers", "overwrite", "dry_run")},
              "sample_rate": SAMPLE_RATE, "shards": entries,
              "totals": {"inputs": len(sources), "written": len(accepted), "rejected": len(rejects),
