@@ -13,6 +13,8 @@ $(STAMP): setup.cfg pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'
+	# pyctcdecode (CTC beam search) pins numpy<2 in its metadata but runs on numpy 2: install it without deps.
+	$(BIN)/pip install --quiet --no-deps pyctcdecode==0.5.0
 	@touch $(STAMP)
 
 .PHONY: espeak

@@ -125,9 +125,7 @@ def _transcribe(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from w2v_dist.data.index import ShardIndexError
     from w2v_dist.decoding import DecoderUnavailable
-    from w2v_dist.export import ModelSourceError
     from w2v_dist.offline_eval import EvalOptions, run
 
     opts = EvalOptions(model=args.model, shards=args.shards, out=args.out, config=args.config,
@@ -136,7 +134,7 @@ def _evaluate(args: argparse.Namespace) -> int:
                        beta=args.beta, worst=args.worst, shard_command=args.shard_command)
     try:
         return run(opts, args.local_rank)
-    except (ModelSourceError, ShardIndexError, DecoderUnavailable, ConfigError, OSError) as err:
+    except (ValueError, DecoderUnavailable, OSError) as err:  # bad paths, indexes, configs, options, LM files
         print(f"evaluate: {err}", file=sys.stderr)
         return 2
 
@@ -153,11 +151,11 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from w2v_dist.export import ModelSourceError, export_checkpoint
+    from w2v_dist.export import export_checkpoint
 
     try:
         print(f"wrote {export_checkpoint(args.checkpoint, args.out, args.tag, args.config)}")
-    except (ModelSourceError, ConfigError) as err:
+    except (ValueError, OSError) as err:  # not a checkpoint, bad config, NaN weights, unreadable files
         print(f"export: {err}", file=sys.stderr)
         return 2
     return 0

@@ -1,21 +1,78 @@
-"""Transcribing audio files with an exported model through the Hugging Face ASR pipeline."""
+"""Transcribing audio files with a trained model through the Hugging Face ASR pipeline.
+
+Any soundfile-readable file is down-mixed and resampled to 16 kHz. Files longer than ``chunk_seconds`` are cut
+into overlapping chunks by the pipeline (``chunk_length_s``/``stride_length_s``): each chunk sees
+``overlap_seconds`` of its neighbours' audio on each side as context, and the CTC frames from that context are
+dropped before the chunks' outputs are joined, so words at the cuts are neither lost nor doubled. Word
+timestamps come from the CTC alignment (the frame of each word's first and last character).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import soundfile as sf
 
 from w2v_dist.data.audio import SAMPLE_RATE, to_16k_mono
 
 
-def transcribe_files(model_dir: str | Path, files: list[str]) -> Iterator[tuple[str, str]]:
-    """(file, text) per file: any soundfile-readable audio, down-mixed and resampled to 16 kHz."""
+@dataclass
+class Transcript:
+    path: str
+    text: str
+    seconds: float
+    words: list[dict[str, Any]] = field(default_factory=list)
+    """``{"word", "start", "end"}`` in seconds, when word timestamps were asked for."""
+
+
+def read_audio(path: str | Path) -> np.ndarray:
+    """16 kHz mono float32 samples of any soundfile-readable file."""
+    audio, rate = sf.read(str(path), dtype="float32", always_2d=True)
+    return to_16k_mono(audio, rate)
+
+
+def load_pipeline(model: str | Path, config: str | Path | None = None, device: str | None = None) -> Any:
+    """An ASR pipeline over an HF export dir or a DeepSpeed checkpoint (see :mod:`w2v_dist.export`)."""
+    import torch
     from transformers import pipeline
 
-    asr = pipeline("automatic-speech-recognition", model=str(model_dir), device="cpu")
+    from w2v_dist.export import load_for_inference
+
+    network, processor = load_for_inference(model, config)
+    device = device or ("cuda:0" if torch.cuda.is_available() else "cpu")
+    return pipeline("automatic-speech-recognition", model=network, tokenizer=processor.tokenizer,
+                    feature_extractor=processor.feature_extractor, device=device)
+
+
+def check_chunking(chunk_seconds: float, overlap_seconds: float) -> None:
+    """The pipeline needs each chunk to keep some audio of its own between the two context margins."""
+    if chunk_seconds <= 0 or overlap_seconds < 0 or chunk_seconds <= 2 * overlap_seconds:
+        raise ValueError(f"need chunk_seconds > 2 x overlap_seconds >= 0, got {chunk_seconds} and {overlap_seconds}")
+
+
+def transcribe(model: str | Path, files: list[str], chunk_seconds: float = 30.0, overlap_seconds: float = 2.0,
+               word_timestamps: bool = False, config: str | Path | None = None) -> Iterator[Transcript]:
+    """One :class:`Transcript` per file, in order."""
+    check_chunking(chunk_seconds, overlap_seconds)
+    asr = load_pipeline(model, config)
     for path in files:
-        audio, rate = sf.read(path, dtype="float32", always_2d=True)
-        result = asr({"raw": to_16k_mono(audio, rate), "sampling_rate": SAMPLE_RATE})
-        yield path, str(result["text"]).strip()
+        audio = read_audio(path)
+        options: dict[str, Any] = {}
+        if len(audio) > chunk_seconds * SAMPLE_RATE:  # shorter files in one pass: exactly the model's own output
+            options |= {"chunk_length_s": chunk_seconds, "stride_length_s": overlap_seconds}
+        if word_timestamps:
+            options["return_timestamps"] = "word"
+        result = asr({"raw": audio, "sampling_rate": SAMPLE_RATE}, **options)
+        words = [{"word": c["text"], "start": round(float(c["timestamp"][0]), 3),
+                  "end": round(float(c["timestamp"][1]), 3)} for c in result.get("chunks", [])]
+        yield Transcript(str(path), str(result["text"]).strip(), len(audio) / SAMPLE_RATE, words)
+
+
+def transcribe_files(model_dir: str | Path, files: list[str]) -> Iterator[tuple[str, str]]:
+    """(file, text) per file: any soundfile-readable audio, down-mixed and resampled to 16 kHz."""
+    for result in transcribe(model_dir, files):
+        yield result.path, result.text

@@ -1,0 +1,166 @@
+"""Models for inference from a Hugging Face export *or* a DeepSpeed checkpoint, and checkpoint → HF conversion.
+
+A checkpoint can be named by the run's ``output_dir``, its ``checkpoints/`` directory, or one tag directory
+(``checkpoints/step_00001000``). ZeRO 1-3 checkpoints hold the fp32 master weights in per-rank
+``*_optim_states.pt`` partitions, which DeepSpeed's ``zero_to_fp32`` gathers; a ZeRO-0 checkpoint has no such
+partitions, and its full weights are the ``module`` entry of ``mp_rank_00_model_states.pt``. The architecture and
+processor come from the run's ``config.yaml`` (``model.name_or_path``), exactly as the run built them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import Wav2Vec2ForCTC, Wav2Vec2Processor
+
+from w2v_dist.config import Config, load_config
+
+log = logging.getLogger("w2v_dist.export")
+ZERO0_MODEL_STATES = "mp_rank_00_model_states.pt"
+
+
+class ModelSourceError(ValueError):
+    """A ``--model``/``--checkpoint`` path that is neither a Hugging Face export nor a DeepSpeed checkpoint."""
+
+
+@dataclass(frozen=True)
+class CheckpointRef:
+    root: Path
+    """The directory holding ``latest`` and the tag directories."""
+    tag: str
+    config: Path | None
+    """The run's ``config.yaml``; ``None`` falls back to the copy stored inside the checkpoint."""
+
+    @property
+    def directory(self) -> Path:
+        return self.root / self.tag
+
+
+def is_hf_export(path: str | Path) -> bool:
+    """A ``save_pretrained`` directory (what ``<output_dir>/final`` and ``w2v-dist export`` write)."""
+    return (Path(path) / "config.json").is_file()
+
+
+def find_checkpoint(path: str | Path, tag: str | None = None, config: str | Path | None = None) -> CheckpointRef:
+    """Resolve a run dir, a ``checkpoints/`` dir or a tag dir to (root, tag, config.yaml)."""
+    from w2v_dist.checkpoint import TAG_PREFIX  # imports DeepSpeed: only on the checkpoint path
+
+    path = Path(path)
+    if (path / "checkpoints").is_dir():
+        root = path / "checkpoints"
+    elif any(path.glob("*model_states.pt")):
+        root, tag = path.parent, tag or path.name
+    elif (path / "latest").is_file() or any(path.glob(f"{TAG_PREFIX}*")):
+        root = path
+    else:
+        raise ModelSourceError(f"{path} is neither a Hugging Face export (no config.json) nor a DeepSpeed "
+                               "checkpoint (a run's output_dir, its checkpoints/ dir, or a step_XXXXXXXX dir)")
+    if tag is None:
+        latest = root / "latest"
+        tags = sorted(p.name for p in root.glob(f"{TAG_PREFIX}*") if p.is_dir())
+        if not latest.is_file() and not tags:
+            raise ModelSourceError(f"{root} holds no checkpoint")
+        tag = latest.read_text().strip() if latest.is_file() else tags[-1]
+    if not (root / tag).is_dir():
+        raise ModelSourceError(f"checkpoint tag {tag!r} not found under {root}")
+    run_config = Path(config) if config else root.parent / "config.yaml"
+    if config and not run_config.is_file():
+        raise ModelSourceError(f"config file not found: {config}")
+    return CheckpointRef(root, tag, run_config if run_config.is_file() else None)
+
+
+def _load_pickle(path: Path) -> dict:
+    # DeepSpeed's own files hold optimizer objects, so they need full unpickling: only open checkpoints you trust.
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def checkpoint_config(ref: CheckpointRef) -> Config:
+    """The run config: ``config.yaml`` when present, else the YAML the trainer stores in every checkpoint."""
+    if ref.config is not None:
+        return load_config(ref.config)
+    states = sorted(ref.directory.glob("*model_states.pt"))
+    if not states:
+        raise ModelSourceError(f"{ref.directory} has no model states file")
+    embedded = _load_pickle(states[0]).get("config")
+    if not embedded:
+        raise ModelSourceError(f"no config.yaml next to {ref.root} and none stored in the checkpoint; use --config")
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml") as handle:
+        handle.write(embedded)
+        handle.flush()
+        return load_config(handle.name)
+
+
+def checkpoint_state_dict(ref: CheckpointRef) -> dict[str, torch.Tensor]:
+    """Full fp32 weights of a checkpoint, ZeRO partitions gathered."""
+    directory = ref.directory
+    if any(directory.glob("*_optim_states.pt")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        # zero_to_fp32 reports progress with print(); stdout is reserved for our results.
+        with contextlib.redirect_stdout(sys.stderr):
+            return get_fp32_state_dict_from_zero_checkpoint(str(ref.root), ref.tag)
+    states = directory / ZERO0_MODEL_STATES
+    if not states.is_file():
+        raise ModelSourceError(f"{directory} has neither ZeRO optimizer partitions nor {ZERO0_MODEL_STATES}")
+    module = _load_pickle(states)["module"]
+    return {k: v.float() if v.is_floating_point() else v for k, v in module.items()}
+
+
+def model_from_checkpoint(ref: CheckpointRef) -> tuple[Wav2Vec2ForCTC, Wav2Vec2Processor]:
+    """The run's architecture and processor (built as the trainer built them) with the checkpoint's weights."""
+    from w2v_dist.model import load_model, load_processor
+    from w2v_dist.run import _shard_vocab  # the same vocab.json fallback the run used for its processor
+
+    cfg = checkpoint_config(ref)
+    processor = load_processor(cfg.model, _shard_vocab(cfg.data.train_shards) if cfg.data.train_shards else None)
+    model = load_model(cfg.model, processor).float()  # fp32 inference whatever dtype name_or_path records
+    state = checkpoint_state_dict(ref)
+    if cfg.deepspeed.precision != "fp32":
+        # A 16-bit run's checkpoint holds frozen weights only as 16-bit copies (the optimiser has no fp32 master
+        # for them). They never changed, so the fp32 values just loaded from model.name_or_path are the exact
+        # ones; the run's own export writes the same (Engine.full_state_dict).
+        state |= {name: p.detach().clone() for name, p in model.named_parameters() if not p.requires_grad}
+    model.load_state_dict(state, strict=True)
+    return model.eval(), processor
+
+
+def load_for_inference(source: str | Path, config: str | Path | None = None, tag: str | None = None
+                       ) -> tuple[Wav2Vec2ForCTC, Wav2Vec2Processor]:
+    """Model (eval mode, fp32, CPU) and processor from an HF export dir or any form of DeepSpeed checkpoint."""
+    # DeepSpeed logs to stdout, from a handler bound at its import; callers keep stdout for results.
+    with contextlib.redirect_stdout(sys.stderr):
+        if is_hf_export(source):
+            # fp32 whatever config.json's dtype says: a bf16 run's export records "bfloat16" there, and
+            # transformers 5 would load its fp32 weights rounded to bf16.
+            model = Wav2Vec2ForCTC.from_pretrained(source, dtype=torch.float32)
+            return model.eval(), Wav2Vec2Processor.from_pretrained(source)
+        return model_from_checkpoint(find_checkpoint(source, tag, config))
+
+
+def export_checkpoint(source: str | Path, out_dir: str | Path, tag: str | None = None,
+                      config: str | Path | None = None) -> Path:
+    """Write a ``save_pretrained`` export (safetensors + processor) of a DeepSpeed checkpoint; refuses NaN/Inf."""
+    out = Path(out_dir)
+    if out.exists() and not is_hf_export(out) and any(out.iterdir()):
+        raise ModelSourceError(f"{out} exists and is not a Hugging Face export; refusing to replace it")
+    with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's chatter to stderr (see load_for_inference)
+        ref = find_checkpoint(source, tag, config)
+        model, processor = model_from_checkpoint(ref)
+    bad = [name for name, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise ValueError(f"{ref.directory}: weights contain NaN or Inf ({bad[:3]}...); not exporting")
+    tmp = out.with_name(out.name + ".partial")  # a crash never leaves a half-written export under the real name
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    processor.save_pretrained(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    log.info("exported %s to %s", ref.directory, out)
+    return out
