@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import random
@@ -118,6 +119,9 @@ def export_hf(engine: Engine, processor: Wav2Vec2Processor, out_dir: Path, is_ma
         shutil.rmtree(tmp, ignore_errors=True)
         model: Wav2Vec2ForCTC = engine.module
         model.save_pretrained(tmp, state_dict={k: v.float() for k, v in state.items()}, safe_serialization=True)
+        config = copy.deepcopy(model.config)
+        config.dtype = "float32"  # save_pretrained records the 16-bit module's dtype; the weights written are fp32
+        config.save_pretrained(tmp)
         processor.save_pretrained(tmp)
         shutil.rmtree(out_dir, ignore_errors=True)
         tmp.rename(out_dir)

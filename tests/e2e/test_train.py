@@ -257,6 +257,9 @@ def test_bf16_zero_export_keeps_fp32_weights(shard_dirs: dict, tiny_model: Path,
     head = final["lm_head.weight"]
     assert not torch.equal(head, initial["lm_head.weight"]), "the head should have trained"
     assert not torch.equal(head, head.bfloat16().float()), "exported head is bf16-rounded, not the fp32 master"
+    from transformers import Wav2Vec2ForCTC
+
+    assert Wav2Vec2ForCTC.from_pretrained(out / "final").dtype == torch.float32
 
 
 def test_sigkill_of_one_rank_fails_fast_and_relaunch_resumes(shard_dirs: dict, tiny_model: Path,
