@@ -10,8 +10,9 @@ import torch
 from transformers import Wav2Vec2Processor
 
 from w2v_dist import dist
+from w2v_dist.decoding import GreedyDecoder
 from w2v_dist.engine import Engine
-from w2v_dist.metrics import ErrorCounts, greedy_ids
+from w2v_dist.metrics import ErrorCounts
 
 
 @dataclass
@@ -27,6 +28,7 @@ def evaluate(engine: Engine, processor: Wav2Vec2Processor, dev_sets: list[DevSet
     engine.eval()
     results: dict[str, ErrorCounts] = {}
     model = engine.module
+    decode = GreedyDecoder(processor.tokenizer)  # the same decoding as `w2v-dist evaluate`
     for dev in dev_sets:
         counts = ErrorCounts()
         done = 0
@@ -37,7 +39,7 @@ def evaluate(engine: Engine, processor: Wav2Vec2Processor, dev_sets: list[DevSet
                 continue
             _, logits = engine.forward(batch, with_labels=False)
             frames = model._get_feat_extract_output_lengths(batch["input_lengths"])
-            hypotheses = processor.batch_decode(greedy_ids(logits, frames))
+            hypotheses = decode(logits.float(), frames)
             counts.add(batch["keys"], batch["texts"], hypotheses, keep_samples)
         # Ranks may hold different numbers of batches; matching forward counts keeps ZeRO-3's gathers paired.
         most = int(dist.all_reduce_max([done], engine.device)[0])
