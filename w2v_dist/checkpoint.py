@@ -103,7 +103,7 @@ class Checkpointer:
         rng_file = self.root / tag / f"rng_rank{self.world.rank}.pt"
         if rng_file.is_file():
             set_rng_state(torch.load(rng_file, weights_only=True))
-        log.info("resumed from %s at step %s", self.root / tag, client_state.get("step"))
+        log.info("resumed from %s at step %s", self.root / tag, client_state["run"]["step"])
         return client_state
 
 
