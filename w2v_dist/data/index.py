@@ -12,8 +12,6 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import webdataset as wds
-
 INDEX_NAME = "index.json"
 FORMAT_VERSION = 1
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -70,6 +68,8 @@ def _join(location: str, name: str) -> str:
 
 def read_index_json(location: str) -> dict:
     """The parsed ``index.json`` of a local directory or an ``http(s)://`` prefix."""
+    import webdataset as wds  # lazily: sharding workers import this module and must stay light
+
     url = _join(location, INDEX_NAME)
     try:
         with wds.gopen(url, "rb") as stream:

@@ -11,19 +11,19 @@ import io
 import json
 import random
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Executor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import soundfile as sf
-import webdataset as wds
 from tqdm import tqdm
 
 from w2v_dist.data.audio import SAMPLE_RATE, EncoderGeometry, decode, encode_flac, to_16k_mono
 from w2v_dist.data.index import FORMAT_VERSION, INDEX_NAME
 from w2v_dist.data.sources import Reject, Source
 from w2v_dist.data.text import TranscriptError, build_vocab, label_length, normalize, write_vocab
+from w2v_dist.data.workers import process_pool
 
 SHARD_PATTERN = "shard-{:06d}.tar"
 
@@ -125,6 +125,8 @@ def sample_json(item: Probed) -> dict[str, object]:
 def write_shard(path: Path, items: list[Probed]) -> dict[str, object]:
     """Write one tar under a temporary name, then rename; return its index entry."""
     tmp = path.with_name(path.name + ".partial")
+    import webdataset as wds  # imported here: probe workers never need it (it pulls in torch)
+
     with open(tmp, "wb") as stream, wds.TarWriter(stream, mtime=0.0, user="w2v", group="w2v") as sink:
         for item in items:
             audio = item.source.audio.read_bytes()  # type: ignore[union-attr]
@@ -151,6 +153,20 @@ def histogram(seconds: list[float], bin_seconds: float = 1.0) -> dict[str, objec
     return {"bin_seconds": bin_seconds, "counts": counts}
 
 
+def _probe_all(pool: Executor, sources: list[Source], opts: ShardOptions, accepted: list[Probed],
+               rejects: list[Reject], bar: tqdm) -> None:
+    """Probe every input in parallel, in order, sorting results into ``accepted`` and ``rejects``."""
+    total = 0
+    for result in pool.map(_probe_star, [(s, opts) for s in sources], chunksize=32):
+        if isinstance(result, Probed):
+            accepted.append(result)
+            total += result.num_samples
+        else:
+            rejects.append(result)
+        bar.set_postfix_str(f"{total / SAMPLE_RATE / 3600:.2f} h accepted, {len(rejects)} rejected", refresh=False)
+        bar.update()
+
+
 def shard_corpus(sources: list[Source], out: str | Path, opts: ShardOptions, described: dict[str, object]
                  ) -> dict[str, Any]:
     """Probe, pack and write ``sources`` into ``out``; return the index (also written unless dry-run)."""
@@ -164,26 +180,16 @@ def shard_corpus(sources: list[Source], out: str | Path, opts: ShardOptions, des
     started = time.monotonic()
     accepted: list[Probed] = []
     rejects: list[Reject] = []
-    accepted_samples = 0
-    with ProcessPoolExecutor(max_workers=max(1, opts.workers)) as pool, \
-            tqdm(total=len(sources), desc="probe", unit="utt", disable=None) as bar:
-        for result in pool.map(_probe_star, [(s, opts) for s in sources], chunksize=32):
-            if isinstance(result, Probed):
-                accepted.append(result)
-                accepted_samples += result.num_samples
-            else:
-                rejects.append(result)
-            hours = accepted_samples / SAMPLE_RATE / 3600
-            bar.set_postfix_str(f"{hours:.2f} h accepted, {len(rejects)} rejected", refresh=False)
-            bar.update()
-    groups = plan_shards(accepted, opts)
-    jobs = [(out_dir / SHARD_PATTERN.format(i), group) for i, group in enumerate(groups)]
-    entries: list[dict[str, Any]]
-    if opts.dry_run:
-        entries = [{"name": p.name, "samples": len(g), "seconds": sum(i.num_samples for i in g) / SAMPLE_RATE,
-                    "bytes": sum(i.bytes for i in g)} for p, g in jobs]
-    else:
-        with ProcessPoolExecutor(max_workers=max(1, opts.workers)) as pool:
+    with process_pool(opts.workers) as pool:
+        with tqdm(total=len(sources), desc="probe", unit="utt", disable=None) as bar:
+            _probe_all(pool, sources, opts, accepted, rejects, bar)
+        groups = plan_shards(accepted, opts)
+        jobs = [(out_dir / SHARD_PATTERN.format(i), group) for i, group in enumerate(groups)]
+        entries: list[dict[str, Any]]
+        if opts.dry_run:
+            entries = [{"name": p.name, "samples": len(g), "seconds": sum(i.num_samples for i in g) / SAMPLE_RATE,
+                        "bytes": sum(i.bytes for i in g)} for p, g in jobs]
+        else:
             entries = list(tqdm(pool.map(_write_star, jobs), total=len(jobs), desc="write", unit="shard",
                                 disable=None))
     seconds = [p.num_samples / SAMPLE_RATE for p in accepted]

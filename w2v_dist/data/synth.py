@@ -10,12 +10,13 @@ import io
 import random
 import shutil
 import subprocess
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import soundfile as sf
+
+from w2v_dist.data.workers import process_pool
 
 SAMPLE_RATE = 16_000
 LEXICON = ("ZERO", "ONE", "TWO", "THREE", "FOUR", "FIVE", "SIX", "SEVEN", "EIGHT", "NINE",
@@ -102,7 +103,7 @@ def synthesize(out_dir: str | Path, utterances: int, dev_utterances: int | None 
         chapter_dir.mkdir(parents=True, exist_ok=True)
         transcripts.setdefault(chapter_dir / f"{utt.speaker}-{utt.chapter}.trans.txt", []).append(
             f"{utt.key} {utt.text}")
-    with ProcessPoolExecutor(max_workers=workers) as pool:
+    with process_pool(workers) as pool:
         list(pool.map(_write_audio, plan, [root] * len(plan), chunksize=16))
     for path, lines in transcripts.items():
         path.write_text("\n".join(lines) + "\n")

@@ -13,7 +13,6 @@ import re
 import tarfile
 from collections import Counter
 from collections.abc import Callable, Iterator
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import soundfile as sf
 
 from w2v_dist.data.index import FORMAT_VERSION, ShardIndexError, check_shard_name, is_remote, read_index_json
 from w2v_dist.data.text import WORD_DELIMITER, label_length
+from w2v_dist.data.workers import process_pool
 
 # The key/extension split webdataset applies to member names, so keys here are the keys the loader sees.
 _KEY_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
@@ -210,7 +210,7 @@ def verify_dir(directory: str | Path, workers: int = 2,
             continue
         jobs.append((str(root), entry, int(index.get("sample_rate", 16_000))))
     if workers > 1 and len(jobs) > 1:
-        with ProcessPoolExecutor(max_workers=min(workers, len(jobs))) as pool:
+        with process_pool(min(workers, len(jobs))) as pool:
             for report in pool.map(_verify_star, jobs):
                 emit(report)
     else:
