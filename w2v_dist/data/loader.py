@@ -222,5 +222,7 @@ def make_preprocess(processor: Any, geometry: EncoderGeometry, sample_rate: int,
 def make_loader(stream: _Stream, num_workers: int, prefetch_factor: int) -> DataLoader:  # type: ignore[type-arg]
     extra: dict[str, Any] = {"prefetch_factor": prefetch_factor, "multiprocessing_context": "fork"} \
         if num_workers else {}
+    # Our streams take no randomness from the DataLoader; its own generator keeps iterator creation (at start,
+    # resume and every evaluation) from drawing on the global RNG that dropout and masking use.
     return DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=torch.cuda.is_available(),
-                      **extra)
+                      generator=torch.Generator().manual_seed(0), **extra)
