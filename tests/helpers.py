@@ -72,9 +72,10 @@ def run_deepspeed(args: list[str], ranks: int = 2, timeout: float = 600, cwd: Pa
     return subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
 
 
-def run_single(args: list[str], timeout: float = 600, env: dict[str, str] | None = None
-               ) -> subprocess.CompletedProcess[str]:
+def run_single(args: list[str], timeout: float = 600, env: dict[str, str] | None = None,
+               base_env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """``python train.py ARGS``: one process, no launcher."""
-    full_env = dict(os.environ, OMP_NUM_THREADS="2", WANDB_MODE="disabled", **(env or {}))
+    full_env = dict(base_env if base_env is not None else os.environ, OMP_NUM_THREADS="2", WANDB_MODE="disabled",
+                    **(env or {}))
     return subprocess.run([sys.executable, str(REPO / "train.py"), *args], env=full_env, cwd=REPO,
                           capture_output=True, text=True, timeout=timeout)

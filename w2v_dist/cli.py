@@ -170,6 +170,10 @@ def _bench(args: argparse.Namespace) -> int:
         from w2v_dist.bench.step import run as run_step
 
         run_step(Path(args.work_dir), args.size, args.batch_seconds, args.rounds, args.steps)
+    elif args.what == "shard":
+        from w2v_dist.bench.shard import run as run_shard
+
+        run_shard(Path(args.work_dir) / "loader", args.utterances, args.workers)
     elif args.what == "scaling":
         from w2v_dist.bench.scaling import run as run_scaling
 
@@ -241,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     verify.set_defaults(func=_verify)
 
     bench = sub.add_parser("bench", help="benchmarks: one JSON line per measurement, ratios measured side by side")
-    bench.add_argument("what", choices=("loader", "step", "scaling"))
+    bench.add_argument("what", choices=("loader", "shard", "step", "scaling"))
     bench.add_argument("--work-dir", default="work/bench", help="where the benchmark corpus and shards are kept")
     bench.add_argument("--utterances", type=int, default=300, help="size of the LibriSpeech-shaped corpus")
     bench.add_argument("--workers", type=int, default=2, help="loader workers (ours and the seed-style pipeline)")

@@ -30,6 +30,19 @@ def init_distributed(timeout_minutes: float = 30.0) -> None:
     deepspeed.init_distributed(timeout=datetime.timedelta(minutes=timeout_minutes), verbose=False)
 
 
+def check_accelerator(precision: str) -> None:
+    """Refuse the classic mistakes before any work: mixed precision asked for on a node where no GPU is visible
+    (DeepSpeed would quietly fall back to the CPU), or bf16 on a GPU without bf16 (pre-Ampere)."""
+    name = deepspeed.get_accelerator().device_name()
+    if name == "cpu" and precision != "fp32" and os.environ.get("DS_ACCELERATOR") != "cpu":
+        raise RuntimeError(f"deepspeed.precision={precision} but no GPU is visible on {os.uname().nodename} "
+                           f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); check the "
+                           "job's GPU request, or set DS_ACCELERATOR=cpu to train on the CPU on purpose")
+    if name == "cuda" and precision == "bf16" and not torch.cuda.is_bf16_supported():
+        raise RuntimeError(f"deepspeed.precision=bf16 but {torch.cuda.get_device_name()} has no bf16 support: "
+                           "use deepspeed.precision=fp16")
+
+
 def device_for(local_rank: int) -> torch.device:
     name = deepspeed.get_accelerator().device_name()
     return torch.device(name, local_rank) if name != "cpu" else torch.device("cpu")

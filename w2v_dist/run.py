@@ -21,7 +21,7 @@ from w2v_dist.data.audio import EncoderGeometry
 from w2v_dist.data.index import ShardSet, is_remote, load_shard_set, vocab_path
 from w2v_dist.data.loader import EvalStream, TrainStream, make_loader, make_preprocess
 from w2v_dist.data.plan import BatchPolicy
-from w2v_dist.engine import DTYPES, Engine, accelerator_name, device_for, init_distributed
+from w2v_dist.engine import DTYPES, Engine, accelerator_name, check_accelerator, device_for, init_distributed
 from w2v_dist.logging import setup_console
 from w2v_dist.model import load_model, load_processor, parameter_counts
 from w2v_dist.preflight import preflight, worst_case
@@ -63,6 +63,7 @@ def check_output_dir(path: Path) -> None:
 def build_run(cfg: Config, local_rank: int | None = None) -> Run:
     world = dist.world_from_env(local_rank)
     setup_console(world.rank)
+    check_accelerator(cfg.deepspeed.precision)
     init_distributed(cfg.trainer.collective_timeout_minutes)
     check_output_dir(Path(cfg.output_dir))
     seed_everything(cfg.trainer.seed)

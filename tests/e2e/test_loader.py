@@ -159,3 +159,16 @@ def test_resume_property_over_worlds_workers_and_cut_points(shard_dirs: dict, ti
         assert keys(take_batches(resumed, workers, 6)) == straight[cut:]
 
     check()
+
+
+def test_pipe_shard_command_from_the_users_config(shard_dirs: dict, tiny_model: Path) -> None:
+    """`data.shard_command` (the user's own config, never the index) opens shards through a command."""
+    from helpers import POLICY, preprocess
+
+    from w2v_dist.data.loader import TrainStream
+
+    location = str(shard_dirs["train-clean-100"])
+    piped = load_shard_set(location, shard_command=f"pipe:cat {location}/{{shard}}")
+    assert all(url.startswith("pipe:cat ") for url in piped.urls)
+    stream = TrainStream(piped, POLICY, preprocess(tiny_model), 0, 1, 0, 1)
+    assert keys(take_batches(stream, 0, 5)) == keys(take_batches(train_stream(location, tiny_model), 0, 5))

@@ -110,3 +110,32 @@ def test_cli_shard_dry_run_writes_nothing(corpus: Path, tmp_path: Path) -> None:
                           capture_output=True, text=True, check=True)
     assert "12 inputs = 12 written + 0 rejected; would write" in proc.stdout
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("kind", ["tsv", "jsonl"])
+def test_manifest_route_shards_any_corpus(corpus: Path, tmp_path: Path, kind: str) -> None:
+    from w2v_dist.data.sources import manifest_sources
+
+    sources = librispeech_sources(corpus, ["dev-clean"])
+    manifest = tmp_path / f"corpus.{kind}"
+    if kind == "tsv":
+        manifest.write_text("path\ttranscript\tspeaker\n" + "".join(
+            f"{s.audio}\t{s.text.lower()}\tspk{s.speaker}\n" for s in sources))
+    else:
+        manifest.write_text("".join(json.dumps({"path": str(s.audio), "text": s.text, "key": f"utt-{i:03d}"}) + "\n"
+                                    for i, s in enumerate(sources)))
+    index = shard_corpus(manifest_sources(manifest), tmp_path / "out", ShardOptions(workers=1), {"manifest": "m"})
+    samples = read_back(tmp_path / "out")
+    assert index["totals"]["written"] == len(sources) == len(samples)
+    expected_keys = {s.key for s in sources} if kind == "tsv" else {f"utt-{i:03d}" for i in range(len(sources))}
+    assert set(samples) == expected_keys
+    assert {m["text"] for m, _ in samples.values()} == {s.text for s in sources}  # normalised upper-case
+
+
+def test_manifest_with_duplicate_keys_is_refused(tmp_path: Path) -> None:
+    from w2v_dist.data.sources import manifest_sources
+
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text('{"path": "a.flac", "text": "A", "key": "k"}\n{"path": "b.flac", "text": "B", "key": "k"}\n')
+    with pytest.raises(ValueError, match="duplicate keys"):
+        manifest_sources(manifest)

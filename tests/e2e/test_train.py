@@ -326,3 +326,26 @@ def test_two_ranks_two_workers_over_three_uneven_shards_finish(corpus: Path, tin
                                   "trainer.save_every": 0, "trainer.log_every": 10})]))
     last = [r for r in metrics(out) if "loss" in r][-1]
     assert last["step"] == 30 and last["epoch"] > 1.0
+
+
+def test_freeze_finetune_updates_trains_only_the_head_at_first(shard_dirs: dict, tiny_model: Path,
+                                                                tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    check(run_single(["--config", "configs/debug.yaml", *overrides(
+        shard_dirs, tiny_model, out, **{"model.freeze_finetune_updates": 3, "trainer.max_steps": 3,
+                                        "trainer.eval_every": 0, "data.num_workers": 0})]))
+    initial, final = load_file(tiny_model / "model.safetensors"), load_file(out / "final" / "model.safetensors")
+    encoder = [k for k in initial if k.startswith("wav2vec2.encoder.")]
+    assert encoder and all(torch.equal(initial[k], final[k]) for k in encoder)
+    assert not torch.equal(initial["lm_head.weight"], final["lm_head.weight"])
+
+
+def test_mixed_precision_without_a_visible_gpu_is_a_clear_startup_error(shard_dirs: dict, tiny_model: Path,
+                                                                         tmp_path: Path) -> None:
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}
+    proc = run_single(["--config", "configs/debug.yaml",
+                       *overrides(shard_dirs, tiny_model, tmp_path / "run", **{"deepspeed.precision": "bf16"})],
+                      env={"CUDA_VISIBLE_DEVICES": ""}, base_env=env)
+    assert proc.returncode != 0 and "but no GPU is visible" in proc.stderr and "DS_ACCELERATOR=cpu" in proc.stderr
