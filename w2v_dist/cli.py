@@ -63,7 +63,8 @@ def _shard(args: argparse.Namespace) -> int:
         described = {"manifest": Path(args.manifest).name}
     opts = ShardOptions(shard_size_mb=args.shard_size_mb, workers=args.workers, min_seconds=args.min_seconds,
                         max_seconds=args.max_seconds, shuffle_seed=None if args.shuffle_seed < 0 else args.shuffle_seed,
-                        sort_in_shards=args.sort_in_shards, overwrite=args.overwrite, dry_run=args.dry_run)
+                        sort_in_shards=args.sort_in_shards, overwrite=args.overwrite, dry_run=args.dry_run,
+                        check_audio=args.check_audio)
     try:
         index = shard_corpus(sources, args.out, opts, described)
     except FileExistsError as err:
@@ -222,6 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     shard.add_argument("--sort-in-shards", action="store_true")
     shard.add_argument("--overwrite", action="store_true")
     shard.add_argument("--dry-run", action="store_true")
+    shard.add_argument("--check-audio", choices=("full", "tail"), default="full",
+                       help="full: decode every input; tail: header and last second only (still catches truncation)")
     shard.set_defaults(func=_shard)
 
     demo = sub.add_parser("demo", help="synth corpus -> shards -> tiny model -> 2-rank DeepSpeed -> WER -> export")

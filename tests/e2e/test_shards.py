@@ -77,9 +77,11 @@ def bad_corpus(corpus: Path, tmp_path: Path) -> Path:
     return root
 
 
-def test_bad_inputs_are_rejected_with_reasons_and_counted(bad_corpus: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("check_audio", ["full", "tail"])
+def test_bad_inputs_are_rejected_with_reasons_and_counted(bad_corpus: Path, tmp_path: Path, check_audio: str) -> None:
     sources = librispeech_sources(bad_corpus, ["dev-clean"])
-    index = shard_corpus(sources, tmp_path / "out", ShardOptions(workers=2), {"subsets": ["dev-clean"]})
+    index = shard_corpus(sources, tmp_path / "out", ShardOptions(workers=2, check_audio=check_audio),
+                         {"subsets": ["dev-clean"]})
     rejects = {r["key"]: r["reason"] for r in map(json.loads, (tmp_path / "out" / "rejects.jsonl").open())}
     expected = {"900-9000-0001": "unreadable audio", "900-9000-0002": "unreadable audio",
                 "900-9000-0003": "audio file missing", "900-9000-0004": "no transcript line",

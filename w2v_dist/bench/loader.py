@@ -142,6 +142,11 @@ def run(work_dir: Path, utterances: int, workers: int) -> dict[str, Any]:
     ours = emit({"measure": "ours", "workers": workers, "audio_seconds_per_second": ours_rate,
                  "per_worker": ours_rate / max(workers, 1), "worker_uss_mb": uss,
                  "shuffle_buffer": policy.shuffle_buffer, "bucket_window": policy.bucket_window})
+    single = TrainStream(shard_set, policy, prep, 0, 1, 0, seed=1)
+    single_rate, _ = timed_batches(iter(make_loader(single, 0, 2)), total_seconds / 2)
+    emit({"measure": "ours_in_process", "workers": 0, "audio_seconds_per_second": single_rate,
+          "fraction_of_raw_decode": single_rate / raw["audio_seconds_per_second_per_core"],
+          "note": "one core, no worker processes: the pipeline's own cost next to bare decoding"})
     texts = {s.key: s.text for s in librispeech_sources(corpus, ["train-clean-100"])}
     items = [(str(f), str(texts[f.stem])) for f in files]
     local_files = seed_style_loader(items, processor, workers, lambda p: Path(p).read_bytes())
@@ -157,17 +162,35 @@ def run(work_dir: Path, utterances: int, workers: int) -> dict[str, Any]:
     random_batches = [[utts[i] for i in order[j:j + mean_size]] for j in range(0, len(utts), mean_size)]
     seed_padding = 1 - sum(b["real"] for b in seed_batches) / sum(b["padded"] for b in seed_batches)
     emit({"measure": "padding", "ours": ours_padding, "random_same_size": padding_fraction(random_batches),
-          "seed_style_batch2": seed_padding, "mean_batch_size": mean_size})
+          "seed_style_batch2": seed_padding, "mean_batch_size": mean_size,
+          "ours_planned_train_clean_100_scale": planned_padding(policy)})
 
     skip = resume_skip_rate(shard_set, policy, prep)
     emit({"measure": "resume_skip", **skip})
     http = http_comparison(work_dir, shard_set, policy, prep, items, processor, workers, total_seconds)
     summary = {"measure": "summary", "fraction_of_raw_decode": ours["per_worker"] /
-               raw["audio_seconds_per_second_per_core"], "padding_fraction": ours_padding,
+               raw["audio_seconds_per_second_per_core"], "fraction_of_raw_decode_in_process":
+               single_rate / raw["audio_seconds_per_second_per_core"], "padding_fraction": ours_padding,
+               "padding_fraction_train_clean_100_scale": planned_padding(policy),
                "ours_over_seed_style": ours_rate / seed_rate, "resume_skip_samples_per_second":
                skip["samples_per_second"], "http_shards_over_per_file": http["shards_over_per_file"],
                "worker_uss_mb": uss, "torch_threads": torch.get_num_threads()}
     return emit(summary)
+
+
+def planned_padding(policy: BatchPolicy, utterances: int = 28_539, shards: int = 24) -> float:
+    """Padding of one epoch's plan on a train-clean-100-sized index (metadata only: bucketing works on lengths)."""
+    from w2v_dist.bench.corpus import librispeech_like_seconds
+    from w2v_dist.data.index import Utterance
+    from w2v_dist.data.plan import assign_pieces, epoch_rng, plan_batches
+
+    lengths = (librispeech_like_seconds(utterances, np.random.default_rng(1)) * SR).astype(int)
+    per_shard = [[Utterance(s, p, f"{s}-{p}", int(n), 200) for p, n in enumerate(lengths[s::shards])]
+                 for s in range(shards)]
+    seconds = [sum(u.num_samples for u in shard) / SR for shard in per_shard]
+    batches = [b for slot, pieces in enumerate(assign_pieces(seconds, 16, 1, 0))
+               for b in plan_batches(pieces, per_shard, policy, lambda u: None, epoch_rng(1, 0, slot))[0]]
+    return padding_fraction(batches)
 
 
 def resume_skip_rate(shard_set: Any, policy: BatchPolicy, prep: Any) -> dict[str, float]:

@@ -38,6 +38,9 @@ class ShardOptions:
     sort_in_shards: bool = False
     overwrite: bool = False
     dry_run: bool = False
+    check_audio: str = "full"
+    """``full`` decodes every input; ``tail`` reads the header and decodes only the last second, which a truncated
+    FLAC cannot supply (mid-file corruption is then caught by the loader, which skips and counts it)."""
     geometry: EncoderGeometry = field(default_factory=EncoderGeometry)
 
 
@@ -51,6 +54,20 @@ class Probed:
     bytes: int
     converted_from: str = ""
     """``"<rate> Hz, <channels> ch"`` when the audio was resampled/down-mixed and re-encoded."""
+
+
+def audio_shape(raw: bytes, full: bool) -> tuple[int, int, int]:
+    """(samples, rate, channels) of encoded audio, after decoding all of it or only its last second."""
+    if full:
+        audio, rate = decode(raw)
+        return audio.shape[0], rate, audio.shape[1]
+    with sf.SoundFile(io.BytesIO(raw)) as stream:
+        frames, rate, channels = stream.frames, stream.samplerate, stream.channels
+        tail = min(frames, rate)
+        stream.seek(frames - tail)
+        if len(stream.read(tail, dtype="float32")) != tail:
+            raise ValueError(f"truncated: the header promises {frames} samples")
+    return frames, rate, channels
 
 
 def probe(src: Source, opts: ShardOptions) -> Probed | Reject:
@@ -68,16 +85,14 @@ def probe(src: Source, opts: ShardOptions) -> Probed | Reject:
         return reject(str(err))
     raw = src.audio.read_bytes()
     try:
-        audio, rate = decode(raw)
+        num_samples, rate, channels = audio_shape(raw, full=opts.check_audio == "full")
+        converted = ""
+        if rate != SAMPLE_RATE or channels != 1:
+            converted = f"{rate} Hz, {channels} ch"
+            raw = encode_flac(to_16k_mono(*decode(raw)))
+            num_samples = len(sf.SoundFile(io.BytesIO(raw)))
     except (sf.LibsndfileError, RuntimeError, ValueError) as err:
         return reject(f"unreadable audio ({err})")
-    converted = ""
-    if rate != SAMPLE_RATE or audio.shape[1] != 1:
-        converted = f"{rate} Hz, {audio.shape[1]} ch"
-        raw = encode_flac(to_16k_mono(audio, rate))
-        num_samples = len(sf.SoundFile(io.BytesIO(raw)))
-    else:
-        num_samples = audio.shape[0]
     seconds = num_samples / SAMPLE_RATE
     if num_samples < opts.geometry.receptive_field:
         return reject(f"audio shorter than the encoder's receptive field ({num_samples} samples)")
