@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -97,7 +98,9 @@ def data_wait(work_dir: Path, steps: int) -> dict[str, Any]:
            f"model.name_or_path={work_dir}/model-tiny", f"trainer.max_steps={steps}", "trainer.eval_every=0",
            "trainer.save_every=0", "trainer.log_every=5", "checkpoint.resume=false", "logging.progress_bar=false",
            "data.max_batch_seconds=60", "trainer.preflight=false"]
-    subprocess.run(cmd, check=True, capture_output=True, cwd=REPO)
+    rendezvous = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")  # this process's group's
+    env = {k: v for k, v in os.environ.items() if k not in rendezvous}
+    subprocess.run(cmd, check=True, capture_output=True, cwd=REPO, env=env)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     waits = [r["data_wait_fraction"] for r in records if "data_wait_fraction" in r][1:]  # first window: start-up
     return emit({"measure": "data_wait", "steps": steps, "data_wait_fraction": statistics.mean(waits),
