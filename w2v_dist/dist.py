@@ -6,11 +6,14 @@ The process group itself is created by :func:`w2v_dist.engine.init_distributed` 
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
 import torch.distributed as torch_dist
 
@@ -62,6 +65,29 @@ def is_collective_failure(err: BaseException) -> bool:
     RuntimeErrors carrying its source path)."""
     return isinstance(err, torch_dist.DistError) or (
         isinstance(err, RuntimeError) and any(marker in str(err) for marker in _PEER_FAILURE_MARKERS))
+
+
+def register_rank(directory: Path, world: World) -> None:
+    """Record where this rank runs, so that a survivor of a failed collective can name who died."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / f"rank{world.rank}.json").write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
+
+
+def dead_ranks(directory: Path, world: World) -> str:
+    """Which other ranks have exited, as far as this host can tell (ranks on other hosts: unknown)."""
+    gone, unknown = [], []
+    for rank in range(world.size):
+        path = directory / f"rank{rank}.json"
+        if rank == world.rank or not path.is_file():
+            continue
+        where = json.loads(path.read_text())
+        if where["host"] != socket.gethostname():
+            unknown.append(f"{rank} ({where['host']})")
+        elif not psutil.pid_exists(where["pid"]):
+            gone.append(f"{rank} (pid {where['pid']})")
+    parts = [f"rank {', '.join(gone)} exited" if gone else "", f"ranks on other hosts: {', '.join(unknown)}"
+             if unknown else ""]
+    return "; ".join(p for p in parts if p) or "no other rank on this host has exited"
 
 
 def is_initialized() -> bool:

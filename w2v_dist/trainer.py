@@ -258,12 +258,15 @@ def train(cfg: Config, local_rank: int | None = None) -> dict[str, ErrorCounts]:
     run = build_run(cfg, local_rank)
     if run.world.is_main:
         save_config(cfg, Path(cfg.output_dir) / "config.yaml")
+    ranks_dir = Path(cfg.output_dir) / ".ranks"
+    dist.register_rank(ranks_dir, run.world)
     try:
         return Trainer(cfg, run).fit()
     except RuntimeError as err:
         if not dist.is_collective_failure(err):
             raise
         latest = Checkpointer(Path(cfg.output_dir), run.world, 1).latest_tag()
-        raise SystemExit(f"rank {run.world.rank}: {err}. Another rank has most likely died (its exit code is in the "
-                         f"launcher's log). Relaunch the same command to resume from "
+        raise SystemExit(f"rank {run.world.rank}: {err}. Another rank has most likely died "
+                         f"({dist.dead_ranks(ranks_dir, run.world)}; exit codes are in the launcher's log). "
+                         f"Relaunch the same command to resume from "
                          f"{latest or 'the beginning (no checkpoint yet)'}.") from err
