@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import http.server
 import itertools
+import json
 import os
 import socket
 import subprocess
@@ -79,3 +80,21 @@ def run_single(args: list[str], timeout: float = 600, env: dict[str, str] | None
                     **(env or {}))
     return subprocess.run([sys.executable, str(REPO / "train.py"), *args], env=full_env, cwd=REPO,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def overrides(shard_dirs: dict, model: Path, out: Path, **extra: object) -> list[str]:
+    values = {"output_dir": out, "data.train_shards": shard_dirs["train-clean-100"],
+              "data.dev_shards": f"{{dev-clean: {shard_dirs['dev-clean']}}}", "model.name_or_path": model,
+              "data.max_batch_seconds": 8.0, "data.bucket_window": 16, "data.shuffle_buffer": 8,
+              "data.min_seconds": 0.2, "data.num_workers": 1, "model.mask_time_prob": 0.0, "model.layerdrop": 0.0,
+              "optim.lr": 1e-3, "schedule.name": "constant", "trainer.max_steps": 6, "trainer.eval_every": 3,
+              "trainer.save_every": 3, "trainer.log_every": 1, "logging.progress_bar": False, **extra}
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def check(proc: subprocess.CompletedProcess[str]) -> None:
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]

@@ -16,8 +16,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from helpers import REPO, free_port, run_deepspeed, run_single
-from test_train import check, overrides
+from helpers import REPO, check, free_port, overrides, run_deepspeed, run_single
 
 from w2v_dist.data.index import load_shard_set
 

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import overrides
 
 pytestmark = pytest.mark.slow
 
@@ -25,16 +26,6 @@ def job_env() -> dict[str, str]:
     if Path(sys.prefix).resolve() != (REPO / ".venv").resolve():  # the scripts default to <repo>/.venv/bin/python
         env["W2V_PYTHON"] = sys.executable
     return env
-
-
-def overrides(shard_dirs: dict, model: Path, out: Path, **extra: object) -> list[str]:
-    values = {"output_dir": out, "data.train_shards": shard_dirs["train-clean-100"],
-              "data.dev_shards": f"{{dev-clean: {shard_dirs['dev-clean']}}}", "model.name_or_path": model,
-              "data.max_batch_seconds": 8.0, "data.bucket_window": 16, "data.shuffle_buffer": 8,
-              "data.min_seconds": 0.2, "data.num_workers": 1, "model.mask_time_prob": 0.0, "model.layerdrop": 0.0,
-              "optim.lr": 1e-3, "schedule.name": "constant", "trainer.max_steps": 6, "trainer.eval_every": 3,
-              "trainer.save_every": 3, "trainer.log_every": 1, "logging.progress_bar": False, **extra}
-    return [f"{k}={v}" for k, v in values.items()]
 
 
 def metrics(out: Path) -> list[dict]:
