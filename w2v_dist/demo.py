@@ -68,6 +68,9 @@ def _free_port() -> int:
 def run_demo(work_dir: Path, config: str, overrides: list[str]) -> int:
     prepare(work_dir)
     cfg = load_config(config, overrides)
+    if Path(cfg.output_dir).exists():  # the data and model are reused; the training run is the demo itself
+        print(f"[demo] starting a fresh run: removing the previous {cfg.output_dir}")
+        shutil.rmtree(cfg.output_dir)
     cmd, env = launch_command(config, overrides)
     print("[demo] training:", " ".join(cmd))
     if subprocess.run(cmd, env=env).returncode != 0:
