@@ -107,7 +107,7 @@ def _verify(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from w2v_dist.demo import run_demo
 
-    return run_demo(Path(args.work_dir), args.config, args.overrides)
+    return run_demo(Path(args.work_dir), args.config, args.overrides, args.utterances, args.dev_utterances)
 
 
 def _transcribe(args: argparse.Namespace) -> int:
@@ -230,6 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="synth corpus -> shards -> tiny model -> 2-rank DeepSpeed -> WER -> export")
     demo.add_argument("--work-dir", default="work/demo")
     demo.add_argument("--config", default="configs/demo.yaml")
+    demo.add_argument("--utterances", type=int, default=480, help="synthetic train-clean-100 utterances")
+    demo.add_argument("--dev-utterances", type=int, default=48, help="synthetic dev-clean utterances")
     demo.add_argument("overrides", nargs="*")
     demo.set_defaults(func=_demo)
 

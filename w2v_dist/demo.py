@@ -65,8 +65,9 @@ def _free_port() -> int:
     return free()
 
 
-def run_demo(work_dir: Path, config: str, overrides: list[str]) -> int:
-    prepare(work_dir)
+def run_demo(work_dir: Path, config: str, overrides: list[str], utterances: int = DEMO_UTTERANCES,
+             dev_utterances: int = DEMO_DEV_UTTERANCES) -> int:
+    prepare(work_dir, utterances, dev_utterances)
     cfg = load_config(config, overrides)
     if Path(cfg.output_dir).exists():  # the data and model are reused; the training run is the demo itself
         print(f"[demo] starting a fresh run: removing the previous {cfg.output_dir}")
