@@ -179,6 +179,11 @@ def _bench(args: argparse.Namespace) -> int:
         from w2v_dist.bench.scaling import run as run_scaling
 
         run_scaling(Path(args.work_dir), args.steps, args.batch_seconds)
+    elif args.what == "gpu":
+        from w2v_dist.bench.gpu import run as run_gpu
+
+        sweep = [float(s) for s in args.sweep.split(",")]
+        run_gpu(Path(args.work_dir), sweep, args.steps, args.warmup, args.probe_limit)
     return 0
 
 
@@ -250,14 +255,19 @@ def build_parser() -> argparse.ArgumentParser:
     verify.set_defaults(func=_verify)
 
     bench = sub.add_parser("bench", help="benchmarks: one JSON line per measurement, ratios measured side by side")
-    bench.add_argument("what", choices=("loader", "shard", "step", "scaling"))
+    bench.add_argument("what", choices=("loader", "shard", "step", "scaling", "gpu"))
     bench.add_argument("--work-dir", default="work/bench", help="where the benchmark corpus and shards are kept")
     bench.add_argument("--utterances", type=int, default=300, help="size of the LibriSpeech-shaped corpus")
     bench.add_argument("--workers", type=int, default=2, help="loader workers (ours and the seed-style pipeline)")
     bench.add_argument("--size", choices=("tiny", "base"), default="tiny", help="step: model geometry")
     bench.add_argument("--batch-seconds", type=float, default=16.0, help="step: padded seconds per batch")
     bench.add_argument("--rounds", type=int, default=5, help="step: interleaved timing rounds")
-    bench.add_argument("--steps", type=int, default=8, help="step: steps per round")
+    bench.add_argument("--steps", type=int, default=8, help="step: steps per round; gpu: timed steps per variant")
+    bench.add_argument("--warmup", type=int, default=3, help="gpu: untimed steps per variant (compilation)")
+    bench.add_argument("--sweep", default="400,800,1600",
+                       help="gpu: max_batch_seconds values to time (the last one also for the variants)")
+    bench.add_argument("--probe-limit", type=float, default=20_000.0,
+                       help="gpu: stop the largest-batch probe at this many seconds of worst-case audio")
     bench.set_defaults(func=_bench)
 
     docs = sub.add_parser("config-docs", help="print the configuration reference (markdown)")

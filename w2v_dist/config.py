@@ -43,8 +43,9 @@ class DataConfig:
     """Utterances shorter than this are skipped at load time (counted)."""
     max_seconds: float = 35.0
     """Utterances longer than this are skipped at load time (counted)."""
-    num_workers: int = 2
-    """DataLoader worker processes per rank (0 decodes in the main process)."""
+    num_workers: int = -1
+    """DataLoader worker processes per rank (0 decodes in the main process); -1: one per CPU core this rank may
+    use, less one for the rank itself, at most 8 (cores are split between the ranks of a node)."""
     prefetch_factor: int = 4
     """Batches each worker prepares ahead of the train step."""
     max_train_samples: int = 0
@@ -82,6 +83,16 @@ class ModelConfig:
     """Zero infinite CTC losses (infeasible alignments) instead of poisoning the step."""
     gradient_checkpointing: bool = False
     """Recompute transformer activations in backward to save memory."""
+    attention: str = "sdpa"
+    """Attention kernel: ``sdpa`` (PyTorch's fused scaled-dot-product attention: flash / memory-efficient kernels
+    on GPUs) or ``eager`` (the reference implementation; materialises the T×T attention matrix)."""
+    cudnn_attention: bool = False
+    """Let ``sdpa`` use cuDNN's attention kernels. cuDNN builds a graph for every new batch shape, and batches by
+    seconds have a new shape at nearly every step: on an H200 that made steps 30 % slower than PyTorch's flash
+    kernels (docs/performance.md). Worth trying only with fixed-shape batches."""
+    compile: bool = False
+    """Compile the transformer layers with ``torch.compile(dynamic=True)`` (one graph for every batch shape);
+    see docs/performance.md for when it pays off."""
 
 
 @dataclass
@@ -221,6 +232,7 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
     "logging.wandb.mode": ("online", "offline", "disabled"),
     "deepspeed.precision": ("bf16", "fp16", "fp32"),
     "deepspeed.zero_stage": (0, 1, 2, 3),
+    "model.attention": ("sdpa", "eager"),
 }
 _DEEPSPEED_OWNED = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping",
                     "optimizer", "scheduler", "train_batch_size", "zero_optimization.stage", "bf16.enabled",
@@ -294,12 +306,14 @@ def validate(cfg: Config, source: str = "config") -> None:
         if value <= 0:
             fail(key, f"must be > 0, got {value}")
     for key, value in {"trainer.eval_every": cfg.trainer.eval_every, "trainer.save_every": cfg.trainer.save_every,
-                       "data.num_workers": cfg.data.num_workers, "optim.grad_clip": cfg.optim.grad_clip,
+                       "optim.grad_clip": cfg.optim.grad_clip,
                        "model.freeze_finetune_updates": cfg.model.freeze_finetune_updates,
                        "trainer.max_rollbacks": cfg.trainer.max_rollbacks,
                        "checkpoint.keep_best": cfg.checkpoint.keep_best}.items():
         if value < 0:
             fail(key, f"must be >= 0, got {value}")
+    if cfg.data.num_workers < -1:
+        fail("data.num_workers", f"must be >= 0, or -1 for one per core, got {cfg.data.num_workers}")
     if not 0 <= cfg.data.min_seconds < cfg.data.max_seconds:
         fail("data.min_seconds", f"need 0 <= min_seconds < max_seconds, got {cfg.data.min_seconds}, "
                                  f"{cfg.data.max_seconds}")

@@ -129,3 +129,15 @@ def broadcast_object(obj: Any) -> Any:
 def barrier() -> None:
     if is_initialized():
         torch_dist.barrier()
+
+
+def loader_workers(requested: int) -> int:
+    """``data.num_workers``, with -1 resolved from the cores this rank may use (its affinity, shared between the
+    node's ranks when a launcher gives every rank all of them)."""
+    if requested >= 0:
+        return requested
+    cores = len(os.sched_getaffinity(0))
+    ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if cores >= 2 * ranks_here:  # a launcher that did not pin ranks: each gets a share
+        cores //= ranks_here
+    return max(1, min(8, cores - 1))

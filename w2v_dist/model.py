@@ -74,17 +74,21 @@ def load_processor(cfg: ModelConfig, shard_vocab: dict[str, int] | None) -> Wav2
 def load_model(cfg: ModelConfig, processor: Wav2Vec2Processor) -> Wav2Vec2ForCTC:
     """Load the model with the recipe's overrides; a CTC head of the wrong size is re-initialised."""
     tokenizer = processor.tokenizer
+    torch.backends.cuda.enable_cudnn_sdp(cfg.cudnn_attention)  # process-wide; see ModelConfig.cudnn_attention
     model = Wav2Vec2ForCTC.from_pretrained(
         cfg.name_or_path, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
         ctc_loss_reduction="sum", ctc_zero_infinity=cfg.ctc_zero_infinity, mask_time_prob=cfg.mask_time_prob,
         mask_time_length=cfg.mask_time_length, mask_feature_prob=cfg.mask_feature_prob,
         mask_feature_length=cfg.mask_feature_length, layerdrop=cfg.layerdrop, hidden_dropout=cfg.hidden_dropout,
         attention_dropout=cfg.attention_dropout, activation_dropout=cfg.activation_dropout,
-        final_dropout=cfg.final_dropout, ignore_mismatched_sizes=True)
+        final_dropout=cfg.final_dropout, attn_implementation=cfg.attention, ignore_mismatched_sizes=True)
     if cfg.freeze_feature_encoder:
         model.freeze_feature_encoder()
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
+    if cfg.compile:
+        for layer in model.wav2vec2.encoder.layers:
+            layer.compile(dynamic=True)  # in place: parameter names (checkpoints, exports) stay unchanged
     check_model(model, processor)
     return model
 

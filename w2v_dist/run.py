@@ -78,15 +78,16 @@ def build_run(cfg: Config, local_rank: int | None = None) -> Run:
                            cfg.data.min_seconds, cfg.data.max_seconds)
     policy = BatchPolicy(int(cfg.data.max_batch_seconds * sample_rate), cfg.data.max_batch_size,
                          cfg.data.bucket_window, cfg.data.shuffle_buffer)
-    stream = TrainStream(train_set, policy, prep, world.rank, world.size, cfg.data.num_workers, cfg.trainer.seed)
-    train_loader = make_loader(stream, cfg.data.num_workers, cfg.data.prefetch_factor)
+    workers = dist.loader_workers(cfg.data.num_workers)
+    stream = TrainStream(train_set, policy, prep, world.rank, world.size, workers, cfg.trainer.seed)
+    train_loader = make_loader(stream, workers, cfg.data.prefetch_factor)
     dev_loaders = {}
     eval_policy = BatchPolicy(policy.max_batch_samples, policy.max_batch_size, policy.bucket_window, 1)
     for name, location in cfg.data.dev_shards.items():
         dev_set = load_shard_set(location, cfg.data.shard_command)
         check_shards_readable(dev_set)
         dev_loaders[name] = make_loader(EvalStream(dev_set, eval_policy, prep, world.rank, world.size),
-                                        cfg.data.num_workers, cfg.data.prefetch_factor)
+                                        workers, cfg.data.prefetch_factor)
     if cfg.trainer.preflight:
         preflight(model, device_for(world.local_rank), DTYPES[cfg.deepspeed.precision],
                   worst_case(train_set, policy, prep.skip_reason))

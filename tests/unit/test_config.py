@@ -50,6 +50,8 @@ def test_typo_in_override_is_named() -> None:
     ("schedule.phase_ratio=[0.5,0.5,0.5]", "schedule.phase_ratio"),
     ("data.shard_command=curl x", "data.shard_command"),
     ("model.layerdrop=1.5", "model.layerdrop"),
+    ("model.attention=flash3", "model.attention"),
+    ("data.num_workers=-2", "data.num_workers"),
 ])
 def test_bad_values_fail_at_load_naming_the_key(override: str, key: str) -> None:
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

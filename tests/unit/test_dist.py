@@ -1,10 +1,13 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from w2v_dist.dist import World, dead_ranks, register_rank
 
@@ -17,3 +20,16 @@ def test_survivor_names_the_rank_that_exited(tmp_path: Path) -> None:
     (tmp_path / "rank2.json").write_text(json.dumps({"host": "other-node", "pid": 1}))
     message = dead_ranks(tmp_path, World(0, 0, 3))
     assert f"rank 1 (pid {int(finished.stdout)}) exited" in message and "other-node" in message
+
+
+def test_loader_workers_auto_splits_the_cores_between_local_ranks(monkeypatch: pytest.MonkeyPatch) -> None:
+    from w2v_dist.dist import loader_workers
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert loader_workers(3) == 3 and loader_workers(0) == 0  # an explicit value is kept
+    assert loader_workers(-1) == 8  # capped
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert loader_workers(-1) == 3  # 16 cores / 4 ranks, one left for the rank itself
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})  # a launcher that pinned 2 cores per rank
+    assert loader_workers(-1) == 1

@@ -1,0 +1,320 @@
+"""``w2v-dist bench gpu``: wav2vec2-base on one GPU, measured against the chip's limit.
+
+wav2vec2-base geometry, randomly initialised (the FLOPs of the real checkpoint), frozen conv encoder, bf16,
+ZeRO-2, through our ``Engine`` and ``train_step`` (the real step: global-count normalisation and NaN guard
+included). Batches are packed by seconds with our planner from train-clean-100's duration histogram, random
+audio and labels at LibriSpeech's 14.6 letters per second. Every variant runs the same batches.
+
+Measures: audio-seconds per second, TFLOP/s and MFU (flops.py documents the FLOPs model; MFU counts the real,
+unpadded audio against the datasheet dense bf16 peak and against a measured bf16 matmul), peak memory, host
+syncs per step and GPU busy fraction (profiler), graphs compiled during timing, fused vs foreach AdamW, the
+data-wait fraction of a real ``train.py`` run, and the largest ``max_batch_seconds`` whose worst case fits.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import Wav2Vec2Config
+
+from w2v_dist.bench.corpus import CHARS_PER_SECOND, librispeech_like_seconds
+from w2v_dist.bench.flops import batch_flops, peak_tflops
+from w2v_dist.bench.loader import emit, prepare_shards
+from w2v_dist.data.index import Utterance
+from w2v_dist.data.plan import BatchPolicy, pack
+
+SR = 16_000
+REPO = Path(__file__).resolve().parents[2]
+LONGEST_SECONDS = 35.0
+
+
+def planned_batches(batch_seconds: float, count: int, vocab_size: int, seed: int = 0) -> list[dict[str, Any]]:
+    """``count`` batches packed by padded seconds from a train-clean-100-like stream, on pinned CPU memory."""
+    rng = np.random.default_rng(seed)
+    utts = [Utterance(0, i, f"u{i}", int(s * SR), int(s * CHARS_PER_SECOND))
+            for i, s in enumerate(librispeech_like_seconds(max(4000, int(count * batch_seconds / 12)), rng))]
+    policy = BatchPolicy(int(batch_seconds * SR), 4096, 512, 0)
+    plans = [b for start in range(0, len(utts), 512) for b in pack(utts[start:start + 512], policy)]
+    random.Random(seed).shuffle(plans)
+    return [to_batch(plan, vocab_size) for plan in plans[:count]]
+
+
+def to_batch(plan: list[Utterance], vocab_size: int) -> dict[str, Any]:
+    width, label_width = max(u.num_samples for u in plan), max(u.label_length for u in plan)
+    audio = torch.randn(len(plan), width)
+    labels = torch.randint(4, vocab_size, (len(plan), label_width))
+    for row, utt in enumerate(plan):
+        audio[row, utt.num_samples:] = 0.0
+        labels[row, utt.label_length:] = -100
+    if torch.cuda.is_available():  # as the loader hands them over
+        audio, labels = audio.pin_memory(), labels.pin_memory()
+    return {"input_values": audio, "labels": labels, "keys": [u.key for u in plan],
+            "seconds": sum(u.num_samples for u in plan) / SR, "lengths": [u.num_samples for u in plan]}
+
+
+@dataclass(frozen=True)
+class Trial:
+    name: str
+    overrides: tuple[str, ...] = ()
+    """Config overrides (``model.attention=eager``, ``model.compile=true``, ``deepspeed.zero_stage=0``...)."""
+    static_shapes: bool = False
+    """Diagnostic: repeat one batch, so nothing depends on a new shape."""
+    bare: bool = False
+    """A bare PyTorch loop (autocast bf16, fused AdamW, clipping) instead of our engine and train_step."""
+
+
+def trial_config(model_dir: Path, trial: Trial) -> Any:
+    from w2v_dist.config import load_config
+
+    return load_config(None, [f"model.name_or_path={model_dir}", "deepspeed.precision=bf16", "deepspeed.zero_stage=2",
+                              "model.layerdrop=0", "schedule.name=constant", *trial.overrides])
+
+
+def build_step(model_dir: Path, trial: Trial) -> tuple[Callable[[dict[str, Any]], None], Wav2Vec2Config]:
+    """The step function a trial times; each call returns when the GPU has finished the step."""
+    from w2v_dist.engine import Engine, param_groups
+    from w2v_dist.model import load_model, load_processor
+    from w2v_dist.trainer import train_step
+
+    cfg = trial_config(model_dir, trial)
+    model = load_model(cfg.model, load_processor(cfg.model, None))
+    if not trial.bare:
+        engine = Engine(cfg, model, 0)
+
+        def engine_step(batch: dict[str, Any]) -> None:
+            train_step(engine, [batch], 1)  # ends in a host read of the guard flags: the step is complete
+
+        return engine_step, model.config
+    model.cuda().train()  # type: ignore[call-arg]
+    optimizer = torch.optim.AdamW(param_groups(model, 0.0), lr=cfg.optim.lr, fused=True)
+
+    def bare_step(batch: dict[str, Any]) -> None:
+        labels = batch["labels"].cuda(non_blocking=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(input_values=batch["input_values"].cuda(non_blocking=True), labels=labels).loss
+        (loss.float() / (labels >= 0).sum()).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+
+    return bare_step, model.config
+
+
+def measure_variant(trial: Trial, model_dir: Path, batches: list[dict[str, Any]], warmup: int,
+                    peaks: dict[str, float | None]) -> dict[str, Any]:
+    from torch._dynamo.utils import counters
+
+    if trial.static_shapes:
+        batches = [batches[0]] * len(batches)
+    step, config = build_step(model_dir, trial)
+    start = time.perf_counter()
+    for batch in batches[:warmup]:
+        step(batch)
+    warmup_s = time.perf_counter() - start
+    graphs_before = counters["stats"]["unique_graphs"]
+    torch.cuda.reset_peak_memory_stats()
+    timed = batches[warmup:]
+    step_times = []
+    for batch in timed:
+        start = time.perf_counter()
+        step(batch)
+        step_times.append(time.perf_counter() - start)
+    anatomy = step_anatomy(step, timed[:3])
+    seconds = sum(b["seconds"] for b in timed)
+    wall = sum(step_times)
+    flops = batch_flops(config, [n for b in timed for n in b["lengths"]])
+    record = {"measure": "gpu_variant", "variant": trial.name, "trial": asdict(trial),
+              "batch_seconds": statistics.mean(b["input_values"].numel() / SR for b in timed),
+              "steps": len(timed), "step_s_median": statistics.median(step_times),
+              "audio_seconds_per_second": seconds / wall, "tflops": flops.total / wall / 1e12,
+              "transformer_tflops": flops.transformer / wall / 1e12, "warmup_s": warmup_s,
+              "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
+              "graphs_compiled_while_timed": counters["stats"]["unique_graphs"] - graphs_before}
+    for label, peak in peaks.items():
+        if peak:
+            record[f"mfu_{label}"] = flops.total / wall / 1e12 / peak
+            record[f"transformer_mfu_{label}"] = flops.transformer / wall / 1e12 / peak
+    record.update(anatomy)
+    del step
+    gc.collect()
+    torch.cuda.empty_cache()
+    return emit(record)
+
+
+def step_anatomy(step: Callable[[dict[str, Any]], None], batches: list[dict[str, Any]]) -> dict[str, Any]:
+    """Host syncs per step (CUDA sync debug mode), the fraction of wall time the GPU runs kernels, and where the
+    GPU and the host spend a step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.set_sync_debug_mode("warn")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        step(batches[0])
+    torch.cuda.set_sync_debug_mode(0)
+    sites = sorted({f"{Path(w.filename).name}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)})
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        for batch in batches:
+            step(batch)
+        torch.cuda.synchronize()
+        wall_us = (time.perf_counter() - start) * 1e6
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    busy, end = 0.0, float("-inf")
+    for lo, hi in sorted((e.time_range.start, e.time_range.end) for e in kernels):  # union of kernel intervals
+        busy += max(0.0, hi - max(lo, end))
+        end = max(end, hi)
+    by_name: dict[str, float] = {}
+    for e in kernels:
+        by_name[e.name[:80]] = by_name.get(e.name[:80], 0.0) + e.time_range.elapsed_us()
+    top = sorted(by_name.items(), key=lambda item: -item[1])[:8]
+    host = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:10]
+    return {"host_syncs_per_step": sum("synchroniz" in str(w.message) for w in caught), "host_sync_sites": sites,
+            "top_kernels_ms_per_step": {name: round(us / 1e3 / len(batches), 3) for name, us in top},
+            "top_host_ops_ms_per_step": {e.key[:60]: round(e.self_cpu_time_total / 1e3 / len(batches), 3)
+                                         for e in host},
+            "gpu_busy_fraction": busy / wall_us}
+
+
+def matmul_tflops() -> float:
+    """A large bf16 matmul on random data: the chip's practical ceiling."""
+    a, b = (torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    begin, finish = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    begin.record()
+    for _ in range(20):
+        a @ b
+    finish.record()
+    torch.cuda.synchronize()
+    return 2 * 8192**3 * 20 / (begin.elapsed_time(finish) / 1e3) / 1e12
+
+
+def adamw_ms(num_params: int, rounds: int = 20) -> dict[str, float]:
+    """Fused vs foreach AdamW on a base-sized set of fp32 parameters (the ZeRO master copy), interleaved."""
+    params = [torch.nn.Parameter(torch.randn(n, device="cuda")) for n in (num_params // 4,) * 4]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opts = {"fused": torch.optim.AdamW(params, fused=True), "foreach": torch.optim.AdamW(params, foreach=True)}
+    times: dict[str, list[float]] = {k: [] for k in opts}
+    for _ in range(rounds):
+        for name, opt in opts.items():
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            opt.step()
+            torch.cuda.synchronize()
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return {f"adamw_{k}_ms": statistics.median(v[2:]) for k, v in times.items()}
+
+
+def largest_batch(model_dir: Path, trial: Trial, start: float, limit: float) -> dict[str, Any]:
+    """Grow the worst case (every utterance 35 s) by 1.5x until it runs out of memory; the step is discarded."""
+    step, config = build_step(model_dir, trial)
+    fits, seconds, vocab = 0.0, start, int(config.vocab_size or 0)
+    while seconds <= limit:
+        count = max(1, int(seconds // LONGEST_SECONDS))
+        plan = [Utterance(0, i, f"w{i}", int(LONGEST_SECONDS * SR), int(LONGEST_SECONDS * CHARS_PER_SECOND))
+                for i in range(count)]
+        try:
+            torch.cuda.reset_peak_memory_stats()
+            step(to_batch(plan, vocab))
+            fits = count * LONGEST_SECONDS
+            emit({"measure": "gpu_memory_probe", "batch_seconds": fits,
+                  "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30})
+        except torch.OutOfMemoryError:
+            break
+        seconds *= 1.5
+    return {"largest_max_batch_seconds": fits, "probe_limit_seconds": limit, "reached_limit": seconds > limit}
+
+
+def data_wait(work_dir: Path, model_dir: Path, batch_seconds: float, steps: int) -> dict[str, Any]:
+    """A real ``train.py`` run (bf16, ZeRO-2, default loader workers) on LibriSpeech-shaped shards."""
+    _, shards = prepare_shards(work_dir / "loader", 800, os.cpu_count() or 2)
+    out = work_dir / "gpu-run"
+    cmd = [sys.executable, str(REPO / "train.py"), f"output_dir={out}", f"data.train_shards={shards}",
+           f"model.name_or_path={model_dir}", f"trainer.max_steps={steps}", "trainer.eval_every=0",
+           "trainer.save_every=0", "trainer.log_every=5", "checkpoint.resume=false", "logging.progress_bar=false",
+           f"data.max_batch_seconds={batch_seconds}", "data.max_batch_size=1024", "deepspeed.precision=bf16",
+           "deepspeed.zero_stage=2", "model.layerdrop=0"]
+    rendezvous = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")  # this process's group's
+    subprocess.run(cmd, check=True, cwd=REPO, env={k: v for k, v in os.environ.items() if k not in rendezvous})
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    windows = [r for r in records if "data_wait_fraction" in r][1:]  # the first window holds worker start-up
+    return emit({"measure": "gpu_data_wait", "steps": steps, "batch_seconds": batch_seconds,
+                 "data_wait_fraction": statistics.mean(r["data_wait_fraction"] for r in windows),
+                 "audio_seconds_per_second": statistics.mean(r["audio_seconds_per_second"] for r in windows)})
+
+
+def run(work_dir: Path, batch_seconds: list[float], steps: int, warmup: int, probe_limit: float) -> dict[str, Any]:
+    from w2v_dist.dist import world_from_env
+    from w2v_dist.engine import init_distributed
+    from w2v_dist.model import init_model
+
+    world_from_env()
+    init_distributed()
+    torch._logging.set_logs(recompiles=True)  # a recompilation prints its reason
+    work_dir.mkdir(parents=True, exist_ok=True)
+    model_dir = work_dir / "model-base"
+    if not (model_dir / "config.json").exists():
+        init_model(model_dir, "base")
+    device = torch.cuda.get_device_name()
+    peaks = {"datasheet": peak_tflops(device), "measured": matmul_tflops()}
+    emit({"measure": "gpu_device", "device": device, "torch": torch.__version__,
+          "datasheet_bf16_tflops": peaks["datasheet"], "measured_bf16_matmul_tflops": peaks["measured"]})
+    wait = attempt("gpu_data_wait", lambda: data_wait(work_dir, model_dir, batch_seconds[-1], 40))
+    vocab = int(Wav2Vec2Config.from_pretrained(model_dir).vocab_size or 0)
+    sweep = [(Trial("flash"), seconds) for seconds in batch_seconds[:-1]]
+    cudnn = ("model.cudnn_attention=true",)
+    trials = [Trial("sdpa (cuDNN)", cudnn), Trial("sdpa (cuDNN), static shapes", cudnn, static_shapes=True),
+              Trial("eager", ("model.attention=eager",)), Trial("flash"),
+              Trial("flash, static shapes", static_shapes=True), Trial("flash+compile", ("model.compile=true",)),
+              Trial("flash+compile, ZeRO-0", ("model.compile=true", "deepspeed.zero_stage=0")),
+              Trial("bare PyTorch, flash+compile", ("model.compile=true",), bare=True)]
+    results = [attempt("gpu_variant", partial(measure_variant, trial, model_dir,
+                                              planned_batches(seconds, warmup + steps, vocab), warmup, peaks))
+               for trial, seconds in sweep + [(trial, batch_seconds[-1]) for trial in trials]]
+    ours = [r for r in results if "error" not in r and not r["trial"]["bare"] and not r["trial"]["static_shapes"]]
+    best = max(ours, key=lambda r: r["audio_seconds_per_second"])
+    bare = next((r for r in results if r.get("variant", "").startswith("bare")), None)
+    if bare is not None and "error" not in bare:
+        emit({"measure": "gpu_engine_overhead", "bare_audio_seconds_per_second": bare["audio_seconds_per_second"],
+              "engine_audio_seconds_per_second": best["audio_seconds_per_second"],
+              "overhead_ratio": bare["audio_seconds_per_second"] / best["audio_seconds_per_second"]})
+    optimizer = attempt("gpu_adamw", lambda: emit({"measure": "gpu_adamw", **adamw_ms(94_000_000)}))
+    memory = attempt("gpu_memory", lambda: emit({"measure": "gpu_memory",
+                                                 **largest_batch(model_dir, Trial(**best["trial"]),
+                                                                 batch_seconds[-1], probe_limit)}))
+    return emit({"measure": "summary", "device": device, "best_variant": best["variant"],
+                 "batch_seconds": best["batch_seconds"], "audio_seconds_per_second": best["audio_seconds_per_second"],
+                 "transformer_mfu": best.get("transformer_mfu_datasheet"), "mfu": best.get("mfu_datasheet"),
+                 "peak_memory_gib": best["peak_memory_gib"], "gpu_busy_fraction": best["gpu_busy_fraction"],
+                 "host_syncs_per_step": best["host_syncs_per_step"],
+                 "data_wait_fraction": wait.get("data_wait_fraction"),
+                 "adamw_fused_ms": optimizer.get("adamw_fused_ms"),
+                 "adamw_foreach_ms": optimizer.get("adamw_foreach_ms"),
+                 "largest_max_batch_seconds": memory.get("largest_max_batch_seconds")})
+
+
+def attempt(measure: str, trial: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """A trial that fails (a compiler missing, out of memory) is reported as a result; the bench goes on."""
+    try:
+        return trial()
+    except Exception as err:
+        gc.collect()
+        torch.cuda.empty_cache()
+        return emit({"measure": measure, "error": repr(err)[:800]})
