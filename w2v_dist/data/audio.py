@@ -72,5 +72,8 @@ def encode_flac(audio: np.ndarray) -> bytes:
 
 
 def normalize_waveform(audio: np.ndarray) -> np.ndarray:
-    """Zero mean, unit variance, as ``Wav2Vec2FeatureExtractor(do_normalize=True)`` does it."""
-    return (audio - audio.mean()) / np.sqrt(audio.var() + 1e-7)
+    """Zero mean, unit variance, as ``Wav2Vec2FeatureExtractor(do_normalize=True)`` does it, in place (the
+    decoded buffer is ours): three passes over the samples instead of six."""
+    audio -= audio.mean(dtype=np.float64)
+    audio *= 1.0 / np.sqrt(np.dot(audio, audio) / max(len(audio), 1) + 1e-7)
+    return audio

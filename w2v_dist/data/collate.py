@@ -29,18 +29,23 @@ class CTCCollator:
 
     def __call__(self, examples: list[Example]) -> dict[str, object]:
         longest = max((len(e.audio) for e in examples), default=0)
-        longest_label = max((len(e.labels) for e in examples), default=0)
         input_values = np.zeros((len(examples), longest), dtype=np.float32)
-        labels = np.full((len(examples), longest_label), LABEL_PAD, dtype=np.int64)
         for row, example in enumerate(examples):
             input_values[row, :len(example.audio)] = example.audio
-            labels[row, :len(example.labels)] = example.labels
-        lengths = torch.tensor([len(e.audio) for e in examples], dtype=torch.long)
-        mask = (torch.arange(longest)[None, :] < lengths[:, None]).long()
+        return self.assemble(input_values, [len(e.audio) for e in examples], [e.labels for e in examples],
+                             [e.key for e in examples], [e.text for e in examples])
+
+    def assemble(self, input_values: np.ndarray, lengths: list[int], labels: list[list[int]], keys: list[str],
+                 texts: list[str]) -> dict[str, object]:
+        """The batch from audio already decoded into its zero-padded rows (the loader's path: no copy)."""
+        label_values = np.full((len(labels), max(map(len, labels), default=0)), LABEL_PAD, dtype=np.int64)
+        for row, label in enumerate(labels):
+            label_values[row, :len(label)] = label
+        input_lengths = torch.tensor(lengths, dtype=torch.long)
         batch: dict[str, object] = {"input_values": torch.from_numpy(input_values),
-                                    "labels": torch.from_numpy(labels), "keys": [e.key for e in examples],
-                                    "texts": [e.text for e in examples],
-                                    "seconds": float(lengths.sum()) / self.sample_rate, "input_lengths": lengths}
-        if self.return_attention_mask:
-            batch["attention_mask"] = mask
+                                    "labels": torch.from_numpy(label_values), "keys": keys, "texts": texts,
+                                    "seconds": sum(lengths) / self.sample_rate, "input_lengths": input_lengths}
+        if self.return_attention_mask:  # built only when asked: it is as large as the batch itself
+            positions = torch.arange(input_values.shape[1])
+            batch["attention_mask"] = (positions[None, :] < input_lengths[:, None]).long()
         return batch

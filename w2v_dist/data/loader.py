@@ -7,6 +7,7 @@ number per rank (batches consumed); everything else is replayed from the plan, s
 
 from __future__ import annotations
 
+import io
 import itertools
 import json
 import logging
@@ -16,13 +17,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import soundfile as sf
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from w2v_dist.data.audio import EncoderGeometry, decode, normalize_waveform
-from w2v_dist.data.collate import CTCCollator, Example
+from w2v_dist.data.audio import EncoderGeometry, normalize_waveform
+from w2v_dist.data.collate import CTCCollator
 from w2v_dist.data.index import ShardSet, Utterance
 from w2v_dist.data.plan import Batch, BatchPolicy, Piece, assign_pieces, epoch_rng, plan_batches
 from w2v_dist.data.text import CharLabeler
@@ -53,15 +55,21 @@ class Preprocess:
             return "ctc_infeasible"
         return None
 
-    def example(self, key: str, members: dict[str, bytes], sample_rate: int) -> Example:
-        meta = json.loads(members["json"])
-        audio, rate = decode(members["flac"])
-        if rate != sample_rate or audio.shape[1] != 1:
-            raise ValueError(f"expected {sample_rate} Hz mono, got {rate} Hz with {audio.shape[1]} channels")
-        wave = audio[:, 0]
+    def decode_into(self, members: dict[str, bytes], row: np.ndarray, sample_rate: int) -> tuple[list[int], str]:
+        """Decode one sample straight into its batch row (already zero-padded to the batch width), normalise it
+        there; return its labels and transcript. The row's length is the sample count the index promised."""
+        text = json.loads(members["json"])["text"]
+        with sf.SoundFile(io.BytesIO(members["flac"])) as audio:
+            if audio.samplerate != sample_rate or audio.channels != 1:
+                raise ValueError(f"expected {sample_rate} Hz mono, got {audio.samplerate} Hz with "
+                                 f"{audio.channels} channels")
+            if audio.frames != len(row):
+                raise ValueError(f"the index says {len(row)} samples, the audio has {audio.frames}")
+            if len(audio.read(len(row), dtype="float32", out=row)) != len(row):
+                raise ValueError("the audio ends early (truncated FLAC)")
         if self.do_normalize:
-            wave = normalize_waveform(wave)
-        return Example(key, wave, self.labels(meta["text"]), meta["text"])
+            normalize_waveform(row)
+        return self.labels(text), text
 
 
 def read_members(url: str, wanted: set[str], skips: Counter[str]) -> Iterator[tuple[str, dict[str, bytes]]]:
@@ -117,24 +125,43 @@ class _Stream(IterableDataset):  # type: ignore[type-arg]
                     reader = read_members(self.shards.urls[shard], wanted, skips)
                     continue
                 held[(shard, item[0])] = item[1]
-            examples = []
-            for utt in batch:
-                members = held.pop((utt.shard, utt.key), None)
-                if members is None or "flac" not in members or "json" not in members:
-                    log.warning("shard %s: sample %s is missing or incomplete; skipped",
-                                self.shards.urls[utt.shard], utt.key)
-                    skips["missing_member"] += 1
-                    continue
-                try:
-                    examples.append(self.prep.example(utt.key, members, self.shards.sample_rate))
-                except (sf.LibsndfileError, ValueError, KeyError, RuntimeError) as err:
-                    log.warning("shard %s: sample %s cannot be decoded (%s); skipped",
-                                self.shards.urls[utt.shard], utt.key, err)
-                    skips["bad_audio"] += 1
-            out = self.prep.collator(examples)
+            out = self._decode_batch(batch, held, skips)
             out["skips"] = dict(skips)
             skips.clear()
             yield out
+
+
+    def _decode_batch(self, batch: Batch, held: dict[tuple[int, str], dict[str, bytes]], skips: Counter[str]
+                      ) -> dict[str, Any]:
+        """Decode a planned batch into one zero-padded buffer; a missing or bad sample is skipped (counted)."""
+        values: np.ndarray = np.zeros((len(batch), max((u.num_samples for u in batch), default=0)), dtype=np.float32)
+        lengths: list[int] = []
+        labels: list[list[int]] = []
+        keys: list[str] = []
+        texts: list[str] = []
+        for utt in batch:
+            members = held.pop((utt.shard, utt.key), None)
+            if members is None or "flac" not in members or "json" not in members:
+                log.warning("shard %s: sample %s is missing or incomplete; skipped", self.shards.urls[utt.shard],
+                            utt.key)
+                skips["missing_member"] += 1
+                continue
+            row = values[len(keys), :utt.num_samples]
+            try:
+                label, text = self.prep.decode_into(members, row, self.shards.sample_rate)
+            except (sf.LibsndfileError, ValueError, KeyError, RuntimeError) as err:
+                row[:] = 0.0
+                log.warning("shard %s: sample %s cannot be decoded (%s); skipped", self.shards.urls[utt.shard],
+                            utt.key, err)
+                skips["bad_audio"] += 1
+                continue
+            lengths.append(utt.num_samples)
+            labels.append(label)
+            keys.append(utt.key)
+            texts.append(text)
+        if len(keys) < len(batch):  # rare: drop the unused rows and any padding only a skipped sample needed
+            values = np.ascontiguousarray(values[:len(keys), :max(lengths, default=0)])
+        return self.prep.collator.assemble(values, lengths, labels, keys, texts)
 
 
 def _worker() -> tuple[int, int]:

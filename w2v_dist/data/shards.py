@@ -142,7 +142,8 @@ def write_shard(path: Path, items: list[Probed]) -> dict[str, object]:
     tmp = path.with_name(path.name + ".partial")
     import webdataset as wds  # imported here: probe workers never need it (it pulls in torch)
 
-    with open(tmp, "wb") as stream, wds.TarWriter(stream, mtime=0.0, user="w2v", group="w2v") as sink:
+    # An integer mtime: a float one makes tarfile add a pax header to every member, which readers parse in Python.
+    with open(tmp, "wb") as stream, wds.TarWriter(stream, mtime=0, user="w2v", group="w2v") as sink:  # type: ignore[arg-type]
         for item in items:
             audio = item.source.audio.read_bytes()  # type: ignore[union-attr]
             if item.converted_from:
