@@ -229,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     shard.add_argument("--overwrite", action="store_true")
     shard.add_argument("--dry-run", action="store_true")
     shard.add_argument("--check-audio", choices=("full", "tail"), default="full",
-                       help="full: decode every input; tail: header and last second only (still catches truncation)")
+                       help="full: decode every input; tail: header and last frame only (still catches truncation)")
     shard.set_defaults(func=_shard)
 
     demo = sub.add_parser("demo", help="synth corpus -> shards -> tiny model -> 2-rank DeepSpeed -> WER -> export")

@@ -10,6 +10,7 @@ import hashlib
 import io
 import json
 import random
+import tarfile
 import time
 from concurrent.futures import Executor
 from dataclasses import asdict, dataclass, field
@@ -39,7 +40,7 @@ class ShardOptions:
     overwrite: bool = False
     dry_run: bool = False
     check_audio: str = "full"
-    """``full`` decodes every input; ``tail`` reads the header and decodes only the last second, which a truncated
+    """``full`` decodes every input; ``tail`` reads the header and decodes only the last frame, which a truncated
     FLAC cannot supply (mid-file corruption is then caught by the loader, which skips and counts it)."""
     geometry: EncoderGeometry = field(default_factory=EncoderGeometry)
 
@@ -56,14 +57,20 @@ class Probed:
     """``"<rate> Hz, <channels> ch"`` when the audio was resampled/down-mixed and re-encoded."""
 
 
-def audio_shape(raw: bytes, full: bool) -> tuple[int, int, int]:
-    """(samples, rate, channels) of encoded audio, after decoding all of it or only its last second."""
+TAIL_SAMPLES = 4096
+"""``check_audio=tail`` decodes this many final samples: FLAC's usual block size, so the last frame, which a
+truncated file cannot supply."""
+
+
+def audio_shape(audio: bytes | Path, full: bool) -> tuple[int, int, int]:
+    """(samples, rate, channels) of encoded audio, after decoding all of it (bytes) or only its last frame (read
+    from the file: the header and the tail, not the whole file)."""
     if full:
-        audio, rate = decode(raw)
-        return audio.shape[0], rate, audio.shape[1]
-    with sf.SoundFile(io.BytesIO(raw)) as stream:
+        decoded, rate = decode(audio if isinstance(audio, bytes) else audio.read_bytes())
+        return decoded.shape[0], rate, decoded.shape[1]
+    with sf.SoundFile(io.BytesIO(audio) if isinstance(audio, bytes) else str(audio)) as stream:
         frames, rate, channels = stream.frames, stream.samplerate, stream.channels
-        tail = min(frames, rate)
+        tail = min(frames, TAIL_SAMPLES)
         stream.seek(frames - tail)
         if len(stream.read(tail, dtype="float32")) != tail:
             raise ValueError(f"truncated: the header promises {frames} samples")
@@ -83,14 +90,14 @@ def probe(src: Source, opts: ShardOptions) -> Probed | Reject:
         text = normalize(src.text)
     except TranscriptError as err:
         return reject(str(err))
-    raw = src.audio.read_bytes()
+    size = src.audio.stat().st_size
     try:
-        num_samples, rate, channels = audio_shape(raw, full=opts.check_audio == "full")
+        num_samples, rate, channels = audio_shape(src.audio, full=opts.check_audio == "full")
         converted = ""
         if rate != SAMPLE_RATE or channels != 1:
             converted = f"{rate} Hz, {channels} ch"
-            raw = encode_flac(to_16k_mono(*decode(raw)))
-            num_samples = len(sf.SoundFile(io.BytesIO(raw)))
+            raw = encode_flac(to_16k_mono(*decode(src.audio.read_bytes())))
+            num_samples, size = len(sf.SoundFile(io.BytesIO(raw))), len(raw)
     except (sf.LibsndfileError, RuntimeError, ValueError) as err:
         return reject(f"unreadable audio ({err})")
     seconds = num_samples / SAMPLE_RATE
@@ -101,7 +108,7 @@ def probe(src: Source, opts: ShardOptions) -> Probed | Reject:
     frames, labels = opts.geometry.frames(num_samples), label_length(text)
     if frames < labels:
         return reject(f"CTC infeasible: {frames} frames < {labels} label tokens")
-    return Probed(src, text, num_samples, len(raw), converted)
+    return Probed(src, text, num_samples, size, converted)
 
 
 def _probe_star(args: tuple[Source, ShardOptions]) -> Probed | Reject:
@@ -137,24 +144,47 @@ def sample_json(item: Probed) -> dict[str, object]:
     return meta
 
 
-def write_shard(path: Path, items: list[Probed]) -> dict[str, object]:
-    """Write one tar under a temporary name, then rename; return its index entry."""
-    tmp = path.with_name(path.name + ".partial")
-    import webdataset as wds  # imported here: probe workers never need it (it pulls in torch)
+class _HashingFile:
+    """A write-only file that hashes what passes through it: the shard's sha256 without reading it back."""
 
-    # An integer mtime: a float one makes tarfile add a pax header to every member, which readers parse in Python.
-    with open(tmp, "wb") as stream, wds.TarWriter(stream, mtime=0, user="w2v", group="w2v") as sink:  # type: ignore[arg-type]
-        for item in items:
-            audio = item.source.audio.read_bytes()  # type: ignore[union-attr]
-            if item.converted_from:
-                audio = encode_flac(to_16k_mono(*decode(audio)))
-            sink.write({"__key__": item.source.key, "flac": audio,
-                        "json": json.dumps(sample_json(item), sort_keys=True).encode()})
-    digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
+    def __init__(self, raw: io.BufferedWriter) -> None:
+        self.raw, self.sha256 = raw, hashlib.sha256()
+
+    def write(self, data: bytes) -> int:
+        self.sha256.update(data)
+        return self.raw.write(data)
+
+    def tell(self) -> int:
+        return self.raw.tell()
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    """One member as webdataset's ``TarWriter`` writes it (read-only, owner w2v, mtime 0: reproducible)."""
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode, info.uname, info.gname = len(data), 0, 0o444, "w2v", "w2v"
+    tar.addfile(info, io.BytesIO(data))
+
+
+def write_shard(path: Path, items: list[Probed]) -> dict[str, object]:
+    """Write one tar under a temporary name, then rename; return its index entry.
+
+    The standard library writes it (the same members webdataset's ``TarWriter`` would): importing webdataset
+    pulls in torch, seconds of start-up per writer process for a job that only copies bytes.
+    """
+    tmp = path.with_name(path.name + ".partial")
+    with open(tmp, "wb") as raw:
+        sink = _HashingFile(raw)
+        with tarfile.open(fileobj=sink, mode="w") as tar:  # type: ignore[call-overload]
+            for item in items:
+                audio = item.source.audio.read_bytes()  # type: ignore[union-attr]
+                if item.converted_from:
+                    audio = encode_flac(to_16k_mono(*decode(audio)))
+                _add(tar, f"{item.source.key}.flac", audio)
+                _add(tar, f"{item.source.key}.json", json.dumps(sample_json(item), sort_keys=True).encode())
     tmp.rename(path)
     seconds = round(sum(i.num_samples for i in items) / SAMPLE_RATE, 3)
     return {"name": path.name, "samples": len(items), "seconds": seconds, "bytes": path.stat().st_size,
-            "sha256": digest,
+            "sha256": sink.sha256.hexdigest(),
             "utterances": [[i.source.key, i.num_samples, label_length(i.text)] for i in items]}
 
 
