@@ -183,7 +183,7 @@ def _bench(args: argparse.Namespace) -> int:
         from w2v_dist.bench.gpu import run as run_gpu
 
         sweep = [float(s) for s in args.sweep.split(",")]
-        run_gpu(Path(args.work_dir), sweep, args.steps, args.warmup, args.probe_limit)
+        run_gpu(Path(args.work_dir), sweep, args.steps, args.warmup, args.probe_limit, args.quick)
     return 0
 
 
@@ -266,6 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--warmup", type=int, default=3, help="gpu: untimed steps per variant (compilation)")
     bench.add_argument("--sweep", default="400,800,1600",
                        help="gpu: max_batch_seconds values to time (the last one also for the variants)")
+    bench.add_argument("--quick", action="store_true",
+                       help="gpu: time only the candidate variants (no data-wait run, sweep or memory probe)")
     bench.add_argument("--probe-limit", type=float, default=20_000.0,
                        help="gpu: stop the largest-batch probe at this many seconds of worst-case audio")
     bench.set_defaults(func=_bench)

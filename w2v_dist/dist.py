@@ -102,6 +102,18 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     return tensor.tolist()
 
 
+def all_reduce_sum_async(values: list[float], device: torch.device) -> torch.Tensor:
+    """Like :func:`all_reduce_sum` but left on the device: no host sync until the caller reads it."""
+    return all_reduce_tensor(torch.tensor(values, dtype=torch.float64, device=device))
+
+
+def all_reduce_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum ``tensor`` over all ranks in place (a no-op without a process group) and return it."""
+    if is_initialized():
+        torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.SUM)
+    return tensor
+
+
 def all_reduce_max(values: list[float], device: torch.device) -> list[float]:
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
     if is_initialized():

@@ -50,19 +50,20 @@ def train_step(engine: Engine, micro_batches: list[dict[str, Any]], world_size: 
     """One optimizer update. Every rank runs the same collectives whatever its data, so none can hang."""
     local = [sum(int((b["labels"] >= 0).sum()) for b in micro_batches), sum(len(b["keys"]) for b in micro_batches),
              sum(b["seconds"] for b in micro_batches)]
-    targets, utterances, seconds = dist.all_reduce_sum(local, engine.device)
-    scale = world_size * len(micro_batches) / max(targets, 1.0)  # DeepSpeed averages over ranks and micro-batches
+    counts = dist.all_reduce_sum_async(local, engine.device)  # read with the flags below: one host sync per step
+    scale = world_size * len(micro_batches) / counts[0].clamp(min=1.0)  # DeepSpeed averages ranks, micro-batches
     loss_sum = torch.zeros((), device=engine.device)
     for index, batch in enumerate(micro_batches):
         loss, _ = engine.forward(batch, inject_inf_grad=inf_grad)
         loss = loss * math.nan if nan_loss else loss
-        engine.backward(loss * scale)
+        engine.backward(loss * scale.float())
         loss_sum += loss.detach()
         if index < len(micro_batches) - 1:
             engine.micro_step()
-    flags = torch.stack([loss_sum.double(), (~torch.isfinite(loss_sum)).double(), engine.grad_nonfinite.double(),
+    flags = torch.stack([loss_sum.double(), (~torch.isfinite(loss_sum)).double(), engine.grad_nonfinite().double(),
                          torch.tensor(float(stop_requested), dtype=torch.float64, device=engine.device)])
-    total, loss_bad, grad_bad, stop = dist.all_reduce_sum(flags.nan_to_num(0.0).tolist(), engine.device)
+    total, loss_bad, grad_bad, stop = dist.all_reduce_tensor(flags.nan_to_num(0.0)).tolist()
+    targets, utterances, seconds = counts.tolist()
     cause = "loss_nonfinite" if loss_bad else "grad_nonfinite" if grad_bad else None
     outcome = engine.update(skip=cause is not None)
     if cause is None and outcome.engine_skipped:

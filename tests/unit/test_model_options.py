@@ -24,3 +24,4 @@ def test_attention_and_compile_options_keep_parameter_names(tmp_path: Path) -> N
     assert list(model.state_dict()) == list(reference.state_dict())
     assert all(getattr(layer, "_compiled_call_impl", None) is not None for layer in model.wav2vec2.encoder.layers)
     torch.backends.cuda.enable_cudnn_sdp(False)
+

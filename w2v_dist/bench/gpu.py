@@ -260,7 +260,21 @@ def data_wait(work_dir: Path, model_dir: Path, batch_seconds: float, steps: int)
                  "audio_seconds_per_second": statistics.mean(r["audio_seconds_per_second"] for r in windows)})
 
 
-def run(work_dir: Path, batch_seconds: list[float], steps: int, warmup: int, probe_limit: float) -> dict[str, Any]:
+def trials(quick: bool) -> list[Trial]:
+    """The variants timed at the largest batch size; ``quick`` keeps the candidates for the default."""
+    compiled, cudnn = ("model.compile=true",), ("model.cudnn_attention=true",)
+    candidates = [Trial("flash", ()), Trial("flash+compile", compiled),
+                  Trial("bare PyTorch, flash+compile", compiled, bare=True)]
+    if quick:
+        return candidates
+    return [Trial("sdpa (cuDNN)", cudnn), Trial("sdpa (cuDNN), static shapes", cudnn, static_shapes=True),
+            Trial("eager", ("model.attention=eager",)), Trial("flash, static shapes", static_shapes=True),
+            Trial("flash+compile, ZeRO-0", compiled + ("deepspeed.zero_stage=0",)), *candidates]
+
+
+def run(work_dir: Path, batch_seconds: list[float], steps: int, warmup: int, probe_limit: float,
+        quick: bool = False) -> dict[str, Any]:
+    """All measurements; ``quick`` times only the candidate variants (no data-wait run, sweep or memory probe)."""
     from w2v_dist.dist import world_from_env
     from w2v_dist.engine import init_distributed
     from w2v_dist.model import init_model
@@ -276,34 +290,34 @@ def run(work_dir: Path, batch_seconds: list[float], steps: int, warmup: int, pro
     peaks = {"datasheet": peak_tflops(device), "measured": matmul_tflops()}
     emit({"measure": "gpu_device", "device": device, "torch": torch.__version__,
           "datasheet_bf16_tflops": peaks["datasheet"], "measured_bf16_matmul_tflops": peaks["measured"]})
-    wait = attempt("gpu_data_wait", lambda: data_wait(work_dir, model_dir, batch_seconds[-1], 40))
+    skipped = {"skipped": "quick"}
+    wait = skipped if quick else attempt("gpu_data_wait",
+                                         lambda: data_wait(work_dir, model_dir, batch_seconds[-1], 40))
     vocab = int(Wav2Vec2Config.from_pretrained(model_dir).vocab_size or 0)
-    sweep = [(Trial("flash"), seconds) for seconds in batch_seconds[:-1]]
-    cudnn = ("model.cudnn_attention=true",)
-    trials = [Trial("sdpa (cuDNN)", cudnn), Trial("sdpa (cuDNN), static shapes", cudnn, static_shapes=True),
-              Trial("eager", ("model.attention=eager",)), Trial("flash"),
-              Trial("flash, static shapes", static_shapes=True), Trial("flash+compile", ("model.compile=true",)),
-              Trial("flash+compile, ZeRO-0", ("model.compile=true", "deepspeed.zero_stage=0")),
-              Trial("bare PyTorch, flash+compile", ("model.compile=true",), bare=True)]
+    sweep = [] if quick else [(Trial("flash+compile", ("model.compile=true",)), s) for s in batch_seconds[:-1]]
     results = [attempt("gpu_variant", partial(measure_variant, trial, model_dir,
                                               planned_batches(seconds, warmup + steps, vocab), warmup, peaks))
-               for trial, seconds in sweep + [(trial, batch_seconds[-1]) for trial in trials]]
+               for trial, seconds in sweep + [(trial, batch_seconds[-1]) for trial in trials(quick)]]
     ours = [r for r in results if "error" not in r and not r["trial"]["bare"] and not r["trial"]["static_shapes"]]
     best = max(ours, key=lambda r: r["audio_seconds_per_second"])
-    bare = next((r for r in results if r.get("variant", "").startswith("bare")), None)
-    if bare is not None and "error" not in bare:
-        emit({"measure": "gpu_engine_overhead", "bare_audio_seconds_per_second": bare["audio_seconds_per_second"],
+    bare = next((r for r in results if "error" not in r and r["trial"]["bare"]
+                 and r["trial"]["overrides"] == best["trial"]["overrides"]), None)
+    if bare is not None:
+        emit({"measure": "gpu_engine_overhead", "variant": best["variant"],
+              "bare_audio_seconds_per_second": bare["audio_seconds_per_second"],
               "engine_audio_seconds_per_second": best["audio_seconds_per_second"],
               "overhead_ratio": bare["audio_seconds_per_second"] / best["audio_seconds_per_second"]})
-    optimizer = attempt("gpu_adamw", lambda: emit({"measure": "gpu_adamw", **adamw_ms(94_000_000)}))
-    memory = attempt("gpu_memory", lambda: emit({"measure": "gpu_memory",
-                                                 **largest_batch(model_dir, Trial(**best["trial"]),
-                                                                 batch_seconds[-1], probe_limit)}))
+    optimizer = skipped if quick else attempt("gpu_adamw", lambda: emit({"measure": "gpu_adamw",
+                                                                         **adamw_ms(94_000_000)}))
+    memory = skipped if quick else attempt("gpu_memory", lambda: emit({"measure": "gpu_memory", **largest_batch(
+        model_dir, Trial(**best["trial"]), batch_seconds[-1], probe_limit)}))
     return emit({"measure": "summary", "device": device, "best_variant": best["variant"],
                  "batch_seconds": best["batch_seconds"], "audio_seconds_per_second": best["audio_seconds_per_second"],
                  "transformer_mfu": best.get("transformer_mfu_datasheet"), "mfu": best.get("mfu_datasheet"),
                  "peak_memory_gib": best["peak_memory_gib"], "gpu_busy_fraction": best["gpu_busy_fraction"],
                  "host_syncs_per_step": best["host_syncs_per_step"],
+                 "engine_overhead_ratio": bare["audio_seconds_per_second"] / best["audio_seconds_per_second"]
+                 if bare else None,
                  "data_wait_fraction": wait.get("data_wait_fraction"),
                  "adamw_fused_ms": optimizer.get("adamw_fused_ms"),
                  "adamw_foreach_ms": optimizer.get("adamw_foreach_ms"),
