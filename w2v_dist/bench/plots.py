@@ -16,19 +16,21 @@ def plot_gpu(records: list[dict[str, Any]], out: Path) -> None:
 
     variants = [r for r in records if r.get("measure") == "gpu_variant" and "error" not in r]
     device = next((r["device"] for r in records if r.get("measure") == "gpu_device"), "GPU")
-    fig, (sweep_ax, bar_ax) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [1, 1.6]})
     by_name: dict[str, list[dict[str, Any]]] = {}
     for r in variants:
         by_name.setdefault(r["variant"], []).append(r)
-    for name, runs in by_name.items():
-        if len(runs) > 1:
-            runs.sort(key=lambda r: r["batch_seconds"])
+    sweeps = {name: sorted(runs, key=lambda r: r["batch_seconds"]) for name, runs in by_name.items() if len(runs) > 1}
+    if sweeps:
+        fig, (sweep_ax, bar_ax) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [1, 1.6]})
+        for name, runs in sweeps.items():
             sweep_ax.plot([r["batch_seconds"] for r in runs], [r["audio_seconds_per_second"] for r in runs], "o-",
                           label=name)
-    sweep_ax.set(xlabel="padded audio seconds per batch", ylabel="audio seconds / second",
-                 title="throughput vs batch size")
-    sweep_ax.legend()
-    sweep_ax.grid(alpha=0.3)
+        sweep_ax.set(xlabel="padded audio seconds per batch", ylabel="audio seconds / second",
+                     title="throughput vs batch size")
+        sweep_ax.legend()
+        sweep_ax.grid(alpha=0.3)
+    else:
+        fig, bar_ax = plt.subplots(figsize=(9, 3.6))
     largest = max(r["batch_seconds"] for r in variants)
     at_largest = [r for r in variants if abs(r["batch_seconds"] - largest) / largest < 0.25]
     names = [r["variant"] for r in at_largest]
