@@ -1,0 +1,146 @@
+"""One variant of the train step on a GPU, timed: throughput, FLOPs, memory, host syncs, kernel time.
+
+Used by ``w2v-dist bench gpu`` (gpu.py); the FLOPs model is in flops.py.
+"""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import Wav2Vec2Config
+
+from w2v_dist.bench.flops import batch_flops
+from w2v_dist.bench.loader import emit
+
+SR = 16_000
+
+@dataclass(frozen=True)
+class Trial:
+    name: str
+    overrides: tuple[str, ...] = ()
+    """Config overrides (``model.attention=eager``, ``model.compile=true``, ``deepspeed.zero_stage=0``...)."""
+    static_shapes: bool = False
+    """Diagnostic: repeat one batch, so nothing depends on a new shape."""
+    bare: bool = False
+    """A bare PyTorch loop (autocast bf16, fused AdamW, clipping) instead of our engine and train_step."""
+
+
+def trial_config(model_dir: Path, trial: Trial) -> Any:
+    from w2v_dist.config import load_config
+
+    return load_config(None, [f"model.name_or_path={model_dir}", "deepspeed.precision=bf16", "deepspeed.zero_stage=2",
+                              "model.layerdrop=0", "schedule.name=constant", *trial.overrides])
+
+
+def build_step(model_dir: Path, trial: Trial) -> tuple[Callable[[dict[str, Any]], None], Wav2Vec2Config]:
+    """The step function a trial times; each call returns when the GPU has finished the step."""
+    from w2v_dist.engine import Engine, param_groups
+    from w2v_dist.model import load_model, load_processor
+    from w2v_dist.trainer import train_step
+
+    cfg = trial_config(model_dir, trial)
+    model = load_model(cfg.model, load_processor(cfg.model, None))
+    if not trial.bare:
+        engine = Engine(cfg, model, 0)
+
+        def engine_step(batch: dict[str, Any]) -> None:
+            train_step(engine, [batch], 1)  # ends in a host read of the guard flags: the step is complete
+
+        return engine_step, model.config
+    model.cuda().train()  # type: ignore[call-arg]
+    optimizer = torch.optim.AdamW(param_groups(model, 0.0), lr=cfg.optim.lr, fused=True)
+
+    def bare_step(batch: dict[str, Any]) -> None:
+        labels = batch["labels"].cuda(non_blocking=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(input_values=batch["input_values"].cuda(non_blocking=True), labels=labels).loss
+        (loss.float() / (labels >= 0).sum()).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+
+    return bare_step, model.config
+
+
+def measure_variant(trial: Trial, model_dir: Path, batches: list[dict[str, Any]], warmup: int,
+                    peaks: dict[str, float | None]) -> dict[str, Any]:
+    from torch._dynamo.utils import counters
+
+    if trial.static_shapes:
+        batches = [batches[0]] * len(batches)
+    step, config = build_step(model_dir, trial)
+    start = time.perf_counter()
+    for batch in batches[:warmup]:
+        step(batch)
+    warmup_s = time.perf_counter() - start
+    graphs_before = counters["stats"]["unique_graphs"]
+    torch.cuda.reset_peak_memory_stats()
+    timed = batches[warmup:]
+    step_times = []
+    for batch in timed:
+        start = time.perf_counter()
+        step(batch)
+        step_times.append(time.perf_counter() - start)
+    anatomy = step_anatomy(step, timed[:3])
+    seconds = sum(b["seconds"] for b in timed)
+    wall = sum(step_times)
+    flops = batch_flops(config, [n for b in timed for n in b["lengths"]])
+    record = {"measure": "gpu_variant", "variant": trial.name, "trial": asdict(trial),
+              "batch_seconds": statistics.mean(b["input_values"].numel() / SR for b in timed),
+              "steps": len(timed), "step_s_median": statistics.median(step_times),
+              "audio_seconds_per_second": seconds / wall, "tflops": flops.total / wall / 1e12,
+              "transformer_tflops": flops.transformer / wall / 1e12, "warmup_s": warmup_s,
+              "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
+              "graphs_compiled_while_timed": counters["stats"]["unique_graphs"] - graphs_before}
+    for label, peak in peaks.items():
+        if peak:
+            record[f"mfu_{label}"] = flops.total / wall / 1e12 / peak
+            record[f"transformer_mfu_{label}"] = flops.transformer / wall / 1e12 / peak
+    record.update(anatomy)
+    del step
+    gc.collect()
+    torch.cuda.empty_cache()
+    return emit(record)
+
+
+def step_anatomy(step: Callable[[dict[str, Any]], None], batches: list[dict[str, Any]]) -> dict[str, Any]:
+    """Host syncs per step (CUDA sync debug mode), the fraction of wall time the GPU runs kernels, and where the
+    GPU and the host spend a step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.set_sync_debug_mode("warn")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        step(batches[0])
+    torch.cuda.set_sync_debug_mode(0)
+    sites = sorted({f"{Path(w.filename).name}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)})
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        for batch in batches:
+            step(batch)
+        torch.cuda.synchronize()
+        wall_us = (time.perf_counter() - start) * 1e6
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    busy, end = 0.0, float("-inf")
+    for lo, hi in sorted((e.time_range.start, e.time_range.end) for e in kernels):  # union of kernel intervals
+        busy += max(0.0, hi - max(lo, end))
+        end = max(end, hi)
+    by_name: dict[str, float] = {}
+    for e in kernels:
+        by_name[e.name[:80]] = by_name.get(e.name[:80], 0.0) + e.time_range.elapsed_us()
+    top = sorted(by_name.items(), key=lambda item: -item[1])[:8]
+    host = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:10]
+    return {"host_syncs_per_step": sum("synchroniz" in str(w.message) for w in caught), "host_sync_sites": sites,
+            "top_kernels_ms_per_step": {name: round(us / 1e3 / len(batches), 3) for name, us in top},
+            "top_host_ops_ms_per_step": {e.key[:60]: round(e.self_cpu_time_total / 1e3 / len(batches), 3)
+                                         for e in host},
+            "gpu_busy_fraction": busy / wall_us}
