@@ -21,6 +21,15 @@ from w2v_dist.bench.flops import batch_flops
 from w2v_dist.bench.loader import emit
 
 SR = 16_000
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+"""On a machine without a GPU everything still runs (CI exercises this module on the CPU); memory, syncs and
+kernel times then read as zero."""
+
+
+def synchronize() -> None:
+    if CUDA:
+        torch.cuda.synchronize()
 
 @dataclass(frozen=True)
 class Trial:
@@ -55,18 +64,18 @@ def build_step(model_dir: Path, trial: Trial) -> tuple[Callable[[dict[str, Any]]
             train_step(engine, [batch], 1)  # ends in a host read of the guard flags: the step is complete
 
         return engine_step, model.config
-    model.cuda().train()  # type: ignore[call-arg]
+    model.to(DEVICE).train()  # type: ignore[arg-type]
     optimizer = torch.optim.AdamW(param_groups(model, 0.0), lr=cfg.optim.lr, fused=True)
 
     def bare_step(batch: dict[str, Any]) -> None:
-        labels = batch["labels"].cuda(non_blocking=True)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(input_values=batch["input_values"].cuda(non_blocking=True), labels=labels).loss
+        labels = batch["labels"].to(DEVICE, non_blocking=True)
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
+            loss = model(input_values=batch["input_values"].to(DEVICE, non_blocking=True), labels=labels).loss
         (loss.float() / (labels >= 0).sum()).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
+        synchronize()
 
     return bare_step, model.config
 
@@ -83,7 +92,8 @@ def measure_variant(trial: Trial, model_dir: Path, batches: list[dict[str, Any]]
         step(batch)
     warmup_s = time.perf_counter() - start
     graphs_before = counters["stats"]["unique_graphs"]
-    torch.cuda.reset_peak_memory_stats()
+    if CUDA:
+        torch.cuda.reset_peak_memory_stats()
     timed = batches[warmup:]
     step_times = []
     for batch in timed:
@@ -99,7 +109,7 @@ def measure_variant(trial: Trial, model_dir: Path, batches: list[dict[str, Any]]
               "steps": len(timed), "step_s_median": statistics.median(step_times),
               "audio_seconds_per_second": seconds / wall, "tflops": flops.total / wall / 1e12,
               "transformer_tflops": flops.transformer / wall / 1e12, "warmup_s": warmup_s,
-              "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
+              "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if CUDA else 0.0,
               "graphs_compiled_while_timed": counters["stats"]["unique_graphs"] - graphs_before}
     for label, peak in peaks.items():
         if peak:
@@ -108,7 +118,8 @@ def measure_variant(trial: Trial, model_dir: Path, batches: list[dict[str, Any]]
     record.update(anatomy)
     del step
     gc.collect()
-    torch.cuda.empty_cache()
+    if CUDA:
+        torch.cuda.empty_cache()
     return emit(record)
 
 
@@ -117,17 +128,20 @@ def step_anatomy(step: Callable[[dict[str, Any]], None], batches: list[dict[str,
     GPU and the host spend a step."""
     from torch.profiler import ProfilerActivity, profile
 
-    torch.cuda.set_sync_debug_mode("warn")
+    if CUDA:
+        torch.cuda.set_sync_debug_mode("warn")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         step(batches[0])
-    torch.cuda.set_sync_debug_mode(0)
+    if CUDA:
+        torch.cuda.set_sync_debug_mode(0)
     sites = sorted({f"{Path(w.filename).name}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)})
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if CUDA else [ProfilerActivity.CPU]
+    with profile(activities=activities) as prof:
         start = time.perf_counter()
         for batch in batches:
             step(batch)
-        torch.cuda.synchronize()
+        synchronize()
         wall_us = (time.perf_counter() - start) * 1e6
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     busy, end = 0.0, float("-inf")
