@@ -24,6 +24,7 @@ def test_bench_loader_prints_one_json_line_per_measurement(tmp_path: Path) -> No
     assert 0 < summary["fraction_of_raw_decode"] and 0 <= summary["padding_fraction"] < 1
     assert records["padding"]["ours"] < records["padding"]["random_same_size"]
     assert records["resume_skip"]["samples_skipped"] > 0
+    assert "fraction_of_raw_decode" in proc.stderr.split("summary\n", 1)[1]  # the short table
 
 
 def test_bench_shard_compares_with_a_raw_copy(tmp_path: Path) -> None:
