@@ -142,7 +142,8 @@ class Engine:
 
     def _watch_grad(self, grad: torch.Tensor) -> torch.Tensor:
         # One reduction kernel per gradient: a NaN or Inf anywhere makes its sum non-finite (isfinite().all()
-        # took six kernels per parameter, ~1,200 launches per step for wav2vec2-base).
+        # took six kernels per parameter, ~1,200 launches per step for wav2vec2-base). A finite gradient whose
+        # sum overflows float32 (entries near 1e32) also counts as bad: such an update is garbage anyway.
         self.grad_sums.append(grad.sum(dtype=torch.float32))
         return grad
 

@@ -130,7 +130,6 @@ class _Stream(IterableDataset):  # type: ignore[type-arg]
             skips.clear()
             yield out
 
-
     def _decode_batch(self, batch: Batch, held: dict[tuple[int, str], dict[str, bytes]], skips: Counter[str]
                       ) -> dict[str, Any]:
         """Decode a planned batch into one zero-padded buffer; a missing or bad sample is skipped (counted)."""
