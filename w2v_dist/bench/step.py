@@ -103,8 +103,11 @@ def data_wait(work_dir: Path, steps: int) -> dict[str, Any]:
     subprocess.run(cmd, check=True, capture_output=True, cwd=REPO, env=env)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     waits = [r["data_wait_fraction"] for r in records if "data_wait_fraction" in r][1:]  # first window: start-up
+    from w2v_dist.dist import loader_workers
+
     return emit({"measure": "data_wait", "steps": steps, "data_wait_fraction": statistics.mean(waits),
-                 "workers": 2, "note": "windows after the first; CPU step times are long, GPU ones much shorter"})
+                 "workers": loader_workers(-1), "note": "default data.num_workers (-1: one per core, less one); "
+                 "windows after the first; CPU step times are long, GPU ones much shorter"})
 
 
 def run(work_dir: Path, size: str, batch_seconds: float, rounds: int, steps: int) -> dict[str, Any]:
