@@ -33,6 +33,7 @@ def test_bench_shard_compares_with_a_raw_copy(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = {r["measure"]: r for r in map(json.loads, proc.stdout.splitlines())}
     assert records["summary"]["fraction_of_raw_copy"] > 0 and records["shard"]["audio_hours_per_second"] > 0
+    assert records["summary"]["speedup_over_one_worker"] > 0
 
 
 GPU_STEP_SCRIPT = """
