@@ -28,6 +28,29 @@ NO_DECAY = ("bias", "layer_norm", "layernorm", "norm.weight", "masked_spec_embed
 def init_distributed(timeout_minutes: float = 30.0) -> None:
     """Create the process group (NCCL on GPUs, gloo/ccl on CPU) with a bounded collective timeout."""
     deepspeed.init_distributed(timeout=datetime.timedelta(minutes=timeout_minutes), verbose=False)
+    release_cpu_shm_buffer()
+
+
+def release_cpu_shm_buffer() -> None:
+    """Unlink this rank's DeepSpeed CPU all-reduce buffer from /dev/shm once every rank has mapped it.
+
+    DeepSpeed's shm comm op (CPU accelerator, all ranks on one host) creates a ~67 MB
+    ``/dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>`` per rank and never unlinks it: every CPU
+    run leaked them until memory ran out. Each rank maps all the others' buffers during initialisation, so after
+    a barrier the names are no longer needed; the mappings live on until the processes exit, even on SIGKILL.
+    """
+    if deepspeed.get_accelerator().device_name() != "cpu":
+        return
+    import torch.distributed as torch_dist
+
+    if torch_dist.is_initialized() and torch_dist.get_world_size() > 1:
+        torch_dist.barrier()
+        rank = torch_dist.get_rank()
+    else:
+        rank = 0
+    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{rank}")
+    Path("/dev/shm", name).unlink(missing_ok=True)
 
 
 def check_accelerator(precision: str) -> None:

@@ -18,9 +18,12 @@ def test_two_rank_deepspeed_run_exports_a_loadable_model(shard_dirs: dict, tiny_
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "run"
     monkeypatch.setenv("WANDB_API_KEY", "sekret-0123456789abcdef")
+    shm_before = set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"))
     proc = run_deepspeed(["--config", "configs/demo.yaml",
                           *overrides(shard_dirs, tiny_model, out, **{"logging.wandb.mode": "offline"})])
     check(proc)
+    leaked = set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")) - shm_before
+    assert not leaked, f"DeepSpeed's CPU all-reduce buffers were left in /dev/shm: {leaked}"
     records = metrics(out)
     losses = [r["loss"] for r in records if "loss" in r]
     assert len(losses) == 6 and all(math.isfinite(x) for x in losses)
