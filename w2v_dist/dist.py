@@ -96,10 +96,7 @@ def is_initialized() -> bool:
 
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     """Sum a few numbers over all ranks in one collective (float64, exact for counts)."""
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    if is_initialized():
-        torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.SUM)
-    return tensor.tolist()
+    return all_reduce_sum_async(values, device).tolist()
 
 
 def all_reduce_sum_async(values: list[float], device: torch.device) -> torch.Tensor:

@@ -14,12 +14,9 @@ data-wait fraction of a real ``train.py`` run, and the largest ``max_batch_secon
 from __future__ import annotations
 
 import gc
-import json
 import os
 import random
 import statistics
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from functools import partial
@@ -33,12 +30,11 @@ from transformers import Wav2Vec2Config
 from w2v_dist.bench.corpus import CHARS_PER_SECOND, librispeech_like_seconds
 from w2v_dist.bench.flops import peak_tflops
 from w2v_dist.bench.gpu_step import Trial, build_step, measure_variant
-from w2v_dist.bench.loader import emit, prepare_shards
+from w2v_dist.bench.loader import SR, emit, prepare_shards
+from w2v_dist.bench.step import training_windows
 from w2v_dist.data.index import Utterance
 from w2v_dist.data.plan import BatchPolicy, pack
 
-SR = 16_000
-REPO = Path(__file__).resolve().parents[2]
 LONGEST_SECONDS = 35.0
 
 
@@ -120,16 +116,10 @@ def largest_batch(model_dir: Path, trial: Trial, start: float, limit: float) -> 
 def data_wait(work_dir: Path, model_dir: Path, batch_seconds: float, steps: int) -> dict[str, Any]:
     """A real ``train.py`` run (bf16, ZeRO-2, default loader workers) on LibriSpeech-shaped shards."""
     _, shards = prepare_shards(work_dir / "loader", 800, os.cpu_count() or 2)
-    out = work_dir / "gpu-run"
-    cmd = [sys.executable, str(REPO / "train.py"), f"output_dir={out}", f"data.train_shards={shards}",
-           f"model.name_or_path={model_dir}", f"trainer.max_steps={steps}", "trainer.eval_every=0",
-           "trainer.save_every=0", "trainer.log_every=5", "checkpoint.resume=false", "logging.progress_bar=false",
-           f"data.max_batch_seconds={batch_seconds}", "data.max_batch_size=1024", "deepspeed.precision=bf16",
-           "deepspeed.zero_stage=2", "model.layerdrop=0"]
-    rendezvous = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")  # this process's group's
-    subprocess.run(cmd, check=True, cwd=REPO, env={k: v for k, v in os.environ.items() if k not in rendezvous})
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    windows = [r for r in records if "data_wait_fraction" in r][1:]  # the first window holds worker start-up
+    windows = training_windows(work_dir / "gpu-run", [
+        f"data.train_shards={shards}", f"model.name_or_path={model_dir}", f"trainer.max_steps={steps}",
+        f"data.max_batch_seconds={batch_seconds}", "data.max_batch_size=1024", "deepspeed.precision=bf16",
+        "deepspeed.zero_stage=2", "model.layerdrop=0"], quiet=False)
     return emit({"measure": "gpu_data_wait", "steps": steps, "batch_seconds": batch_seconds,
                  "data_wait_fraction": statistics.mean(r["data_wait_fraction"] for r in windows),
                  "audio_seconds_per_second": statistics.mean(r["audio_seconds_per_second"] for r in windows)})

@@ -18,9 +18,8 @@ import torch
 from transformers import Wav2Vec2Config
 
 from w2v_dist.bench.flops import batch_flops
-from w2v_dist.bench.loader import emit
+from w2v_dist.bench.loader import SR, emit
 
-SR = 16_000
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 """On a machine without a GPU everything still runs (CI exercises this module on the CPU); memory, syncs and

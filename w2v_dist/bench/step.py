@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from w2v_dist.bench.loader import emit
+from w2v_dist.dist import loader_workers
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -90,22 +91,26 @@ def overhead(work_dir: Path, size: str, batch_seconds: float, rounds: int, steps
                  "bare_audio_seconds_per_second": audio / bare, "engine_audio_seconds_per_second": audio / ours})
 
 
-def data_wait(work_dir: Path, steps: int) -> dict[str, Any]:
-    """A real (single-process) training run with the default loader workers; its logged data-wait fraction."""
-    out = work_dir / "data-wait-run"
+def training_windows(out: Path, overrides: list[str], quiet: bool = True) -> list[dict[str, Any]]:
+    """Run ``train.py`` in its own process (not in this process's group) and return its ``metrics.jsonl`` log
+    windows after the first, which holds the loader workers' start-up."""
     shutil.rmtree(out, ignore_errors=True)
-    cmd = [sys.executable, str(REPO / "train.py"), f"output_dir={out}", f"data.train_shards={work_dir}/loader/shards",
-           f"model.name_or_path={work_dir}/model-tiny", f"trainer.max_steps={steps}", "trainer.eval_every=0",
-           "trainer.save_every=0", "trainer.log_every=5", "checkpoint.resume=false", "logging.progress_bar=false",
-           "data.max_batch_seconds=60", "trainer.preflight=false"]
+    cmd = [sys.executable, str(REPO / "train.py"), f"output_dir={out}", "trainer.eval_every=0", "trainer.save_every=0",
+           "trainer.log_every=5", "checkpoint.resume=false", "logging.progress_bar=false", *overrides]
     rendezvous = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")  # this process's group's
     env = {k: v for k, v in os.environ.items() if k not in rendezvous}
-    subprocess.run(cmd, check=True, capture_output=True, cwd=REPO, env=env)
+    subprocess.run(cmd, check=True, capture_output=quiet, cwd=REPO, env=env)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    waits = [r["data_wait_fraction"] for r in records if "data_wait_fraction" in r][1:]  # first window: start-up
-    from w2v_dist.dist import loader_workers
+    return [r for r in records if "data_wait_fraction" in r][1:]
 
-    return emit({"measure": "data_wait", "steps": steps, "data_wait_fraction": statistics.mean(waits),
+
+def data_wait(work_dir: Path, steps: int) -> dict[str, Any]:
+    """A real (single-process) training run with the default loader workers; its logged data-wait fraction."""
+    windows = training_windows(work_dir / "data-wait-run", [
+        f"data.train_shards={work_dir}/loader/shards", f"model.name_or_path={work_dir}/model-tiny",
+        f"trainer.max_steps={steps}", "data.max_batch_seconds=60", "trainer.preflight=false"])
+    return emit({"measure": "data_wait", "steps": steps,
+                 "data_wait_fraction": statistics.mean(r["data_wait_fraction"] for r in windows),
                  "workers": loader_workers(-1), "note": "default data.num_workers (-1: one per core, less one); "
                  "windows after the first; CPU step times are long, GPU ones much shorter"})
 
