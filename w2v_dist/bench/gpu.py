@@ -30,7 +30,8 @@ from transformers import Wav2Vec2Config
 from w2v_dist.bench.corpus import CHARS_PER_SECOND, librispeech_like_seconds
 from w2v_dist.bench.flops import peak_tflops
 from w2v_dist.bench.gpu_step import Trial, build_step, measure_variant
-from w2v_dist.bench.loader import SR, emit, prepare_shards
+from w2v_dist.bench.loader import prepare_shards
+from w2v_dist.bench.output import SR, emit
 from w2v_dist.bench.step import training_windows
 from w2v_dist.data.index import Utterance
 from w2v_dist.data.plan import BatchPolicy, pack

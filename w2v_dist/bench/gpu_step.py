@@ -18,7 +18,7 @@ import torch
 from transformers import Wav2Vec2Config
 
 from w2v_dist.bench.flops import batch_flops
-from w2v_dist.bench.loader import SR, emit
+from w2v_dist.bench.output import SR, emit
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import itertools
-import json
 import subprocess
 import sys
 import time
@@ -26,29 +25,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from w2v_dist.bench.corpus import build
+from w2v_dist.bench.output import SR, emit
 from w2v_dist.data.audio import EncoderGeometry
 from w2v_dist.data.index import load_shard_set
 from w2v_dist.data.loader import TrainStream, make_loader, make_preprocess
 from w2v_dist.data.plan import BatchPolicy, padding_fraction
 from w2v_dist.data.sources import librispeech_sources
-
-SR = 16_000
-
-
-def emit(record: dict[str, Any]) -> dict[str, Any]:
-    """One JSON line per measurement on stdout; the summary also as a short table on stderr (stdout stays
-    machine-readable)."""
-    print(json.dumps(record), flush=True)
-    if record.get("measure") == "summary":
-        print(summary_table(record), file=sys.stderr, flush=True)
-    return record
-
-
-def summary_table(record: dict[str, Any]) -> str:
-    rows = [(key, f"{value:.4g}" if isinstance(value, float) else str(value)[:60])
-            for key, value in record.items() if key != "measure" and not isinstance(value, dict)]
-    width = max((len(key) for key, _ in rows), default=0)
-    return "\n".join(["summary", "-" * (width + 20), *(f"{key:<{width}}  {value}" for key, value in rows)])
 
 
 def raw_decode_rate(files: list[Path]) -> float:

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from w2v_dist.bench.loader import emit
+from w2v_dist.bench.output import emit
 
 PROJECTION_ASSUMPTIONS = {
     "gradient_bytes_per_param": 2, "base_trainable_params": 90_000_000,

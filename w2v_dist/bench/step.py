@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from w2v_dist.bench.loader import emit
+from w2v_dist.bench.output import emit
 from w2v_dist.dist import loader_workers
 
 REPO = Path(__file__).resolve().parents[2]

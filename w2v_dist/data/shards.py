@@ -9,7 +9,9 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import random
+import stat
 import tarfile
 import time
 from concurrent.futures import Executor
@@ -20,6 +22,7 @@ from typing import Any
 import soundfile as sf
 from tqdm import tqdm
 
+from w2v_dist.data import flac
 from w2v_dist.data.audio import SAMPLE_RATE, EncoderGeometry, decode, encode_flac, to_16k_mono
 from w2v_dist.data.index import FORMAT_VERSION, INDEX_NAME
 from w2v_dist.data.sources import Reject, Source
@@ -27,6 +30,8 @@ from w2v_dist.data.text import TranscriptError, build_vocab, label_length, norma
 from w2v_dist.data.workers import process_pool
 
 SHARD_PATTERN = "shard-{:06d}.tar"
+PROBE_CHUNK = 64
+"""Inputs per probing task: one task per file costs more in scheduling than a header check takes."""
 
 
 @dataclass
@@ -40,8 +45,8 @@ class ShardOptions:
     overwrite: bool = False
     dry_run: bool = False
     check_audio: str = "full"
-    """``full`` decodes every input; ``tail`` reads the header and decodes only the last frame, which a truncated
-    FLAC cannot supply (mid-file corruption is then caught by the loader, which skips and counts it)."""
+    """``full`` decodes every input; ``tail`` checks only the header and the final frame, which a truncated FLAC
+    cannot supply (mid-file corruption is then caught by the loader, which skips and counts it)."""
     geometry: EncoderGeometry = field(default_factory=EncoderGeometry)
 
 
@@ -56,18 +61,31 @@ class Probed:
     converted_from: str = ""
     """``"<rate> Hz, <channels> ch"`` when the audio was resampled/down-mixed and re-encoded."""
 
+    index: int = 0
+    """The source's position in the job's source list."""
+
+    def row(self) -> ProbedRow:
+        return self.text, self.num_samples, self.bytes, self.converted_from, self.index
+
+
+ProbedRow = tuple[str, int, int, str, int]
+"""A :class:`Probed` as it crosses between processes: the source's position in the job's list stands in for
+the source (pickling a ``Path`` per file costs as much as probing the file)."""
+
 
 TAIL_SAMPLES = 4096
-"""``check_audio=tail`` decodes this many final samples: FLAC's usual block size, so the last frame, which a
-truncated file cannot supply."""
+"""``check_audio=tail`` decodes this many final samples when :mod:`~w2v_dist.data.flac` cannot vouch for the
+file: FLAC's usual block size, so the last frame, which a truncated file cannot supply."""
 
 
 def audio_shape(audio: bytes | Path, full: bool) -> tuple[int, int, int]:
-    """(samples, rate, channels) of encoded audio, after decoding all of it (bytes) or only its last frame (read
-    from the file: the header and the tail, not the whole file)."""
+    """(samples, rate, channels) of encoded audio, after decoding all of it (bytes) or checking that it ends in a
+    complete final frame (read from the file: the header and the tail, not the whole file)."""
     if full:
         decoded, rate = decode(audio if isinstance(audio, bytes) else audio.read_bytes())
         return decoded.shape[0], rate, decoded.shape[1]
+    if isinstance(audio, Path) and (shape := flac.stream_shape(audio)) is not None:
+        return shape
     with sf.SoundFile(io.BytesIO(audio) if isinstance(audio, bytes) else str(audio)) as stream:
         frames, rate, channels = stream.frames, stream.samplerate, stream.channels
         tail = min(frames, TAIL_SAMPLES)
@@ -77,12 +95,17 @@ def audio_shape(audio: bytes | Path, full: bool) -> tuple[int, int, int]:
     return frames, rate, channels
 
 
-def probe(src: Source, opts: ShardOptions) -> Probed | Reject:
+def probe(src: Source, opts: ShardOptions, index: int = 0) -> Probed | Reject:
     """Decode and check one input; a :class:`Reject` says why it cannot be written."""
     def reject(reason: str) -> Reject:
         return Reject(src.key, src.source, reason)
 
-    if src.audio is None or not src.audio.is_file():
+    audio = src.audio
+    try:
+        status = os.stat(audio) if audio is not None else None
+    except OSError:
+        status = None
+    if audio is None or status is None or not stat.S_ISREG(status.st_mode):
         return reject("audio file missing")
     if src.text is None:
         return reject("no transcript line")
@@ -90,15 +113,15 @@ def probe(src: Source, opts: ShardOptions) -> Probed | Reject:
         text = normalize(src.text)
     except TranscriptError as err:
         return reject(str(err))
-    size = src.audio.stat().st_size
+    size = status.st_size
     try:
-        num_samples, rate, channels = audio_shape(src.audio, full=opts.check_audio == "full")
+        num_samples, rate, channels = audio_shape(audio, full=opts.check_audio == "full")
         converted = ""
         if rate != SAMPLE_RATE or channels != 1:
             converted = f"{rate} Hz, {channels} ch"
-            raw = encode_flac(to_16k_mono(*decode(src.audio.read_bytes())))
+            raw = encode_flac(to_16k_mono(*decode(audio.read_bytes())))
             num_samples, size = len(sf.SoundFile(io.BytesIO(raw))), len(raw)
-    except (sf.LibsndfileError, RuntimeError, ValueError) as err:
+    except (sf.LibsndfileError, RuntimeError, ValueError, OSError) as err:
         return reject(f"unreadable audio ({err})")
     seconds = num_samples / SAMPLE_RATE
     if num_samples < opts.geometry.receptive_field:
@@ -108,11 +131,28 @@ def probe(src: Source, opts: ShardOptions) -> Probed | Reject:
     frames, labels = opts.geometry.frames(num_samples), label_length(text)
     if frames < labels:
         return reject(f"CTC infeasible: {frames} frames < {labels} label tokens")
-    return Probed(src, text, num_samples, size, converted)
+    return Probed(src, text, num_samples, size, converted, index)
 
 
-def _probe_star(args: tuple[Source, ShardOptions]) -> Probed | Reject:
-    return probe(*args)
+_job: tuple[list[Source], ShardOptions] | None = None
+"""The sources and options of the job a pool worker serves, inherited or sent once when the worker starts."""
+
+
+def _adopt_job(sources: list[Source], opts: ShardOptions) -> None:
+    global _job
+    _job = sources, opts
+
+
+def _probe_range(start: int, stop: int) -> list[ProbedRow | Reject]:
+    assert _job is not None
+    sources, opts = _job
+    results = (probe(sources[i], opts, i) for i in range(start, stop))
+    return [r.row() if isinstance(r, Probed) else r for r in results]
+
+
+def _write_rows(path: Path, rows: list[ProbedRow]) -> dict[str, object]:
+    assert _job is not None
+    return write_shard(path, [Probed(_job[0][row[-1]], *row) for row in rows])
 
 
 def plan_shards(items: list[Probed], opts: ShardOptions) -> list[list[Probed]]:
@@ -144,55 +184,104 @@ def sample_json(item: Probed) -> dict[str, object]:
     return meta
 
 
-class _HashingFile:
-    """A write-only file that hashes what passes through it: the shard's sha256 without reading it back."""
-
-    def __init__(self, raw: io.BufferedWriter) -> None:
-        self.raw, self.sha256 = raw, hashlib.sha256()
-
-    def write(self, data: bytes) -> int:
-        self.sha256.update(data)
-        return self.raw.write(data)
-
-    def tell(self) -> int:
-        return self.raw.tell()
-
-
-def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    """One member as webdataset's ``TarWriter`` writes it (read-only, owner w2v, mtime 0: reproducible)."""
+def _slow_header(name: str, size: int) -> bytes:
     info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode, info.uname, info.gname = len(data), 0, 0o444, "w2v", "w2v"
-    tar.addfile(info, io.BytesIO(data))
+    info.size, info.mtime, info.mode, info.uname, info.gname = size, 0, 0o444, "w2v", "w2v"
+    # GNU format: one header per member (pax adds a second one to write and to parse), still any key length.
+    return info.tobuf(tarfile.GNU_FORMAT, "utf-8", "surrogateescape")
+
+
+_HEADER_TEMPLATE = _slow_header("", 0)
+
+
+def tar_header(name: str, size: int) -> bytes:
+    """``tarfile``'s GNU header for one of our members, 10x faster: only the name, the size and the checksum
+    differ between members, so a template is patched (``tests/unit/test_shard_format.py`` checks it byte for
+    byte against ``TarInfo.tobuf``). Names that need more than the 100-byte field go the long way."""
+    encoded = name.encode()
+    if len(encoded) >= 100 or not name.isascii() or size >= 8**11:
+        return _slow_header(name, size)
+    header = bytearray(_HEADER_TEMPLATE)
+    header[:len(encoded)] = encoded
+    header[124:136] = b"%011o\0" % size
+    header[148:156] = b"        "
+    header[148:155] = b"%06o\0" % sum(header)
+    return bytes(header)
+
+
+class _TarSink:
+    """Writes tar members straight to a file, hashing on the way (the shard's sha256 without reading it back).
+
+    The bytes are exactly what ``tarfile`` writes (its own ``TarInfo.tobuf`` builds each header); going around
+    ``TarFile.addfile`` saves its per-member file object and chunked copy, which cost as much as the copy.
+    """
+
+    def __init__(self, out: io.BufferedWriter) -> None:
+        self.out, self.sha256, self.offset = out, hashlib.sha256(), 0
+
+    def add(self, name: str, data: bytes | memoryview) -> None:
+        """One member as webdataset's ``TarWriter`` writes it (read-only, owner w2v, mtime 0: reproducible)."""
+        self._write(tar_header(name, len(data)))
+        self._write(data)
+        self._write(bytes(-len(data) % tarfile.BLOCKSIZE))
+
+    def close(self) -> None:
+        """The end-of-archive blocks, padded to a whole record as ``TarFile.close`` does."""
+        self._write(bytes(2 * tarfile.BLOCKSIZE))
+        self._write(bytes(-self.offset % tarfile.RECORDSIZE))
+
+    def _write(self, data: bytes | memoryview) -> None:
+        self.sha256.update(data)
+        self.out.write(data)
+        self.offset += len(data)
+
+
+class _FileReader:
+    """Reads whole files into one reused buffer: a fresh allocation per file would cost its page faults, as much
+    as the copy itself. A view is valid until the next :meth:`read`."""
+
+    def __init__(self) -> None:
+        self.buffer = bytearray()
+
+    def read(self, path: Path) -> memoryview:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            size = os.fstat(fd).st_size
+            if len(self.buffer) < size:
+                self.buffer = bytearray(size)
+            view = memoryview(self.buffer)[:size]
+            filled = 0
+            while filled < size and (count := os.preadv(fd, [view[filled:]], filled)):
+                filled += count
+        finally:
+            os.close(fd)
+        if filled != size:
+            raise OSError(f"{path} changed while it was being read")
+        return view
 
 
 def write_shard(path: Path, items: list[Probed]) -> dict[str, object]:
     """Write one tar under a temporary name, then rename; return its index entry.
 
-    The standard library writes it (the same members webdataset's ``TarWriter`` would): importing webdataset
-    pulls in torch, seconds of start-up per writer process for a job that only copies bytes.
+    The standard library's tar headers, not webdataset's ``TarWriter``: importing webdataset pulls in torch,
+    and the members are the same.
     """
     tmp = path.with_name(path.name + ".partial")
-    with open(tmp, "wb") as raw:
-        sink = _HashingFile(raw)
-        # GNU format: plain headers (pax headers cost a second header per member to write and to parse), and
-        # still any key length.
-        with tarfile.open(fileobj=sink, mode="w", format=tarfile.GNU_FORMAT) as tar:  # type: ignore[call-overload]
-            tar.copybufsize = 1 << 20  # one write per member instead of one per 16 kB
-            for item in items:
-                audio = item.source.audio.read_bytes()  # type: ignore[union-attr]
-                if item.converted_from:
-                    audio = encode_flac(to_16k_mono(*decode(audio)))
-                _add(tar, f"{item.source.key}.flac", audio)
-                _add(tar, f"{item.source.key}.json", json.dumps(sample_json(item), sort_keys=True).encode())
+    reader = _FileReader()
+    with open(tmp, "wb") as out:
+        sink = _TarSink(out)
+        for item in items:
+            audio: bytes | memoryview = reader.read(item.source.audio)  # type: ignore[arg-type]
+            if item.converted_from:
+                audio = encode_flac(to_16k_mono(*decode(bytes(audio))))
+            sink.add(f"{item.source.key}.flac", audio)
+            sink.add(f"{item.source.key}.json", json.dumps(sample_json(item), sort_keys=True).encode())
+        sink.close()
     tmp.rename(path)
     seconds = round(sum(i.num_samples for i in items) / SAMPLE_RATE, 3)
-    return {"name": path.name, "samples": len(items), "seconds": seconds, "bytes": path.stat().st_size,
+    return {"name": path.name, "samples": len(items), "seconds": seconds, "bytes": sink.offset,
             "sha256": sink.sha256.hexdigest(),
             "utterances": [[i.source.key, i.num_samples, label_length(i.text)] for i in items]}
-
-
-def _write_star(args: tuple[Path, list[Probed]]) -> dict[str, object]:
-    return write_shard(*args)
 
 
 def histogram(seconds: list[float], bin_seconds: float = 1.0) -> dict[str, object]:
@@ -206,14 +295,16 @@ def _probe_all(pool: Executor, sources: list[Source], opts: ShardOptions, accept
                rejects: list[Reject], bar: tqdm) -> None:
     """Probe every input in parallel, in order, sorting results into ``accepted`` and ``rejects``."""
     total = 0
-    for result in pool.map(_probe_star, [(s, opts) for s in sources], chunksize=32):
-        if isinstance(result, Probed):
-            accepted.append(result)
-            total += result.num_samples
-        else:
-            rejects.append(result)
+    starts = range(0, len(sources), PROBE_CHUNK)
+    for results in pool.map(_probe_range, starts, [min(s + PROBE_CHUNK, len(sources)) for s in starts]):
+        for result in results:
+            if isinstance(result, Reject):
+                rejects.append(result)
+            else:
+                accepted.append(Probed(sources[result[-1]], *result))
+                total += accepted[-1].num_samples
         bar.set_postfix_str(f"{total / SAMPLE_RATE / 3600:.2f} h accepted, {len(rejects)} rejected", refresh=False)
-        bar.update()
+        bar.update(len(results))
 
 
 def shard_corpus(sources: list[Source], out: str | Path, opts: ShardOptions, described: dict[str, object]
@@ -229,7 +320,7 @@ def shard_corpus(sources: list[Source], out: str | Path, opts: ShardOptions, des
     started = time.monotonic()
     accepted: list[Probed] = []
     rejects: list[Reject] = []
-    with process_pool(opts.workers) as pool:
+    with process_pool(opts.workers, _adopt_job, (sources, opts)) as pool:
         with tqdm(total=len(sources), desc="probe", unit="utt", disable=None) as bar:
             _probe_all(pool, sources, opts, accepted, rejects, bar)
         groups = plan_shards(accepted, opts)
@@ -239,8 +330,8 @@ def shard_corpus(sources: list[Source], out: str | Path, opts: ShardOptions, des
             entries = [{"name": p.name, "samples": len(g), "seconds": sum(i.num_samples for i in g) / SAMPLE_RATE,
                         "bytes": sum(i.bytes for i in g)} for p, g in jobs]
         else:
-            entries = list(tqdm(pool.map(_write_star, jobs), total=len(jobs), desc="write", unit="shard",
-                                disable=None))
+            written = pool.map(_write_rows, [path for path, _ in jobs], [[p.row() for p in g] for g in groups])
+            entries = list(tqdm(written, total=len(jobs), desc="write", unit="shard", disable=None))
     seconds = [p.num_samples / SAMPLE_RATE for p in accepted]
     index: dict[str, Any] = {"format": "w2v-dist-shards", "version": FORMAT_VERSION, **described,
              "options": {k: v for k, v in asdict(opts).items() if k not in ("workers", "overwrite", "dry_run")},

@@ -46,7 +46,7 @@ def label_length(text: str) -> int:
 
 def build_vocab(texts: Iterable[str]) -> dict[str, int]:
     """A ``Wav2Vec2CTCTokenizer`` vocabulary for the characters seen, ordered like wav2vec2-base-960h."""
-    seen = {c for text in texts for c in text if c != " "}
+    seen = set().union(*texts) - {" "}
     ordered = [c for c in LIBRISPEECH_CHARS if c in seen] + sorted(seen - set(LIBRISPEECH_CHARS))
     tokens = [*SPECIAL_TOKENS, WORD_DELIMITER, *ordered]
     return {token: index for index, token in enumerate(tokens)}
