@@ -19,6 +19,7 @@ from deepspeed.utils import safe_get_full_fp32_param
 from transformers import Wav2Vec2ForCTC
 
 from w2v_dist.config import Config
+from w2v_dist.data.collate import model_inputs
 
 log = logging.getLogger("w2v_dist.engine")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -180,10 +181,6 @@ class Engine:
     def module(self) -> Wav2Vec2ForCTC:
         return self.ds.module
 
-    def to_device(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        names = ("input_values", "attention_mask", "labels")
-        return {k: batch[k].to(self.device, non_blocking=True) for k in names if k in batch}
-
     def forward(self, batch: dict[str, Any], with_labels: bool = True, inject_inf_grad: bool = False
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed CTC loss (fp32: the model takes log-softmax in fp32) and the logits.
@@ -191,9 +188,7 @@ class Engine:
         An empty batch (every sample skipped) gives a zero loss that still reaches every trainable parameter,
         so backward's collectives run on this rank like on the others.
         """
-        inputs = self.to_device(batch)
-        if not with_labels:
-            inputs.pop("labels", None)
+        inputs = model_inputs(batch, self.device, with_labels)
         if inputs["input_values"].numel() == 0:
             return self._zero_loss(), torch.zeros(0, device=self.device)
         inputs["input_values"] = inputs["input_values"].to(self.dtype)

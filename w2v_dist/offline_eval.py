@@ -24,6 +24,7 @@ from transformers import Wav2Vec2ForCTC
 
 from w2v_dist import dist
 from w2v_dist.data.audio import EncoderGeometry
+from w2v_dist.data.collate import model_inputs
 from w2v_dist.data.index import Utterance, load_shard_set
 from w2v_dist.data.loader import EvalStream, Preprocess, make_loader, make_preprocess
 from w2v_dist.data.plan import BatchPolicy
@@ -94,9 +95,7 @@ def score_set(model: Wav2Vec2ForCTC, decoder: CTCDecoder, loader: Any, name: str
         skips.update(batch["skips"])
         if not batch["keys"]:
             continue
-        mask = batch.get("attention_mask")
-        logits = model(batch["input_values"].to(device),
-                       attention_mask=mask.to(device) if mask is not None else None).logits
+        logits = model(**model_inputs(batch, device, with_labels=False)).logits
         frames = model._get_feat_extract_output_lengths(batch["input_lengths"])
         for key, ref, hyp, samples in zip(batch["keys"], batch["texts"], decoder(logits, frames),
                                           batch["input_lengths"].tolist()):

@@ -19,6 +19,7 @@ from transformers import Wav2Vec2Config
 
 from w2v_dist.bench.flops import batch_flops
 from w2v_dist.bench.output import SR, emit
+from w2v_dist.data.collate import model_inputs
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -67,9 +68,10 @@ def build_step(model_dir: Path, trial: Trial) -> tuple[Callable[[dict[str, Any]]
     optimizer = torch.optim.AdamW(param_groups(model, 0.0), lr=cfg.optim.lr, fused=True)
 
     def bare_step(batch: dict[str, Any]) -> None:
-        labels = batch["labels"].to(DEVICE, non_blocking=True)
+        inputs = model_inputs(batch, DEVICE)
+        labels = inputs["labels"]
         with torch.autocast(DEVICE, dtype=torch.bfloat16):
-            loss = model(input_values=batch["input_values"].to(DEVICE, non_blocking=True), labels=labels).loss
+            loss = model(**inputs).loss
         (loss.float() / (labels >= 0).sum()).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
         optimizer.step()

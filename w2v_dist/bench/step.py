@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from w2v_dist.bench.output import emit
+from w2v_dist.data.collate import model_inputs
 from w2v_dist.dist import loader_workers
 
 REPO = Path(__file__).resolve().parents[2]
@@ -28,7 +29,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def bare_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: dict[str, Any], clip: float) -> None:
     """The seed script's step: forward, mean-per-target loss, backward, clip, AdamW."""
-    out = model(input_values=batch["input_values"], labels=batch["labels"])
+    out = model(**model_inputs(batch, "cpu"))
     targets = (batch["labels"] >= 0).sum()
     (out.loss / targets).backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), clip)

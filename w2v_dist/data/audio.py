@@ -69,11 +69,3 @@ def encode_flac(audio: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     sf.write(buffer, audio, SAMPLE_RATE, format="FLAC", subtype="PCM_16")
     return buffer.getvalue()
-
-
-def normalize_waveform(audio: np.ndarray) -> np.ndarray:
-    """Zero mean, unit variance, as ``Wav2Vec2FeatureExtractor(do_normalize=True)`` does it, in place (the
-    decoded buffer is ours): three passes over the samples instead of six."""
-    audio -= audio.mean(dtype=np.float64)
-    audio *= 1.0 / np.sqrt(np.dot(audio, audio) / max(len(audio), 1) + 1e-7)
-    return audio

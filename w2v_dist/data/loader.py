@@ -23,7 +23,8 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from w2v_dist.data.audio import EncoderGeometry, normalize_waveform
+from w2v_dist.data.audio import EncoderGeometry
+from w2v_dist.data.buffers import BufferPool
 from w2v_dist.data.collate import CTCCollator
 from w2v_dist.data.index import ShardSet, Utterance
 from w2v_dist.data.plan import Batch, BatchPolicy, Piece, assign_pieces, epoch_rng, plan_batches
@@ -38,7 +39,6 @@ class Preprocess:
     """Everything a worker needs to turn tar members into model inputs (picklable)."""
 
     labels: CharLabeler
-    do_normalize: bool
     collator: CTCCollator
     geometry: EncoderGeometry
     min_samples: int
@@ -56,8 +56,9 @@ class Preprocess:
         return None
 
     def decode_into(self, members: dict[str, bytes], row: np.ndarray, sample_rate: int) -> tuple[list[int], str]:
-        """Decode one sample straight into its batch row (already zero-padded to the batch width), normalise it
-        there; return its labels and transcript. The row's length is the sample count the index promised."""
+        """Decode one sample straight into its batch row (already zero-padded to the batch width); return its
+        labels and transcript. The row's length is the sample count the index promised. Normalisation happens
+        later, on the training device (:func:`~w2v_dist.data.collate.model_inputs`)."""
         text = json.loads(members["json"])["text"]
         with sf.SoundFile(io.BytesIO(members["flac"])) as audio:
             if audio.samplerate != sample_rate or audio.channels != 1:
@@ -67,8 +68,6 @@ class Preprocess:
                 raise ValueError(f"the index says {len(row)} samples, the audio has {audio.frames}")
             if len(audio.read(len(row), dtype="float32", out=row)) != len(row):
                 raise ValueError("the audio ends early (truncated FLAC)")
-        if self.do_normalize:
-            normalize_waveform(row)
         return self.labels(text), text
 
 
@@ -102,6 +101,8 @@ def read_members(url: str, wanted: set[str], skips: Counter[str]) -> Iterator[tu
 class _Stream(IterableDataset):  # type: ignore[type-arg]
     def __init__(self, shards: ShardSet, policy: BatchPolicy, prep: Preprocess) -> None:
         self.shards, self.policy, self.prep = shards, policy, prep
+        self.pool: BufferPool | None = None
+        """This worker's batch buffers (made in the worker, on first use)."""
 
     def _batches(self, batches: list[Batch], pieces: list[Piece], skips: Counter[str]) -> Iterator[dict]:
         """Read ``pieces`` in order and yield the planned ``batches``, decoding only what they contain."""
@@ -133,7 +134,13 @@ class _Stream(IterableDataset):  # type: ignore[type-arg]
     def _decode_batch(self, batch: Batch, held: dict[tuple[int, str], dict[str, bytes]], skips: Counter[str]
                       ) -> dict[str, Any]:
         """Decode a planned batch into one zero-padded buffer; a missing or bad sample is skipped (counted)."""
-        values: np.ndarray = np.zeros((len(batch), max((u.num_samples for u in batch), default=0)), dtype=np.float32)
+        width = max((u.num_samples for u in batch), default=0)
+        if get_worker_info() is None:
+            buffer, slot = torch.from_numpy(np.zeros((len(batch), width), dtype=np.float32)), -1
+        else:
+            self.pool = self.pool or BufferPool(self.policy.max_batch_samples)
+            buffer, slot = self.pool.take(len(batch), width)
+        values: np.ndarray = buffer.numpy()
         lengths: list[int] = []
         labels: list[list[int]] = []
         keys: list[str] = []
@@ -149,7 +156,6 @@ class _Stream(IterableDataset):  # type: ignore[type-arg]
             try:
                 label, text = self.prep.decode_into(members, row, self.shards.sample_rate)
             except (sf.LibsndfileError, ValueError, KeyError, RuntimeError) as err:
-                row[:] = 0.0
                 log.warning("shard %s: sample %s cannot be decoded (%s); skipped", self.shards.urls[utt.shard],
                             utt.key, err)
                 skips["bad_audio"] += 1
@@ -158,9 +164,17 @@ class _Stream(IterableDataset):  # type: ignore[type-arg]
             labels.append(label)
             keys.append(utt.key)
             texts.append(text)
+        for index, length in enumerate(lengths):  # a reused buffer (or a skipped sample) left data in the padding
+            values[index, length:] = 0.0
         if len(keys) < len(batch):  # rare: drop the unused rows and any padding only a skipped sample needed
-            values = np.ascontiguousarray(values[:len(keys), :max(lengths, default=0)])
-        return self.prep.collator.assemble(values, lengths, labels, keys, texts)
+            buffer = buffer[:len(keys), :max(lengths, default=0)].clone()
+            if self.pool:
+                self.pool.release(slot)
+            slot = -1
+        out = self.prep.collator.assemble(buffer, lengths, labels, keys, texts)
+        if self.pool:  # shared memory all the way to the main process, no copy; the slot returns when it is done
+            out["input_values"] = self.pool.shipped(buffer, slot)
+        return out
 
 
 def _worker() -> tuple[int, int]:
@@ -240,8 +254,9 @@ def make_preprocess(processor: Any, geometry: EncoderGeometry, sample_rate: int,
                     max_seconds: float) -> Preprocess:
     """The worker-side preprocessing the model's processor implies."""
     extractor = processor.feature_extractor
-    return Preprocess(labels=CharLabeler(processor.tokenizer), do_normalize=bool(extractor.do_normalize),
-                      collator=CTCCollator(bool(extractor.return_attention_mask), sample_rate), geometry=geometry,
+    return Preprocess(labels=CharLabeler(processor.tokenizer),
+                      collator=CTCCollator(bool(extractor.return_attention_mask), sample_rate,
+                                           bool(extractor.do_normalize)), geometry=geometry,
                       min_samples=int(min_seconds * sample_rate), max_samples=int(max_seconds * sample_rate))
 
 
