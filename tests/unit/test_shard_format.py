@@ -12,7 +12,8 @@ import pytest
 import soundfile as sf
 
 from w2v_dist.data import flac
-from w2v_dist.data.shards import _slow_header, audio_shape, tar_header
+from w2v_dist.data.shards import audio_shape
+from w2v_dist.data.tar_writer import _slow_header, tar_header
 
 
 def test_tar_header_is_byte_for_byte_tarfiles() -> None:
