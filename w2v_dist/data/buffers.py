@@ -23,7 +23,11 @@ FREE, IN_USE = 0, 1
 
 def shared_zeros(rows: int, width: int) -> torch.Tensor:
     """A float32 ``(rows, width)`` tensor in a new shared segment (which reads as zeros)."""
-    storage = torch.UntypedStorage._new_shared(max(1, rows * width) * 4)
+    return _matrix(torch.UntypedStorage._new_shared(max(1, rows * width) * 4), rows, width)
+
+
+def _matrix(storage: torch.UntypedStorage, rows: int, width: int) -> torch.Tensor:
+    """The float32 ``(rows, width)`` tensor at the start of ``storage``."""
     return torch.empty(0).set_(storage, 0, (rows, width), (width, 1))
 
 
@@ -45,7 +49,7 @@ class BufferPool:
                 free = [len(self.storages) - 1]
             if free:
                 self.flags[free[0]] = IN_USE
-                return torch.empty(0).set_(self.storages[free[0]], 0, (rows, width), (width, 1)), free[0]
+                return _matrix(self.storages[free[0]], rows, width), free[0]
         return shared_zeros(rows, width), -1
 
     def release(self, slot: int) -> None:

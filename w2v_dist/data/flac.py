@@ -86,7 +86,8 @@ def crc16(data: bytes) -> int:
 
     Such a CRC is linear (XOR of what each byte contributes) and leading zero bytes do not change it, so the
     data is zero-padded to whole blocks, each block's CRC is one table gather and XOR reduction, and each block
-    CRC is carried past the blocks after it by two more lookups: ~10 µs for a frame instead of ~1 ms of Python.
+    CRC is carried past the blocks after it by two more lookups: ~40 µs for a 2 kB frame instead of ~0.5 ms of
+    Python.
     """
     if len(data) > MAX_FRAME_BYTES:
         raise ValueError(f"crc16 handles at most {MAX_FRAME_BYTES} bytes")
@@ -173,8 +174,7 @@ def stream_shape(path: str | os.PathLike[str]) -> tuple[int, int, int] | None:
         if at < 0:
             return None
         span = _frame_span(tail, at, max_block if min_block == max_block else 0)
-        if (span is not None and sum(span) == total and (tail[at + 1] & 1 or min_block == max_block)
-                and crc16(tail[at:-2]) == int.from_bytes(tail[-2:], "big")):
+        if span is not None and sum(span) == total and crc16(tail[at:-2]) == int.from_bytes(tail[-2:], "big"):
             return total, rate, channels
         end = at + 1
     return None

@@ -42,7 +42,7 @@ def tar_header(name: str, size: int) -> bytes:
 class TarSink:
     """Writes tar members straight to a file, hashing on the way (the shard's sha256 without reading it back).
 
-    The bytes are exactly what ``tarfile`` writes (its own ``TarInfo.tobuf`` builds each header); going around
+    The bytes are exactly what ``tarfile`` writes (headers from :func:`tar_header`); going around
     ``TarFile.addfile`` saves its per-member file object and chunked copy, which cost as much as the copy.
     """
 
