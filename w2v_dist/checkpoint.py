@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 import random
 import shutil
 from pathlib import Path
@@ -15,10 +16,18 @@ import torch
 from transformers import Wav2Vec2ForCTC, Wav2Vec2Processor
 
 from w2v_dist import dist
-from w2v_dist.engine import Engine
+from w2v_dist.engine import Engine, safe_load
+from w2v_dist.faults import pause_point
 
 log = logging.getLogger("w2v_dist.checkpoint")
 TAG_PREFIX = "step_"
+WORLD_FILE = "world.json"
+MANIFEST = "commit_rank{rank}.json"
+"""Each rank's record of the files it wrote into a tag: names relative to the tag, sizes in bytes."""
+
+
+class CheckpointWriteError(OSError):
+    """A rank could not write its part of a checkpoint (full disk, quota, I/O error); ``latest`` is unchanged."""
 
 
 def rng_state() -> dict[str, Any]:
@@ -41,8 +50,33 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+class IncompleteCheckpointError(RuntimeError):
+    """A tag directory whose commit manifests are missing or do not match the files on disk."""
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Temp file, fsync, rename, fsync of the directory: a reader sees the old content or the new, never half."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    tmp.replace(path)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
 class Checkpointer:
-    """Tags ``step_NNNNNNNN`` under ``<output_dir>/checkpoints``; keeps the last k and the best k by dev WER."""
+    """Tags ``step_NNNNNNNN`` under ``<output_dir>/checkpoints``; keeps the last k and the best k by dev WER.
+
+    The commit protocol: every rank writes its files (DeepSpeed's and its RNG state), then a manifest
+    ``commit_rank<r>.json`` naming them with their sizes; after a barrier rank 0 checks all manifests and only
+    then moves ``latest`` (atomically). A save torn by a crash, a kill or a full disk is never named by ``latest``,
+    and resume skips it for the newest complete tag.
+    """
 
     def __init__(self, output_dir: Path, world: dist.World, keep_last: int, keep_best: int = 0) -> None:
         self.root = output_dir / "checkpoints"
@@ -50,24 +84,86 @@ class Checkpointer:
         self.scores_file = self.root / "scores.json"
 
     def latest_tag(self) -> str | None:
+        """The tag ``latest`` names (what DeepSpeed's tools read); see :meth:`resumable_tag` for resume."""
         latest = self.root / "latest"
         return latest.read_text().strip() if latest.is_file() else None
 
+    def tags(self) -> list[str]:
+        return sorted(p.name for p in self.root.glob(f"{TAG_PREFIX}*") if p.is_dir())
+
+    def missing(self, tag: str) -> list[str]:
+        """What keeps ``tag`` from being a complete checkpoint (empty when it is complete)."""
+        directory = self.root / tag
+        try:
+            world_size = int(json.loads((directory / WORLD_FILE).read_text())["world_size"])
+        except (OSError, ValueError, KeyError):
+            return [WORLD_FILE]
+        problems = []
+        for rank in range(world_size):
+            try:
+                files = json.loads((directory / MANIFEST.format(rank=rank)).read_text())["files"]
+            except (OSError, ValueError, KeyError):
+                problems.append(MANIFEST.format(rank=rank))
+                continue
+            for name, size in files.items():
+                path = directory / name
+                if not path.is_file():
+                    problems.append(f"{name} (rank {rank})")
+                elif path.stat().st_size != size:
+                    problems.append(f"{name} (rank {rank}: {path.stat().st_size} bytes, {size} written)")
+        return problems
+
+    def resumable_tag(self) -> str | None:
+        """``latest`` when it is complete, else the newest complete tag (with a warning naming what is missing)."""
+        latest = self.latest_tag()
+        if latest is not None and (self.root / latest).is_dir() and not self.missing(latest):
+            return latest
+        for tag in reversed(self.tags()):
+            if not self.missing(tag):
+                if latest is not None:
+                    log.warning("checkpoint %s (named by latest) is incomplete: missing %s; resuming from %s",
+                                latest, ", ".join(self.missing(latest)[:5]), tag)
+                return tag
+            log.warning("skipping incomplete checkpoint %s: missing %s", tag, ", ".join(self.missing(tag)[:5]))
+        return None
+
     def save(self, engine: Engine, step: int, client_state: dict[str, Any], score: float | None = None) -> Path:
-        """Collective: all ranks write their part; ``latest`` moves only once the save is complete.
+        """Collective: all ranks write their part; ``latest`` moves only once every rank's part is on disk.
 
         ``score`` (dev WER, lower is better) ranks the checkpoint for ``keep_best``.
         """
         tag = f"{TAG_PREFIX}{step:08d}"
         directory = self.root / tag
-        directory.mkdir(parents=True, exist_ok=True)
-        torch.save(rng_state(), directory / f"rng_rank{self.world.rank}.pt")
-        if self.world.is_main:
-            (directory / "world.json").write_text(json.dumps({"world_size": self.world.size, "step": step}))
+        try:
+            if self.world.is_main:
+                # A tag left by a torn save (then a resume from an older one) must not mix old files with new.
+                shutil.rmtree(directory, ignore_errors=True)
+                directory.mkdir(parents=True)
+                (directory / WORLD_FILE).write_text(json.dumps({"world_size": self.world.size, "step": step}))
+            dist.barrier()
+            rng_file = directory / f"rng_rank{self.world.rank}.pt"
+            torch.save(rng_state(), rng_file)
+            written = [rng_file, *engine.save(self.root, tag, client_state)]
+            if self.world.is_main:
+                written.append(directory / WORLD_FILE)
+            pause_point("save", self.world.rank)
+            manifest = {"rank": self.world.rank, "step": step,
+                        "files": {str(p.relative_to(directory)): p.stat().st_size for p in written}}
+            write_atomically(directory / MANIFEST.format(rank=self.world.rank), json.dumps(manifest, indent=1))
+        except (OSError, RuntimeError) as err:  # torch.save reports a failed write as a RuntimeError
+            if dist.is_collective_failure(err):
+                raise
+            latest = self.resumable_tag()
+            raise CheckpointWriteError(f"rank {self.world.rank}: checkpoint {directory} could not be written: {err}. "
+                                       f"latest still names {latest or 'no checkpoint'}; free space (or fix the "
+                                       "file system) and relaunch the same command to resume") from err
         dist.barrier()
-        engine.save(self.root, tag, client_state)
-        dist.barrier()
         if self.world.is_main:
+            missing = self.missing(tag)
+            if missing:
+                raise IncompleteCheckpointError(f"checkpoint {directory} is incomplete after every rank saved: "
+                                                f"missing {', '.join(missing)}; latest is unchanged")
+            write_atomically(self.root / "latest", tag)
             scores = self.scores()
             if score is not None:
                 scores[tag] = score
@@ -80,19 +176,22 @@ class Checkpointer:
         return json.loads(self.scores_file.read_text()) if self.scores_file.is_file() else {}
 
     def _prune(self, latest: str, scores: dict[str, float]) -> None:
-        tags = sorted(p.name for p in self.root.glob(f"{TAG_PREFIX}*") if p.is_dir())
-        best = sorted((t for t in tags if t in scores), key=lambda t: (scores[t], t))[:self.keep_best]
-        keep = {latest, *tags[-self.keep_last:], *best}
-        for old in tags:
+        """Keep ``latest``, the last k and the best k complete tags; incomplete ones (torn saves) are dropped."""
+        complete = [t for t in self.tags() if t == latest or not self.missing(t)]
+        best = sorted((t for t in complete if t in scores), key=lambda t: (scores[t], t))[:self.keep_best]
+        keep = {latest, *complete[-self.keep_last:], *best}
+        for old in self.tags():
             if old not in keep:
                 shutil.rmtree(self.root / old, ignore_errors=True)
 
     def resume(self, engine: Engine) -> dict[str, Any] | None:
-        """Load the latest complete checkpoint into ``engine``; its client state, or ``None`` to start fresh."""
-        tag = self.latest_tag()
+        """Load the newest complete checkpoint into ``engine``; its client state, or ``None`` to start fresh."""
+        tag = self.resumable_tag()
         if tag is None:
+            if self.tags():
+                log.warning("no complete checkpoint under %s: starting from the beginning", self.root)
             return None
-        saved = json.loads((self.root / tag / "world.json").read_text())["world_size"]
+        saved = json.loads((self.root / tag / WORLD_FILE).read_text())["world_size"]
         if saved != self.world.size:
             raise RuntimeError(f"checkpoint {self.root / tag} was written by {saved} ranks but this run has "
                                f"{self.world.size}: relaunch with {saved} ranks (the data position and ZeRO "
@@ -100,9 +199,7 @@ class Checkpointer:
         client_state = engine.load(self.root, tag)
         if client_state is None:
             raise RuntimeError(f"checkpoint {self.root / tag} could not be loaded")
-        rng_file = self.root / tag / f"rng_rank{self.world.rank}.pt"
-        if rng_file.is_file():
-            set_rng_state(torch.load(rng_file, weights_only=True))
+        set_rng_state(safe_load(self.root / tag / f"rng_rank{self.world.rank}.pt"))
         log.info("resumed from %s at step %s", self.root / tag, client_state["run"]["step"])
         return client_state
 
@@ -123,6 +220,7 @@ def export_hf(engine: Engine, processor: Wav2Vec2Processor, out_dir: Path, is_ma
         config.dtype = "float32"  # save_pretrained records the 16-bit module's dtype; the weights written are fp32
         config.save_pretrained(tmp)
         processor.save_pretrained(tmp)
+        pause_point("export", 0)
         shutil.rmtree(out_dir, ignore_errors=True)
         tmp.rename(out_dir)
         log.info("exported Hugging Face model to %s", out_dir)

@@ -135,6 +135,10 @@ def broadcast_object(obj: Any) -> Any:
     return box[0]
 
 
+def global_rank() -> int:
+    return torch_dist.get_rank() if is_initialized() else 0
+
+
 def barrier() -> None:
     if is_initialized():
         torch_dist.barrier()

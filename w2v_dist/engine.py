@@ -6,16 +6,23 @@ This is the only module that imports deepspeed.
 from __future__ import annotations
 
 import datetime
+import fcntl
 import logging
 import math
 import os
+import pickle
+import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import deepspeed
 import torch
+from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+from deepspeed.runtime.zero.config import ZeroStageEnum
 from deepspeed.utils import safe_get_full_fp32_param
+from deepspeed.utils.tensor_fragment import fragment_address
 from transformers import Wav2Vec2ForCTC
 
 from w2v_dist.config import Config
@@ -26,10 +33,96 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 NO_DECAY = ("bias", "layer_norm", "layernorm", "norm.weight", "masked_spec_embed")
 
 
+CHECKPOINT_CLASSES = (fragment_address, LossScaler, DynamicLossScaler, ZeroStageEnum)
+"""The only non-tensor classes DeepSpeed's checkpoint files hold (ZeRO 0-3, bf16/fp16/fp32): nothing else is
+unpickled on resume."""
+
+
+class UnsafeCheckpointError(RuntimeError):
+    """A checkpoint file holds a pickled object outside :data:`CHECKPOINT_CLASSES`: it is not loaded."""
+
+
+def safe_load(path: str | Path, map_location: Any = None) -> Any:
+    """``torch.load`` with ``weights_only=True``: tensors, containers and DeepSpeed's few classes, never code."""
+    try:
+        with torch.serialization.safe_globals(list(CHECKPOINT_CLASSES)):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"GLOBAL (\S+)", str(err))
+        raise UnsafeCheckpointError(
+            f"refusing to load {path}: it holds a pickled object that a checkpoint written by w2v-dist never "
+            f"contains ({found.group(1) if found else err}). Loading it would run code from whoever could write the "
+            "checkpoint directory; use a checkpoint you wrote, or start a new output_dir") from None
+
+
+def check_checkpoint_files(directory: Path) -> None:
+    """Refuse a tag directory any of whose ``.pt`` files would unpickle more than :data:`CHECKPOINT_CLASSES`,
+    before a tool that cannot load safely (DeepSpeed's ``zero_to_fp32``) opens it. Runs nothing from the files."""
+    for path in sorted(directory.glob("*.pt")):
+        safe_load(path, map_location="cpu")
+
+
+class CheckpointFiles:
+    """Wraps DeepSpeed's checkpoint engine: records every file this rank writes (the commit manifest lists
+    them) and loads without unpickling code (:func:`safe_load`). Anything else goes to DeepSpeed's engine."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.written: list[Path] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def save(self, state_dict: Any, path: str) -> None:
+        self.inner.save(state_dict, path)
+        self.written.append(Path(path))
+
+    def load(self, path: str, map_location: Any = None) -> Any:
+        return safe_load(path, map_location)
+
+
 def init_distributed(timeout_minutes: float = 30.0) -> None:
     """Create the process group (NCCL on GPUs, gloo/ccl on CPU) with a bounded collective timeout."""
+    build_cpu_comm_op(timeout_minutes * 60)
     deepspeed.init_distributed(timeout=datetime.timedelta(minutes=timeout_minutes), verbose=False)
     release_cpu_shm_buffer()
+
+
+def build_cpu_comm_op(timeout_s: float) -> None:
+    """Build (or load) DeepSpeed's CPU shared-memory all-reduce op before ``init_distributed`` needs it.
+
+    PyTorch's JIT build guards each op with a plain ``lock`` file that only the builder removes: a first run
+    killed mid-build (Ctrl-C, preemption, a time limit) leaves it, and every later run on the machine waits for
+    it forever, before any timeout applies. We take a kernel ``flock`` around the build, which dies with its
+    holder; whoever holds it knows that no w2v-dist process is building, so a ``lock`` file found then was left
+    by a killed build and is removed (with a warning). The wait for the ``flock`` itself is bounded.
+    """
+    if deepspeed.get_accelerator().device_name() != "cpu":
+        return
+    from torch.utils.cpp_extension import _get_build_directory  # noqa: PLC2701 (where the JIT build puts the op)
+
+    builder = deepspeed.get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+        return
+    build_dir = Path(_get_build_directory(builder.name, verbose=False))
+    guard = build_dir.parent / f".{builder.name}.w2v-dist.flock"
+    deadline = time.monotonic() + timeout_s
+    with open(guard, "a") as handle:
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"waited {timeout_s:.0f} s for another process to finish building "
+                                       f"DeepSpeed's {builder.name} op (lock {guard})") from None
+                time.sleep(0.2)
+        stale = build_dir / "lock"
+        if stale.exists():
+            log.warning("removing %s, left by a DeepSpeed op build that was killed before it finished; "
+                        "rebuilding %s", stale, builder.name)
+            stale.unlink(missing_ok=True)
+        builder.load(verbose=False)
 
 
 def release_cpu_shm_buffer() -> None:
@@ -158,6 +251,8 @@ class Engine:
         self.frozen_fp32 = {name: p.detach().float().cpu().clone() for name, p in model.named_parameters()
                             if not p.requires_grad} if self.dtype != torch.float32 else {}
         self.ds, _, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=self.ds_config)
+        self.checkpoint_files = CheckpointFiles(self.ds.checkpoint_engine)
+        self.ds.checkpoint_engine = self.checkpoint_files
         self.grad_sums: list[torch.Tensor] = []
         if cfg.deepspeed.precision != "fp16":  # under fp16 the loss scaler owns overflow handling
             for param in model.parameters():
@@ -231,9 +326,15 @@ class Engine:
         for group in self.optimizer.param_groups:
             group["lr"] = 0.0 if encoder_frozen and group.get("part") == "encoder" else lr
 
-    def save(self, directory: Path, tag: str, client_state: dict[str, Any]) -> None:
-        """Every rank must call this (DeepSpeed#2993: rank-0-only saves hang)."""
-        self.ds.save_checkpoint(str(directory), tag=tag, client_state=client_state, save_latest=True)
+    def save(self, directory: Path, tag: str, client_state: dict[str, Any]) -> list[Path]:
+        """Every rank must call this (DeepSpeed#2993: rank-0-only saves hang). Returns the files this rank wrote.
+
+        ``latest`` is not written here: DeepSpeed writes it on rank 0 before its closing barrier, while other
+        ranks may still be writing; :class:`w2v_dist.checkpoint.Checkpointer` commits it once all ranks are done.
+        """
+        self.checkpoint_files.written = []
+        self.ds.save_checkpoint(str(directory), tag=tag, client_state=client_state, save_latest=False)
+        return list(self.checkpoint_files.written)
 
     def load(self, directory: Path, tag: str | None = None) -> dict[str, Any] | None:
         path, client_state = self.ds.load_checkpoint(str(directory), tag=tag, load_module_strict=True)

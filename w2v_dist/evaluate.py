@@ -12,6 +12,7 @@ from transformers import Wav2Vec2Processor
 from w2v_dist import dist
 from w2v_dist.decoding import GreedyDecoder
 from w2v_dist.engine import Engine
+from w2v_dist.faults import pause_point
 from w2v_dist.metrics import ErrorCounts
 
 
@@ -41,6 +42,7 @@ def evaluate(engine: Engine, processor: Wav2Vec2Processor, dev_sets: list[DevSet
             frames = model._get_feat_extract_output_lengths(batch["input_lengths"])
             hypotheses = decode(logits.float(), frames)
             counts.add(batch["keys"], batch["texts"], hypotheses, keep_samples)
+            pause_point("eval", dist.global_rank())
         # Ranks may hold different numbers of batches; matching forward counts keeps ZeRO-3's gathers paired.
         most = int(dist.all_reduce_max([done], engine.device)[0])
         for _ in range(most - done):

@@ -76,9 +76,10 @@ def find_checkpoint(path: str | Path, tag: str | None = None, config: str | Path
     return CheckpointRef(root, tag, run_config if run_config.is_file() else None)
 
 
-def _load_pickle(path: Path) -> dict:
-    # DeepSpeed's own files hold optimizer objects, so they need full unpickling: only open checkpoints you trust.
-    return torch.load(path, map_location="cpu", weights_only=False)
+def _load_states(path: Path) -> dict:
+    from w2v_dist.engine import safe_load  # imports DeepSpeed: only on the checkpoint path
+
+    return safe_load(path, map_location="cpu")
 
 
 def checkpoint_config(ref: CheckpointRef) -> Config:
@@ -88,7 +89,7 @@ def checkpoint_config(ref: CheckpointRef) -> Config:
     states = sorted(ref.directory.glob("*model_states.pt"))
     if not states:
         raise ModelSourceError(f"{ref.directory} has no model states file")
-    embedded = _load_pickle(states[0]).get("config")
+    embedded = _load_states(states[0]).get("config")
     if not embedded:
         raise ModelSourceError(f"no config.yaml next to {ref.root} and none stored in the checkpoint; use --config")
     with tempfile.NamedTemporaryFile("w", suffix=".yaml") as handle:
@@ -103,13 +104,16 @@ def checkpoint_state_dict(ref: CheckpointRef) -> dict[str, torch.Tensor]:
     if any(directory.glob("*_optim_states.pt")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+        from w2v_dist.engine import check_checkpoint_files
+
+        check_checkpoint_files(directory)  # zero_to_fp32 unpickles with weights_only=False
         # zero_to_fp32 reports progress with print(); stdout is reserved for our results.
         with contextlib.redirect_stdout(sys.stderr):
             return get_fp32_state_dict_from_zero_checkpoint(str(ref.root), ref.tag)
     states = directory / ZERO0_MODEL_STATES
     if not states.is_file():
         raise ModelSourceError(f"{directory} has neither ZeRO optimizer partitions nor {ZERO0_MODEL_STATES}")
-    module = _load_pickle(states)["module"]
+    module = _load_states(states)["module"]
     return {k: v.float() if v.is_floating_point() else v for k, v in module.items()}
 
 

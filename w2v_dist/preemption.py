@@ -2,8 +2,10 @@
 
 The handler only records the signal; the trainer folds it into the step's all-reduce so that every rank
 stops after the same step, saves together, and asks the batch script to requeue. A second signal while saving
-changes nothing. DataLoader workers fork after the handler is installed and inherit it, so the signal SLURM
-sends to every process of the step cannot kill them mid-batch.
+changes nothing, and so does a signal during an evaluation or a save: it is honoured once that is done.
+DataLoader workers leave the signals to their rank
+(:func:`w2v_dist.data.loader.leave_stop_signals_to_the_rank`), so the signal SLURM sends to every process of
+the step cannot kill them mid-batch.
 """
 
 from __future__ import annotations
@@ -12,12 +14,14 @@ import signal
 from pathlib import Path
 from types import FrameType
 
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+"""Signals that ask for a checkpoint and a requeue (SLURM's ``--signal``, ``scancel``, time limits, Kubernetes)."""
 REQUEUE_FILE = "REQUEUE"
 """Written in ``output_dir`` after a preemption checkpoint; ``launch/slurm/train.sbatch`` requeues the job."""
 
 
 class StopSignal:
-    def __init__(self, signals: tuple[signal.Signals, ...] = (signal.SIGUSR1, signal.SIGTERM)) -> None:
+    def __init__(self, signals: tuple[signal.Signals, ...] = STOP_SIGNALS) -> None:
         self.received: str | None = None
         for sig in signals:
             signal.signal(sig, self._handle)

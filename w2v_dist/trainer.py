@@ -18,6 +18,7 @@ from w2v_dist.checkpoint import Checkpointer, export_hf
 from w2v_dist.config import Config, save_config, to_yaml
 from w2v_dist.engine import Engine, UpdateOutcome
 from w2v_dist.evaluate import DevSet, evaluate
+from w2v_dist.faults import pause_point
 from w2v_dist.logging import make_logger
 from w2v_dist.metrics import ErrorCounts
 from w2v_dist.preemption import REQUEUE_FILE, StopSignal, request_requeue
@@ -94,12 +95,12 @@ class RunState:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, run: Run) -> None:
+    def __init__(self, cfg: Config, run: Run, stop_signal: StopSignal | None = None) -> None:
         self.cfg, self.run = cfg, run
         self.world = run.world
         self.output = Path(cfg.output_dir)
         self.state = RunState()
-        self.stop_signal = StopSignal()
+        self.stop_signal = stop_signal or StopSignal()
         if self.world.is_main:
             (self.output / REQUEUE_FILE).unlink(missing_ok=True)
         self.checkpointer = Checkpointer(self.output, self.world, cfg.checkpoint.keep_last, cfg.checkpoint.keep_best)
@@ -116,6 +117,7 @@ class Trainer:
     def fit(self) -> dict[str, ErrorCounts]:
         cfg, state, run = self.cfg, self.state, self.run
         batches = iter(run.train_loader)
+        pause_point("started", self.world.rank)
         window_start, wait, window_seconds = time.perf_counter(), 0.0, 0.0
         results: dict[str, ErrorCounts] = {}
         while state.step < cfg.trainer.max_steps:
@@ -139,19 +141,31 @@ class Trainer:
                 self._log_train(result, lr, window_seconds / max(elapsed, 1e-9), wait / max(elapsed, 1e-9))
                 window_start, wait, window_seconds = time.perf_counter(), 0.0, 0.0
             if result.stop and step < cfg.trainer.max_steps:
-                self._preempted()
+                self._preempted(saved=False)
                 return {}
             last = step == cfg.trainer.max_steps
-            if last or (cfg.trainer.eval_every and step % cfg.trainer.eval_every == 0):
+            evaluating = last or bool(cfg.trainer.eval_every and step % cfg.trainer.eval_every == 0)
+            saving = last or bool(cfg.trainer.save_every and step % cfg.trainer.save_every == 0)
+            if evaluating:
                 results = self._evaluate()
-            if last or (cfg.trainer.save_every and step % cfg.trainer.save_every == 0):
+            if saving:
                 self._save()
+            # A signal that came during the evaluation or the save is honoured now, not one step later: SLURM's
+            # grace period may not cover another step.
+            if (evaluating or saving) and not last and self._stop_requested_anywhere():
+                self._preempted(saved=saving)
+                return {}
         self._export(results)
         self.logger.close()
         return results
 
-    def _preempted(self) -> None:
-        self._save()
+    def _stop_requested_anywhere(self) -> bool:
+        """Collective: whether any rank has received a stop signal."""
+        return dist.all_reduce_sum([float(self.stop_signal.requested)], self.run.engine.device)[0] > 0
+
+    def _preempted(self, saved: bool) -> None:
+        if not saved:
+            self._save()
         if self.world.is_main:
             reason = self.stop_signal.received or "a signal on another rank"
             path = request_requeue(self.output, self.state.step, reason)
@@ -178,7 +192,7 @@ class Trainer:
         if state.consecutive_bad < self.cfg.trainer.max_consecutive_bad_steps:
             return
         if self.cfg.trainer.on_divergence == "rollback" and state.rollbacks < self.cfg.trainer.max_rollbacks \
-                and self.checkpointer.latest_tag() is not None:
+                and self.checkpointer.resumable_tag() is not None:
             self._rollback()
         else:
             raise DivergenceError(f"{state.consecutive_bad} consecutive updates had non-finite losses or gradients "
@@ -256,17 +270,18 @@ class Trainer:
 
 def train(cfg: Config, local_rank: int | None = None) -> dict[str, ErrorCounts]:
     """Build everything from ``cfg`` and run to ``trainer.max_steps`` (resuming when a checkpoint exists)."""
+    stop_signal = StopSignal()  # first: a signal while the run is being built is honoured after step 1
     run = build_run(cfg, local_rank)
     if run.world.is_main:
         save_config(cfg, Path(cfg.output_dir) / "config.yaml")
     ranks_dir = Path(cfg.output_dir) / ".ranks"
     dist.register_rank(ranks_dir, run.world)
     try:
-        return Trainer(cfg, run).fit()
+        return Trainer(cfg, run, stop_signal).fit()
     except RuntimeError as err:
         if not dist.is_collective_failure(err):
             raise
-        latest = Checkpointer(Path(cfg.output_dir), run.world, 1).latest_tag()
+        latest = Checkpointer(Path(cfg.output_dir), run.world, 1).resumable_tag()
         raise SystemExit(f"rank {run.world.rank}: {err}. Another rank has most likely died "
                          f"({dist.dead_ranks(ranks_dir, run.world)}; exit codes are in the launcher's log). "
                          f"Relaunch the same command to resume from "

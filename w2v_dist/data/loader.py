@@ -11,7 +11,10 @@ import io
 import itertools
 import json
 import logging
+import os
+import signal
 import tarfile
+import threading
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -29,6 +32,7 @@ from w2v_dist.data.collate import CTCCollator
 from w2v_dist.data.index import ShardSet, Utterance
 from w2v_dist.data.plan import Batch, BatchPolicy, Piece, assign_pieces, epoch_rng, plan_batches
 from w2v_dist.data.text import CharLabeler
+from w2v_dist.preemption import STOP_SIGNALS
 
 log = logging.getLogger("w2v_dist.data")
 MAX_EMPTY_EPOCHS = 3
@@ -260,9 +264,29 @@ def make_preprocess(processor: Any, geometry: EncoderGeometry, sample_rate: int,
                       min_samples=int(min_seconds * sample_rate), max_samples=int(max_seconds * sample_rate))
 
 
+def leave_stop_signals_to_the_rank(worker_id: int) -> None:
+    """Workers ignore SIGTERM and SIGUSR1 unless the DataLoader itself sends SIGTERM to shut them down.
+
+    SLURM (and ``kill -- -PGID``) signals every process of the job, workers included. PyTorch's worker handler
+    dies on a SIGTERM that its parent did not send, and the rank then fails at its next batch ("DataLoader
+    worker exited unexpectedly") before it can checkpoint. The rank process alone decides when to stop
+    (:mod:`w2v_dist.preemption`). A Python handler cannot see the sender, so the signals are blocked and a thread
+    takes them with ``sigwaitinfo``, which names it: a worker the DataLoader is terminating still exits.
+    """
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    threading.Thread(target=_take_stop_signals, args=(os.getppid(),), daemon=True, name="stop-signals").start()
+
+
+def _take_stop_signals(parent: int) -> None:
+    while True:
+        info = signal.sigwaitinfo(STOP_SIGNALS)
+        if info.si_signo == signal.SIGTERM and info.si_pid == parent:
+            os._exit(0)
+
+
 def make_loader(stream: _Stream, num_workers: int, prefetch_factor: int) -> DataLoader:  # type: ignore[type-arg]
-    extra: dict[str, Any] = {"prefetch_factor": prefetch_factor, "multiprocessing_context": "fork"} \
-        if num_workers else {}
+    extra: dict[str, Any] = {"prefetch_factor": prefetch_factor, "multiprocessing_context": "fork",
+                             "worker_init_fn": leave_stop_signals_to_the_rank} if num_workers else {}
     # Our streams take no randomness from the DataLoader; its own generator keeps iterator creation (at start,
     # resume and every evaluation) from drawing on the global RNG that dropout and masking use.
     return DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=torch.cuda.is_available(),
