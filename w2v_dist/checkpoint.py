@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import errno
 import json
 import logging
 import os
@@ -22,6 +23,8 @@ from w2v_dist.faults import pause_point
 log = logging.getLogger("w2v_dist.checkpoint")
 TAG_PREFIX = "step_"
 WORLD_FILE = "world.json"
+FULL_DISK_BYTES = 64 * 2**20
+"""A failed write with less free space than this is reported as a full disk."""
 MANIFEST = "commit_rank{rank}.json"
 """Each rank's record of the files it wrote into a tag: names relative to the tag, sizes in bytes."""
 
@@ -67,6 +70,15 @@ def write_atomically(path: Path, text: str) -> None:
         os.fsync(directory)
     finally:
         os.close(directory)
+
+
+def write_failure(err: Exception, directory: Path) -> str:
+    """Why a write failed, in words a user can act on: torch's zip writer reports a full disk as "unexpected
+    pos ..." without an errno, so the free space decides."""
+    free = shutil.disk_usage(directory).free
+    if (isinstance(err, OSError) and err.errno == errno.ENOSPC) or free < FULL_DISK_BYTES:
+        return f"No space left on device ({free:,} bytes free on {directory}; {err})"
+    return f"{err} ({free:,} bytes free on {directory})"
 
 
 class Checkpointer:
@@ -154,9 +166,10 @@ class Checkpointer:
             if dist.is_collective_failure(err):
                 raise
             latest = self.resumable_tag()
-            raise CheckpointWriteError(f"rank {self.world.rank}: checkpoint {directory} could not be written: {err}. "
-                                       f"latest still names {latest or 'no checkpoint'}; free space (or fix the "
-                                       "file system) and relaunch the same command to resume") from err
+            raise CheckpointWriteError(f"rank {self.world.rank}: checkpoint {directory} could not be written: "
+                                       f"{write_failure(err, self.root)}. latest still names "
+                                       f"{latest or 'no checkpoint'}; free space (or fix the file system) and "
+                                       "relaunch the same command to resume") from err
         dist.barrier()
         if self.world.is_main:
             missing = self.missing(tag)
@@ -220,7 +233,7 @@ def export_hf(engine: Engine, processor: Wav2Vec2Processor, out_dir: Path, is_ma
         config.dtype = "float32"  # save_pretrained records the 16-bit module's dtype; the weights written are fp32
         config.save_pretrained(tmp)
         processor.save_pretrained(tmp)
-        pause_point("export", 0)
+        pause_point(f"export-{out_dir.name}", 0)
         shutil.rmtree(out_dir, ignore_errors=True)
         tmp.rename(out_dir)
         log.info("exported Hugging Face model to %s", out_dir)

@@ -1,30 +1,34 @@
 """Pause points: named moments at which a test can hold one rank still and deliver a fault (a signal, a kill, a
 full disk) exactly there, the way a cluster would.
 
-Off unless ``W2V_DIST_PAUSE_AT`` is set, to ``<moment>:<rank>:<seconds>:<marker dir>``: the first time rank
-``<rank>`` reaches ``<moment>`` it creates ``<marker dir>/<moment>.rank<rank>`` (so the test knows where it is)
-and sleeps ``<seconds>``, then goes on. Moments: ``started`` (loaders running, before the first step), ``eval``
-(mid dev evaluation), ``save`` (after the rank's checkpoint files, before its commit manifest), ``export`` (the
-export written, not yet renamed into place).
+Off unless ``W2V_DIST_PAUSE_AT`` is set, to ``<moment>[#<n>]:<rank>:<seconds>:<marker dir>``: the n-th time
+(default: the first) rank ``<rank>`` reaches ``<moment>`` it creates ``<marker dir>/<moment>.rank<rank>`` (so the
+test knows where it is) and sleeps ``<seconds>``, then goes on. Moments: ``started`` (loaders running, before
+the first step), ``step`` (an update just applied), ``eval`` (mid dev evaluation), ``save`` (after the rank's
+checkpoint files, before its commit manifest), ``export-final`` and ``export-best`` (the Hugging Face export
+written, not yet renamed into place).
 """
 
 from __future__ import annotations
 
 import os
 import time
+from collections import Counter
 from pathlib import Path
 
 PAUSE_ENV = "W2V_DIST_PAUSE_AT"
-_reached: set[str] = set()
+_reached: Counter[str] = Counter()
 
 
 def pause_point(moment: str, rank: int) -> None:
     spec = os.environ.get(PAUSE_ENV)
-    if not spec or moment in _reached:
+    if not spec:
         return
     wanted, wanted_rank, seconds, marker_dir = spec.split(":", 3)
-    if wanted != moment or int(wanted_rank) != rank:
+    name, _, occurrence = wanted.partition("#")
+    if name != moment or int(wanted_rank) != rank:
         return
-    _reached.add(moment)
-    Path(marker_dir, f"{moment}.rank{rank}").touch()
-    time.sleep(float(seconds))
+    _reached[moment] += 1
+    if _reached[moment] == int(occurrence or 1):
+        Path(marker_dir, f"{moment}.rank{rank}").touch()
+        time.sleep(float(seconds))

@@ -134,6 +134,7 @@ class Trainer:
                                 nan_loss=mine and step in inject.nan_loss_at_steps,
                                 inf_grad=mine and step in inject.inf_grad_at_steps)
             state.step = step
+            pause_point("step", self.world.rank)
             self._account(result, micro)
             window_seconds += result.seconds
             if step % cfg.trainer.log_every == 0 or step == cfg.trainer.max_steps:
