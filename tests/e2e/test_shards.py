@@ -92,6 +92,12 @@ def test_bad_inputs_are_rejected_with_reasons_and_counted(bad_corpus: Path, tmp_
         assert reason in rejects[key], (key, rejects[key])
     totals = index["totals"]
     assert totals["inputs"] == totals["written"] + totals["rejected"] == len(sources)
+    # The same corpus gives the same rejects.jsonl, in words a user can act on: no object reprs or addresses.
+    assert "audio decoder error" in rejects["900-9000-0002"] and "0x" not in rejects["900-9000-0002"]
+    shard_corpus(sources, tmp_path / "again", ShardOptions(workers=2, check_audio=check_audio),
+                 {"subsets": ["dev-clean"]})
+    first, second = ((tmp_path / d / "rejects.jsonl").read_text() for d in ("out", "again"))
+    assert first == second and " at 0x" not in first and "object" not in first
     meta, flac = read_back(tmp_path / "out")["900-9000-0007"]
     audio, rate = sf.read(__import__("io").BytesIO(flac))
     assert rate == 16_000 and audio.ndim == 1 and meta["converted_from"] == "44100 Hz, 2 ch"

@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 import io
+import re
 from dataclasses import dataclass
 
 import numpy as np
 import soundfile as sf
 
 SAMPLE_RATE = 16_000
+_OBJECT_REPR = re.compile(r"<[^<>]* at 0x[0-9a-fA-F]+>")
+
+
+def decode_error(err: Exception) -> str:
+    """A decoding failure in words that are the same on every run: libsndfile's messages carry the repr of the
+    in-memory file (``Error opening <_io.BytesIO object at 0x7f...>: ...``), which names nothing a user can find
+    and differs between runs. Callers add the file or sample key."""
+    if isinstance(err, sf.LibsndfileError):
+        return f"audio decoder error: {err.error_string.removeprefix('Error : ').strip()}"
+    return _OBJECT_REPR.sub("<in-memory audio>", str(err))
 
 
 @dataclass(frozen=True)

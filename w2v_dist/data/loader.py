@@ -26,7 +26,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from w2v_dist.data.audio import EncoderGeometry
+from w2v_dist.data.audio import EncoderGeometry, decode_error
 from w2v_dist.data.buffers import BufferPool
 from w2v_dist.data.collate import CTCCollator
 from w2v_dist.data.index import ShardSet, Utterance
@@ -161,7 +161,7 @@ class _Stream(IterableDataset):  # type: ignore[type-arg]
                 label, text = self.prep.decode_into(members, row, self.shards.sample_rate)
             except (sf.LibsndfileError, ValueError, KeyError, RuntimeError) as err:
                 log.warning("shard %s: sample %s cannot be decoded (%s); skipped", self.shards.urls[utt.shard],
-                            utt.key, err)
+                            utt.key, decode_error(err))
                 skips["bad_audio"] += 1
                 continue
             lengths.append(utt.num_samples)

@@ -21,7 +21,7 @@ import soundfile as sf
 from tqdm import tqdm
 
 from w2v_dist.data import flac
-from w2v_dist.data.audio import SAMPLE_RATE, EncoderGeometry, decode, encode_flac, to_16k_mono
+from w2v_dist.data.audio import SAMPLE_RATE, EncoderGeometry, decode, decode_error, encode_flac, to_16k_mono
 from w2v_dist.data.index import FORMAT_VERSION, INDEX_NAME
 from w2v_dist.data.sources import Reject, Source
 from w2v_dist.data.tar_writer import FileReader, TarSink
@@ -121,7 +121,7 @@ def probe(src: Source, opts: ShardOptions, index: int = 0) -> Probed | Reject:
             raw = encode_flac(to_16k_mono(*decode(audio.read_bytes())))
             num_samples, size = len(sf.SoundFile(io.BytesIO(raw))), len(raw)
     except (sf.LibsndfileError, RuntimeError, ValueError, OSError) as err:
-        return reject(f"unreadable audio ({err})")
+        return reject(f"unreadable audio ({decode_error(err)})")
     seconds = num_samples / SAMPLE_RATE
     if num_samples < opts.geometry.receptive_field:
         return reject(f"audio shorter than the encoder's receptive field ({num_samples} samples)")

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import soundfile as sf
 
+from w2v_dist.data.audio import decode_error
 from w2v_dist.data.index import FORMAT_VERSION, ShardIndexError, check_shard_name, is_remote, read_index_json
 from w2v_dist.data.text import WORD_DELIMITER, label_length
 from w2v_dist.data.workers import process_pool
@@ -112,7 +113,7 @@ def _check_sample(key: str, parts: dict[str, bytes], row: list, sample_rate: int
         with sf.SoundFile(io.BytesIO(parts.get("flac", b""))) as audio:
             frames, rate, channels = len(audio.read(dtype="int16")), audio.samplerate, audio.channels
     except (sf.LibsndfileError, RuntimeError, ValueError) as err:
-        problems.append(f"{key}: unreadable FLAC ({err})")
+        problems.append(f"{key}: unreadable FLAC ({decode_error(err)})")
         return
     report.seconds += frames / rate
     if frames != meta.get("num_samples") or expected_samples not in (None, frames):
