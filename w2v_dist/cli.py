@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from w2v_dist.config import ConfigError, load_config, to_yaml
+from w2v_dist.redact import redact
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -19,6 +20,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    # What is parsed is all we need of argv; tools that record it (wandb's run metadata) see it redacted.
+    sys.argv[:] = [redact(arg) for arg in sys.argv]
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as err:

@@ -12,7 +12,7 @@ import inspect
 import os
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
@@ -48,6 +48,11 @@ class DataConfig:
     use, less one for the rank itself, at most 8 (cores are split between the ranks of a node)."""
     prefetch_factor: int = 4
     """Batches each worker prepares ahead of the train step."""
+    remote_attempts: int = 5
+    """Opens of a remote shard (``http(s)://``, ``pipe:``) whose transfer fails mid-read, the first included; each
+    retry resumes after the samples already read, and is counted in ``loader_skips.shard_retries``."""
+    remote_backoff_seconds: float = 1.0
+    """Wait before the first retry of a remote shard, doubled for each further one (at most 30 s)."""
     max_train_samples: int = 0
     """Use only the first N utterances of the training index (0 = all); the seed script used 300."""
 
@@ -224,6 +229,9 @@ class Config:
     """metrics.jsonl, progress bar and wandb."""
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     """Precision and ZeRO; the DeepSpeed JSON is derived from the whole config."""
+    written_as: ClassVar[dict[str, str]] = {}
+    """Not a setting: the values given as interpolations (``${oc.env:TOKEN}``), by dotted key, written as given
+    (set per instance by :func:`load_config`)."""
 
 
 _CHOICES: dict[str, tuple[Any, ...]] = {
@@ -301,7 +309,7 @@ def validate(cfg: Config, source: str = "config") -> None:
                 "data.bucket_window": cfg.data.bucket_window, "data.shuffle_buffer": cfg.data.shuffle_buffer,
                 "optim.lr": cfg.optim.lr, "trainer.log_every": cfg.trainer.log_every,
                 "trainer.max_consecutive_bad_steps": cfg.trainer.max_consecutive_bad_steps,
-                "checkpoint.keep_last": cfg.checkpoint.keep_last}
+                "checkpoint.keep_last": cfg.checkpoint.keep_last, "data.remote_attempts": cfg.data.remote_attempts}
     for key, value in positive.items():
         if value <= 0:
             fail(key, f"must be > 0, got {value}")
@@ -352,18 +360,39 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str]
     if bad:
         raise ConfigError(f"overrides must look like key=value, got {bad}")
     merged = _merge(merged, OmegaConf.from_dotlist(list(overrides)), "command-line overrides")
-    cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    try:
+        cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except OmegaConfBaseException as err:  # e.g. ${oc.env:VAR} with VAR unset
+        raise ConfigError(f"cannot resolve '{err.full_key}': {err.msg}") from None
+    setattr(cfg, "written_as", _interpolations(OmegaConf.to_container(merged, resolve=False)))  # noqa: B010 (ClassVar)
     validate(cfg, str(path) if path is not None else "defaults")
     return cfg
 
 
+def _interpolations(node: Any, prefix: str = "") -> dict[str, str]:
+    if isinstance(node, dict):
+        return {k: v for key, value in node.items() for k, v in _interpolations(value, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: node} if isinstance(node, str) and "${" in node else {}
+
+
+def to_written(cfg: Config) -> dict[str, Any]:
+    """The config as w2v-dist writes it anywhere (config.yaml, checkpoints, wandb): values given as
+    ``${oc.env:VAR}`` stay interpolations, and secrets in the rest are redacted (:mod:`w2v_dist.redact`)."""
+    from w2v_dist.redact import redact_values
+
+    node = OmegaConf.structured(cfg)
+    for key, given in cfg.written_as.items():
+        OmegaConf.update(node, key, given, merge=False)
+    return redact_values(OmegaConf.to_container(node, resolve=False))  # type: ignore[no-any-return]
+
+
 def to_yaml(cfg: Config) -> str:
-    """The resolved config as YAML (secrets are never part of it: they stay in the environment)."""
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+    """:func:`to_written` as YAML, loadable with :func:`load_config` (given the same environment)."""
+    return OmegaConf.to_yaml(to_written(cfg))
 
 
 def save_config(cfg: Config, path: str | os.PathLike[str]) -> None:
-    """Write the resolved config; readable back with :func:`load_config`."""
+    """Write the config as :func:`to_yaml` does."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(to_yaml(cfg))
 

@@ -13,6 +13,8 @@ from typing import Any
 
 from tqdm import tqdm
 
+from w2v_dist.redact import redact, redact_values
+
 SECRET_MARKERS = ("KEY", "TOKEN", "SECRET", "PASSWORD")
 
 
@@ -22,6 +24,16 @@ def setup_console(rank: int) -> None:
                         format=f"[%(asctime)s rank{rank} %(name)s] %(message)s", datefmt="%H:%M:%S", force=True)
     for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "httpx", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RedactingFilter())
+
+
+class RedactingFilter(logging.Filter):
+    """Log lines carry URLs and commands (a failing shard, a config value): secrets in them become ``***``."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg, record.args = redact(record.getMessage()), None
+        return True
 
 
 def scrub(values: dict[str, Any]) -> dict[str, Any]:
@@ -66,7 +78,7 @@ class MainLogger(RunLogger):
                                     mode=wandb_mode, dir=str(output_dir), config=scrub(config))  # type: ignore[arg-type]
 
     def log(self, record: dict[str, Any]) -> None:
-        clean = {k: _clean(v) for k, v in record.items()}
+        clean = redact_values({k: _clean(v) for k, v in record.items()})
         self.file.write(json.dumps(clean) + "\n")
         self.file.flush()
         if self.wandb is not None:
@@ -81,7 +93,7 @@ class MainLogger(RunLogger):
         if self.wandb is not None:
             import wandb
 
-            self.wandb.log({name: wandb.Table(columns=list[str | int](columns), data=rows)}, step=step)
+            self.wandb.log({name: wandb.Table(columns=list[str | int](columns), data=redact_values(rows))}, step=step)
 
     def close(self) -> None:
         self.bar.close()

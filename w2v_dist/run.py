@@ -19,7 +19,7 @@ from w2v_dist import dist
 from w2v_dist.config import Config
 from w2v_dist.data.audio import EncoderGeometry
 from w2v_dist.data.index import ShardSet, is_remote, load_shard_set, vocab_path
-from w2v_dist.data.loader import EvalStream, TrainStream, make_loader, make_preprocess
+from w2v_dist.data.loader import EvalStream, RetryPolicy, TrainStream, make_loader, make_preprocess
 from w2v_dist.data.plan import BatchPolicy
 from w2v_dist.engine import DTYPES, Engine, accelerator_name, check_accelerator, device_for, init_distributed
 from w2v_dist.logging import setup_console
@@ -79,14 +79,15 @@ def build_run(cfg: Config, local_rank: int | None = None) -> Run:
     policy = BatchPolicy(int(cfg.data.max_batch_seconds * sample_rate), cfg.data.max_batch_size,
                          cfg.data.bucket_window, cfg.data.shuffle_buffer)
     workers = dist.loader_workers(cfg.data.num_workers)
-    stream = TrainStream(train_set, policy, prep, world.rank, world.size, workers, cfg.trainer.seed)
+    retry = RetryPolicy(cfg.data.remote_attempts, cfg.data.remote_backoff_seconds)
+    stream = TrainStream(train_set, policy, prep, world.rank, world.size, workers, cfg.trainer.seed, retry=retry)
     train_loader = make_loader(stream, workers, cfg.data.prefetch_factor)
     dev_loaders = {}
     eval_policy = BatchPolicy(policy.max_batch_samples, policy.max_batch_size, policy.bucket_window, 1)
     for name, location in cfg.data.dev_shards.items():
         dev_set = load_shard_set(location, cfg.data.shard_command)
         check_shards_readable(dev_set)
-        dev_loaders[name] = make_loader(EvalStream(dev_set, eval_policy, prep, world.rank, world.size),
+        dev_loaders[name] = make_loader(EvalStream(dev_set, eval_policy, prep, world.rank, world.size, retry=retry),
                                         workers, cfg.data.prefetch_factor)
     if cfg.trainer.preflight:
         preflight(model, device_for(world.local_rank), DTYPES[cfg.deepspeed.precision],

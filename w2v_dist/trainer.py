@@ -15,7 +15,7 @@ import torch
 
 from w2v_dist import dist
 from w2v_dist.checkpoint import Checkpointer, export_hf
-from w2v_dist.config import Config, save_config, to_yaml
+from w2v_dist.config import Config, save_config, to_written, to_yaml
 from w2v_dist.engine import Engine, UpdateOutcome
 from w2v_dist.evaluate import DevSet, evaluate
 from w2v_dist.faults import pause_point
@@ -111,7 +111,7 @@ class Trainer:
             if client_state is not None:
                 self.state.load_state_dict(client_state["run"])
                 run.train_stream.load_state_dict(client_state["loader"])
-        self.logger = make_logger(self.world.is_main, self.output, json.loads(json.dumps(asdict(cfg))),
+        self.logger = make_logger(self.world.is_main, self.output, to_written(cfg),
                                   cfg.logging.wandb, cfg.trainer.max_steps, self.state.step, cfg.logging.progress_bar)
 
     def fit(self) -> dict[str, ErrorCounts]:

@@ -109,3 +109,20 @@ def test_configuration_reference_in_docs_is_current() -> None:
 
     assert (REPO / "docs" / "configuration.md").read_text().strip() == config_reference().strip(), \
         "regenerate with: w2v-dist config-docs > docs/configuration.md"
+
+
+def test_values_from_the_environment_are_written_unresolved_and_secrets_redacted(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("W2V_TEST_SHARDS_TOKEN", "tok-0123456789abcdefXYZ")
+    cfg = load_config(None, ["data.train_shards=https://u:${oc.env:W2V_TEST_SHARDS_TOKEN}@host/train",
+                             "data.shard_command='pipe:curl -H \"Authorization: Bearer literal-0123456789\" "
+                             "https://host/{shard}'"])
+    assert cfg.data.train_shards == "https://u:tok-0123456789abcdefXYZ@host/train"  # resolved for the run
+    save_config(cfg, tmp_path / "config.yaml")
+    written = (tmp_path / "config.yaml").read_text()
+    assert "train_shards: https://u:${oc.env:W2V_TEST_SHARDS_TOKEN}@host/train" in written
+    assert "tok-0123456789abcdefXYZ" not in written and "literal-0123456789" not in written
+    assert load_config(tmp_path / "config.yaml").data.train_shards == cfg.data.train_shards
+    monkeypatch.delenv("W2V_TEST_SHARDS_TOKEN")
+    with pytest.raises(ConfigError, match="W2V_TEST_SHARDS_TOKEN"):
+        load_config(None, ["data.train_shards=${oc.env:W2V_TEST_SHARDS_TOKEN}"])

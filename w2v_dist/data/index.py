@@ -12,6 +12,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from w2v_dist.redact import redact
+
 INDEX_NAME = "index.json"
 FORMAT_VERSION = 1
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -57,7 +59,7 @@ def is_remote(location: str) -> bool:
 
 def check_shard_name(name: object, location: str) -> str:
     if not isinstance(name, str) or not _SAFE_NAME.match(name) or ".." in name:
-        raise ShardIndexError(f"{location}: refusing shard name {name!r}: index shard names must be plain "
+        raise ShardIndexError(f"{redact(location)}: refusing shard name {name!r}: index shard names must be plain "
                               "file names (no separators, '..', schemes or commands)")
     return name
 
@@ -75,11 +77,11 @@ def read_index_json(location: str) -> dict:
         with wds.gopen(url, "rb") as stream:
             return json.loads(stream.read())
     except FileNotFoundError:
-        raise ShardIndexError(f"no {INDEX_NAME} at {url}: run 'w2v-dist shard' to create shards") from None
+        raise ShardIndexError(f"no {INDEX_NAME} at {redact(url)}: run 'w2v-dist shard' to create shards") from None
     except json.JSONDecodeError as err:
-        raise ShardIndexError(f"{url} is not valid JSON: {err}") from None
+        raise ShardIndexError(f"{redact(url)} is not valid JSON: {err}") from None
     except Exception as err:  # gopen raises plain IOError/ValueError for HTTP and pipe failures
-        raise ShardIndexError(f"cannot read {url}: {err}") from None
+        raise ShardIndexError(f"cannot read {redact(url)}: {redact(str(err))}") from None
 
 
 def load_shard_set(location: str, shard_command: str = "", max_samples: int = 0) -> ShardSet:
@@ -89,7 +91,8 @@ def load_shard_set(location: str, shard_command: str = "", max_samples: int = 0)
     """
     index = read_index_json(location)
     if index.get("version") != FORMAT_VERSION:
-        raise ShardIndexError(f"{location}: index version {index.get('version')!r}, expected {FORMAT_VERSION}")
+        raise ShardIndexError(f"{redact(location)}: index version {index.get('version')!r}, "
+                              f"expected {FORMAT_VERSION}")
     urls, seconds, utterances = [], [], []
     remaining = max_samples or -1
     for shard_number, entry in enumerate(index["shards"]):
@@ -105,7 +108,7 @@ def load_shard_set(location: str, shard_command: str = "", max_samples: int = 0)
         utterances.append(utts)
         seconds.append(sum(u.num_samples for u in utts) / index["sample_rate"])
     if not urls:
-        raise ShardIndexError(f"{location}: the index lists no utterances")
+        raise ShardIndexError(f"{redact(location)}: the index lists no utterances")
     return ShardSet(location, tuple(urls), tuple(seconds), tuple(utterances), int(index["sample_rate"]))
 
 

@@ -15,6 +15,7 @@ import os
 import signal
 import tarfile
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,14 +26,16 @@ import soundfile as sf
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.gopen import Pipe
 
 from w2v_dist.data.audio import EncoderGeometry, decode_error
 from w2v_dist.data.buffers import BufferPool
 from w2v_dist.data.collate import CTCCollator
-from w2v_dist.data.index import ShardSet, Utterance
+from w2v_dist.data.index import ShardSet, Utterance, is_remote
 from w2v_dist.data.plan import Batch, BatchPolicy, Piece, assign_pieces, epoch_rng, plan_batches
 from w2v_dist.data.text import CharLabeler
 from w2v_dist.preemption import STOP_SIGNALS
+from w2v_dist.redact import redact
 
 log = logging.getLogger("w2v_dist.data")
 MAX_EMPTY_EPOCHS = 3
@@ -75,36 +78,89 @@ class Preprocess:
         return self.labels(text), text
 
 
-def read_members(url: str, wanted: set[str], skips: Counter[str]) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """Samples of one shard whose key is wanted; a truncated tar ends the shard with a warning (the samples
-    it did not deliver are counted by the caller as ``missing_member``)."""
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How a remote shard (``http(s)://``, ``pipe:``) that fails mid-read is re-opened."""
+
+    attempts: int = 5
+    """Opens of one shard, the first included, before the run fails naming it."""
+    backoff_seconds: float = 1.0
+    """Wait before the first retry; doubled for each further one."""
+    max_backoff_seconds: float = 30.0
+    stall_seconds: int = 60
+    """An HTTP transfer slower than 1 byte/s for this long is cut (and retried): a stalled server never hangs."""
+
+
+class RemoteShardError(RuntimeError):
+    """A remote shard kept failing after every retry."""
+
+
+def open_shard(url: str, retry: RetryPolicy) -> Any:
+    """webdataset's opener, with curl told to fail on HTTP errors and on stalls (its own retries off: ours
+    re-open mid-shard, which curl cannot do on a pipe)."""
+    if url.startswith(("http://", "https://")):
+        command = ["curl", "-f", "-sS", "-L", "--connect-timeout", "30", "--speed-limit", "1", "--speed-time",
+                   str(retry.stall_seconds), url]
+        return Pipe(command, mode="rb", bufsize=8192, ignore_status=[141, 23])  # 141/23: closed early
+    return wds.gopen(url, "rb")
+
+
+def read_members(url: str, wanted: set[str], skips: Counter[str], retry: RetryPolicy = RetryPolicy()
+                 ) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Samples of one shard whose key is wanted.
+
+    A local tar that ends early ends the shard with a warning (the samples it did not deliver are counted by the
+    caller as ``missing_member``). A remote shard whose transfer fails (a dropped connection, an HTTP error, a
+    ``pipe:`` command exiting non-zero) is re-opened with backoff, skipping the samples already delivered; each
+    retry is counted as ``shard_retries``; after ``retry.attempts`` opens the run fails naming the shard.
+    """
+    delivered: set[str] = set()
+    for attempt in range(1, retry.attempts + 1):
+        try:
+            for key, members in _read_once(url, wanted - delivered, retry):
+                delivered.add(key)
+                yield key, members
+            return
+        except (tarfile.TarError, OSError, EOFError) as err:
+            # A transfer that failed shows as an OSError (the pipe's exit status); a remote tar that is itself
+            # truncated reads cleanly to a short end (a TarError with a clean exit), like a local one.
+            if not is_remote(url) or not isinstance(err, OSError):
+                log.warning("shard %s is truncated or corrupt (%s); its remaining samples are skipped",
+                            redact(url), err)
+                skips["truncated_shard"] += 1
+                return
+            if attempt == retry.attempts:
+                raise RemoteShardError(f"shard {redact(url)} failed {attempt} times, last: {err}") from None
+            delay = min(retry.max_backoff_seconds, retry.backoff_seconds * 2 ** (attempt - 1))
+            log.warning("shard %s failed after %d of its samples (%s); retry %d of %d in %.1f s", redact(url),
+                        len(delivered), err, attempt, retry.attempts - 1, delay)
+            skips["shard_retries"] += 1
+            time.sleep(delay)
+
+
+def _read_once(url: str, wanted: set[str], retry: RetryPolicy) -> Iterator[tuple[str, dict[str, bytes]]]:
     try:
-        stream = wds.gopen(url, "rb")
+        stream = open_shard(url, retry)
     except Exception as err:
-        raise RuntimeError(f"cannot open shard {url}: {err}") from err
+        raise RuntimeError(f"cannot open shard {redact(url)}: {err}") from err
     current: dict[str, bytes] = {}
     key = ""
-    try:
-        with stream:
-            for member in wds.tariterators.tar_file_iterator(stream, select_files=lambda f: f.split(".")[0] in wanted):
-                prefix, _, ext = member["fname"].partition(".")
-                if prefix != key:
-                    if key in wanted:
-                        yield key, current
-                    key, current = prefix, {}
-                if prefix in wanted:
-                    current[ext] = member["data"]
-        if key in wanted:
-            yield key, current
-    except (tarfile.TarError, OSError, EOFError) as err:
-        log.warning("shard %s is truncated or corrupt after key %s (%s); its remaining samples are skipped",
-                    url, key, err)
-        skips["truncated_shard"] += 1
+    with stream:
+        for member in wds.tariterators.tar_file_iterator(stream, select_files=lambda f: f.split(".")[0] in wanted):
+            prefix, _, ext = member["fname"].partition(".")
+            if prefix != key:
+                if key in wanted:
+                    yield key, current
+                key, current = prefix, {}
+            if prefix in wanted:
+                current[ext] = member["data"]
+    if key in wanted:  # only once the stream closed cleanly: a cut transfer may have cut this sample short
+        yield key, current
 
 
 class _Stream(IterableDataset):  # type: ignore[type-arg]
-    def __init__(self, shards: ShardSet, policy: BatchPolicy, prep: Preprocess) -> None:
-        self.shards, self.policy, self.prep = shards, policy, prep
+    def __init__(self, shards: ShardSet, policy: BatchPolicy, prep: Preprocess, retry: RetryPolicy) -> None:
+        self.shards, self.policy, self.prep, self.retry = shards, policy, prep, retry
         self.pool: BufferPool | None = None
         """This worker's batch buffers (made in the worker, on first use)."""
 
@@ -127,7 +183,7 @@ class _Stream(IterableDataset):  # type: ignore[type-arg]
                         break
                     shard = piece.shard
                     wanted = {u.key for u in piece.select(self.shards.utterances[shard]) if (shard, u.key) in needed}
-                    reader = read_members(self.shards.urls[shard], wanted, skips)
+                    reader = read_members(self.shards.urls[shard], wanted, skips, self.retry)
                     continue
                 held[(shard, item[0])] = item[1]
             out = self._decode_batch(batch, held, skips)
@@ -190,8 +246,8 @@ class TrainStream(_Stream):
     """Endless, deterministic, resumable training batches for one rank."""
 
     def __init__(self, shards: ShardSet, policy: BatchPolicy, prep: Preprocess, rank: int, world_size: int,
-                 num_workers: int, seed: int) -> None:
-        super().__init__(shards, policy, prep)
+                 num_workers: int, seed: int, *, retry: RetryPolicy = RetryPolicy()) -> None:
+        super().__init__(shards, policy, prep, retry)
         self.rank, self.world_size, self.slots_per_rank, self.seed = rank, world_size, max(1, num_workers), seed
         self.consumed = 0
 
@@ -236,8 +292,9 @@ class TrainStream(_Stream):
 class EvalStream(_Stream):
     """Each dev utterance exactly once over all ranks: rank r takes global positions ≡ r (mod world)."""
 
-    def __init__(self, shards: ShardSet, policy: BatchPolicy, prep: Preprocess, rank: int, world_size: int) -> None:
-        super().__init__(shards, policy, prep)
+    def __init__(self, shards: ShardSet, policy: BatchPolicy, prep: Preprocess, rank: int, world_size: int, *,
+                 retry: RetryPolicy = RetryPolicy()) -> None:
+        super().__init__(shards, policy, prep, retry)
         first, pieces = 0, []
         for shard, utts in enumerate(shards.utterances):
             pieces.append(Piece(shard, world_size, (rank - first) % world_size))
