@@ -43,11 +43,36 @@ def take_batches(stream: TrainStream, workers: int, count: int) -> list[dict]:
     return list(itertools.islice(iter(make_loader(stream, workers, 2)), count))
 
 
+class FlakyHandler(http.server.SimpleHTTPRequestHandler):
+    """Serves files, but cuts the first ``drops`` transfers of every ``.tar`` mid-file: the full Content-Length is
+    promised, half the bytes are sent, the connection is closed (what a dropped connection looks like)."""
+
+    drops: int = 0
+    served: dict[str, int] = {}
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        count = self.served[self.path] = self.served.get(self.path, 0) + 1
+        if not self.path.endswith(".tar") or count > self.drops:
+            return super().do_GET()
+        data = Path(self.translate_path(self.path)).read_bytes()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data[: len(data) // 2])
+        self.wfile.flush()
+        self.close_connection = True
+        self.connection.shutdown(socket.SHUT_RDWR)
+
+
 @contextmanager
-def http_server(directory: Path) -> Iterator[str]:
-    """Serve ``directory`` on 127.0.0.1 (an ephemeral port) for the duration of the block."""
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(directory))
-    handler.log_message = lambda *args: None  # type: ignore[method-assign]
+def http_server(directory: Path, drops: int = 0) -> Iterator[str]:
+    """Serve ``directory`` on 127.0.0.1 (an ephemeral port) for the duration of the block; with ``drops``, the
+    first ``drops`` requests for each shard are cut mid-transfer (:class:`FlakyHandler`)."""
+    flaky = type("Flaky", (FlakyHandler,), {"drops": drops, "served": {}})
+    handler = functools.partial(flaky, directory=str(directory))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()

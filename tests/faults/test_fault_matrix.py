@@ -159,3 +159,20 @@ def test_a_full_disk_during_a_save_fails_clearly_and_the_relaunch_resumes(
     stderr = relaunch_matches_reference(shard_dirs, tiny_model, out, reference)
     assert "resumed from" in stderr and "step_00000002" in stderr
     assert [r["step"] for r in metrics(out) if "loss" in r][-1] == STEPS
+
+
+def test_remote_shards_cut_mid_transfer_change_nothing_but_the_retry_count(
+        shard_dirs: dict, tiny_model: Path, tmp_path: Path, reference: Path) -> None:
+    """Training and dev shards from a loopback server that cuts every shard's first two transfers mid-file."""
+    from helpers import http_server
+
+    out = tmp_path / "run"
+    with http_server(shard_dirs["train-clean-100"].parent, drops=2) as url:
+        run_to_completion(shard_dirs, tiny_model, out, **{
+            "data.train_shards": f"{url}/train-clean-100", "data.dev_shards": f"{{dev-clean: {url}/dev-clean}}",
+            "data.remote_backoff_seconds": 0.05})
+    retries = [r["loader_skips"].get("shard_retries", 0) for r in metrics(out) if "loader_skips" in r]
+    assert retries[-1] > 0, retries
+    assert_same_weights(reference, out)
+    dev = [r for r in metrics(out) if "dev/dev-clean/utterances" in r]
+    assert [r["dev/dev-clean/utterances"] for r in dev] == [12, 12]

@@ -9,7 +9,7 @@ from w2v_dist.redact import redact, redact_values
     ("https://alice:s3cr3t-pw@data.example.org/shards", "https://***@data.example.org/shards"),
     ("https://b.s3.amazonaws.com/x.tar?X-Amz-Credential=AKIA/1&X-Amz-Signature=abc123&part=2",
      "https://b.s3.amazonaws.com/x.tar?X-Amz-Credential=***&X-Amz-Signature=***&part=2"),
-    ("https://acct.blob.core.windows.net/c/x.tar?sig=Zm9vYmFy&token=t0k3n", 
+    ("https://acct.blob.core.windows.net/c/x.tar?sig=Zm9vYmFy&token=t0k3n",
      "https://acct.blob.core.windows.net/c/x.tar?sig=***&token=***"),
     ('pipe:curl -H "Authorization: Bearer abcdefghij0123" https://h/{shard}',
      'pipe:curl -H "Authorization: Bearer ***" https://h/{shard}'),

@@ -12,6 +12,7 @@ import itertools
 import json
 import logging
 import os
+import re
 import signal
 import tarfile
 import threading
@@ -130,12 +131,21 @@ def read_members(url: str, wanted: set[str], skips: Counter[str], retry: RetryPo
                 skips["truncated_shard"] += 1
                 return
             if attempt == retry.attempts:
-                raise RemoteShardError(f"shard {redact(url)} failed {attempt} times, last: {err}") from None
+                raise RemoteShardError(f"shard {redact(url)} failed {attempt} times, last: {transfer_error(err)}; "
+                                       "check the server or the shard command") from None
             delay = min(retry.max_backoff_seconds, retry.backoff_seconds * 2 ** (attempt - 1))
             log.warning("shard %s failed after %d of its samples (%s); retry %d of %d in %.1f s", redact(url),
-                        len(delivered), err, attempt, retry.attempts - 1, delay)
+                        len(delivered), transfer_error(err), attempt, retry.attempts - 1, delay)
             skips["shard_retries"] += 1
             time.sleep(delay)
+
+
+def transfer_error(err: OSError) -> str:
+    """webdataset reports a failed pipe as its whole argument tuple; the exit status is what matters (curl's own
+    message is on stderr)."""
+    status = re.search(r"exit (-?\d+)", str(err))
+    return f"{'curl' if 'curl' in str(err) else 'the command'} exited with status {status.group(1)}" if status \
+        else redact(str(err))
 
 
 def _read_once(url: str, wanted: set[str], retry: RetryPolicy) -> Iterator[tuple[str, dict[str, bytes]]]:
