@@ -72,6 +72,29 @@ def write_atomically(path: Path, text: str) -> None:
         os.close(directory)
 
 
+def missing_parts(directory: Path) -> list[str]:
+    """What keeps a tag directory from being a complete checkpoint: absent manifests, files absent or of another
+    size than their rank recorded (empty when it is complete)."""
+    try:
+        world_size = int(json.loads((directory / WORLD_FILE).read_text())["world_size"])
+    except (OSError, ValueError, KeyError):
+        return [WORLD_FILE]
+    problems = []
+    for rank in range(world_size):
+        try:
+            files = json.loads((directory / MANIFEST.format(rank=rank)).read_text())["files"]
+        except (OSError, ValueError, KeyError):
+            problems.append(MANIFEST.format(rank=rank))
+            continue
+        for name, size in files.items():
+            path = directory / name
+            if not path.is_file():
+                problems.append(f"{name} (rank {rank})")
+            elif path.stat().st_size != size:
+                problems.append(f"{name} (rank {rank}: {path.stat().st_size} bytes, {size} written)")
+    return problems
+
+
 def write_failure(err: Exception, directory: Path) -> str:
     """Why a write failed, in words a user can act on: torch's zip writer reports a full disk as "unexpected
     pos ..." without an errno, so the free space decides."""
@@ -105,25 +128,7 @@ class Checkpointer:
 
     def missing(self, tag: str) -> list[str]:
         """What keeps ``tag`` from being a complete checkpoint (empty when it is complete)."""
-        directory = self.root / tag
-        try:
-            world_size = int(json.loads((directory / WORLD_FILE).read_text())["world_size"])
-        except (OSError, ValueError, KeyError):
-            return [WORLD_FILE]
-        problems = []
-        for rank in range(world_size):
-            try:
-                files = json.loads((directory / MANIFEST.format(rank=rank)).read_text())["files"]
-            except (OSError, ValueError, KeyError):
-                problems.append(MANIFEST.format(rank=rank))
-                continue
-            for name, size in files.items():
-                path = directory / name
-                if not path.is_file():
-                    problems.append(f"{name} (rank {rank})")
-                elif path.stat().st_size != size:
-                    problems.append(f"{name} (rank {rank}: {path.stat().st_size} bytes, {size} written)")
-        return problems
+        return missing_parts(self.root / tag)
 
     def resumable_tag(self) -> str | None:
         """``latest`` when it is complete, else the newest complete tag (with a warning naming what is missing)."""

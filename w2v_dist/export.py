@@ -50,7 +50,7 @@ def is_hf_export(path: str | Path) -> bool:
 
 def find_checkpoint(path: str | Path, tag: str | None = None, config: str | Path | None = None) -> CheckpointRef:
     """Resolve a run dir, a ``checkpoints/`` dir or a tag dir to (root, tag, config.yaml)."""
-    from w2v_dist.checkpoint import TAG_PREFIX  # imports DeepSpeed: only on the checkpoint path
+    from w2v_dist.checkpoint import TAG_PREFIX, missing_parts  # imports DeepSpeed: only on the checkpoint path
 
     path = Path(path)
     if (path / "checkpoints").is_dir():
@@ -63,11 +63,11 @@ def find_checkpoint(path: str | Path, tag: str | None = None, config: str | Path
         raise ModelSourceError(f"{path} is neither a Hugging Face export (no config.json) nor a DeepSpeed "
                                "checkpoint (a run's output_dir, its checkpoints/ dir, or a step_XXXXXXXX dir)")
     if tag is None:
-        latest = root / "latest"
-        tags = sorted(p.name for p in root.glob(f"{TAG_PREFIX}*") if p.is_dir())
-        if not latest.is_file() and not tags:
-            raise ModelSourceError(f"{root} holds no checkpoint")
-        tag = latest.read_text().strip() if latest.is_file() else tags[-1]
+        latest = root / "latest"  # moved only once a save is complete (w2v_dist.checkpoint)
+        complete = sorted(p.name for p in root.glob(f"{TAG_PREFIX}*") if p.is_dir() and not missing_parts(p))
+        if not latest.is_file() and not complete:
+            raise ModelSourceError(f"{root} holds no complete checkpoint")
+        tag = latest.read_text().strip() if latest.is_file() else complete[-1]
     if not (root / tag).is_dir():
         raise ModelSourceError(f"checkpoint tag {tag!r} not found under {root}")
     run_config = Path(config) if config else root.parent / "config.yaml"

@@ -62,3 +62,13 @@ def test_resume_falls_back_from_a_torn_latest_to_the_newest_complete_tag(tmp_pat
     (ckpt.root / "step_00000006" / "part0.pt").unlink()
     assert ckpt.missing("step_00000006") == ["part0.pt (rank 0)"]
     assert ckpt.resumable_tag() == "step_00000003"
+
+
+def test_export_without_latest_picks_the_newest_complete_tag(tmp_path: Path) -> None:
+    from w2v_dist.export import find_checkpoint
+
+    ckpt = Checkpointer(tmp_path, World(0, 0, 2), keep_last=3)
+    committed(ckpt, "step_00000002", world_size=2)
+    torn = committed(ckpt, "step_00000004", world_size=2)
+    (torn / MANIFEST.format(rank=0)).unlink()
+    assert find_checkpoint(tmp_path).tag == "step_00000002"
