@@ -7,6 +7,7 @@ import http.server
 import itertools
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -95,7 +96,41 @@ def run_deepspeed(args: list[str], ranks: int = 2, timeout: float = 600, cwd: Pa
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", WANDB_MODE="disabled")
     deepspeed = str(Path(sys.executable).with_name("deepspeed"))
     cmd = [deepspeed, "--num_gpus", str(ranks), "--master_port", str(free_port()), str(REPO / "train.py"), *args]
-    return subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        stacks = python_stacks(proc.pid)
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        raise AssertionError(f"timed out after {timeout} s: {' '.join(cmd)}\n--- stacks ---\n{stacks}\n--- stdout ---\n"
+                             f"{stdout[-4000:]}\n--- stderr ---\n{stderr[-8000:]}") from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
+def python_stacks(pid: int) -> str:
+    """Every Python thread's stack in ``pid`` and its descendants (py-spy): what a hung job was waiting on."""
+    import psutil
+
+    try:
+        processes = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return "(the job had already exited)"
+    dumps = []
+    for process in processes:
+        try:
+            command = " ".join(process.cmdline())[:160]
+        except psutil.Error:
+            continue
+        spy = str(Path(sys.executable).with_name("py-spy"))
+        try:
+            dump = subprocess.run([spy, "dump", "--pid", str(process.pid)], capture_output=True, text=True,
+                                  timeout=30)
+            dumps.append(f"## {process.pid} {command}\n{dump.stdout}{dump.stderr}")
+        except (OSError, subprocess.TimeoutExpired) as err:
+            dumps.append(f"## {process.pid} {command}\n(py-spy failed: {err})")
+    return "\n".join(dumps)
 
 
 def run_single(args: list[str], timeout: float = 600, env: dict[str, str] | None = None,

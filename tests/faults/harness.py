@@ -12,7 +12,7 @@ from pathlib import Path
 
 import psutil
 import torch
-from helpers import REPO, check, free_port, metrics, overrides, run_deepspeed
+from helpers import REPO, check, free_port, metrics, overrides, python_stacks, run_deepspeed
 from safetensors.torch import load_file
 
 from w2v_dist.faults import PAUSE_ENV
@@ -56,7 +56,8 @@ class Job:
         deadline = time.monotonic() + WAIT_SECONDS
         while not condition():
             assert self.proc.poll() is None, f"the job ended before {what}:\n{self.output()[-4000:]}"
-            assert time.monotonic() < deadline, f"timed out waiting for {what}"
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out waiting for {what}\n--- stacks ---\n{python_stacks(self.proc.pid)}")
             time.sleep(0.05)
 
     def wait_for_marker(self, moment: str, rank: int) -> None:
@@ -89,6 +90,9 @@ class Job:
     def finish(self, timeout: float = WAIT_SECONDS) -> int:
         try:
             return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"the job did not end within {timeout} s\n--- stacks ---\n"
+                                 f"{python_stacks(self.proc.pid)}\n--- log ---\n{self.output()[-6000:]}") from None
         finally:
             if self.proc.poll() is None:
                 os.killpg(self.proc.pid, signal.SIGKILL)

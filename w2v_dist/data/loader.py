@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import signal
+import subprocess
 import tarfile
 import threading
 import time
@@ -96,13 +97,33 @@ class RemoteShardError(RuntimeError):
     """A remote shard kept failing after every retry."""
 
 
+class CurlPipe(Pipe):
+    """webdataset's ``Pipe`` whose close never waits long: a stream closed before its end (the reader has what it
+    wanted, or is being torn down) stops curl instead of waiting up to webdataset's two hours for it to exit."""
+
+    CLOSE_GRACE_SECONDS = 5.0
+
+    def close(self) -> None:
+        if self.stream.closed:
+            return
+        self.stream.close()  # curl, if still writing, gets EPIPE and exits 23
+        try:
+            self.proc.wait(self.CLOSE_GRACE_SECONDS)
+        except subprocess.TimeoutExpired:  # still reading the network: nobody wants its bytes any more
+            self.proc.kill()
+            self.proc.wait()
+            self.ignore_status.append(-signal.SIGKILL)
+        self.wait_for_child()
+
+
 def open_shard(url: str, retry: RetryPolicy) -> Any:
     """webdataset's opener, with curl told to fail on HTTP errors and on stalls (its own retries off: ours
     re-open mid-shard, which curl cannot do on a pipe)."""
     if url.startswith(("http://", "https://")):
         command = ["curl", "-f", "-sS", "-L", "--connect-timeout", "30", "--speed-limit", "1", "--speed-time",
                    str(retry.stall_seconds), url]
-        return Pipe(command, mode="rb", bufsize=8192, ignore_status=[141, 23])  # 141/23: closed early
+        # Closed early: curl exits 23 on EPIPE, or dies of SIGPIPE (-13; 141 through a shell).
+        return CurlPipe(command, mode="rb", bufsize=8192, ignore_status=[141, 23, -signal.SIGPIPE])
     return wds.gopen(url, "rb")
 
 
@@ -156,14 +177,20 @@ def _read_once(url: str, wanted: set[str], retry: RetryPolicy) -> Iterator[tuple
     current: dict[str, bytes] = {}
     key = ""
     with stream:
-        for member in wds.tariterators.tar_file_iterator(stream, select_files=lambda f: f.split(".")[0] in wanted):
-            prefix, _, ext = member["fname"].partition(".")
-            if prefix != key:
-                if key in wanted:
-                    yield key, current
-                key, current = prefix, {}
-            if prefix in wanted:
-                current[ext] = member["data"]
+        try:
+            for member in wds.tariterators.tar_file_iterator(stream,
+                                                             select_files=lambda f: f.split(".")[0] in wanted):
+                prefix, _, ext = member["fname"].partition(".")
+                if prefix != key:
+                    if key in wanted:
+                        yield key, current
+                    key, current = prefix, {}
+                if prefix in wanted:
+                    current[ext] = member["data"]
+        except GeneratorExit:  # the reader left early: how the abandoned transfer ends does not matter
+            if isinstance(stream, Pipe):
+                stream.ignore_errors = True
+            raise
     if key in wanted:  # only once the stream closed cleanly: a cut transfer may have cut this sample short
         yield key, current
 
