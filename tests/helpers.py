@@ -33,11 +33,12 @@ def preprocess(model_dir: Path) -> Preprocess:
 
 def train_stream(location: str, model_dir: Path, rank: int = 0, world: int = 1, workers: int = 0,
                  seed: int = 1) -> TrainStream:
-    return TrainStream(load_shard_set(location), POLICY, preprocess(model_dir), rank, world, workers, seed)
+    return TrainStream(load_shard_set(location), POLICY, preprocess(model_dir), rank=rank, world_size=world,
+                       num_workers=workers, seed=seed)
 
 
 def eval_stream(location: str, model_dir: Path, rank: int, world: int) -> EvalStream:
-    return EvalStream(load_shard_set(location), POLICY, preprocess(model_dir), rank, world)
+    return EvalStream(load_shard_set(location), POLICY, preprocess(model_dir), rank=rank, world_size=world)
 
 
 def take_batches(stream: TrainStream, workers: int, count: int) -> list[dict]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import errno
 import json
 import logging
@@ -14,10 +13,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from transformers import Wav2Vec2ForCTC, Wav2Vec2Processor
+from transformers import Wav2Vec2Processor
 
 from w2v_dist import dist
 from w2v_dist.engine import Engine, safe_load
+from w2v_dist.export import write_export
 from w2v_dist.faults import pause_point
 
 log = logging.getLogger("w2v_dist.checkpoint")
@@ -113,7 +113,7 @@ class Checkpointer:
     and resume skips it for the newest complete tag.
     """
 
-    def __init__(self, output_dir: Path, world: dist.World, keep_last: int, keep_best: int = 0) -> None:
+    def __init__(self, output_dir: Path, world: dist.World, *, keep_last: int, keep_best: int = 0) -> None:
         self.root = output_dir / "checkpoints"
         self.world, self.keep_last, self.keep_best = world, keep_last, keep_best
         self.scores_file = self.root / "scores.json"
@@ -223,26 +223,9 @@ class Checkpointer:
 
 
 def export_hf(engine: Engine, processor: Wav2Vec2Processor, out_dir: Path, is_main: bool) -> bool:
-    """Collective: write a ``save_pretrained`` (safetensors) export on rank 0, only from finite weights."""
+    """Collective: gather the full fp32 weights (every rank), write the export on rank 0
+    (:func:`w2v_dist.export.write_export`); whether the weights were finite."""
     state = engine.full_state_dict()
-    if not is_main:
-        dist.barrier()
-        return True
-    finite = all(torch.isfinite(t).all() for t in state.values() if t.is_floating_point())
-    if finite:
-        tmp = out_dir.with_name(out_dir.name + ".partial")
-        shutil.rmtree(tmp, ignore_errors=True)
-        model: Wav2Vec2ForCTC = engine.module
-        model.save_pretrained(tmp, state_dict={k: v.float() for k, v in state.items()}, safe_serialization=True)
-        config = copy.deepcopy(model.config)
-        config.dtype = "float32"  # save_pretrained records the 16-bit module's dtype; the weights written are fp32
-        config.save_pretrained(tmp)
-        processor.save_pretrained(tmp)
-        pause_point(f"export-{out_dir.name}", 0)
-        shutil.rmtree(out_dir, ignore_errors=True)
-        tmp.rename(out_dir)
-        log.info("exported Hugging Face model to %s", out_dir)
-    else:
-        log.error("not exporting %s: the weights contain NaN or Inf", out_dir)
+    finite = write_export(engine.module, processor, out_dir, state) if is_main else True
     dist.barrier()
     return finite

@@ -130,14 +130,14 @@ def _transcribe(args: argparse.Namespace) -> int:
 
 def _evaluate(args: argparse.Namespace) -> int:
     from w2v_dist.decoding import DecoderUnavailable
-    from w2v_dist.offline_eval import EvalOptions, run
+    from w2v_dist.evaluation import EvalOptions, evaluate_command
 
     opts = EvalOptions(model=args.model, shards=args.shards, out=args.out, config=args.config,
                        batch_seconds=args.batch_seconds, max_batch_size=args.max_batch_size, workers=args.workers,
                        decoder=args.decoder, lm=args.lm, beam_width=args.beam_width, alpha=args.alpha,
                        beta=args.beta, worst=args.worst, shard_command=args.shard_command)
     try:
-        return run(opts, args.local_rank)
+        return evaluate_command(opts, args.local_rank)
     except (ValueError, DecoderUnavailable, OSError) as err:  # bad paths, indexes, configs, options, LM files
         print(f"evaluate: {err}", file=sys.stderr)
         return 2
@@ -296,9 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", help="per-utterance JSONL file")
     evaluate.add_argument("--config", help="the run's config.yaml when --model is a checkpoint outside its run dir")
     evaluate.add_argument("--batch-seconds", type=float, default=100.0, help="padded audio seconds per batch")
-    evaluate.add_argument("--max-batch-size", type=int, default=0,
-                          help="utterances per batch; 0: 1 for group-norm encoders without attention mask "
-                               "(wav2vec2-base: padding changes their outputs), else 64")
+    evaluate.add_argument("--max-batch-size", type=int, default=64,
+                          help="utterances per batch; group-norm encoders without attention mask (wav2vec2-base: "
+                               "padding changes their outputs) always take 1, as in training's dev evaluation")
     evaluate.add_argument("--workers", type=int, default=1, help="DataLoader workers per rank")
     evaluate.add_argument("--decoder", choices=("greedy", "beam"), default="greedy")
     evaluate.add_argument("--lm", help="KenLM n-gram (.arpa or .bin) for --decoder beam")

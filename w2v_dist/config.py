@@ -321,7 +321,7 @@ def validate(cfg: Config, source: str = "config") -> None:
         if value < 0:
             fail(key, f"must be >= 0, got {value}")
     if cfg.data.num_workers < -1:
-        fail("data.num_workers", f"must be >= 0, or -1 for one per core, got {cfg.data.num_workers}")
+        fail("data.num_workers", f"must be >= 0, or -1 for one per core less one, got {cfg.data.num_workers}")
     if not 0 <= cfg.data.min_seconds < cfg.data.max_seconds:
         fail("data.min_seconds", f"need 0 <= min_seconds < max_seconds, got {cfg.data.min_seconds}, "
                                  f"{cfg.data.max_seconds}")

@@ -53,16 +53,12 @@ def launch_command(config: str, overrides: list[str], ranks: int = 2) -> tuple[l
     if not torch.cuda.is_available():
         env["DS_ACCELERATOR"] = "cpu"
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // ranks)))
+    from w2v_dist.dist import free_port  # torch, only once a run is launched
+
     deepspeed = shutil.which("deepspeed") or str(Path(sys.executable).with_name("deepspeed"))
-    cmd = [deepspeed, "--num_gpus", str(ranks), "--master_port", str(_free_port()), "train.py",
+    cmd = [deepspeed, "--num_gpus", str(ranks), "--master_port", str(free_port()), "train.py",
            "--config", config, *overrides]
     return cmd, env
-
-
-def _free_port() -> int:
-    from w2v_dist.dist import _free_port as free
-
-    return free()
 
 
 def run_demo(work_dir: Path, config: str, overrides: list[str], utterances: int = DEMO_UTTERANCES,

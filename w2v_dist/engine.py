@@ -8,7 +8,6 @@ from __future__ import annotations
 import datetime
 import fcntl
 import logging
-import math
 import os
 import pickle
 import re
@@ -26,7 +25,7 @@ from deepspeed.utils.tensor_fragment import fragment_address
 from transformers import Wav2Vec2ForCTC
 
 from w2v_dist.config import Config
-from w2v_dist.data.collate import model_inputs
+from w2v_dist.data.collate import CTCBatch
 
 log = logging.getLogger("w2v_dist.engine")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -62,6 +61,15 @@ def check_checkpoint_files(directory: Path) -> None:
         safe_load(path, map_location="cpu")
 
 
+def zero_checkpoint_weights(root: Path, tag: str) -> dict[str, torch.Tensor]:
+    """Full fp32 weights of a ZeRO 1-3 checkpoint, its optimizer partitions gathered by DeepSpeed's
+    ``zero_to_fp32``, which unpickles with ``weights_only=False``: the files are checked first."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    check_checkpoint_files(root / tag)
+    return get_fp32_state_dict_from_zero_checkpoint(str(root), tag)
+
+
 class CheckpointFiles:
     """Wraps DeepSpeed's checkpoint engine: records every file this rank writes (the commit manifest lists
     them) and loads without unpickling code (:func:`safe_load`). Anything else goes to DeepSpeed's engine."""
@@ -81,11 +89,17 @@ class CheckpointFiles:
         return safe_load(path, map_location)
 
 
-def init_distributed(timeout_minutes: float = 30.0) -> None:
-    """Create the process group (NCCL on GPUs, gloo/ccl on CPU) with a bounded collective timeout."""
+def init_distributed(timeout_minutes: float, local_rank: int) -> torch.device:
+    """The one place that sets up a process: its device (made current), and the process group (NCCL on GPUs,
+    gloo/ccl on CPU; one rank is a group of one) with a bounded collective timeout. Training and ``evaluate``
+    both start here."""
+    device = device_for(local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     build_cpu_comm_op(timeout_minutes * 60)
     deepspeed.init_distributed(timeout=datetime.timedelta(minutes=timeout_minutes), verbose=False)
     release_cpu_shm_buffer()
+    return device
 
 
 def build_cpu_comm_op(timeout_s: float) -> None:
@@ -238,11 +252,10 @@ class UpdateOutcome:
 class Engine:
     """A DeepSpeed engine around ``Wav2Vec2ForCTC`` with the NaN/Inf guard's hooks."""
 
-    def __init__(self, cfg: Config, model: Wav2Vec2ForCTC, local_rank: int) -> None:
+    def __init__(self, cfg: Config, model: Wav2Vec2ForCTC, device: torch.device) -> None:
+        """``device``: what :func:`init_distributed` returned."""
         self.cfg = cfg
-        self.device = device_for(local_rank)
-        if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
+        self.device = device
         groups = param_groups(model, cfg.optim.weight_decay)
         self.optimizer = GuardedAdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
                                       fused=self.device.type == "cuda")
@@ -261,7 +274,7 @@ class Engine:
 
     def _watch_grad(self, grad: torch.Tensor) -> torch.Tensor:
         # One reduction kernel per gradient: a NaN or Inf anywhere makes its sum non-finite (isfinite().all()
-        # took six kernels per parameter, ~1,200 launches per step for wav2vec2-base). A finite gradient whose
+        # took six kernels per parameter). A finite gradient whose
         # sum overflows float32 (entries near 1e32) also counts as bad: such an update is garbage anyway.
         self.grad_sums.append(grad.sum(dtype=torch.float32))
         return grad
@@ -276,20 +289,17 @@ class Engine:
     def module(self) -> Wav2Vec2ForCTC:
         return self.ds.module
 
-    def forward(self, batch: dict[str, Any], with_labels: bool = True, inject_inf_grad: bool = False
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, batch: CTCBatch, with_labels: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed CTC loss (fp32: the model takes log-softmax in fp32) and the logits.
 
         An empty batch (every sample skipped) gives a zero loss that still reaches every trainable parameter,
         so backward's collectives run on this rank like on the others.
         """
-        inputs = model_inputs(batch, self.device, with_labels)
-        if inputs["input_values"].numel() == 0:
+        if not len(batch):
             return self._zero_loss(), torch.zeros(0, device=self.device)
+        inputs = batch.model_inputs(self.device, with_labels)
         inputs["input_values"] = inputs["input_values"].to(self.dtype)
         out = self.ds(**inputs)
-        if inject_inf_grad:
-            out.logits.register_hook(lambda g: g * math.inf)
         loss = out.loss.float() if with_labels else torch.zeros((), device=self.device)
         return loss, out.logits
 

@@ -10,6 +10,7 @@ processor come from the run's ``config.yaml`` (``model.name_or_path``), exactly 
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import shutil
 import sys
@@ -21,6 +22,7 @@ import torch
 from transformers import Wav2Vec2ForCTC, Wav2Vec2Processor
 
 from w2v_dist.config import Config, load_config
+from w2v_dist.faults import pause_point
 
 log = logging.getLogger("w2v_dist.export")
 ZERO0_MODEL_STATES = "mp_rank_00_model_states.pt"
@@ -102,14 +104,11 @@ def checkpoint_state_dict(ref: CheckpointRef) -> dict[str, torch.Tensor]:
     """Full fp32 weights of a checkpoint, ZeRO partitions gathered."""
     directory = ref.directory
     if any(directory.glob("*_optim_states.pt")):
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        from w2v_dist.engine import zero_checkpoint_weights
 
-        from w2v_dist.engine import check_checkpoint_files
-
-        check_checkpoint_files(directory)  # zero_to_fp32 unpickles with weights_only=False
         # zero_to_fp32 reports progress with print(); stdout is reserved for our results.
         with contextlib.redirect_stdout(sys.stderr):
-            return get_fp32_state_dict_from_zero_checkpoint(str(ref.root), ref.tag)
+            return zero_checkpoint_weights(ref.root, ref.tag)
     states = directory / ZERO0_MODEL_STATES
     if not states.is_file():
         raise ModelSourceError(f"{directory} has neither ZeRO optimizer partitions nor {ZERO0_MODEL_STATES}")
@@ -120,10 +119,10 @@ def checkpoint_state_dict(ref: CheckpointRef) -> dict[str, torch.Tensor]:
 def model_from_checkpoint(ref: CheckpointRef) -> tuple[Wav2Vec2ForCTC, Wav2Vec2Processor]:
     """The run's architecture and processor (built as the trainer built them) with the checkpoint's weights."""
     from w2v_dist.model import load_model, load_processor
-    from w2v_dist.run import _shard_vocab  # the same vocab.json fallback the run used for its processor
+    from w2v_dist.run import shard_vocab  # the same vocab.json fallback the run used for its processor
 
     cfg = checkpoint_config(ref)
-    processor = load_processor(cfg.model, _shard_vocab(cfg.data.train_shards) if cfg.data.train_shards else None)
+    processor = load_processor(cfg.model, shard_vocab(cfg.data.train_shards) if cfg.data.train_shards else None)
     model = load_model(cfg.model, processor).float()  # fp32 inference whatever dtype name_or_path records
     state = checkpoint_state_dict(ref)
     if cfg.deepspeed.precision != "fp32":
@@ -148,6 +147,31 @@ def load_for_inference(source: str | Path, config: str | Path | None = None, tag
         return model_from_checkpoint(find_checkpoint(source, tag, config))
 
 
+def write_export(model: Wav2Vec2ForCTC, processor: Wav2Vec2Processor, out_dir: Path,
+                 state: dict[str, torch.Tensor] | None = None) -> bool:
+    """The one Hugging Face export writer (training's final/ and best/, ``w2v-dist export``): ``save_pretrained``
+    safetensors in fp32 (``state`` when given, else the model's own weights) and the processor, written beside
+    ``out_dir`` and renamed into place, so a crash never leaves a half-written export under the real name.
+    Refuses weights with NaN or Inf (returns False, writes nothing)."""
+    weights = {k: v.float() if v.is_floating_point() else v for k, v in (state or model.state_dict()).items()}
+    bad = [name for name, t in weights.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        log.error("not exporting %s: the weights contain NaN or Inf (%s...)", out_dir, bad[:3])
+        return False
+    tmp = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
+    config = copy.deepcopy(model.config)
+    config.dtype = "float32"  # save_pretrained records a 16-bit module's dtype; the weights written are fp32
+    config.save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    pause_point(f"export-{out_dir.name}", 0)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.rename(out_dir)
+    log.info("exported Hugging Face model to %s", out_dir)
+    return True
+
+
 def export_checkpoint(source: str | Path, out_dir: str | Path, tag: str | None = None,
                       config: str | Path | None = None) -> Path:
     """Write a ``save_pretrained`` export (safetensors + processor) of a DeepSpeed checkpoint; refuses NaN/Inf."""
@@ -157,14 +181,6 @@ def export_checkpoint(source: str | Path, out_dir: str | Path, tag: str | None =
     with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's chatter to stderr (see load_for_inference)
         ref = find_checkpoint(source, tag, config)
         model, processor = model_from_checkpoint(ref)
-    bad = [name for name, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
-    if bad:
-        raise ValueError(f"{ref.directory}: weights contain NaN or Inf ({bad[:3]}...); not exporting")
-    tmp = out.with_name(out.name + ".partial")  # a crash never leaves a half-written export under the real name
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    processor.save_pretrained(tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    log.info("exported %s to %s", ref.directory, out)
+    if not write_export(model, processor, out):
+        raise ValueError(f"{ref.directory}: weights contain NaN or Inf; not exporting")
     return out

@@ -1,4 +1,7 @@
-"""Pause points: named moments at which a test can hold one rank still and deliver a fault (a signal, a kill, a
+"""Fault injection for tests, kept out of the code it tests: NaN losses and Inf gradients through a forward hook
+(:func:`injected_faults`), and pause points.
+
+Pause points: named moments at which a test can hold one rank still and deliver a fault (a signal, a kill, a
 full disk) exactly there, the way a cluster would.
 
 Off unless ``W2V_DIST_PAUSE_AT`` is set, to ``<moment>[#<n>]:<rank>:<seconds>:<marker dir>``: the n-th time
@@ -11,10 +14,16 @@ written, not yet renamed into place).
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
+
+import torch
 
 PAUSE_ENV = "W2V_DIST_PAUSE_AT"
 _reached: Counter[str] = Counter()
@@ -32,3 +41,25 @@ def pause_point(moment: str, rank: int) -> None:
     if _reached[moment] == int(occurrence or 1):
         Path(marker_dir, f"{moment}.rank{rank}").touch()
         time.sleep(float(seconds))
+
+
+@contextmanager
+def injected_faults(model: torch.nn.Module, nan_loss: bool, inf_grad: bool) -> Iterator[None]:
+    """While open, every forward of ``model`` returns a NaN loss (``nan_loss``) and/or logits whose gradient is
+    infinite (``inf_grad``): what the NaN/Inf guard must catch (``trainer.inject``)."""
+    if not (nan_loss or inf_grad):
+        yield
+        return
+
+    def corrupt(module: torch.nn.Module, args: Any, output: Any) -> Any:
+        if nan_loss and output.loss is not None:
+            output.loss = output.loss * math.nan
+        if inf_grad and output.logits.requires_grad:
+            output.logits.register_hook(lambda grad: grad * math.inf)
+        return output
+
+    handle = model.register_forward_hook(corrupt)
+    try:
+        yield
+    finally:
+        handle.remove()

@@ -37,13 +37,13 @@ def read_audio(path: str | Path) -> np.ndarray:
 
 def load_pipeline(model: str | Path, config: str | Path | None = None, device: str | None = None) -> Any:
     """An ASR pipeline over an HF export dir or a DeepSpeed checkpoint (see :mod:`w2v_dist.export`)."""
-    import torch
     from transformers import pipeline
 
+    from w2v_dist.engine import device_for
     from w2v_dist.export import load_for_inference
 
     network, processor = load_for_inference(model, config)
-    device = device or ("cuda:0" if torch.cuda.is_available() else "cpu")
+    device = device or str(device_for(0))
     return pipeline("automatic-speech-recognition", model=network, tokenizer=processor.tokenizer,
                     feature_extractor=processor.feature_extractor, device=device)
 

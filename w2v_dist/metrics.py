@@ -2,26 +2,25 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import jiwer
 import torch
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ErrorCounts:
-    """Summed edit operations and reference lengths; add them up across batches and ranks, divide at the end."""
+    """Summed edit operations and reference lengths; add them up across utterances and ranks, divide at the end."""
 
     word_edits: int = 0
     words: int = 0
     char_edits: int = 0
     chars: int = 0
     utterances: int = 0
-    samples: list[tuple[str, str, str]] = field(default_factory=list)
-    """A few (key, reference, hypothesis) triples for logging."""
 
-    def add(self, keys: list[str], references: list[str], hypotheses: list[str], keep_samples: int = 0) -> None:
-        for key, ref, hyp in zip(keys, references, hypotheses):
+    def add(self, references: list[str], hypotheses: list[str]) -> None:
+        """Count utterances the way jiwer does (an empty reference adds its insertions and no words)."""
+        for ref, hyp in zip(references, hypotheses):
             words = jiwer.process_words(ref, hyp)
             chars = jiwer.process_characters(ref, hyp)
             self.word_edits += words.substitutions + words.deletions + words.insertions
@@ -29,16 +28,11 @@ class ErrorCounts:
             self.char_edits += chars.substitutions + chars.deletions + chars.insertions
             self.chars += len(ref)
             self.utterances += 1
-            if len(self.samples) < keep_samples:
-                self.samples.append((key, ref, hyp))
 
-    def as_list(self) -> list[float]:
-        return [self.word_edits, self.words, self.char_edits, self.chars, self.utterances]
-
-    @classmethod
-    def from_list(cls, values: list[float]) -> ErrorCounts:
-        word_edits, words, char_edits, chars, utterances = (int(round(v)) for v in values)
-        return cls(word_edits, words, char_edits, chars, utterances)
+    def __add__(self, other: ErrorCounts) -> ErrorCounts:
+        return ErrorCounts(word_edits=self.word_edits + other.word_edits, words=self.words + other.words,
+                           char_edits=self.char_edits + other.char_edits, chars=self.chars + other.chars,
+                           utterances=self.utterances + other.utterances)
 
     @property
     def wer(self) -> float:

@@ -19,25 +19,35 @@ from w2v_dist import dist
 from w2v_dist.config import Config
 from w2v_dist.data.audio import EncoderGeometry
 from w2v_dist.data.index import ShardSet, is_remote, load_shard_set, vocab_path
-from w2v_dist.data.loader import EvalStream, RetryPolicy, TrainStream, make_loader, make_preprocess
+from w2v_dist.data.loader import RetryPolicy, TrainStream, make_loader, make_preprocess
 from w2v_dist.data.plan import BatchPolicy
-from w2v_dist.engine import DTYPES, Engine, accelerator_name, check_accelerator, device_for, init_distributed
+from w2v_dist.engine import DTYPES, Engine, accelerator_name, check_accelerator, init_distributed
 from w2v_dist.logging import setup_console
 from w2v_dist.model import load_model, load_processor, parameter_counts
 from w2v_dist.preflight import preflight, worst_case
+from w2v_dist.scoring import scoring_batch_size, scoring_loader
 
 log = logging.getLogger("w2v_dist.run")
 
 
-@dataclass
+@dataclass(frozen=True, kw_only=True)
 class Run:
     world: dist.World
     engine: Engine
     processor: Wav2Vec2Processor
     train_stream: TrainStream
     train_loader: Any
-    dev_loaders: dict[str, Any]
+    dev_sets: list[DevSet]
     train_utterances: int
+
+
+@dataclass(frozen=True)
+class DevSet:
+    name: str
+    indexed: int
+    """Utterances in its index: each is scored or reported unscored."""
+    sample_rate: int
+    loader: Any
 
 
 def seed_everything(seed: int) -> None:
@@ -46,7 +56,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _shard_vocab(location: str) -> dict[str, int] | None:
+def shard_vocab(location: str) -> dict[str, int] | None:
     try:
         with wds.gopen(vocab_path(location), "rb") as stream:
             return json.loads(stream.read())
@@ -60,18 +70,31 @@ def check_output_dir(path: Path) -> None:
         raise PermissionError(f"output_dir {path} is not writable")
 
 
-def build_run(cfg: Config, local_rank: int | None = None) -> Run:
+def start_process(timeout_minutes: float, local_rank: int | None = None) -> tuple[dist.World, torch.device]:
+    """Every entry point that runs on ranks starts here: the world from the launcher's environment (or one
+    process), the console, and the process group and device (:func:`~w2v_dist.engine.init_distributed`)."""
     world = dist.world_from_env(local_rank)
     setup_console(world.rank)
+    return world, init_distributed(timeout_minutes, world.local_rank)
+
+
+def build_engine(cfg: Config, local_rank: int | None = None) -> tuple[dist.World, Engine, Wav2Vec2Processor]:
+    """A started process with ``cfg.model`` loaded into a ready engine: what benchmarks and tests train with."""
+    world, device = start_process(cfg.trainer.collective_timeout_minutes, local_rank)
+    processor = load_processor(cfg.model, None)
+    return world, Engine(cfg, load_model(cfg.model, processor), device), processor
+
+
+def build_run(cfg: Config, local_rank: int | None = None) -> Run:
     check_accelerator(cfg.deepspeed.precision)
-    init_distributed(cfg.trainer.collective_timeout_minutes)
+    world, device = start_process(cfg.trainer.collective_timeout_minutes, local_rank)
     check_output_dir(Path(cfg.output_dir))
     seed_everything(cfg.trainer.seed)
     if not cfg.data.train_shards:
         raise ValueError("data.train_shards is not set: point it at a directory written by 'w2v-dist shard'")
     train_set = load_shard_set(cfg.data.train_shards, cfg.data.shard_command, cfg.data.max_train_samples)
     check_shards_readable(train_set)
-    processor = load_processor(cfg.model, _shard_vocab(cfg.data.train_shards))
+    processor = load_processor(cfg.model, shard_vocab(cfg.data.train_shards))
     model = load_model(cfg.model, processor)
     sample_rate = train_set.sample_rate
     prep = make_preprocess(processor, EncoderGeometry.from_model_config(model.config), sample_rate,
@@ -80,21 +103,24 @@ def build_run(cfg: Config, local_rank: int | None = None) -> Run:
                          cfg.data.bucket_window, cfg.data.shuffle_buffer)
     workers = dist.loader_workers(cfg.data.num_workers)
     retry = RetryPolicy(cfg.data.remote_attempts, cfg.data.remote_backoff_seconds)
-    stream = TrainStream(train_set, policy, prep, world.rank, world.size, workers, cfg.trainer.seed, retry=retry)
+    stream = TrainStream(train_set, policy, prep, rank=world.rank, world_size=world.size, num_workers=workers,
+                         seed=cfg.trainer.seed, retry=retry)
     train_loader = make_loader(stream, workers, cfg.data.prefetch_factor)
-    dev_loaders = {}
-    eval_policy = BatchPolicy(policy.max_batch_samples, policy.max_batch_size, policy.bucket_window, 1)
+    dev_sets = []
+    batch_size = scoring_batch_size(model.config.feat_extract_norm,
+                                    bool(processor.feature_extractor.return_attention_mask), cfg.data.max_batch_size)
     for name, location in cfg.data.dev_shards.items():
         dev_set = load_shard_set(location, cfg.data.shard_command)
         check_shards_readable(dev_set)
-        dev_loaders[name] = make_loader(EvalStream(dev_set, eval_policy, prep, world.rank, world.size, retry=retry),
-                                        workers, cfg.data.prefetch_factor)
+        dev_sets.append(DevSet(name, dev_set.total_samples, dev_set.sample_rate, scoring_loader(
+            dev_set, prep, cfg.data.max_batch_seconds, batch_size, world, workers=workers,
+            prefetch_factor=cfg.data.prefetch_factor, retry=retry)))
     if cfg.trainer.preflight:
-        preflight(model, device_for(world.local_rank), DTYPES[cfg.deepspeed.precision],
-                  worst_case(train_set, policy, prep.skip_reason))
-    engine = Engine(cfg, model, world.local_rank)
+        preflight(model, device, DTYPES[cfg.deepspeed.precision], worst_case(train_set, policy, prep.skip_reason))
+    engine = Engine(cfg, model, device)
     _announce(cfg, world, train_set, model)
-    return Run(world, engine, processor, stream, train_loader, dev_loaders, train_set.total_samples)
+    return Run(world=world, engine=engine, processor=processor, train_stream=stream, train_loader=train_loader,
+               dev_sets=dev_sets, train_utterances=train_set.total_samples)
 
 
 def check_shards_readable(shards: ShardSet) -> None:

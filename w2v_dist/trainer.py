@@ -16,14 +16,16 @@ import torch
 from w2v_dist import dist
 from w2v_dist.checkpoint import Checkpointer, export_hf
 from w2v_dist.config import Config, save_config, to_written, to_yaml
+from w2v_dist.data.audio import EncoderGeometry
+from w2v_dist.data.collate import CTCBatch
+from w2v_dist.decoding import GreedyDecoder
 from w2v_dist.engine import Engine, UpdateOutcome
-from w2v_dist.evaluate import DevSet, evaluate
-from w2v_dist.faults import pause_point
+from w2v_dist.faults import injected_faults, pause_point
 from w2v_dist.logging import make_logger
-from w2v_dist.metrics import ErrorCounts
 from w2v_dist.preemption import REQUEUE_FILE, StopSignal, request_requeue
 from w2v_dist.run import Run, build_run
 from w2v_dist.schedule import lr_at
+from w2v_dist.scoring import Scorer, SetScore
 
 log = logging.getLogger("w2v_dist.trainer")
 
@@ -32,7 +34,7 @@ class DivergenceError(RuntimeError):
     """Too many consecutive updates were skipped for non-finite losses or gradients."""
 
 
-@dataclass
+@dataclass(frozen=True, kw_only=True)
 class StepResult:
     loss_per_target: float
     targets: int
@@ -46,17 +48,16 @@ class StepResult:
     outcome: UpdateOutcome
 
 
-def train_step(engine: Engine, micro_batches: list[dict[str, Any]], world_size: int, stop_requested: bool = False,
-               nan_loss: bool = False, inf_grad: bool = False) -> StepResult:
+def train_step(engine: Engine, micro_batches: list[CTCBatch], world_size: int, stop_requested: bool = False
+               ) -> StepResult:
     """One optimizer update. Every rank runs the same collectives whatever its data, so none can hang."""
-    local = [sum(int((b["labels"] >= 0).sum()) for b in micro_batches), sum(len(b["keys"]) for b in micro_batches),
-             sum(b["seconds"] for b in micro_batches)]
+    local = [sum(b.targets for b in micro_batches), sum(len(b) for b in micro_batches),
+             sum(b.seconds for b in micro_batches)]
     counts = dist.all_reduce_sum_async(local, engine.device)  # read with the flags below: one host sync per step
     scale = world_size * len(micro_batches) / counts[0].clamp(min=1.0)  # DeepSpeed averages ranks, micro-batches
     loss_sum = torch.zeros((), device=engine.device)
     for index, batch in enumerate(micro_batches):
-        loss, _ = engine.forward(batch, inject_inf_grad=inf_grad)
-        loss = loss * math.nan if nan_loss else loss
+        loss, _ = engine.forward(batch)
         engine.backward(loss * scale.float())
         loss_sum += loss.detach()
         if index < len(micro_batches) - 1:
@@ -69,7 +70,8 @@ def train_step(engine: Engine, micro_batches: list[dict[str, Any]], world_size: 
     outcome = engine.update(skip=cause is not None)
     if cause is None and outcome.engine_skipped:
         cause = "fp16_overflow" if engine.cfg.deepspeed.precision == "fp16" else "deepspeed_skipped"
-    return StepResult(total / max(targets, 1.0), int(targets), int(utterances), seconds, stop > 0, cause, outcome)
+    return StepResult(loss_per_target=total / max(targets, 1.0), targets=int(targets), utterances=int(utterances),
+                      seconds=seconds, stop=stop > 0, cause=cause, outcome=outcome)
 
 
 @dataclass
@@ -103,7 +105,8 @@ class Trainer:
         self.stop_signal = stop_signal or StopSignal()
         if self.world.is_main:
             (self.output / REQUEUE_FILE).unlink(missing_ok=True)
-        self.checkpointer = Checkpointer(self.output, self.world, cfg.checkpoint.keep_last, cfg.checkpoint.keep_best)
+        self.checkpointer = Checkpointer(self.output, self.world, keep_last=cfg.checkpoint.keep_last,
+                                         keep_best=cfg.checkpoint.keep_best)
         self.unpooled_skips: Counter[str] = Counter()  # this rank's loader skips since the last pooling
         self.last_eval: tuple[int, float] | None = None  # (step, WER on checkpoint.best_metric)
         if cfg.checkpoint.resume:
@@ -114,12 +117,12 @@ class Trainer:
         self.logger = make_logger(self.world.is_main, self.output, to_written(cfg),
                                   cfg.logging.wandb, cfg.trainer.max_steps, self.state.step, cfg.logging.progress_bar)
 
-    def fit(self) -> dict[str, ErrorCounts]:
+    def fit(self) -> dict[str, SetScore]:
         cfg, state, run = self.cfg, self.state, self.run
         batches = iter(run.train_loader)
         pause_point("started", self.world.rank)
         window_start, wait, window_seconds = time.perf_counter(), 0.0, 0.0
-        results: dict[str, ErrorCounts] = {}
+        results: dict[str, SetScore] = {}
         while state.step < cfg.trainer.max_steps:
             fetch_start = time.perf_counter()
             micro = [next(batches) for _ in range(cfg.trainer.grad_accum)]
@@ -128,11 +131,10 @@ class Trainer:
             step = state.step + 1
             lr = lr_at(state.step, cfg.optim.lr, cfg.trainer.max_steps, cfg.schedule)
             run.engine.set_lr(lr, encoder_frozen=state.step < cfg.model.freeze_finetune_updates)
-            inject = cfg.trainer.inject
-            mine = self.world.rank == inject.rank
-            result = train_step(run.engine, micro, self.world.size, self.stop_signal.requested,
-                                nan_loss=mine and step in inject.nan_loss_at_steps,
-                                inf_grad=mine and step in inject.inf_grad_at_steps)
+            inject, mine = cfg.trainer.inject, self.world.rank == cfg.trainer.inject.rank
+            with injected_faults(run.engine.module, nan_loss=mine and step in inject.nan_loss_at_steps,
+                                 inf_grad=mine and step in inject.inf_grad_at_steps):
+                result = train_step(run.engine, micro, self.world.size, self.stop_signal.requested)
             state.step = step
             pause_point("step", self.world.rank)
             self._account(result, micro)
@@ -173,10 +175,10 @@ class Trainer:
             log.warning("stopped at step %d (%s): checkpoint saved, %s written", self.state.step, reason, path)
         self.logger.close()
 
-    def _account(self, result: StepResult, micro: list[dict[str, Any]]) -> None:
+    def _account(self, result: StepResult, micro: list[CTCBatch]) -> None:
         state = self.state
         for batch in micro:
-            self.unpooled_skips.update(batch["skips"])
+            self.unpooled_skips.update(batch.skips)
         state.seconds_seen += result.seconds
         state.utterances_seen += result.utterances
         if result.cause is None:
@@ -184,7 +186,7 @@ class Trainer:
             return
         state.skipped[result.cause] += 1
         state.consecutive_bad += 1
-        keys = dist.all_gather_objects([k for b in micro for k in b["keys"]])
+        keys = dist.all_gather_objects([k for b in micro for k in b.keys])
         if self.world.is_main:
             record = {"step": state.step, "cause": result.cause, "keys_by_rank": keys}
             with open(self.output / "bad_batches.jsonl", "a") as handle:
@@ -231,22 +233,37 @@ class Trainer:
         self.logger.progress(state.step, {"loss": f"{result.loss_per_target:.3f}", "lr": f"{lr:.2e}",
                                           "aud_s/s": f"{record['audio_seconds_per_second']:.0f}"})
 
-    def _evaluate(self) -> dict[str, ErrorCounts]:
-        dev_sets = [DevSet(name, loader) for name, loader in self.run.dev_loaders.items()]
-        results = evaluate(self.run.engine, self.run.processor, dev_sets, self.cfg.logging.sample_transcripts)
+    def _evaluate(self) -> dict[str, SetScore]:
+        """Collective: score every dev set (:mod:`w2v_dist.scoring`, as ``w2v-dist evaluate`` does), log it, and
+        export best/ when the WER on ``checkpoint.best_metric`` improved."""
+        engine, rank = self.run.engine, self.world.rank
+        decoder = GreedyDecoder(self.run.processor.tokenizer)
+        geometry = EncoderGeometry.from_model_config(engine.module.config)
+        engine.eval()
+        results = {}
+        for dev in self.run.dev_sets:
+            scorer = Scorer(lambda batch: engine.forward(batch, with_labels=False)[1], decoder, geometry,
+                            device=engine.device, sample_rate=dev.sample_rate, pad_forward=engine.dummy_forward,
+                            after_batch=lambda: pause_point("eval", rank))
+            results[dev.name] = scorer.score(dev.name, dev.loader, dev.indexed)
+        engine.train()
         record: dict[str, Any] = {"step": self.state.step}
-        for name, counts in results.items():
+        for name, score in results.items():
+            counts = score.counts
             record |= {f"dev/{name}/wer": counts.wer, f"dev/{name}/cer": counts.cer,
-                       f"dev/{name}/utterances": counts.utterances}
+                       f"dev/{name}/utterances": counts.utterances, f"dev/{name}/unscored": len(score.unscored)}
+            samples = score.rows[:self.cfg.logging.sample_transcripts]
             self.logger.table(f"dev/{name}/samples", ["key", "reference", "hypothesis"],
-                              [list(s) for s in counts.samples], self.state.step)
-            for key, ref, hyp in counts.samples:
-                log.info("%s %s\n  REF: %s\n  HYP: %s", name, key, ref, hyp)
-            log.info("step %d %s: WER %.4f CER %.4f over %d utterances", self.state.step, name, counts.wer,
-                     counts.cer, counts.utterances)
+                              [[r["key"], r["reference"], r["hypothesis"]] for r in samples], self.state.step)
+            for r in samples:
+                log.info("%s %s\n  REF: %s\n  HYP: %s", name, r["key"], r["reference"], r["hypothesis"])
+            log.info("step %d %s: WER %.4f CER %.4f over %d utterances (%d unscored)", self.state.step, name,
+                     counts.wer, counts.cer, counts.utterances, len(score.unscored))
+            if self.world.is_main:
+                write_rows(self.output / "eval" / f"step_{self.state.step:08d}" / f"{name}.jsonl", score.rows)
         self.logger.log(record)
         if results:
-            wer = results[self.cfg.checkpoint.best_metric or next(iter(results))].wer
+            wer = results[self.cfg.checkpoint.best_metric or next(iter(results))].counts.wer
             self.last_eval = (self.state.step, wer)
             if math.isfinite(wer) and (self.state.best_wer is None or wer < self.state.best_wer):
                 self.state.best_wer = wer
@@ -260,16 +277,16 @@ class Trainer:
         score = self.last_eval[1] if self.last_eval and self.last_eval[0] == self.state.step else None
         self.checkpointer.save(self.run.engine, self.state.step, client_state, score)
 
-    def _export(self, results: dict[str, ErrorCounts]) -> None:
+    def _export(self, results: dict[str, SetScore]) -> None:
         finite = export_hf(self.run.engine, self.run.processor, self.output / "final", self.world.is_main)
         if self.world.is_main:
             summary = {"step": self.state.step, "exported": finite, "skipped": dict(self.state.skipped),
                        "loader_skips": dict(self.state.loader_skips),
-                       **{f"dev/{n}/wer": c.wer for n, c in results.items()}}
+                       **{f"dev/{n}/wer": r.counts.wer for n, r in results.items()}}
             self.logger.log({"final": summary})
 
 
-def train(cfg: Config, local_rank: int | None = None) -> dict[str, ErrorCounts]:
+def train(cfg: Config, local_rank: int | None = None) -> dict[str, SetScore]:
     """Build everything from ``cfg`` and run to ``trainer.max_steps`` (resuming when a checkpoint exists)."""
     stop_signal = StopSignal()  # first: a signal while the run is being built is honoured after step 1
     run = build_run(cfg, local_rank)
@@ -282,8 +299,14 @@ def train(cfg: Config, local_rank: int | None = None) -> dict[str, ErrorCounts]:
     except RuntimeError as err:
         if not dist.is_collective_failure(err):
             raise
-        latest = Checkpointer(Path(cfg.output_dir), run.world, 1).resumable_tag()
+        latest = Checkpointer(Path(cfg.output_dir), run.world, keep_last=1).resumable_tag()
         raise SystemExit(f"rank {run.world.rank}: {err}. Another rank has most likely died "
                          f"({dist.dead_ranks(ranks_dir, run.world)}; exit codes are in the launcher's log). "
                          f"Relaunch the same command to resume from "
                          f"{latest or 'the beginning (no checkpoint yet)'}.") from err
+
+
+def write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
+    """One dev set's per-utterance results, in ``w2v-dist evaluate --out``'s format."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))

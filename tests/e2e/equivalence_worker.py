@@ -15,28 +15,24 @@ from helpers import eval_stream  # noqa: E402
 from w2v_dist import dist  # noqa: E402
 from w2v_dist.config import load_config  # noqa: E402
 from w2v_dist.data.loader import make_loader  # noqa: E402
-from w2v_dist.engine import Engine, init_distributed  # noqa: E402
-from w2v_dist.model import load_model, load_processor  # noqa: E402
+from w2v_dist.run import build_engine  # noqa: E402
 from w2v_dist.trainer import train_step  # noqa: E402
 
 
 def main(out: str, model_dir: str, dev_shards: str, steps: int, stage: int) -> None:
-    world = dist.world_from_env()
-    init_distributed()
-    accum = 2 // world.size
+    accum = 2 // dist.world_from_env().size
     cfg = load_config(None, [f"model.name_or_path={model_dir}", "model.mask_time_prob=0", "model.layerdrop=0",
                              "model.activation_dropout=0", f"trainer.grad_accum={accum}", "optim.lr=1e-3",
                              "optim.weight_decay=0.01", "optim.grad_clip=0.5", f"deepspeed.zero_stage={stage}"])
     torch.manual_seed(0)
-    processor = load_processor(cfg.model, None)
-    engine = Engine(cfg, load_model(cfg.model, processor), world.local_rank)
-    batches = [b for b in make_loader(eval_stream(dev_shards, Path(model_dir), 0, 1), 0, 2) if b["keys"]]
+    world, engine, _ = build_engine(cfg)
+    batches = [b for b in make_loader(eval_stream(dev_shards, Path(model_dir), 0, 1), 0, 2) if len(b)]
     assert len(batches) >= 2 * steps, len(batches)
     targets = []
     for step in range(steps):
         pair = batches[2 * step:2 * step + 2]
         mine = pair if world.size == 1 else [pair[world.rank]]
-        targets.append([int((b["labels"] >= 0).sum()) for b in pair])
+        targets.append([b.targets for b in pair])
         result = train_step(engine, mine, world.size)
         assert result.cause is None
     assert any(a != b for a, b in targets), "the test needs uneven target counts across ranks"

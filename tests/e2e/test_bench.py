@@ -41,12 +41,10 @@ import json, sys
 from pathlib import Path
 from w2v_dist.bench.gpu import planned_batches
 from w2v_dist.bench.gpu_step import Trial, measure_variant
-from w2v_dist.dist import world_from_env
-from w2v_dist.engine import init_distributed
 from w2v_dist.model import init_model
+from w2v_dist.run import start_process
 
-world_from_env()
-init_distributed()
+start_process(30.0)
 model = init_model(Path(sys.argv[1]) / "model", "tiny")
 batches = planned_batches(6.0, 3, 32)
 for trial in (Trial("ours"), Trial("bare", bare=True)):

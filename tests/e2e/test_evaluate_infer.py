@@ -58,7 +58,8 @@ def test_evaluate_export_counts_every_dev_utterance_once(single_eval: tuple[dict
     expected_keys = sorted(u.key for shard in dev.utterances for u in shard)
     assert sorted(r["key"] for r in rows) == expected_keys
     stats = summary["sets"]["dev-clean"]
-    assert stats["utterances"] == len(rows) == dev.total_samples and stats["skipped"] == {}
+    assert stats["utterances"] == len(rows) == dev.total_samples
+    assert stats["unscored"] == 0 == len(stats["unscored_keys"])
     words = sum(len(r["reference"].split()) for r in rows)
     assert stats["words"] == words == sum(r["words"] for r in rows)
     assert stats["wer"] == pytest.approx(sum(r["errors"] for r in rows) / words, abs=1e-12)
@@ -91,13 +92,14 @@ def test_two_ranks_give_the_same_results_as_one(single_eval: tuple[dict, list], 
 def test_checkpoint_forms_resolve_and_score_like_the_export(single_eval: tuple[dict, list], run_dir: Path,
                                                             shard_dirs: dict) -> None:
     from w2v_dist.dist import World
+    from w2v_dist.evaluation import EvalOptions, evaluate_sets
     from w2v_dist.export import find_checkpoint
-    from w2v_dist.offline_eval import EvalOptions, evaluate_sets
 
     tag = f"step_{STEPS:08d}"
     refs = {find_checkpoint(p) for p in (run_dir, run_dir / "checkpoints", run_dir / "checkpoints" / tag)}
     assert refs == {find_checkpoint(run_dir, tag=tag)} and next(iter(refs)).config == run_dir / "config.yaml"
-    summary = evaluate_sets(EvalOptions(str(run_dir), [str(shard_dirs["dev-clean"])], workers=0), World(0, 0, 1))
+    summary = evaluate_sets(EvalOptions(model=str(run_dir), shards=[str(shard_dirs["dev-clean"])], workers=0),
+                            World(0, 0, 1), torch.device("cpu"))
     assert summary is not None and summary["sets"] == single_eval[0]["sets"]
 
 
@@ -106,12 +108,12 @@ def test_beam_search_with_and_without_a_kenlm_model(run_dir: Path, shard_dirs: d
     pytest.importorskip("pyctcdecode")
     from w2v_dist.data.synth import LEXICON
     from w2v_dist.dist import World
-    from w2v_dist.offline_eval import EvalOptions, evaluate_sets
+    from w2v_dist.evaluation import EvalOptions, evaluate_sets
 
     def run(**extra: object) -> dict:
-        opts = EvalOptions(str(run_dir / "final"), [str(shard_dirs["dev-clean"])], workers=0, decoder="beam",
-                           beam_width=8, out=str(tmp_path / "beam.jsonl"), **extra)  # type: ignore[arg-type]
-        summary = evaluate_sets(opts, World(0, 0, 1))
+        opts = EvalOptions(model=str(run_dir / "final"), shards=[str(shard_dirs["dev-clean"])], workers=0,
+                           decoder="beam", beam_width=8, out=str(tmp_path / "beam.jsonl"), **extra)  # type: ignore[arg-type]
+        summary = evaluate_sets(opts, World(0, 0, 1), torch.device("cpu"))
         assert summary is not None
         return summary["sets"]["dev-clean"]
 

@@ -18,7 +18,7 @@ from w2v_dist.data.loader import make_loader
 
 
 def keys(batches: list[dict]) -> list[list[str]]:
-    return [b["keys"] for b in batches]
+    return [list(b.keys) for b in batches]
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -38,7 +38,7 @@ def test_streams_are_endless_and_cross_epochs(shard_dirs: dict, tiny_model: Path
     for rank in (0, 1):
         batches = take_batches(train_stream(location, tiny_model, rank=rank, world=2, workers=2), 2, 60)
         assert len(batches) == 60
-        assert sum(len(b["keys"]) for b in batches) > total  # past one epoch of the whole set on one rank
+        assert sum(len(b) for b in batches) > total  # past one epoch of the whole set on one rank
 
 
 def test_resume_refuses_a_different_world(shard_dirs: dict, tiny_model: Path) -> None:
@@ -53,7 +53,7 @@ def test_each_dev_utterance_once_over_ranks(shard_dirs: dict, tiny_model: Path, 
     seen = Counter()
     for rank in range(world):
         for batch in make_loader(eval_stream(location, tiny_model, rank, world), 0, 2):
-            seen.update(batch["keys"])
+            seen.update(batch.keys)
     index = json.loads((shard_dirs["dev-clean"] / "index.json").read_text())
     assert seen == Counter(u[0] for s in index["shards"] for u in s["utterances"])
 
@@ -63,7 +63,7 @@ def test_shards_stream_from_a_loopback_http_server(shard_dirs: dict, tiny_model:
     local = keys(take_batches(train_stream(str(directory), tiny_model), 0, 12))
     with http_server(directory) as url:
         remote = take_batches(train_stream(url, tiny_model, workers=1), 1, 12)
-    assert keys(remote) == local and remote[0]["input_values"].shape[0] == len(local[0])
+    assert keys(remote) == local and remote[0].input_values.shape[0] == len(local[0])
 
 
 def rewrite_tar(path: Path, change: dict[str, bytes | None]) -> None:
@@ -100,8 +100,8 @@ def test_bad_members_are_skipped_counted_and_named(damaged_shards: tuple, tiny_m
         batches = list(make_loader(eval_stream(str(location), tiny_model, 0, 1), 0, 2))
     skips = Counter()
     for b in batches:
-        skips.update(b["skips"])
-    delivered = {k for b in batches for k in b["keys"]}
+        skips.update(b.skips)
+    delivered = {k for b in batches for k in b.keys}
     assert corrupt not in delivered and missing not in delivered
     assert skips["bad_audio"] == 1 and skips["missing_member"] == 1
     assert f"sample {corrupt} cannot be decoded" in caplog.text and "shard-000000.tar" in caplog.text
@@ -116,8 +116,8 @@ def test_truncated_shard_is_skipped_with_a_warning(shard_dirs: dict, tiny_model:
     index = json.loads((out / "index.json").read_text())
     with caplog.at_level(logging.WARNING, logger="w2v_dist.data"):
         batches = list(make_loader(eval_stream(str(out), tiny_model, 0, 1), 0, 2))
-    delivered = sum(len(b["keys"]) for b in batches)
-    missing = sum(b["skips"].get("missing_member", 0) for b in batches)
+    delivered = sum(len(b) for b in batches)
+    missing = sum(b.skips.get("missing_member", 0) for b in batches)
     assert missing > 0 and delivered + missing == index["totals"]["written"]
     assert "truncated or corrupt" in caplog.text
 
@@ -170,5 +170,5 @@ def test_pipe_shard_command_from_the_users_config(shard_dirs: dict, tiny_model: 
     location = str(shard_dirs["train-clean-100"])
     piped = load_shard_set(location, shard_command=f"pipe:cat {location}/{{shard}}")
     assert all(url.startswith("pipe:cat ") for url in piped.urls)
-    stream = TrainStream(piped, POLICY, preprocess(tiny_model), 0, 1, 0, 1)
+    stream = TrainStream(piped, POLICY, preprocess(tiny_model), rank=0, world_size=1, num_workers=0, seed=1)
     assert keys(take_batches(stream, 0, 5)) == keys(take_batches(train_stream(location, tiny_model), 0, 5))

@@ -18,9 +18,10 @@ FAST = RetryPolicy(attempts=3, backoff_seconds=0.05)
 
 def epoch(location: str, model: Path, retry: RetryPolicy, shard_command: str = "") -> tuple[list[str], int]:
     """Every key of one pass over the set (one rank, one worker) and the retries the batches reported."""
-    stream = EvalStream(load_shard_set(location, shard_command), POLICY, preprocess(model), 0, 1, retry=retry)
+    stream = EvalStream(load_shard_set(location, shard_command), POLICY, preprocess(model), rank=0, world_size=1,
+                        retry=retry)
     batches = list(make_loader(stream, 1, 2))
-    return [k for b in batches for k in b["keys"]], sum(b["skips"].get("shard_retries", 0) for b in batches)
+    return [k for b in batches for k in b.keys], sum(b.skips.get("shard_retries", 0) for b in batches)
 
 
 def test_dropped_connections_are_retried_and_every_utterance_arrives_once(shard_dirs: dict, tiny_model: Path) -> None:
@@ -38,7 +39,8 @@ def test_a_shard_that_keeps_failing_stops_the_run_naming_it(shard_dirs: dict, ti
     directory = shard_dirs["train-clean-100"]
     with http_server(directory, drops=100) as url:
         credentialed = url.replace("http://", "http://reader:pw-0123456789@")
-        stream = TrainStream(load_shard_set(credentialed), POLICY, preprocess(tiny_model), 0, 1, 0, 1, retry=FAST)
+        stream = TrainStream(load_shard_set(credentialed), POLICY, preprocess(tiny_model), rank=0, world_size=1,
+                             num_workers=0, seed=1, retry=FAST)
         start = time.monotonic()
         with pytest.raises(RemoteShardError, match=r"shard http://\*\*\*@127\.0\.0\.1:\d+/shard-00000\d\.tar "
                                                    r"failed 3 times") as failure:

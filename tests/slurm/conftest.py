@@ -59,7 +59,7 @@ def _install_slurm() -> str | None:
     return f"installed {' '.join(PACKAGES)} but {', '.join(missing)} still missing" if missing else None
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("", 0))
         return int(sock.getsockname()[1])
@@ -155,8 +155,8 @@ def _write_conf(root: Path, node: str, hardware: dict[str, str], munge_socket: P
     conf.write_text(f"""# One-node test cluster written by tests/slurm/conftest.py
 ClusterName=w2vtest
 SlurmctldHost={node}(127.0.0.1)
-SlurmctldPort={_free_port()}
-SlurmdPort={_free_port()}
+SlurmctldPort={free_port()}
+SlurmdPort={free_port()}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge

@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from transformers import Wav2Vec2FeatureExtractor
 
 from w2v_dist.data.buffers import BufferPool
-from w2v_dist.data.collate import CTCCollator, model_inputs, normalize_batch
+from w2v_dist.data.collate import CTCCollator, normalize_batch
 
 BATCHES = 24
 
@@ -65,7 +65,7 @@ def test_normalisation_on_the_device_matches_the_feature_extractor() -> None:
     for row, wave in enumerate(waves):
         values[row, :len(wave)] = wave
     batch = collator.assemble(values, [len(w) for w in waves], [[1], [2], [3]], ["a", "b", "c"], ["", "", ""])
-    normalised = model_inputs(batch, "cpu")["input_values"]
+    normalised = batch.model_inputs("cpu")["input_values"]
     mask = np.zeros((3, 16_000), dtype=np.int32)
     for row, wave in enumerate(waves):
         mask[row, :len(wave)] = 1
@@ -73,5 +73,5 @@ def test_normalisation_on_the_device_matches_the_feature_extractor() -> None:
     np.testing.assert_allclose(normalised.numpy(), np.stack(expected), atol=2e-5)
     unnormalised = CTCCollator(return_attention_mask=False, normalize=False).assemble(
         values, [len(w) for w in waves], [[1], [2], [3]], ["a", "b", "c"], ["", "", ""])
-    assert torch.equal(model_inputs(unnormalised, "cpu")["input_values"], torch.from_numpy(values))
+    assert torch.equal(unnormalised.model_inputs("cpu")["input_values"], torch.from_numpy(values))
     assert normalize_batch(torch.zeros(0, 0), torch.zeros(0, dtype=torch.long)).shape == (0, 0)

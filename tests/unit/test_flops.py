@@ -56,7 +56,7 @@ def test_gpu_bench_batches_respect_the_seconds_budget() -> None:
     batches = planned_batches(200.0, 5, 32)
     assert len(batches) == 5
     for batch in batches:
-        rows, width = batch["input_values"].shape
-        assert rows * width <= 200 * 16_000 and max(batch["lengths"]) == width
-        real = (batch["labels"] >= 0).sum(dim=1)
-        assert (real > 0).all() and (batch["labels"][:, :1] >= 4).all()
+        rows, width = batch.input_values.shape
+        assert rows * width <= 200 * 16_000 and int(batch.input_lengths.max()) == width
+        real = (batch.labels >= 0).sum(dim=1)
+        assert (real > 0).all() and (batch.labels[:, :1] >= 4).all()

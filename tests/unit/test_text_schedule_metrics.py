@@ -5,7 +5,7 @@ import torch
 
 from w2v_dist.config import ScheduleConfig
 from w2v_dist.data.audio import EncoderGeometry
-from w2v_dist.data.collate import LABEL_PAD, CTCCollator, Example
+from w2v_dist.data.collate import LABEL_PAD, CTCCollator
 from w2v_dist.data.text import TranscriptError, build_vocab, librispeech_vocab, normalize
 from w2v_dist.metrics import ErrorCounts, greedy_ids
 from w2v_dist.schedule import lr_at
@@ -52,9 +52,9 @@ def test_warmup_then_decay(name: str) -> None:
 
 def test_error_counts_pool_edits_not_rates() -> None:
     a, b = ErrorCounts(), ErrorCounts()
-    a.add(["k1"], ["ONE TWO THREE FOUR"], ["ONE TWO THREE FOUR"])
-    b.add(["k2"], ["YES"], ["NO"])
-    pooled = ErrorCounts.from_list([x + y for x, y in zip(a.as_list(), b.as_list())])
+    a.add(["ONE TWO THREE FOUR"], ["ONE TWO THREE FOUR"])
+    b.add(["YES"], ["NO"])
+    pooled = a + b
     assert pooled.wer == pytest.approx(1 / 5)  # not the mean of per-rank rates (0.5)
     assert pooled.utterances == 2
 
@@ -66,12 +66,16 @@ def test_greedy_ids_cut_at_real_frames() -> None:
 
 
 def test_collator_pads_and_masks_only_when_asked() -> None:
-    examples = [Example("a", torch.ones(5).numpy(), [7, 8], "AB"), Example("b", torch.ones(3).numpy(), [9], "C")]
-    batch = CTCCollator(return_attention_mask=False)(examples)
-    assert batch["input_values"].shape == (2, 5) and "attention_mask" not in batch
-    assert batch["labels"].tolist() == [[7, 8], [9, LABEL_PAD]]
-    assert batch["keys"] == ["a", "b"] and batch["seconds"] == pytest.approx(8 / 16_000)
-    assert CTCCollator(return_attention_mask=True)(examples)["attention_mask"].tolist()[1] == [1, 1, 1, 0, 0]
+    values = torch.zeros(2, 5)
+    values[0], values[1, :3] = 1.0, 1.0
+    rows = (values, [5, 3], [[7, 8], [9]], ["a", "b"], ["AB", "C"])
+    batch = CTCCollator(return_attention_mask=False).assemble(*rows, skips={"too_long": 1})
+    assert batch.input_values.shape == (2, 5) and batch.attention_mask is None and len(batch) == 2
+    assert batch.labels.tolist() == [[7, 8], [9, LABEL_PAD]] and batch.targets == 3
+    assert batch.keys == ("a", "b") and batch.seconds == pytest.approx(8 / 16_000) and batch.skips == {"too_long": 1}
+    masked = CTCCollator(return_attention_mask=True).assemble(*rows)
+    assert masked.attention_mask is not None and masked.attention_mask.tolist()[1] == [1, 1, 1, 0, 0]
+    assert set(masked.model_inputs("cpu")) == {"input_values", "attention_mask", "labels"}
 
 
 def test_char_labeler_matches_the_tokenizer(tmp_path) -> None:

@@ -33,13 +33,14 @@ from w2v_dist.bench.gpu_step import Trial, build_step, measure_variant
 from w2v_dist.bench.loader import prepare_shards
 from w2v_dist.bench.output import SR, emit
 from w2v_dist.bench.step import training_windows
+from w2v_dist.data.collate import LABEL_PAD, CTCBatch
 from w2v_dist.data.index import Utterance
 from w2v_dist.data.plan import BatchPolicy, pack
 
 LONGEST_SECONDS = 35.0
 
 
-def planned_batches(batch_seconds: float, count: int, vocab_size: int, seed: int = 0) -> list[dict[str, Any]]:
+def planned_batches(batch_seconds: float, count: int, vocab_size: int, seed: int = 0) -> list[CTCBatch]:
     """``count`` batches packed by padded seconds from a train-clean-100-like stream, on pinned CPU memory."""
     rng = np.random.default_rng(seed)
     utts = [Utterance(0, i, f"u{i}", int(s * SR), int(s * CHARS_PER_SECOND))
@@ -50,17 +51,18 @@ def planned_batches(batch_seconds: float, count: int, vocab_size: int, seed: int
     return [to_batch(plan, vocab_size) for plan in plans[:count]]
 
 
-def to_batch(plan: list[Utterance], vocab_size: int) -> dict[str, Any]:
+def to_batch(plan: list[Utterance], vocab_size: int) -> CTCBatch:
     width, label_width = max(u.num_samples for u in plan), max(u.label_length for u in plan)
     audio = torch.randn(len(plan), width)
     labels = torch.randint(4, vocab_size, (len(plan), label_width))
     for row, utt in enumerate(plan):
         audio[row, utt.num_samples:] = 0.0
-        labels[row, utt.label_length:] = -100
+        labels[row, utt.label_length:] = LABEL_PAD
     if torch.cuda.is_available():  # as the loader hands them over
         audio, labels = audio.pin_memory(), labels.pin_memory()
-    return {"input_values": audio, "labels": labels, "keys": [u.key for u in plan],
-            "seconds": sum(u.num_samples for u in plan) / SR, "lengths": [u.num_samples for u in plan]}
+    return CTCBatch(input_values=audio, input_lengths=torch.tensor([u.num_samples for u in plan]), labels=labels,
+                    keys=tuple(u.key for u in plan), texts=("",) * len(plan),
+                    seconds=sum(u.num_samples for u in plan) / SR, normalize=False)
 
 
 def matmul_tflops() -> float:
@@ -141,12 +143,10 @@ def trials(quick: bool) -> list[Trial]:
 def run(work_dir: Path, batch_seconds: list[float], steps: int, warmup: int, probe_limit: float,
         quick: bool = False) -> dict[str, Any]:
     """All measurements; ``quick`` times only the candidate variants (no data-wait run, sweep or memory probe)."""
-    from w2v_dist.dist import world_from_env
-    from w2v_dist.engine import init_distributed
     from w2v_dist.model import init_model
+    from w2v_dist.run import start_process
 
-    world_from_env()
-    init_distributed()
+    start_process(30.0)
     torch._logging.set_logs(recompiles=True)  # a recompilation prints its reason
     work_dir.mkdir(parents=True, exist_ok=True)
     model_dir = work_dir / "model-base"

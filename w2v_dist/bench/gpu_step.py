@@ -19,7 +19,7 @@ from transformers import Wav2Vec2Config
 
 from w2v_dist.bench.flops import batch_flops
 from w2v_dist.bench.output import SR, emit
-from w2v_dist.data.collate import model_inputs
+from w2v_dist.data.collate import CTCBatch
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -49,26 +49,27 @@ def trial_config(model_dir: Path, trial: Trial) -> Any:
                               "model.layerdrop=0", "schedule.name=constant", *trial.overrides])
 
 
-def build_step(model_dir: Path, trial: Trial) -> tuple[Callable[[dict[str, Any]], None], Wav2Vec2Config]:
+def build_step(model_dir: Path, trial: Trial) -> tuple[Callable[[CTCBatch], None], Wav2Vec2Config]:
     """The step function a trial times; each call returns when the GPU has finished the step."""
-    from w2v_dist.engine import Engine, param_groups
+    from w2v_dist.engine import param_groups
     from w2v_dist.model import load_model, load_processor
+    from w2v_dist.run import build_engine
     from w2v_dist.trainer import train_step
 
     cfg = trial_config(model_dir, trial)
-    model = load_model(cfg.model, load_processor(cfg.model, None))
     if not trial.bare:
-        engine = Engine(cfg, model, 0)
+        _, engine, _ = build_engine(cfg)
 
-        def engine_step(batch: dict[str, Any]) -> None:
+        def engine_step(batch: CTCBatch) -> None:
             train_step(engine, [batch], 1)  # ends in a host read of the guard flags: the step is complete
 
-        return engine_step, model.config
+        return engine_step, engine.module.config
+    model = load_model(cfg.model, load_processor(cfg.model, None))
     model.to(DEVICE).train()  # type: ignore[arg-type]
     optimizer = torch.optim.AdamW(param_groups(model, 0.0), lr=cfg.optim.lr, fused=True)
 
-    def bare_step(batch: dict[str, Any]) -> None:
-        inputs = model_inputs(batch, DEVICE)
+    def bare_step(batch: CTCBatch) -> None:
+        inputs = batch.model_inputs(DEVICE)
         labels = inputs["labels"]
         with torch.autocast(DEVICE, dtype=torch.bfloat16):
             loss = model(**inputs).loss
@@ -81,7 +82,7 @@ def build_step(model_dir: Path, trial: Trial) -> tuple[Callable[[dict[str, Any]]
     return bare_step, model.config
 
 
-def measure_variant(trial: Trial, model_dir: Path, batches: list[dict[str, Any]], warmup: int,
+def measure_variant(trial: Trial, model_dir: Path, batches: list[CTCBatch], warmup: int,
                     peaks: dict[str, float | None]) -> dict[str, Any]:
     from torch._dynamo.utils import counters
 
@@ -102,11 +103,11 @@ def measure_variant(trial: Trial, model_dir: Path, batches: list[dict[str, Any]]
         step(batch)
         step_times.append(time.perf_counter() - start)
     anatomy = step_anatomy(step, timed[:3])
-    seconds = sum(b["seconds"] for b in timed)
+    seconds = sum(b.seconds for b in timed)
     wall = sum(step_times)
-    flops = batch_flops(config, [n for b in timed for n in b["lengths"]])
+    flops = batch_flops(config, [n for b in timed for n in b.input_lengths.tolist()])
     record = {"measure": "gpu_variant", "variant": trial.name, "trial": asdict(trial),
-              "batch_seconds": statistics.mean(b["input_values"].numel() / SR for b in timed),
+              "batch_seconds": statistics.mean(b.input_values.numel() / SR for b in timed),
               "steps": len(timed), "step_s_median": statistics.median(step_times),
               "audio_seconds_per_second": seconds / wall, "tflops": flops.total / wall / 1e12,
               "transformer_tflops": flops.transformer / wall / 1e12, "warmup_s": warmup_s,
@@ -124,7 +125,7 @@ def measure_variant(trial: Trial, model_dir: Path, batches: list[dict[str, Any]]
     return emit(record)
 
 
-def step_anatomy(step: Callable[[dict[str, Any]], None], batches: list[dict[str, Any]]) -> dict[str, Any]:
+def step_anatomy(step: Callable[[CTCBatch], None], batches: list[CTCBatch]) -> dict[str, Any]:
     """Host syncs per step (CUDA sync debug mode), the fraction of wall time the GPU runs kernels, and where the
     GPU and the host spend a step."""
     from torch.profiler import ProfilerActivity, profile

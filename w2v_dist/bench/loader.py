@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 from w2v_dist.bench.corpus import build
 from w2v_dist.bench.output import SR, emit
 from w2v_dist.data.audio import EncoderGeometry
+from w2v_dist.data.collate import CTCBatch
 from w2v_dist.data.index import load_shard_set
 from w2v_dist.data.loader import TrainStream, make_loader, make_preprocess
 from w2v_dist.data.plan import BatchPolicy, padding_fraction
@@ -42,21 +43,25 @@ def raw_decode_rate(files: list[Path]) -> float:
     return seconds / (time.perf_counter() - start)
 
 
-def _metadata(batch: dict[str, Any]) -> dict[str, Any]:
-    """A batch without its tensors of samples: keeping ~1 GB of decoded audio alive, as no trainer does, would
-    make every batch land in fresh memory and time page faults instead of the loader."""
+def _metadata(batch: CTCBatch | dict[str, Any]) -> dict[str, Any]:
+    """A batch (ours, or the seed-style pipeline's dict) without its tensors of samples: keeping ~1 GB of decoded
+    audio alive, as no trainer does, would make every batch land in fresh memory and time page faults instead of
+    the loader."""
+    if isinstance(batch, CTCBatch):
+        return {"seconds": batch.seconds, "numel": batch.input_values.numel(), "input_lengths": batch.input_lengths,
+                "keys": batch.keys}
     kept = {k: v for k, v in batch.items() if k not in ("input_values", "labels", "attention_mask")}
     return kept | {"numel": batch["input_values"].numel()}
 
 
-def timed_batches(batches: Iterator[dict[str, Any]], audio_seconds: float) -> tuple[float, list[dict[str, Any]]]:
+def timed_batches(batches: Iterator[Any], audio_seconds: float) -> tuple[float, list[dict[str, Any]]]:
     """Audio-seconds per second over batches until ``audio_seconds`` of real audio went by (first batch
     excluded: worker start-up is not throughput); returns the batches' metadata."""
     first = next(batches)
     start, seen, kept = time.perf_counter(), 0.0, [_metadata(first)]
     for batch in batches:
-        seen += batch["seconds"]
         kept.append(_metadata(batch))
+        seen += kept[-1]["seconds"]
         if seen >= audio_seconds:
             break
     return seen / (time.perf_counter() - start), kept
@@ -134,7 +139,7 @@ def run(work_dir: Path, utterances: int, workers: int) -> dict[str, Any]:
           "flac_mb": sum(f.stat().st_size for f in files) / 1e6, "shards": len(shard_set.urls)})
 
     raw = emit({"measure": "raw_decode", "audio_seconds_per_second_per_core": raw_decode_rate(files)})
-    stream = TrainStream(shard_set, policy, prep, 0, 1, workers, seed=1)
+    stream = TrainStream(shard_set, policy, prep, rank=0, world_size=1, num_workers=workers, seed=1)
     running = iter(make_loader(stream, workers, 4))
     ours_rate, ours_batches = timed_batches(running, total_seconds)
     uss = worker_uss_mb()
@@ -142,7 +147,7 @@ def run(work_dir: Path, utterances: int, workers: int) -> dict[str, Any]:
     ours = emit({"measure": "ours", "workers": workers, "audio_seconds_per_second": ours_rate,
                  "per_worker": ours_rate / max(workers, 1), "worker_uss_mb": uss,
                  "shuffle_buffer": policy.shuffle_buffer, "bucket_window": policy.bucket_window})
-    single = TrainStream(shard_set, policy, prep, 0, 1, 0, seed=1)
+    single = TrainStream(shard_set, policy, prep, rank=0, world_size=1, num_workers=0, seed=1)
     single_rate, _ = timed_batches(iter(make_loader(single, 0, 2)), total_seconds / 2)
     emit({"measure": "ours_in_process", "workers": 0, "audio_seconds_per_second": single_rate,
           "fraction_of_raw_decode": single_rate / raw["audio_seconds_per_second_per_core"],
@@ -195,7 +200,7 @@ def planned_padding(policy: BatchPolicy, utterances: int = 28_539, shards: int =
 
 def resume_skip_rate(shard_set: Any, policy: BatchPolicy, prep: Any) -> dict[str, float]:
     """Samples per second a resume skips: the plan replay that positions a stream, with no audio read."""
-    stream = TrainStream(shard_set, policy, prep, 0, 1, 0, seed=1)
+    stream = TrainStream(shard_set, policy, prep, rank=0, world_size=1, num_workers=0, seed=1)
     start = time.perf_counter()
     skipped = sum(len(batch) for epoch in range(20) for batch in stream.plan(0, epoch)[0])
     replay = time.perf_counter() - start
@@ -215,7 +220,7 @@ def http_comparison(work_dir: Path, shard_set: Any, policy: BatchPolicy, prep: A
         port = int(server.stdout.readline().split("port ")[1].split()[0])  # type: ignore[union-attr]
         base = f"http://127.0.0.1:{port}"
         remote = load_shard_set(f"{base}/shards")
-        stream = TrainStream(remote, policy, prep, 0, 1, workers, seed=1)
+        stream = TrainStream(remote, policy, prep, rank=0, world_size=1, num_workers=workers, seed=1)
         shards_rate, _ = timed_batches(iter(make_loader(stream, workers, 4)), total_seconds / 2)
         urls = [(f"{base}/{Path(p).relative_to(work_dir)}", t) for p, t in items]
         files_rate, _ = timed_batches(seed_style_loader(urls, processor, workers, http_get), total_seconds / 2)

@@ -51,18 +51,14 @@ def worker(work_dir: Path, steps: int, batch_seconds: float, out: Path) -> None:
 
     from w2v_dist.bench.step import fixed_batches
     from w2v_dist.config import load_config
-    from w2v_dist.dist import all_reduce_sum, world_from_env
-    from w2v_dist.engine import Engine, init_distributed
-    from w2v_dist.model import load_model, load_processor
+    from w2v_dist.dist import all_reduce_sum
+    from w2v_dist.run import build_engine
     from w2v_dist.trainer import train_step
 
-    world = world_from_env()
-    init_distributed()
     model_dir = work_dir / "model-tiny"
     cfg = load_config(None, [f"model.name_or_path={model_dir}", "model.mask_time_prob=0", "model.layerdrop=0"])
-    model = load_model(cfg.model, load_processor(cfg.model, None))
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    engine = Engine(cfg, model, world.local_rank)
+    world, engine, _ = build_engine(cfg)
+    trainable = sum(p.numel() for p in engine.module.parameters() if p.requires_grad)
     batch = fixed_batches(work_dir / "loader" / "shards", model_dir, 1, batch_seconds)[0]
     train_step(engine, [batch], world.size)
     start = time.perf_counter()
@@ -76,7 +72,7 @@ def worker(work_dir: Path, steps: int, batch_seconds: float, out: Path) -> None:
         if world.size > 1:
             torch_dist.all_reduce(buffer)
         reduce_times.append(time.perf_counter() - start)
-    rate = all_reduce_sum([batch["seconds"] / step_s], engine.device)[0] / world.size
+    rate = all_reduce_sum([batch.seconds / step_s], engine.device)[0] / world.size
     if world.is_main:
         out.write_text(json.dumps({"ranks": world.size, "step_s": step_s, "audio_seconds_per_second_per_rank": rate,
                                    "allreduce_s": statistics.median(reduce_times), "trainable_params": trainable,
@@ -85,7 +81,7 @@ def worker(work_dir: Path, steps: int, batch_seconds: float, out: Path) -> None:
 
 def run(work_dir: Path, steps: int, batch_seconds: float) -> dict[str, Any]:
     from w2v_dist.bench.loader import prepare_shards
-    from w2v_dist.dist import _free_port
+    from w2v_dist.dist import free_port
     from w2v_dist.model import init_model
 
     prepare_shards(work_dir / "loader", 120, 2)
@@ -98,7 +94,7 @@ def run(work_dir: Path, steps: int, batch_seconds: float) -> dict[str, Any]:
         if not torch.cuda.is_available():
             env["DS_ACCELERATOR"] = "cpu"
         subprocess.run([str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", str(ranks), "--master_port",
-                        str(_free_port()), __file__, str(work_dir), str(steps), str(batch_seconds), str(out)],
+                        str(free_port()), __file__, str(work_dir), str(steps), str(batch_seconds), str(out)],
                        check=True, capture_output=True, env=env)
         results[ranks] = emit({"measure": "scaling", **json.loads(out.read_text())})
     efficiency = results[2]["audio_seconds_per_second_per_rank"] / results[1]["audio_seconds_per_second_per_rank"]

@@ -7,7 +7,6 @@ Then a real training run reports its data-wait fraction with the default loader 
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import shutil
@@ -21,23 +20,22 @@ from typing import Any
 import torch
 
 from w2v_dist.bench.output import emit
-from w2v_dist.data.collate import model_inputs
+from w2v_dist.data.collate import CTCBatch
 from w2v_dist.dist import loader_workers
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def bare_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: dict[str, Any], clip: float) -> None:
+def bare_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: CTCBatch, clip: float) -> None:
     """The seed script's step: forward, mean-per-target loss, backward, clip, AdamW."""
-    out = model(**model_inputs(batch, "cpu"))
-    targets = (batch["labels"] >= 0).sum()
-    (out.loss / targets).backward()
+    out = model(**batch.model_inputs("cpu"))
+    (out.loss / batch.targets).backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 
 
-def fixed_batches(shards: Path, model_dir: Path, count: int, batch_seconds: float) -> list[dict[str, Any]]:
+def fixed_batches(shards: Path, model_dir: Path, count: int, batch_seconds: float) -> list[CTCBatch]:
     import itertools
 
     from transformers import Wav2Vec2Processor
@@ -49,15 +47,14 @@ def fixed_batches(shards: Path, model_dir: Path, count: int, batch_seconds: floa
 
     prep = make_preprocess(Wav2Vec2Processor.from_pretrained(model_dir), EncoderGeometry(), 16_000, 0.5, 35.0)
     stream = TrainStream(load_shard_set(str(shards)), BatchPolicy(int(batch_seconds * 16_000), 64, 256, 256), prep,
-                         0, 1, 0, seed=3)
+                         rank=0, world_size=1, num_workers=0, seed=3)
     return list(itertools.islice(iter(make_loader(stream, 0, 2)), count))
 
 
 def overhead(work_dir: Path, size: str, batch_seconds: float, rounds: int, steps: int) -> dict[str, Any]:
     from w2v_dist.config import load_config
-    from w2v_dist.dist import world_from_env
-    from w2v_dist.engine import Engine, init_distributed
-    from w2v_dist.model import init_model, load_model, load_processor
+    from w2v_dist.model import init_model, load_model
+    from w2v_dist.run import build_engine
     from w2v_dist.trainer import train_step
 
     model_dir = work_dir / f"model-{size}"
@@ -65,15 +62,11 @@ def overhead(work_dir: Path, size: str, batch_seconds: float, rounds: int, steps
         init_model(model_dir, size)
     batches = fixed_batches(work_dir / "loader" / "shards", model_dir, steps, batch_seconds)
     torch.set_num_threads(1)  # one core, as each rank gets on a 2-core machine; spinning threads add only noise
-    world_from_env()
-    init_distributed()
     cfg = load_config(None, [f"model.name_or_path={model_dir}", "model.mask_time_prob=0", "model.layerdrop=0",
                              "optim.grad_clip=1.0", "schedule.name=constant"])
-    processor = load_processor(cfg.model, None)
-    base = load_model(cfg.model, processor)
-    bare_model = copy.deepcopy(base).train()
+    _, engine, processor = build_engine(cfg)
+    bare_model = load_model(cfg.model, processor).train()  # the same weights, from the same files
     bare_opt = torch.optim.AdamW([p for p in bare_model.parameters() if p.requires_grad], lr=cfg.optim.lr)
-    engine = Engine(cfg, base, 0)
     times: dict[str, list[float]] = {"bare": [], "engine": []}
     for round_number in range(rounds + 1):  # round 0 warms both up and is not counted
         for name in ("bare", "engine"):
@@ -86,7 +79,7 @@ def overhead(work_dir: Path, size: str, batch_seconds: float, rounds: int, steps
             if round_number:
                 times[name].append((time.perf_counter() - start) / len(batches))
     bare, ours = statistics.median(times["bare"]), statistics.median(times["engine"])
-    audio = sum(b["seconds"] for b in batches) / len(batches)
+    audio = sum(b.seconds for b in batches) / len(batches)
     return emit({"measure": "step_overhead", "model": size, "batch_seconds": audio, "rounds": rounds,
                  "bare_step_s": bare, "engine_step_s": ours, "overhead_ratio": ours / bare,
                  "bare_audio_seconds_per_second": audio / bare, "engine_audio_seconds_per_second": audio / ours})

@@ -1,8 +1,7 @@
 """Batch buffers in shared memory that a DataLoader worker reuses once the main process has let go of them.
 
-A worker hands each batch to the main process through shared memory. A fresh shared segment per batch costs
-its page faults, ~0.7 ms per MB (8.5 ms for a 200 s batch, measured): a tenth of the worker's time, spent
-before a single sample is decoded. A pool of segments is faulted in once.
+A worker hands each batch to the main process through shared memory. A fresh shared segment per batch pays its
+page faults on every batch, before a single sample is decoded; a pool of segments is faulted in once.
 
 Reuse is safe only when the main process holds nothing of a buffer any more, not even a view. So the worker
 ships each pooled batch with a small shared array of flags; unpickled in the main process, the batch registers

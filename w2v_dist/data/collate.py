@@ -1,9 +1,9 @@
-"""CTC padding collator: decoded utterances in, one padded model batch out; and that batch's model inputs on a
-device (normalised there)."""
+"""The typed model batch (:class:`CTCBatch`) from the loader to the engine, the scorer and the benchmarks: padded
+waveforms, CTC labels and what the run reports about them; and its model inputs on a device."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -13,13 +13,49 @@ LABEL_PAD = -100
 """Label padding ignored by ``Wav2Vec2ForCTC``'s CTC loss."""
 
 
-@dataclass(frozen=True)
-class Example:
-    key: str
-    audio: np.ndarray
-    """Normalised 16 kHz mono float32 waveform."""
-    labels: list[int]
-    text: str
+@dataclass(frozen=True, kw_only=True)
+class CTCBatch:
+    """One batch of utterances, as every consumer sees it."""
+
+    input_values: torch.Tensor
+    """``[batch, samples]`` float32 waveforms, zero-padded, *not yet* normalised (:meth:`model_inputs` does it
+    on the device when ``normalize`` is set)."""
+    input_lengths: torch.Tensor
+    """``[batch]`` real sample counts."""
+    labels: torch.Tensor
+    """``[batch, longest label]`` token ids, padded with :data:`LABEL_PAD`."""
+    keys: tuple[str, ...]
+    texts: tuple[str, ...]
+    """The normalised reference transcripts."""
+    seconds: float
+    """Real (unpadded) audio in the batch."""
+    normalize: bool
+    """The feature extractor's ``do_normalize``."""
+    attention_mask: torch.Tensor | None = None
+    """``[batch, samples]``, only for models whose feature extractor asks for one."""
+    skips: dict[str, int] = field(default_factory=dict)
+    """Utterances the loader skipped since its previous batch, by reason (pooled into ``loader_skips``)."""
+    dropped: tuple[tuple[str, str], ...] = ()
+    """(key, reason) of utterances planned for this batch that could not be decoded."""
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    @property
+    def targets(self) -> int:
+        """CTC target tokens in the batch."""
+        return int((self.labels >= 0).sum())
+
+    def model_inputs(self, device: torch.device | str, with_labels: bool = True) -> dict[str, torch.Tensor]:
+        """``*ForCTC``'s keyword arguments on ``device``, the waveforms normalised there when asked."""
+        inputs = {"input_values": self.input_values.to(device, non_blocking=True)}
+        if self.attention_mask is not None:
+            inputs["attention_mask"] = self.attention_mask.to(device, non_blocking=True)
+        if with_labels:
+            inputs["labels"] = self.labels.to(device, non_blocking=True)
+        if self.normalize and inputs["input_values"].numel():
+            inputs["input_values"] = normalize_batch(inputs["input_values"], self.input_lengths)
+        return inputs
 
 
 @dataclass(frozen=True)
@@ -29,47 +65,29 @@ class CTCCollator:
     after normalisation and it was pre-trained without a mask)."""
     sample_rate: int = 16_000
     normalize: bool = True
-    """The feature extractor's ``do_normalize``: :func:`model_inputs` applies it on the device."""
-
-    def __call__(self, examples: list[Example]) -> dict[str, object]:
-        longest = max((len(e.audio) for e in examples), default=0)
-        input_values = np.zeros((len(examples), longest), dtype=np.float32)
-        for row, example in enumerate(examples):
-            input_values[row, :len(example.audio)] = example.audio
-        return self.assemble(input_values, [len(e.audio) for e in examples], [e.labels for e in examples],
-                             [e.key for e in examples], [e.text for e in examples])
+    """The feature extractor's ``do_normalize``: :meth:`CTCBatch.model_inputs` applies it on the device."""
 
     def assemble(self, input_values: np.ndarray | torch.Tensor, lengths: list[int], labels: list[list[int]],
-                 keys: list[str], texts: list[str]) -> dict[str, object]:
-        """The batch from waveforms already decoded into their zero-padded rows (the loader's path: no copy)."""
+                 keys: list[str], texts: list[str], **reports: Any) -> CTCBatch:
+        """The batch from raw waveforms already decoded into their zero-padded rows (the loader decodes straight
+        into them: no copy). ``reports``: :class:`CTCBatch`'s ``skips`` and ``dropped``."""
         label_values = np.full((len(labels), max(map(len, labels), default=0)), LABEL_PAD, dtype=np.int64)
         for row, label in enumerate(labels):
             label_values[row, :len(label)] = label
         input_lengths = torch.tensor(lengths, dtype=torch.long)
-        batch: dict[str, object] = {"input_values": torch.as_tensor(input_values),
-                                    "labels": torch.from_numpy(label_values), "keys": keys, "texts": texts,
-                                    "seconds": sum(lengths) / self.sample_rate, "input_lengths": input_lengths,
-                                    "normalize": self.normalize}
+        values = torch.as_tensor(input_values)
+        mask = None
         if self.return_attention_mask:  # built only when asked: it is as large as the batch itself
-            positions = torch.arange(input_values.shape[1])
-            batch["attention_mask"] = (positions[None, :] < input_lengths[:, None]).long()
-        return batch
-
-
-def model_inputs(batch: dict[str, Any], device: torch.device | str, with_labels: bool = True
-                 ) -> dict[str, torch.Tensor]:
-    """``Wav2Vec2ForCTC``'s keyword arguments on ``device``, the waveforms normalised there when asked."""
-    names = ("input_values", "attention_mask", "labels") if with_labels else ("input_values", "attention_mask")
-    inputs = {k: batch[k].to(device, non_blocking=True) for k in names if k in batch}
-    if batch.get("normalize") and inputs["input_values"].numel():
-        inputs["input_values"] = normalize_batch(inputs["input_values"], batch["input_lengths"])
-    return inputs
+            mask = (torch.arange(values.shape[1])[None, :] < input_lengths[:, None]).long()
+        return CTCBatch(input_values=values, input_lengths=input_lengths, labels=torch.from_numpy(label_values),
+                        keys=tuple(keys), texts=tuple(texts), seconds=sum(lengths) / self.sample_rate,
+                        normalize=self.normalize, attention_mask=mask, **reports)
 
 
 def normalize_batch(values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """Zero mean, unit variance per utterance over its real samples, padding left at zero: what
-    ``Wav2Vec2FeatureExtractor(do_normalize=True)`` does to each input, done for a whole padded batch where the
-    batch already is (on a GPU, microseconds; in a loader worker it cost a tenth of the worker's core)."""
+    ``Wav2Vec2FeatureExtractor(do_normalize=True)`` does to each input, done for a whole padded batch on the
+    device the batch goes to rather than per utterance in a loader worker."""
     values = values.float()
     lengths = lengths.to(values.device, non_blocking=True)
     mask = torch.arange(values.shape[1], device=values.device)[None, :] < lengths[:, None]

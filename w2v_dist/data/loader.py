@@ -20,8 +20,8 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import Any, cast
 
 import numpy as np
 import soundfile as sf
@@ -32,7 +32,7 @@ from webdataset.gopen import Pipe
 
 from w2v_dist.data.audio import EncoderGeometry, decode_error
 from w2v_dist.data.buffers import BufferPool
-from w2v_dist.data.collate import CTCCollator
+from w2v_dist.data.collate import CTCBatch, CTCCollator
 from w2v_dist.data.index import ShardSet, Utterance, is_remote
 from w2v_dist.data.plan import Batch, BatchPolicy, Piece, assign_pieces, epoch_rng, plan_batches
 from w2v_dist.data.text import CharLabeler
@@ -52,8 +52,12 @@ class Preprocess:
     geometry: EncoderGeometry
     min_samples: int
     max_samples: int
+    filtered: bool = True
+    """False when scoring: every utterance is planned (:mod:`w2v_dist.scoring`), none is filtered."""
 
     def skip_reason(self, utt: Utterance) -> str | None:
+        if not self.filtered:
+            return None
         if utt.label_length == 0:
             return "empty_label"
         if utt.num_samples < max(self.min_samples, self.geometry.receptive_field):
@@ -201,7 +205,7 @@ class _Stream(IterableDataset):  # type: ignore[type-arg]
         self.pool: BufferPool | None = None
         """This worker's batch buffers (made in the worker, on first use)."""
 
-    def _batches(self, batches: list[Batch], pieces: list[Piece], skips: Counter[str]) -> Iterator[dict]:
+    def _batches(self, batches: list[Batch], pieces: list[Piece], skips: Counter[str]) -> Iterator[CTCBatch]:
         """Read ``pieces`` in order and yield the planned ``batches``, decoding only what they contain."""
         needed = {(u.shard, u.key) for batch in batches for u in batch}
         held: dict[tuple[int, str], dict[str, bytes]] = {}
@@ -224,13 +228,13 @@ class _Stream(IterableDataset):  # type: ignore[type-arg]
                     continue
                 held[(shard, item[0])] = item[1]
             out = self._decode_batch(batch, held, skips)
-            out["skips"] = dict(skips)
             skips.clear()
             yield out
 
     def _decode_batch(self, batch: Batch, held: dict[tuple[int, str], dict[str, bytes]], skips: Counter[str]
-                      ) -> dict[str, Any]:
-        """Decode a planned batch into one zero-padded buffer; a missing or bad sample is skipped (counted)."""
+                      ) -> CTCBatch:
+        """Decode a planned batch into one zero-padded buffer; a missing or bad sample is skipped (counted, and
+        named in the batch's ``dropped``)."""
         width = max((u.num_samples for u in batch), default=0)
         if get_worker_info() is None:
             buffer, slot = torch.from_numpy(np.zeros((len(batch), width), dtype=np.float32)), -1
@@ -242,12 +246,14 @@ class _Stream(IterableDataset):  # type: ignore[type-arg]
         labels: list[list[int]] = []
         keys: list[str] = []
         texts: list[str] = []
+        dropped: list[tuple[str, str]] = []
         for utt in batch:
             members = held.pop((utt.shard, utt.key), None)
             if members is None or "flac" not in members or "json" not in members:
                 log.warning("shard %s: sample %s is missing or incomplete; skipped", self.shards.urls[utt.shard],
                             utt.key)
                 skips["missing_member"] += 1
+                dropped.append((utt.key, "missing_member"))
                 continue
             row = values[len(keys), :utt.num_samples]
             try:
@@ -256,6 +262,7 @@ class _Stream(IterableDataset):  # type: ignore[type-arg]
                 log.warning("shard %s: sample %s cannot be decoded (%s); skipped", self.shards.urls[utt.shard],
                             utt.key, decode_error(err))
                 skips["bad_audio"] += 1
+                dropped.append((utt.key, f"bad_audio: {decode_error(err)}"))
                 continue
             lengths.append(utt.num_samples)
             labels.append(label)
@@ -268,9 +275,10 @@ class _Stream(IterableDataset):  # type: ignore[type-arg]
             if self.pool:
                 self.pool.release(slot)
             slot = -1
-        out = self.prep.collator.assemble(buffer, lengths, labels, keys, texts)
+        out = self.prep.collator.assemble(buffer, lengths, labels, keys, texts, skips=dict(skips),
+                                          dropped=tuple(dropped))
         if self.pool:  # shared memory all the way to the main process, no copy; the slot returns when it is done
-            out["input_values"] = self.pool.shipped(buffer, slot)
+            out = replace(out, input_values=cast(torch.Tensor, self.pool.shipped(buffer, slot)))  # unpickles as one
         return out
 
 
@@ -282,8 +290,8 @@ def _worker() -> tuple[int, int]:
 class TrainStream(_Stream):
     """Endless, deterministic, resumable training batches for one rank."""
 
-    def __init__(self, shards: ShardSet, policy: BatchPolicy, prep: Preprocess, rank: int, world_size: int,
-                 num_workers: int, seed: int, *, retry: RetryPolicy = RetryPolicy()) -> None:
+    def __init__(self, shards: ShardSet, policy: BatchPolicy, prep: Preprocess, *, rank: int, world_size: int,
+                 num_workers: int, seed: int, retry: RetryPolicy = RetryPolicy()) -> None:
         super().__init__(shards, policy, prep, retry)
         self.rank, self.world_size, self.slots_per_rank, self.seed = rank, world_size, max(1, num_workers), seed
         self.consumed = 0
@@ -294,7 +302,7 @@ class TrainStream(_Stream):
                                       epoch_rng(self.seed, epoch, slot))
         return batches, pieces, skips
 
-    def __iter__(self) -> Iterator[dict]:
+    def __iter__(self) -> Iterator[CTCBatch]:
         worker, workers = _worker()
         assert workers == self.slots_per_rank, "DataLoader workers must match the stream's slots"
         logical = (worker + self.consumed) % workers
@@ -329,7 +337,7 @@ class TrainStream(_Stream):
 class EvalStream(_Stream):
     """Each dev utterance exactly once over all ranks: rank r takes global positions ≡ r (mod world)."""
 
-    def __init__(self, shards: ShardSet, policy: BatchPolicy, prep: Preprocess, rank: int, world_size: int, *,
+    def __init__(self, shards: ShardSet, policy: BatchPolicy, prep: Preprocess, *, rank: int, world_size: int,
                  retry: RetryPolicy = RetryPolicy()) -> None:
         super().__init__(shards, policy, prep, retry)
         first, pieces = 0, []
@@ -338,10 +346,7 @@ class EvalStream(_Stream):
             first += len(utts)
         self.pieces = pieces
 
-    def plan(self) -> tuple[list[Batch], Counter[str]]:
-        return plan_batches(self.pieces, self.shards.utterances, self.policy, self.prep.skip_reason, None)
-
-    def __iter__(self) -> Iterator[dict]:
+    def __iter__(self) -> Iterator[CTCBatch]:
         worker, workers = _worker()
         mine = self.pieces[worker::workers]
         batches, skips = plan_batches(mine, self.shards.utterances, self.policy, self.prep.skip_reason, None)

@@ -14,23 +14,23 @@ import tarfile
 from pathlib import Path
 
 
-def _slow_header(name: str, size: int) -> bytes:
+def tarfile_header(name: str, size: int) -> bytes:
     info = tarfile.TarInfo(name)
     info.size, info.mtime, info.mode, info.uname, info.gname = size, 0, 0o444, "w2v", "w2v"
     # GNU format: one header per member (pax adds a second one to write and to parse), still any key length.
     return info.tobuf(tarfile.GNU_FORMAT, "utf-8", "surrogateescape")
 
 
-_HEADER_TEMPLATE = _slow_header("", 0)
+_HEADER_TEMPLATE = tarfile_header("", 0)
 
 
 def tar_header(name: str, size: int) -> bytes:
-    """``tarfile``'s GNU header for one of our members, 10x faster: only the name, the size and the checksum
-    differ between members, so a template is patched (``tests/unit/test_shard_format.py`` checks it byte for
-    byte against ``TarInfo.tobuf``). Names that need more than the 100-byte field go the long way."""
+    """``tarfile``'s GNU header for one of our members, without tarfile's generic path: only the name, the size
+    and the checksum differ between members, so a template is patched (``tests/unit/test_shard_format.py``
+    checks it byte for byte against ``TarInfo.tobuf``). Names that need more than the 100-byte field go the long way."""
     encoded = name.encode()
     if len(encoded) >= 100 or not name.isascii() or size >= 8**11:
-        return _slow_header(name, size)
+        return tarfile_header(name, size)
     header = bytearray(_HEADER_TEMPLATE)
     header[:len(encoded)] = encoded
     header[124:136] = b"%011o\0" % size

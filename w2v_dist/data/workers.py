@@ -1,7 +1,7 @@
 """Process pools for corpus work (probing and writing shards, synthesis, verification).
 
-A ``fork``ed worker starts in milliseconds with every module already imported; a ``spawn``ed one is a fresh
-interpreter that re-imports numpy and soundfile (~0.35 s, as long as sharding 700 MB takes). Forking is only
+A ``fork``ed worker starts with every module already imported; a ``spawn``ed one is a fresh interpreter that
+re-imports numpy and soundfile first. Forking is only
 safe while the parent has not imported torch: a process that has run torch (a test session, a notebook, the
 demo) holds OpenMP/intra-op thread pools that a forked child inherits in a locked state, and torchaudio's
 resampling in such a child deadlocks. Such parents get ``spawn``.
