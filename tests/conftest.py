@@ -16,15 +16,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from w2v_dist.data.synth import synthesize
+    from w2v_dist.prep.synth import synthesize
 
     return synthesize(tmp_path_factory.mktemp("corpus"), utterances=48, dev_utterances=12, workers=2)
 
 
 @pytest.fixture(scope="session")
 def shard_dirs(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from w2v_dist.data.shards import ShardOptions, shard_corpus
-    from w2v_dist.data.sources import librispeech_sources
+    from w2v_dist.prep.shards import ShardOptions, shard_corpus
+    from w2v_dist.prep.sources import librispeech_sources
 
     out = tmp_path_factory.mktemp("shards")
     dirs = {}

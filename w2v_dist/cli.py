@@ -37,7 +37,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def _synth(args: argparse.Namespace) -> int:
-    from w2v_dist.data.synth import synthesize
+    from w2v_dist.prep.synth import synthesize
 
     root = synthesize(args.out_dir, args.utterances, args.dev_utterances, args.seed, args.workers)
     print(f"wrote LibriSpeech-layout corpus under {root}")
@@ -52,8 +52,8 @@ def _init_model(args: argparse.Namespace) -> int:
 
 
 def _shard(args: argparse.Namespace) -> int:
-    from w2v_dist.data.shards import ShardOptions, shard_corpus
-    from w2v_dist.data.sources import librispeech_sources, manifest_sources
+    from w2v_dist.prep.shards import ShardOptions, shard_corpus
+    from w2v_dist.prep.sources import librispeech_sources, manifest_sources
 
     if bool(args.librispeech) == bool(args.manifest):
         print("give exactly one of --librispeech ROOT (with --subset) or --manifest FILE", file=sys.stderr)
@@ -82,7 +82,7 @@ def _shard(args: argparse.Namespace) -> int:
 
 
 def _download(args: argparse.Namespace) -> int:
-    from w2v_dist.data.download import DownloadError, download
+    from w2v_dist.prep.download import DownloadError, download
 
     try:
         download(args.subset, args.root, args.mirror, args.checksums, args.keep_archive)
@@ -94,7 +94,7 @@ def _download(args: argparse.Namespace) -> int:
 
 def _verify(args: argparse.Namespace) -> int:
     from w2v_dist.data.index import ShardIndexError
-    from w2v_dist.data.verify import verify_dir
+    from w2v_dist.prep.verify import verify_dir
 
     try:
         result = verify_dir(args.dir, args.workers, on_shard=lambda report: print(report.line(), flush=True))
@@ -167,26 +167,26 @@ def _export(args: argparse.Namespace) -> int:
 
 def _bench(args: argparse.Namespace) -> int:
     if args.what == "loader":
-        from w2v_dist.bench.loader import run
+        from w2v_dist.bench.loader import loader_benchmark
 
-        run(Path(args.work_dir) / "loader", args.utterances, args.workers)
+        loader_benchmark(Path(args.work_dir) / "loader", args.utterances, args.workers)
     elif args.what == "step":
-        from w2v_dist.bench.step import run as run_step
+        from w2v_dist.bench.step import step_benchmark
 
-        run_step(Path(args.work_dir), args.size, args.batch_seconds, args.rounds, args.steps)
+        step_benchmark(Path(args.work_dir), args.size, args.batch_seconds, args.rounds, args.steps)
     elif args.what == "shard":
-        from w2v_dist.bench.shard import run as run_shard
+        from w2v_dist.bench.shard import shard_benchmark
 
-        run_shard(Path(args.work_dir) / "loader", args.utterances, args.workers)
+        shard_benchmark(Path(args.work_dir) / "loader", args.utterances, args.workers)
     elif args.what == "scaling":
-        from w2v_dist.bench.scaling import run as run_scaling
+        from w2v_dist.bench.scaling import scaling_benchmark
 
-        run_scaling(Path(args.work_dir), args.steps, args.batch_seconds)
+        scaling_benchmark(Path(args.work_dir), args.steps, args.batch_seconds)
     elif args.what == "gpu":
-        from w2v_dist.bench.gpu import run as run_gpu
+        from w2v_dist.bench.gpu import gpu_benchmark
 
         sweep = [float(s) for s in args.sweep.split(",")]
-        run_gpu(Path(args.work_dir), sweep, args.steps, args.warmup, args.probe_limit, args.quick)
+        gpu_benchmark(Path(args.work_dir), sweep, args.steps, args.warmup, args.probe_limit, args.quick)
     return 0
 
 

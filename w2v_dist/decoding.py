@@ -1,4 +1,5 @@
-"""CTC decoders for offline evaluation: greedy best path, or pyctcdecode's beam search with an optional KenLM.
+"""CTC decoders for dev-set scoring (training and evaluate): greedy best path, or pyctcdecode's beam search with an
+optional KenLM.
 
 Both decoders exclude the tokenizer's special tokens other than the blank (``<s>``, ``</s>``, ``<unk>``) from the
 search: no normalised transcript contains them, so emitting one can only be an error.
@@ -12,8 +13,6 @@ from pathlib import Path
 
 import torch
 from transformers import Wav2Vec2CTCTokenizer
-
-from w2v_dist.metrics import greedy_ids
 
 CTCDecoder = Callable[[torch.Tensor, torch.Tensor], list[str]]
 """(logits ``[batch, frames, vocab]``, real frame counts ``[batch]``) → one text per utterance."""
@@ -41,6 +40,12 @@ def beam_labels(tokenizer: Wav2Vec2CTCTokenizer) -> list[str]:
     if [vocab[t] for t in ordered] != list(range(len(ordered))):
         raise ValueError("tokenizer ids are not contiguous from 0; cannot map logits columns to labels")
     return ["" if t == tokenizer.pad_token else " " if t == tokenizer.word_delimiter_token else t for t in ordered]
+
+
+def greedy_ids(logits: torch.Tensor, frame_lengths: torch.Tensor) -> list[list[int]]:
+    """Best path per utterance (argmax on the logits' device), cut at each utterance's real frame count."""
+    best = logits.argmax(dim=-1).cpu()
+    return [row[:length].tolist() for row, length in zip(best, frame_lengths.tolist())]
 
 
 class GreedyDecoder:

@@ -20,10 +20,10 @@ DEMO_DEV_UTTERANCES = 48
 
 def prepare(work_dir: Path, utterances: int = DEMO_UTTERANCES, dev_utterances: int = DEMO_DEV_UTTERANCES) -> None:
     """Corpus, shards and initial model under ``work_dir`` (idempotent)."""
-    from w2v_dist.data.shards import ShardOptions, shard_corpus
-    from w2v_dist.data.sources import librispeech_sources
-    from w2v_dist.data.synth import synthesize
     from w2v_dist.model import init_model
+    from w2v_dist.prep.shards import ShardOptions, shard_corpus
+    from w2v_dist.prep.sources import librispeech_sources
+    from w2v_dist.prep.synth import synthesize
 
     corpus = work_dir / "corpus"
     if not (corpus / "COMPLETE").exists():

@@ -1,11 +1,10 @@
-"""Greedy CTC decoding and error counts. Rates are computed only from counts summed over all ranks."""
+"""Error counts. Rates are computed only from counts summed over all utterances and ranks."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import jiwer
-import torch
 
 
 @dataclass(kw_only=True)
@@ -41,9 +40,3 @@ class ErrorCounts:
     @property
     def cer(self) -> float:
         return self.char_edits / self.chars if self.chars else float("nan")
-
-
-def greedy_ids(logits: torch.Tensor, frame_lengths: torch.Tensor) -> list[list[int]]:
-    """Best path per utterance (argmax on the logits' device), cut at each utterance's real frame count."""
-    best = logits.argmax(dim=-1).cpu()
-    return [row[:length].tolist() for row, length in zip(best, frame_lengths.tolist())]

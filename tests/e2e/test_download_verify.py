@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 
 from w2v_dist.cli import main
-from w2v_dist.data.download import MARKER, download_subset, read_checksums
-from w2v_dist.data.shards import ShardOptions, shard_corpus
-from w2v_dist.data.sources import librispeech_sources
+from w2v_dist.prep.download import MARKER, download_subset, read_checksums
+from w2v_dist.prep.shards import ShardOptions, shard_corpus
+from w2v_dist.prep.sources import librispeech_sources
 
 
 @dataclass

@@ -106,9 +106,9 @@ def test_checkpoint_forms_resolve_and_score_like_the_export(single_eval: tuple[d
 @pytest.mark.slow
 def test_beam_search_with_and_without_a_kenlm_model(run_dir: Path, shard_dirs: dict, tmp_path: Path) -> None:
     pytest.importorskip("pyctcdecode")
-    from w2v_dist.data.synth import LEXICON
     from w2v_dist.dist import World
     from w2v_dist.evaluation import EvalOptions, evaluate_sets
+    from w2v_dist.prep.synth import LEXICON
 
     def run(**extra: object) -> dict:
         opts = EvalOptions(model=str(run_dir / "final"), shards=[str(shard_dirs["dev-clean"])], workers=0,

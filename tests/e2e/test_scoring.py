@@ -16,8 +16,8 @@ import soundfile as sf
 from helpers import check, metrics, overrides, run_deepspeed
 
 from w2v_dist.data.index import load_shard_set
-from w2v_dist.data.shards import ShardOptions, shard_corpus
-from w2v_dist.data.sources import librispeech_sources, manifest_sources
+from w2v_dist.prep.shards import ShardOptions, shard_corpus
+from w2v_dist.prep.sources import librispeech_sources, manifest_sources
 
 BIN = Path(sys.executable).parent
 SHORT_SECONDS = 0.15

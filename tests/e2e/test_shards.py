@@ -14,8 +14,8 @@ import pytest
 import soundfile as sf
 import webdataset as wds
 
-from w2v_dist.data.shards import ShardOptions, shard_corpus
-from w2v_dist.data.sources import librispeech_sources
+from w2v_dist.prep.shards import ShardOptions, shard_corpus
+from w2v_dist.prep.sources import librispeech_sources
 
 
 def read_back(out: Path) -> dict[str, tuple[dict, bytes]]:
@@ -122,7 +122,7 @@ def test_cli_shard_dry_run_writes_nothing(corpus: Path, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("kind", ["tsv", "jsonl"])
 def test_manifest_route_shards_any_corpus(corpus: Path, tmp_path: Path, kind: str) -> None:
-    from w2v_dist.data.sources import manifest_sources
+    from w2v_dist.prep.sources import manifest_sources
 
     sources = librispeech_sources(corpus, ["dev-clean"])
     manifest = tmp_path / f"corpus.{kind}"
@@ -141,7 +141,7 @@ def test_manifest_route_shards_any_corpus(corpus: Path, tmp_path: Path, kind: st
 
 
 def test_manifest_with_duplicate_keys_is_refused(tmp_path: Path) -> None:
-    from w2v_dist.data.sources import manifest_sources
+    from w2v_dist.prep.sources import manifest_sources
 
     manifest = tmp_path / "m.jsonl"
     manifest.write_text('{"path": "a.flac", "text": "A", "key": "k"}\n{"path": "b.flac", "text": "B", "key": "k"}\n')

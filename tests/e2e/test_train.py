@@ -250,8 +250,8 @@ def test_resume_with_a_different_world_size_is_refused(shard_dirs: dict, tiny_mo
 def test_two_ranks_two_workers_over_three_uneven_shards_finish(corpus: Path, tiny_model: Path, shard_dirs: dict,
                                                                tmp_path: Path) -> None:
     """4 data slots over 3 shards of different sizes: naive shard splitting would leave a slot empty and hang."""
-    from w2v_dist.data.shards import ShardOptions, shard_corpus
-    from w2v_dist.data.sources import librispeech_sources
+    from w2v_dist.prep.shards import ShardOptions, shard_corpus
+    from w2v_dist.prep.sources import librispeech_sources
 
     sources = librispeech_sources(corpus, ["train-clean-100"])
     total_mb = sum(s.audio.stat().st_size for s in sources) / 1e6

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from w2v_dist.data import flac
-from w2v_dist.data.shards import audio_shape
-from w2v_dist.data.tar_writer import tar_header, tarfile_header
+from w2v_dist.prep import flac
+from w2v_dist.prep.shards import audio_shape
+from w2v_dist.prep.tar_writer import tar_header, tarfile_header
 
 
 def test_tar_header_is_byte_for_byte_tarfiles() -> None:
@@ -83,7 +83,7 @@ def test_other_files_fall_back_to_libsndfile(tmp_path: Path) -> None:
 def test_workers_fork_only_while_torch_is_not_loaded(monkeypatch: pytest.MonkeyPatch) -> None:
     import sys
 
-    from w2v_dist.data.workers import start_method
+    from w2v_dist.prep.workers import start_method
 
     monkeypatch.delitem(sys.modules, "torch", raising=False)
     assert start_method() == "fork"

@@ -7,7 +7,8 @@ from w2v_dist.config import ScheduleConfig
 from w2v_dist.data.audio import EncoderGeometry
 from w2v_dist.data.collate import LABEL_PAD, CTCCollator
 from w2v_dist.data.text import TranscriptError, build_vocab, librispeech_vocab, normalize
-from w2v_dist.metrics import ErrorCounts, greedy_ids
+from w2v_dist.decoding import greedy_ids
+from w2v_dist.metrics import ErrorCounts
 from w2v_dist.schedule import lr_at
 
 

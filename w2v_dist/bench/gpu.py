@@ -140,7 +140,7 @@ def trials(quick: bool) -> list[Trial]:
             Trial("flash+compile, ZeRO-0", compiled + ("deepspeed.zero_stage=0",)), *candidates]
 
 
-def run(work_dir: Path, batch_seconds: list[float], steps: int, warmup: int, probe_limit: float,
+def gpu_benchmark(work_dir: Path, batch_seconds: list[float], steps: int, warmup: int, probe_limit: float,
         quick: bool = False) -> dict[str, Any]:
     """All measurements; ``quick`` times only the candidate variants (no data-wait run, sweep or memory probe)."""
     from w2v_dist.model import init_model

@@ -31,7 +31,7 @@ from w2v_dist.data.collate import CTCBatch
 from w2v_dist.data.index import load_shard_set
 from w2v_dist.data.loader import TrainStream, make_loader, make_preprocess
 from w2v_dist.data.plan import BatchPolicy, padding_fraction
-from w2v_dist.data.sources import librispeech_sources
+from w2v_dist.prep.sources import librispeech_sources
 
 
 def raw_decode_rate(files: list[Path]) -> float:
@@ -114,7 +114,7 @@ def http_get(url: str) -> bytes:
 
 def prepare_shards(work_dir: Path, utterances: int, workers: int) -> tuple[Path, Path]:
     """The benchmark corpus and its shards under ``work_dir`` (reused when present)."""
-    from w2v_dist.data.shards import ShardOptions, shard_corpus
+    from w2v_dist.prep.shards import ShardOptions, shard_corpus
 
     corpus = build(work_dir / "corpus", utterances)
     shards = work_dir / "shards"
@@ -124,7 +124,7 @@ def prepare_shards(work_dir: Path, utterances: int, workers: int) -> tuple[Path,
     return corpus, shards
 
 
-def run(work_dir: Path, utterances: int, workers: int) -> dict[str, Any]:
+def loader_benchmark(work_dir: Path, utterances: int, workers: int) -> dict[str, Any]:
     from w2v_dist.data.text import librispeech_vocab
     from w2v_dist.model import processor_from_vocab
 

@@ -79,7 +79,7 @@ def worker(work_dir: Path, steps: int, batch_seconds: float, out: Path) -> None:
                                    "allreduce_fraction": statistics.median(reduce_times) / step_s}))
 
 
-def run(work_dir: Path, steps: int, batch_seconds: float) -> dict[str, Any]:
+def scaling_benchmark(work_dir: Path, steps: int, batch_seconds: float) -> dict[str, Any]:
     from w2v_dist.bench.loader import prepare_shards
     from w2v_dist.dist import free_port
     from w2v_dist.model import init_model

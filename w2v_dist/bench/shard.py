@@ -19,8 +19,8 @@ from typing import Any
 
 from w2v_dist.bench.corpus import build
 from w2v_dist.bench.output import emit
-from w2v_dist.data.shards import ShardOptions, shard_corpus
-from w2v_dist.data.sources import librispeech_sources
+from w2v_dist.prep.shards import ShardOptions, shard_corpus
+from w2v_dist.prep.sources import librispeech_sources
 
 ROUNDS = 3
 
@@ -50,7 +50,7 @@ def _shard(corpus: Path, out: Path, check: str, workers: int, megabytes: float) 
     return seconds, index
 
 
-def run(work_dir: Path, utterances: int, workers: int) -> dict[str, Any]:
+def shard_benchmark(work_dir: Path, utterances: int, workers: int) -> dict[str, Any]:
     corpus = build(work_dir / "corpus", utterances)
     files = sorted(p for p in (corpus / "train-clean-100").rglob("*") if p.is_file())
     for path in files:  # every pass starts from a warm page cache

@@ -109,7 +109,7 @@ def data_wait(work_dir: Path, steps: int) -> dict[str, Any]:
                  "windows after the first; CPU step times are long, GPU ones much shorter"})
 
 
-def run(work_dir: Path, size: str, batch_seconds: float, rounds: int, steps: int) -> dict[str, Any]:
+def step_benchmark(work_dir: Path, size: str, batch_seconds: float, rounds: int, steps: int) -> dict[str, Any]:
     from w2v_dist.bench.loader import prepare_shards
 
     prepare_shards(work_dir / "loader", 120, 2)

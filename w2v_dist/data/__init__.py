@@ -1,1 +1,2 @@
-"""Corpus discovery and synthesis, shard writing, planning, streaming, collation and text handling."""
+"""Online loading: shard indexes, batch plans, streaming, the typed batch; and the audio and text handling that
+preparation shares."""

@@ -20,13 +20,13 @@ from typing import Any
 import soundfile as sf
 from tqdm import tqdm
 
-from w2v_dist.data import flac
 from w2v_dist.data.audio import SAMPLE_RATE, EncoderGeometry, decode, decode_error, encode_flac, to_16k_mono
 from w2v_dist.data.index import FORMAT_VERSION, INDEX_NAME
-from w2v_dist.data.sources import Reject, Source
-from w2v_dist.data.tar_writer import FileReader, TarSink
 from w2v_dist.data.text import TranscriptError, build_vocab, label_length, normalize, write_vocab
-from w2v_dist.data.workers import process_pool
+from w2v_dist.prep import flac
+from w2v_dist.prep.sources import Reject, Source
+from w2v_dist.prep.tar_writer import FileReader, TarSink
+from w2v_dist.prep.workers import process_pool
 
 SHARD_PATTERN = "shard-{:06d}.tar"
 PROBE_CHUNK = 64
@@ -73,7 +73,7 @@ the source (pickling a ``Path`` per file costs as much as probing the file)."""
 
 
 TAIL_SAMPLES = 4096
-"""``check_audio=tail`` decodes this many final samples when :mod:`~w2v_dist.data.flac` cannot vouch for the
+"""``check_audio=tail`` decodes this many final samples when :mod:`~w2v_dist.prep.flac` cannot vouch for the
 file: FLAC's usual block size, so the last frame, which a truncated file cannot supply."""
 
 

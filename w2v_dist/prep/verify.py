@@ -21,7 +21,7 @@ import soundfile as sf
 from w2v_dist.data.audio import decode_error
 from w2v_dist.data.index import FORMAT_VERSION, ShardIndexError, check_shard_name, is_remote, read_index_json
 from w2v_dist.data.text import WORD_DELIMITER, label_length
-from w2v_dist.data.workers import process_pool
+from w2v_dist.prep.workers import process_pool
 
 # The key/extension split webdataset applies to member names, so keys here are the keys the loader sees.
 _KEY_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")

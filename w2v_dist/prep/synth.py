@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from w2v_dist.data.workers import process_pool
+from w2v_dist.prep.workers import process_pool
 
 SAMPLE_RATE = 16_000
 LEXICON = ("ZERO", "ONE", "TWO", "THREE", "FOUR", "FIVE", "SIX", "SEVEN", "EIGHT", "NINE",

@@ -1,0 +1,1 @@
+"""Offline corpus preparation: finding utterances, synthesis, download, writing and verifying shards."""
