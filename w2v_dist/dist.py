@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,26 +68,68 @@ def is_collective_failure(err: BaseException) -> bool:
         isinstance(err, RuntimeError) and any(marker in str(err) for marker in _PEER_FAILURE_MARKERS))
 
 
-def register_rank(directory: Path, world: World) -> None:
-    """Record where this rank runs, so that a survivor of a failed collective can name who died."""
+class SharedDirectoryError(RuntimeError):
+    """``output_dir`` is not one shared directory on every node."""
+
+
+def register_ranks(directory: Path, world: World) -> None:
+    """Collective, at startup: every rank records where it runs (host, pid) in ``directory`` (``<output_dir>/.ranks``),
+    and every rank must see every other rank's record of *this* launch. On a cluster where ``output_dir`` is not
+    the same shared directory on all nodes, each node would write its own half of every checkpoint; this stops
+    the run before that, on all ranks, naming who cannot see whom. The records also let a survivor of a failed
+    collective name the host that was lost (:func:`lost_ranks`)."""
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / f"rank{world.rank}.json").write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
+    launch = all_gather_objects(os.urandom(8).hex())[0]  # rank 0's: one token per launch, stale records never count
+    write_record(directory, world, launch)
+    barrier()
+    unseen = [rank for rank in range(world.size) if _record(directory, rank).get("launch") != launch]
+    views = all_gather_objects((socket.gethostname(), unseen))
+    blind = {rank: (host, missing) for rank, (host, missing) in enumerate(views) if missing}
+    if blind:
+        hosts = {rank: host for rank, (host, _) in enumerate(views)}
+        detail = "; ".join(f"rank {rank} on {host} cannot see the records of ranks {missing} "
+                           f"(on {sorted({hosts[m] for m in missing})})" for rank, (host, missing) in blind.items())
+        raise SharedDirectoryError(f"output_dir is not the same shared directory on every node: {detail}. "
+                                   f"Each rank wrote {directory}/rank<N>.json; put output_dir on a filesystem every "
+                                   "node mounts (NFS, Lustre, GPFS...) at the same path")
 
 
-def dead_ranks(directory: Path, world: World) -> str:
-    """Which other ranks have exited, as far as this host can tell (ranks on other hosts: unknown)."""
-    gone, unknown = [], []
+def write_record(directory: Path, world: World, launch: str) -> None:
+    record = {"host": socket.gethostname(), "pid": os.getpid(), "launch": launch}
+    tmp = directory / f".rank{world.rank}.json.tmp"
+    tmp.write_text(json.dumps(record))
+    tmp.replace(directory / f"rank{world.rank}.json")
+
+
+def heartbeat(directory: Path, world: World) -> None:
+    """This rank is alive (the record's mtime; called every step, one ``utime``)."""
+    os.utime(directory / f"rank{world.rank}.json")
+
+
+def _record(directory: Path, rank: int) -> dict[str, Any]:
+    try:
+        return dict(json.loads((directory / f"rank{rank}.json").read_text()))
+    except (OSError, ValueError):
+        return {}
+
+
+def lost_ranks(directory: Path, world: World) -> str:
+    """Which other ranks are gone, as far as this rank can tell: on this host by pid, on other hosts by the age of
+    their last heartbeat (the host is named either way)."""
+    gone, silent = [], []
+    now = time.time()
     for rank in range(world.size):
         path = directory / f"rank{rank}.json"
-        if rank == world.rank or not path.is_file():
+        where = _record(directory, rank)
+        if rank == world.rank or not where:
             continue
-        where = json.loads(path.read_text())
-        if where["host"] != socket.gethostname():
-            unknown.append(f"{rank} ({where['host']})")
-        elif not psutil.pid_exists(where["pid"]):
-            gone.append(f"{rank} (pid {where['pid']})")
-    parts = [f"rank {', '.join(gone)} exited" if gone else "", f"ranks on other hosts: {', '.join(unknown)}"
-             if unknown else ""]
+        if where["host"] == socket.gethostname():
+            if not psutil.pid_exists(where["pid"]):
+                gone.append(f"{rank} on {where['host']} (pid {where['pid']})")
+        else:
+            silent.append((now - path.stat().st_mtime, f"{rank} on host {where['host']}"))
+    parts = [f"rank {', '.join(gone)} exited" if gone else "",
+             ", ".join(f"rank {who}: last heartbeat {age:.0f} s ago" for age, who in sorted(silent, reverse=True))]
     return "; ".join(p for p in parts if p) or "no other rank on this host has exited"
 
 
@@ -124,10 +167,6 @@ def all_gather_objects(obj: Any) -> list[Any]:
     out: list[Any] = [None] * torch_dist.get_world_size()
     torch_dist.all_gather_object(out, obj)
     return out
-
-
-def global_rank() -> int:
-    return torch_dist.get_rank() if is_initialized() else 0
 
 
 def barrier() -> None:

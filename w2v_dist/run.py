@@ -28,6 +28,8 @@ from w2v_dist.preflight import preflight, worst_case
 from w2v_dist.scoring import scoring_batch_size, scoring_loader
 
 log = logging.getLogger("w2v_dist.run")
+RANKS_DIR = ".ranks"
+"""Under output_dir: each rank's record (host, pid, launch) and heartbeat."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -89,6 +91,7 @@ def build_run(cfg: Config, local_rank: int | None = None) -> Run:
     check_accelerator(cfg.deepspeed.precision)
     world, device = start_process(cfg.trainer.collective_timeout_minutes, local_rank)
     check_output_dir(Path(cfg.output_dir))
+    dist.register_ranks(Path(cfg.output_dir) / RANKS_DIR, world)  # output_dir shared by every node, or stop here
     seed_everything(cfg.trainer.seed)
     if not cfg.data.train_shards:
         raise ValueError("data.train_shards is not set: point it at a directory written by 'w2v-dist shard'")

@@ -23,7 +23,7 @@ from w2v_dist.engine import Engine, UpdateOutcome
 from w2v_dist.faults import injected_faults, pause_point
 from w2v_dist.logging import make_logger
 from w2v_dist.preemption import REQUEUE_FILE, StopSignal, request_requeue
-from w2v_dist.run import Run, build_run
+from w2v_dist.run import RANKS_DIR, Run, build_run
 from w2v_dist.schedule import lr_at
 from w2v_dist.scoring import Scorer, SetScore
 
@@ -136,6 +136,7 @@ class Trainer:
                                  inf_grad=mine and step in inject.inf_grad_at_steps):
                 result = train_step(run.engine, micro, self.world.size, self.stop_signal.requested)
             state.step = step
+            dist.heartbeat(self.output / RANKS_DIR, self.world)
             pause_point("step", self.world.rank)
             self._account(result, micro)
             window_seconds += result.seconds
@@ -292,16 +293,15 @@ def train(cfg: Config, local_rank: int | None = None) -> dict[str, SetScore]:
     run = build_run(cfg, local_rank)
     if run.world.is_main:
         save_config(cfg, Path(cfg.output_dir) / "config.yaml")
-    ranks_dir = Path(cfg.output_dir) / ".ranks"
-    dist.register_rank(ranks_dir, run.world)
     try:
         return Trainer(cfg, run, stop_signal).fit()
     except RuntimeError as err:
         if not dist.is_collective_failure(err):
             raise
         latest = Checkpointer(Path(cfg.output_dir), run.world, keep_last=1).resumable_tag()
+        lost = dist.lost_ranks(Path(cfg.output_dir) / RANKS_DIR, run.world)
         raise SystemExit(f"rank {run.world.rank}: {err}. Another rank has most likely died "
-                         f"({dist.dead_ranks(ranks_dir, run.world)}; exit codes are in the launcher's log). "
+                         f"({lost}; exit codes are in the launcher's log). "
                          f"Relaunch the same command to resume from "
                          f"{latest or 'the beginning (no checkpoint yet)'}.") from err
 

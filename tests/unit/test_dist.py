@@ -5,21 +5,24 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from w2v_dist.dist import World, dead_ranks, register_rank
+from w2v_dist.dist import World, lost_ranks, write_record
 
 
 def test_survivor_names_the_rank_that_exited(tmp_path: Path) -> None:
-    register_rank(tmp_path, World(0, 0, 3))
+    write_record(tmp_path, World(0, 0, 3), "launch")
     finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                               text=True, check=True)
     (tmp_path / "rank1.json").write_text(json.dumps({"host": socket.gethostname(), "pid": int(finished.stdout)}))
     (tmp_path / "rank2.json").write_text(json.dumps({"host": "other-node", "pid": 1}))
-    message = dead_ranks(tmp_path, World(0, 0, 3))
-    assert f"rank 1 (pid {int(finished.stdout)}) exited" in message and "other-node" in message
+    os.utime(tmp_path / "rank2.json", (0, time.time() - 40))
+    message = lost_ranks(tmp_path, World(0, 0, 3))
+    assert f"rank 1 on {socket.gethostname()} (pid {int(finished.stdout)}) exited" in message
+    assert "rank 2 on host other-node: last heartbeat 40 s ago" in message
 
 
 def test_loader_workers_auto_splits_the_cores_between_local_ranks(monkeypatch: pytest.MonkeyPatch) -> None:

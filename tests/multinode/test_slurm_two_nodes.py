@@ -1,0 +1,82 @@
+"""``sbatch --nodes=2 launch/slurm/train.sbatch`` on a two-node SLURM cluster: one slurmd in each network-namespace
+node, slurmctld on the first, munge shared. Training with 2 ranks per node, and SIGUSR1 preemption of the 2-node
+job → checkpoint → requeue → resume to the weights of an uninterrupted run."""
+
+from __future__ import annotations
+
+import re
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from cluster import IFNAME, Node
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "slurm"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "faults"))
+from harness import SCHEDULE, assert_same_weights, run_to_completion  # noqa: E402
+from helpers import REPO, overrides  # noqa: E402
+from slurmlib import SlurmCluster, start_cluster  # noqa: E402
+from test_slurm import assert_completed, job_env, metrics, read  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+
+def two_node_job(ranks_per_node: int) -> list[str]:
+    return ["--nodes=2", f"--ntasks-per-node={ranks_per_node}", "--gpus-per-node=0", "--cpus-per-task=1",
+            "--partition=debug", "--time=20"]
+
+
+@pytest.fixture(scope="module")
+def slurm_two_nodes(nodes: tuple[Node, Node], tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmCluster]:
+    with start_cluster(tmp_path_factory.mktemp("slurm2"), [(n.name, n.address) for n in nodes],
+                       on_node=lambda index, argv: nodes[index].command(argv)) as cluster:
+        yield cluster
+
+
+def submit(cluster: SlurmCluster, ranks_per_node: int, out: Path, logs: Path, args: list[str]) -> str:
+    return cluster.sbatch(*two_node_job(ranks_per_node), f"--chdir={REPO}", f"--output={logs}/%x-%j.out",
+                          "launch/slurm/train.sbatch", "configs/demo.yaml", *args, cwd=REPO,
+                          env={**job_env(), "GLOO_SOCKET_IFNAME": IFNAME})
+
+
+def test_train_sbatch_on_two_nodes_runs_two_ranks_per_node(slurm_two_nodes: SlurmCluster, shard_dirs: dict,
+                                                            tiny_model: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    job = submit(slurm_two_nodes, 2, out, tmp_path, overrides(shard_dirs, tiny_model, out, **{
+        "trainer.max_steps": 3, "trainer.eval_every": 0, "trainer.save_every": 0}))
+    slurm_two_nodes.wait(job, timeout=900)
+    log = tmp_path / f"w2v-train-{job}.out"
+    assert_completed(slurm_two_nodes, job, log)
+    text = read(log)
+    assert "world: 4 rank(s)" in text and "master w2vnode0:" in text, text[-4000:]
+    hosts = {line.split('"host": "')[1].split('"')[0] for line in
+             (p.read_text() for p in (out / ".ranks").glob("rank*.json"))}
+    assert hosts == {"w2vnode0", "w2vnode1"}
+    assert [r["step"] for r in metrics(out) if "loss" in r] == [1, 2, 3]
+    assert (out / "final" / "model.safetensors").is_file()
+
+
+def test_two_node_job_preempted_by_sigusr1_requeues_and_ends_with_the_uninterrupted_weights(
+        slurm_two_nodes: SlurmCluster, shard_dirs: dict, tiny_model: Path, tmp_path: Path) -> None:
+    reference = tmp_path / "reference"
+    run_to_completion(shard_dirs, tiny_model, reference)  # 2 ranks on one node: the same world as 1 per node
+    out = tmp_path / "run"
+    job = submit(slurm_two_nodes, 1, out, tmp_path, overrides(shard_dirs, tiny_model, out, **SCHEDULE))
+    signalled = False
+
+    def signal_after_two_steps() -> None:
+        nonlocal signalled
+        if not signalled and len([r for r in metrics(out) if "loss" in r]) >= 2:
+            slurm_two_nodes.run("scancel", "--signal=USR1", job)
+            signalled = True
+
+    slurm_two_nodes.wait(job, timeout=900, while_running=signal_after_two_steps)
+    log = tmp_path / f"w2v-train-{job}.out"
+    text = read(log)
+    assert signalled, text[-6000:]
+    info = assert_completed(slurm_two_nodes, job, log)
+    assert info["Restarts"] == "1", f"{info}\n{text[-6000:]}"
+    stopped = re.search(r"stopped at step (\d+) \(SIGUSR1\)", text)
+    assert stopped and f"step_{int(stopped.group(1)):08d}" in text and "resumed from" in text, text[-6000:]
+    assert_same_weights(reference, out)
