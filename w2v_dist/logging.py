@@ -19,7 +19,13 @@ SECRET_MARKERS = ("KEY", "TOKEN", "SECRET", "PASSWORD")
 
 
 def setup_console(rank: int) -> None:
-    """Rank-tagged console logging; non-zero ranks only report warnings."""
+    """Rank-tagged console logging; non-zero ranks only report warnings.
+
+    Also turns off tqdm's monitor thread (every progress bar, transformers' included, would otherwise start one
+    that exits on its own schedule): a process that forks its DataLoader workers while another Python thread is
+    exiting can leave the child deadlocked inside ``fork()`` (CPython's thread-state lock is copied held).
+    """
+    tqdm.monitor_interval = 0
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, stream=sys.stderr,
                         format=f"[%(asctime)s rank{rank} %(name)s] %(message)s", datefmt="%H:%M:%S", force=True)
     for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "httpx", "filelock"):

@@ -115,9 +115,11 @@ def build_run(cfg: Config, local_rank: int | None = None) -> Run:
     for name, location in cfg.data.dev_shards.items():
         dev_set = load_shard_set(location, cfg.data.shard_command)
         check_shards_readable(dev_set)
+        # Decoded in the rank itself: a DataLoader forks its workers at every iteration, and a fork while one of
+        # the rank's Python threads exits (a finished loader's queue feeder) can deadlock the child in fork().
+        # The training loader forks once, at the start, when no thread comes or goes.
         dev_sets.append(DevSet(name, dev_set.total_samples, dev_set.sample_rate, scoring_loader(
-            dev_set, prep, cfg.data.max_batch_seconds, batch_size, world, workers=workers,
-            prefetch_factor=cfg.data.prefetch_factor, retry=retry)))
+            dev_set, prep, cfg.data.max_batch_seconds, batch_size, world, workers=0, retry=retry)))
     if cfg.trainer.preflight:
         preflight(model, device, DTYPES[cfg.deepspeed.precision], worst_case(train_set, policy, prep.skip_reason))
     engine = Engine(cfg, model, device)

@@ -20,7 +20,8 @@ from w2v_dist.faults import PAUSE_ENV
 STEPS = 6
 SCHEDULE = {"trainer.max_steps": STEPS, "trainer.eval_every": 3, "trainer.save_every": 2, "trainer.log_every": 1,
             "data.num_workers": 1, "checkpoint.keep_last": 3}
-"""Saves at steps 2, 4, 6; dev evaluations at 3 and 6; one loader worker per rank (dev loaders too)."""
+"""Saves at steps 2, 4, 6; dev evaluations at 3 and 6; one training loader worker per rank (dev sets are decoded
+in the rank)."""
 PAUSE_SECONDS = 4.0
 WAIT_SECONDS = 240.0
 

@@ -36,3 +36,18 @@ def test_loader_workers_auto_splits_the_cores_between_local_ranks(monkeypatch: p
     assert loader_workers(-1) == 3  # 16 cores / 4 ranks, one left for the rank itself
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})  # a launcher that pinned 2 cores per rank
     assert loader_workers(-1) == 1
+
+
+def test_console_setup_turns_off_tqdms_monitor_thread() -> None:
+    """Progress bars (transformers' included) would start a monitor thread that exits on its own schedule; a
+    DataLoader fork at that moment can deadlock the worker (docs/training.md)."""
+    from tqdm import tqdm
+
+    from w2v_dist.logging import setup_console
+
+    tqdm.monitor_interval = 10
+    setup_console(1)
+    assert tqdm.monitor_interval == 0
+    with tqdm(total=1, disable=False) as bar:
+        bar.update()
+    assert tqdm.monitor is None
