@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import (
@@ -75,13 +76,15 @@ def load_model(cfg: ModelConfig, processor: Wav2Vec2Processor) -> Wav2Vec2ForCTC
     """Load the model with the recipe's overrides; a CTC head of the wrong size is re-initialised."""
     tokenizer = processor.tokenizer
     torch.backends.cuda.enable_cudnn_sdp(cfg.cudnn_attention)  # process-wide; see ModelConfig.cudnn_attention
-    model = Wav2Vec2ForCTC.from_pretrained(
-        cfg.name_or_path, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+    loaded: tuple[Wav2Vec2ForCTC, dict[str, Any]] = Wav2Vec2ForCTC.from_pretrained(  # type: ignore[assignment]
+        cfg.name_or_path, output_loading_info=True, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
         ctc_loss_reduction="sum", ctc_zero_infinity=cfg.ctc_zero_infinity, mask_time_prob=cfg.mask_time_prob,
         mask_time_length=cfg.mask_time_length, mask_feature_prob=cfg.mask_feature_prob,
         mask_feature_length=cfg.mask_feature_length, layerdrop=cfg.layerdrop, hidden_dropout=cfg.hidden_dropout,
         attention_dropout=cfg.attention_dropout, activation_dropout=cfg.activation_dropout,
         final_dropout=cfg.final_dropout, attn_implementation=cfg.attention, ignore_mismatched_sizes=True)
+    model, loading = loaded  # output_loading_info=True: (model, what was missing, unexpected, resized)
+    check_loaded_weights(cfg.name_or_path, loading)
     if cfg.freeze_feature_encoder:
         model.freeze_feature_encoder()
     if cfg.gradient_checkpointing:
@@ -91,6 +94,30 @@ def load_model(cfg: ModelConfig, processor: Wav2Vec2Processor) -> Wav2Vec2ForCTC
             layer.compile(dynamic=True)  # in place: parameter names (checkpoints, exports) stay unchanged
     check_model(model, processor)
     return model
+
+
+EXPECTED_MISSING = ("lm_head.", "wav2vec2.masked_spec_embed")
+"""Weights a fine-tuning start may lack: the new CTC head, and the mask embedding when masking is turned on."""
+EXPECTED_UNEXPECTED = ("quantizer.", "project_q.", "project_hid.", "wav2vec2.masked_spec_embed")
+"""Weights a fine-tuning start may carry unused: the pre-training heads, and the mask embedding when masking is
+off."""
+
+
+def check_loaded_weights(source: str, loading: dict[str, Any]) -> None:
+    """Stop, naming them, when weights other than those above were missing (they would train from random values)
+    or unexpected (the checkpoint's own weights were dropped): a checkpoint of another model family, or renamed
+    keys. transformers only reports these and goes on; the run would fine-tune a randomly initialised encoder."""
+    missing = sorted(k for k in loading["missing_keys"] if not k.startswith(EXPECTED_MISSING))
+    unexpected = sorted(k for k in loading["unexpected_keys"] if not k.startswith(EXPECTED_UNEXPECTED))
+    resized = sorted(name for name, *_ in loading["mismatched_keys"] if not name.startswith("lm_head."))
+    if missing or unexpected or resized:
+        def show(keys: list[str]) -> str:
+            return f"{len(keys)} ({', '.join(keys[:4])}{', ...' if len(keys) > 4 else ''})"
+
+        raise ModelCheckError(
+            f"{source} does not hold this model's weights: missing {show(missing)}, unexpected {show(unexpected)}, "
+            f"wrong shape {show(resized)}. Training would start from random values where these are missing; "
+            "model.name_or_path must be a wav2vec2 checkpoint (pre-trained or fine-tuned) with its own key names")
 
 
 def check_model(model: Wav2Vec2ForCTC, processor: Wav2Vec2Processor) -> None:

@@ -25,3 +25,37 @@ def test_attention_and_compile_options_keep_parameter_names(tmp_path: Path) -> N
     assert all(getattr(layer, "_compiled_call_impl", None) is not None for layer in model.wav2vec2.encoder.layers)
     torch.backends.cuda.enable_cudnn_sdp(False)
 
+
+
+def test_weights_that_do_not_load_stop_the_run_naming_them(tmp_path: Path) -> None:
+    """transformers only reports a checkpoint whose weights it dropped; training would start from random values."""
+    import pytest
+    from safetensors.torch import load_file, save_file
+    from transformers import HubertConfig, HubertForCTC
+
+    from w2v_dist.model import TINY, ModelCheckError
+
+    good = init_model(tmp_path / "wav2vec2", "tiny")
+    for masking in ("0.0", "0.05"):  # the mask embedding, unused without masking, is no reason to stop
+        cfg = load_config(None, [f"model.name_or_path={good}", f"model.mask_time_prob={masking}"])
+        load_model(cfg.model, load_processor(cfg.model, None))
+
+    processor = load_processor(load_config(None, [f"model.name_or_path={good}"]).model, None)
+    hubert = tmp_path / "hubert"
+    HubertForCTC(HubertConfig(vocab_size=32, **TINY)).save_pretrained(hubert)
+    processor.save_pretrained(hubert)
+    cfg = load_config(None, [f"model.name_or_path={hubert}"])
+    with pytest.raises(ModelCheckError, match=r"does not hold this model's weights: missing \d+ \(wav2vec2\..*"
+                                              r"unexpected \d+ \(hubert\."):
+        load_model(cfg.model, processor)
+
+    renamed = tmp_path / "renamed"
+    init_model(renamed, "tiny")
+    weights = load_file(renamed / "model.safetensors")
+    key = "wav2vec2.encoder.layers.0.attention.k_proj.weight"
+    weights["wav2vec2.encoder.layers.0.attention.key.weight"] = weights.pop(key)
+    save_file(weights, renamed / "model.safetensors", metadata={"format": "pt"})
+    cfg = load_config(None, [f"model.name_or_path={renamed}"])
+    with pytest.raises(ModelCheckError, match=rf"missing 1 \({key}\), unexpected 1 \(wav2vec2\.encoder\.layers\.0"
+                                              r"\.attention\.key\.weight\)"):
+        load_model(cfg.model, processor)
