@@ -19,6 +19,8 @@ from helpers import REPO, overrides  # noqa: E402
 from slurmlib import SlurmCluster, start_cluster  # noqa: E402
 from test_slurm import assert_completed, job_env, metrics, read  # noqa: E402
 
+from w2v_dist.faults import PAUSE_ENV  # noqa: E402
+
 pytestmark = pytest.mark.slow
 
 
@@ -34,10 +36,11 @@ def slurm_two_nodes(nodes: tuple[Node, Node], tmp_path_factory: pytest.TempPathF
         yield cluster
 
 
-def submit(cluster: SlurmCluster, ranks_per_node: int, out: Path, logs: Path, args: list[str]) -> str:
+def submit(cluster: SlurmCluster, ranks_per_node: int, out: Path, logs: Path, args: list[str],
+           env: dict[str, str] | None = None) -> str:
     return cluster.sbatch(*two_node_job(ranks_per_node), f"--chdir={REPO}", f"--output={logs}/%x-%j.out",
                           "launch/slurm/train.sbatch", "configs/demo.yaml", *args, cwd=REPO,
-                          env={**job_env(), "GLOO_SOCKET_IFNAME": IFNAME})
+                          env={**job_env(), "GLOO_SOCKET_IFNAME": IFNAME, **(env or {})})
 
 
 def test_train_sbatch_on_two_nodes_runs_two_ranks_per_node(slurm_two_nodes: SlurmCluster, shard_dirs: dict,
@@ -61,17 +64,20 @@ def test_two_node_job_preempted_by_sigusr1_requeues_and_ends_with_the_uninterrup
         slurm_two_nodes: SlurmCluster, shard_dirs: dict, tiny_model: Path, tmp_path: Path) -> None:
     reference = tmp_path / "reference"
     run_to_completion(shard_dirs, tiny_model, reference)  # 2 ranks on one node: the same world as 1 per node
-    out = tmp_path / "run"
-    job = submit(slurm_two_nodes, 1, out, tmp_path, overrides(shard_dirs, tiny_model, out, **SCHEDULE))
+    out, markers = tmp_path / "run", tmp_path / "markers"
+    markers.mkdir()
+    # Rank 0 holds still for a few seconds at its second step, so the signal lands mid-run on every machine.
+    job = submit(slurm_two_nodes, 1, out, tmp_path, overrides(shard_dirs, tiny_model, out, **SCHEDULE),
+                 env={PAUSE_ENV: f"step#2:0:8:{markers}"})
     signalled = False
 
-    def signal_after_two_steps() -> None:
+    def signal_at_step_two() -> None:
         nonlocal signalled
-        if not signalled and len([r for r in metrics(out) if "loss" in r]) >= 2:
+        if not signalled and (markers / "step.rank0").exists():
             slurm_two_nodes.run("scancel", "--signal=USR1", job)
             signalled = True
 
-    slurm_two_nodes.wait(job, timeout=900, while_running=signal_after_two_steps)
+    slurm_two_nodes.wait(job, timeout=900, while_running=signal_at_step_two)
     log = tmp_path / f"w2v-train-{job}.out"
     text = read(log)
     assert signalled, text[-6000:]

@@ -45,6 +45,9 @@ def test_console_setup_turns_off_tqdms_monitor_thread() -> None:
 
     from w2v_dist.logging import setup_console
 
+    if tqdm.monitor is not None:  # an earlier bar in this test session started one
+        tqdm.monitor.exit()
+        tqdm.monitor = None
     tqdm.monitor_interval = 10
     setup_console(1)
     assert tqdm.monitor_interval == 0
