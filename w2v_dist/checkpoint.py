@@ -222,10 +222,10 @@ class Checkpointer:
         return client_state
 
 
-def export_hf(engine: Engine, processor: Wav2Vec2Processor, out_dir: Path, is_main: bool) -> bool:
+def export_hf(engine: Engine, processor: Wav2Vec2Processor, out_dir: Path, is_main: bool, card: str = "") -> bool:
     """Collective: gather the full fp32 weights (every rank), write the export on rank 0
     (:func:`w2v_dist.export.write_export`); whether the weights were finite."""
     state = engine.full_state_dict()
-    finite = write_export(engine.module, processor, out_dir, state) if is_main else True
+    finite = write_export(engine.module, processor, out_dir, state, card) if is_main else True
     dist.barrier()
     return finite

@@ -21,8 +21,9 @@ from pathlib import Path
 import torch
 from transformers import Wav2Vec2ForCTC, Wav2Vec2Processor
 
-from w2v_dist.config import Config, load_config
+from w2v_dist.config import Config, load_config, to_yaml
 from w2v_dist.faults import pause_point
+from w2v_dist.model_card import model_card
 
 log = logging.getLogger("w2v_dist.export")
 ZERO0_MODEL_STATES = "mp_rank_00_model_states.pt"
@@ -148,9 +149,10 @@ def load_for_inference(source: str | Path, config: str | Path | None = None, tag
 
 
 def write_export(model: Wav2Vec2ForCTC, processor: Wav2Vec2Processor, out_dir: Path,
-                 state: dict[str, torch.Tensor] | None = None) -> bool:
+                 state: dict[str, torch.Tensor] | None = None, card: str = "") -> bool:
     """The one Hugging Face export writer (training's final/ and best/, ``w2v-dist export``): ``save_pretrained``
-    safetensors in fp32 (``state`` when given, else the model's own weights) and the processor, written beside
+    safetensors in fp32 (``state`` when given, else the model's own weights), the processor and the model card
+    (README.md, :mod:`w2v_dist.model_card`), written beside
     ``out_dir`` and renamed into place, so a crash never leaves a half-written export under the real name.
     Refuses weights with NaN or Inf (returns False, writes nothing)."""
     weights = {k: v.float() if v.is_floating_point() else v for k, v in (state or model.state_dict()).items()}
@@ -165,6 +167,8 @@ def write_export(model: Wav2Vec2ForCTC, processor: Wav2Vec2Processor, out_dir: P
     config.dtype = "float32"  # save_pretrained records a 16-bit module's dtype; the weights written are fp32
     config.save_pretrained(tmp)
     processor.save_pretrained(tmp)
+    if card:
+        (tmp / "README.md").write_text(card)
     pause_point(f"export-{out_dir.name}", 0)
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)
@@ -181,6 +185,9 @@ def export_checkpoint(source: str | Path, out_dir: str | Path, tag: str | None =
     with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's chatter to stderr (see load_for_inference)
         ref = find_checkpoint(source, tag, config)
         model, processor = model_from_checkpoint(ref)
-    if not write_export(model, processor, out):
+        cfg = checkpoint_config(ref)
+    card = model_card(name=out.name, base_model=cfg.model.name_or_path, step=int(ref.tag.rpartition("_")[2] or 0),
+                      config_yaml=to_yaml(cfg), results={})
+    if not write_export(model, processor, out, card=card):
         raise ValueError(f"{ref.directory}: weights contain NaN or Inf; not exporting")
     return out

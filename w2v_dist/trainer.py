@@ -22,6 +22,7 @@ from w2v_dist.decoding import GreedyDecoder
 from w2v_dist.engine import Engine, UpdateOutcome
 from w2v_dist.faults import injected_faults, pause_point
 from w2v_dist.logging import make_logger
+from w2v_dist.model_card import model_card
 from w2v_dist.preemption import REQUEUE_FILE, StopSignal, request_requeue
 from w2v_dist.run import RANKS_DIR, Run, build_run
 from w2v_dist.schedule import lr_at
@@ -268,7 +269,8 @@ class Trainer:
             self.last_eval = (self.state.step, wer)
             if math.isfinite(wer) and (self.state.best_wer is None or wer < self.state.best_wer):
                 self.state.best_wer = wer
-                export_hf(self.run.engine, self.run.processor, self.output / "best", self.world.is_main)
+                export_hf(self.run.engine, self.run.processor, self.output / "best", self.world.is_main,
+                          self._card("best", results))
         return results
 
     def _save(self) -> None:
@@ -278,8 +280,14 @@ class Trainer:
         score = self.last_eval[1] if self.last_eval and self.last_eval[0] == self.state.step else None
         self.checkpointer.save(self.run.engine, self.state.step, client_state, score)
 
+    def _card(self, export: str, results: dict[str, SetScore]) -> str:
+        return model_card(name=f"{self.output.name}-{export}", base_model=self.cfg.model.name_or_path,
+                          step=self.state.step, config_yaml=to_yaml(self.cfg),
+                          results={name: score.counts for name, score in results.items()})
+
     def _export(self, results: dict[str, SetScore]) -> None:
-        finite = export_hf(self.run.engine, self.run.processor, self.output / "final", self.world.is_main)
+        finite = export_hf(self.run.engine, self.run.processor, self.output / "final", self.world.is_main,
+                           self._card("final", results))
         if self.world.is_main:
             summary = {"step": self.state.step, "exported": finite, "skipped": dict(self.state.skipped),
                        "loader_skips": dict(self.state.loader_skips),

@@ -196,6 +196,9 @@ def test_export_from_checkpoint_matches_the_runs_own_export(stage: int, run_dir:
         theirs = Wav2Vec2ForCTC.from_pretrained(run / "final").eval()(inputs.input_values).logits
     assert (tmp_path / "exported" / "model.safetensors").is_file()
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+    card = (tmp_path / "exported" / "README.md").read_text()
+    assert card.startswith("---\n") and "model-index:" in card and "No dev set was scored" in card
+    assert "name_or_path: " + str(tiny_model) in card  # the training config it came from
 
 
 def test_decoders_keep_ctc_repeats_and_exclude_special_tokens() -> None:

@@ -13,6 +13,7 @@ import jiwer
 import numpy as np
 import pytest
 import soundfile as sf
+import yaml
 from helpers import check, metrics, overrides, run_deepspeed
 
 from w2v_dist.data.index import load_shard_set
@@ -73,3 +74,11 @@ def test_training_dev_wer_is_the_wer_evaluate_reports(corpus: Path, shard_dirs: 
     assert {"mixed-short", "mixed-long"} <= {r["key"] for r in rows}
     assert reported["wer"] == jiwer.wer([r["reference"] for r in rows], [r["hypothesis"] for r in rows])
     assert any(r["hypothesis"] for r in rows), "the model should emit something for the comparison to bite"
+
+    card = (out / "final" / "README.md").read_text()  # the model card carries the same figure
+    metadata = yaml.safe_load(card.split("---\n")[1])
+    result = metadata["model-index"][0]["results"][0]
+    assert result["dataset"] == {"name": "LibriSpeech (dev-clean)", "type": "librispeech_asr", "config": "clean",
+                                 "split": "validation"}
+    assert result["metrics"][0] == {"type": "wer", "name": "WER (%)", "value": round(100 * reported["wer"], 2)}
+    assert f"for {steps} updates" in card and f"max_steps: {steps}" in card
