@@ -18,6 +18,7 @@ from w2v_dist.checkpoint import Checkpointer, export_hf
 from w2v_dist.config import Config, save_config, to_written, to_yaml
 from w2v_dist.data.audio import EncoderGeometry
 from w2v_dist.data.collate import CTCBatch
+from w2v_dist.data.loader import start_workers
 from w2v_dist.decoding import GreedyDecoder
 from w2v_dist.engine import Engine, UpdateOutcome
 from w2v_dist.faults import injected_faults, pause_point
@@ -120,7 +121,7 @@ class Trainer:
 
     def fit(self) -> dict[str, SetScore]:
         cfg, state, run = self.cfg, self.state, self.run
-        batches = iter(run.train_loader)
+        batches = start_workers(run.train_loader)
         pause_point("started", self.world.rank)
         window_start, wait, window_seconds = time.perf_counter(), 0.0, 0.0
         results: dict[str, SetScore] = {}

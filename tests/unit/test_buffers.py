@@ -3,6 +3,7 @@ the feature extractor would have done it in the worker."""
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
 
 import numpy as np
@@ -75,3 +76,28 @@ def test_normalisation_on_the_device_matches_the_feature_extractor() -> None:
         values, [len(w) for w in waves], [[1], [2], [3]], ["a", "b", "c"], ["", "", ""])
     assert torch.equal(unnormalised.model_inputs("cpu")["input_values"], torch.from_numpy(values))
     assert normalize_batch(torch.zeros(0, 0), torch.zeros(0, dtype=torch.long)).shape == (0, 0)
+
+
+class _MaskAtStart(IterableDataset):  # type: ignore[type-arg]
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        yield sorted(int(s) for s in _INHERITED)
+
+
+_INHERITED: set[int] = set()
+
+
+def _record_mask(worker_id: int) -> None:
+    _INHERITED.update(signal.pthread_sigmask(signal.SIG_BLOCK, []))
+
+
+def test_workers_are_forked_with_the_stop_signals_blocked() -> None:
+    """Between fork and the worker's own set-up, a SIGTERM sent to every process of the job must not kill it."""
+    from w2v_dist.data.loader import start_workers
+    from w2v_dist.preemption import STOP_SIGNALS
+
+    loader = DataLoader(_MaskAtStart(), batch_size=None, num_workers=1, multiprocessing_context="fork",
+                        worker_init_fn=_record_mask)
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    inherited = next(start_workers(loader))
+    assert {int(s) for s in STOP_SIGNALS} <= set(inherited)
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == before  # the rank's own mask is restored

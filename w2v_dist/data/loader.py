@@ -376,6 +376,18 @@ def leave_stop_signals_to_the_rank(worker_id: int) -> None:
     threading.Thread(target=_take_stop_signals, args=(os.getppid(),), daemon=True, name="stop-signals").start()
 
 
+def start_workers(loader: DataLoader) -> Iterator[CTCBatch]:  # type: ignore[type-arg]
+    """``iter(loader)``, with the stop signals blocked while its workers are forked: each worker starts with them
+    blocked, so a SIGTERM to every process of the job (SLURM) cannot kill a worker in the moments before
+    :func:`leave_stop_signals_to_the_rank` runs in it. A signal meant for the rank meanwhile waits, and is
+    delivered to it as soon as the workers are started."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        return iter(loader)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def _take_stop_signals(parent: int) -> None:
     while True:
         info = signal.sigwaitinfo(STOP_SIGNALS)
