@@ -101,9 +101,18 @@ def write_record(directory: Path, world: World, launch: str) -> None:
     tmp.replace(directory / f"rank{world.rank}.json")
 
 
+HEARTBEAT_SECONDS = 5.0
+_last_beat = 0.0
+
+
 def heartbeat(directory: Path, world: World) -> None:
-    """This rank is alive (the record's mtime; called every step, one ``utime``)."""
-    os.utime(directory / f"rank{world.rank}.json")
+    """This rank is alive: the record's mtime, touched at most every few seconds (called every step; on a shared
+    filesystem each touch is a round trip to the server, which the step need not wait for every time)."""
+    global _last_beat
+    now = time.monotonic()
+    if now - _last_beat >= HEARTBEAT_SECONDS:
+        os.utime(directory / f"rank{world.rank}.json")
+        _last_beat = now
 
 
 def _record(directory: Path, rank: int) -> dict[str, Any]:
