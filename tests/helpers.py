@@ -21,7 +21,7 @@ from transformers import Wav2Vec2Processor
 from w2v_dist.data.audio import EncoderGeometry
 from w2v_dist.data.index import load_shard_set
 from w2v_dist.data.loader import EvalStream, Preprocess, TrainStream, make_loader, make_preprocess
-from w2v_dist.data.plan import BatchPolicy
+from w2v_dist.data.plan import BatchPolicy, StreamLayout
 
 REPO = Path(__file__).resolve().parent.parent
 POLICY = BatchPolicy(max_batch_samples=8 * 16_000, max_batch_size=4, bucket_window=8, shuffle_buffer=6)
@@ -34,7 +34,7 @@ def preprocess(model_dir: Path) -> Preprocess:
 def train_stream(location: str, model_dir: Path, rank: int = 0, world: int = 1, workers: int = 0,
                  seed: int = 1) -> TrainStream:
     return TrainStream(load_shard_set(location), POLICY, preprocess(model_dir), rank=rank, world_size=world,
-                       num_workers=workers, seed=seed)
+                       layout=StreamLayout(world, max(1, workers), seed))
 
 
 def eval_stream(location: str, model_dir: Path, rank: int, world: int) -> EvalStream:

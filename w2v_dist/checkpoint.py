@@ -16,7 +16,7 @@ import torch
 from transformers import Wav2Vec2Processor
 
 from w2v_dist import dist
-from w2v_dist.engine import Engine, safe_load
+from w2v_dist.engine import Engine, convert_to_universal, safe_load
 from w2v_dist.export import write_export
 from w2v_dist.faults import pause_point
 
@@ -25,6 +25,8 @@ TAG_PREFIX = "step_"
 WORLD_FILE = "world.json"
 FULL_DISK_BYTES = 64 * 2**20
 """A failed write with less free space than this is reported as a full disk."""
+UNIVERSAL_DIR = "universal"
+"""Inside a tag: the same checkpoint re-partitionable for any world size (made when a resume needs it)."""
 MANIFEST = "commit_rank{rank}.json"
 """Each rank's record of the files it wrote into a tag: names relative to the tag, sizes in bytes."""
 
@@ -156,7 +158,8 @@ class Checkpointer:
                 # A tag left by a torn save (then a resume from an older one) must not mix old files with new.
                 shutil.rmtree(directory, ignore_errors=True)
                 directory.mkdir(parents=True)
-                (directory / WORLD_FILE).write_text(json.dumps({"world_size": self.world.size, "step": step}))
+                (directory / WORLD_FILE).write_text(json.dumps({"world_size": self.world.size, "step": step,
+                                                                "data": client_state.get("loader")}))
             dist.barrier()
             rng_file = directory / f"rng_rank{self.world.rank}.pt"
             torch.save(rng_state(), rng_file)
@@ -202,24 +205,42 @@ class Checkpointer:
             if old not in keep:
                 shutil.rmtree(self.root / old, ignore_errors=True)
 
-    def resume(self, engine: Engine) -> dict[str, Any] | None:
-        """Load the newest complete checkpoint into ``engine``; its client state, or ``None`` to start fresh."""
-        tag = self.resumable_tag()
+    def saved_world(self, tag: str) -> dict[str, Any]:
+        """``world.json`` of a complete tag: the world size that wrote it, its step and its data layout."""
+        return dict(json.loads((self.root / tag / WORLD_FILE).read_text()))
+
+    def resume(self, engine: Engine, tag: str | None = None) -> dict[str, Any] | None:
+        """Load ``tag`` (default: the newest complete checkpoint) into ``engine``; its client state, or ``None``
+        to start fresh. A checkpoint written by another world size is loaded through DeepSpeed's universal
+        format, converted once by rank 0 (:meth:`universal`)."""
+        tag = tag or self.resumable_tag()
         if tag is None:
             if self.tags():
                 log.warning("no complete checkpoint under %s: starting from the beginning", self.root)
             return None
-        saved = json.loads((self.root / tag / WORLD_FILE).read_text())["world_size"]
-        if saved != self.world.size:
-            raise RuntimeError(f"checkpoint {self.root / tag} was written by {saved} ranks but this run has "
-                               f"{self.world.size}: relaunch with {saved} ranks (the data position and ZeRO "
-                               "partitions are per rank; elastic resume is not supported), or use a new output_dir")
-        client_state = engine.load(self.root, tag)
+        saved = int(self.saved_world(tag)["world_size"])
+        if saved == self.world.size or not any((self.root / tag).glob("*optim_states.pt")):
+            client_state = engine.load(self.root, tag)
+        else:  # the optimizer state is partitioned by rank: re-partition it for this world size
+            client_state = engine.load(self.root / tag, self.universal(tag).name, universal=True)
         if client_state is None:
             raise RuntimeError(f"checkpoint {self.root / tag} could not be loaded")
-        set_rng_state(safe_load(self.root / tag / f"rng_rank{self.world.rank}.pt"))
-        log.info("resumed from %s at step %s", self.root / tag, client_state["run"]["step"])
+        rng_file = self.root / tag / f"rng_rank{self.world.rank}.pt"
+        if rng_file.is_file():  # a rank the checkpoint did not have starts from its seed; batches reseed anyway
+            set_rng_state(safe_load(rng_file))
+        log.info("resumed from %s at step %s%s", self.root / tag, client_state["run"]["step"],
+                 "" if saved == self.world.size else f" (written by {saved} ranks, now {self.world.size})")
         return client_state
+
+    def universal(self, tag: str) -> Path:
+        """Collective: ``<tag>/universal``, DeepSpeed's world-size-independent form of the tag, written by rank 0
+        (atomically, once per tag) while the others wait."""
+        target = self.root / tag / UNIVERSAL_DIR
+        if self.world.is_main and not target.is_dir():
+            log.info("converting %s to DeepSpeed's universal format for %d ranks", self.root / tag, self.world.size)
+            convert_to_universal(self.root / tag, target)
+        dist.barrier()
+        return target
 
 
 def export_hf(engine: Engine, processor: Wav2Vec2Processor, out_dir: Path, is_main: bool, card: str = "") -> bool:

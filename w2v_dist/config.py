@@ -53,6 +53,10 @@ class DataConfig:
     retry resumes after the samples already read, and is counted in ``loader_skips.shard_retries``."""
     remote_backoff_seconds: float = 1.0
     """Wait before the first retry of a remote shard, doubled for each further one (at most 30 s)."""
+    stream_readers: int = 0
+    """Slots each data stream reads in turn, one loader worker each (:class:`~w2v_dist.data.plan.StreamLayout`);
+    fixed for the run by its first launch (checkpoints record it). 0: the first launch's loader workers per rank.
+    Ranks then use the most workers up to ``num_workers`` that divide their slots evenly."""
     max_train_samples: int = 0
     """Use only the first N utterances of the training index (0 = all); the seed script used 300."""
 
@@ -142,8 +146,15 @@ class InjectConfig:
 class TrainerConfig:
     max_steps: int = 20000
     """Optimizer updates to run; the data stream is endless, epochs are reported, not counted."""
+    update_seconds: float = 0.0
+    """The global batch: audio seconds per optimizer update over all ranks (fairseq's base_100h: 1,600). Each
+    update takes one micro-batch of up to ``data.max_batch_seconds`` from each of ``update_seconds /
+    max_batch_seconds`` data streams, which the ranks share, so gradient accumulation follows from the world size
+    and a run resumes on any world size dividing the stream count, with the same batches in every update.
+    0: ``data.max_batch_seconds x grad_accum x`` the first launch's ranks. Fixed for the run by its first launch."""
     grad_accum: int = 1
-    """Micro-batches per optimizer update on every rank."""
+    """Micro-batches per optimizer update on every rank at the first launch, when ``update_seconds`` is 0; a
+    resume on another world size derives it from the run's data streams."""
     eval_every: int = 1000
     """Evaluate the dev sets every N updates (and always at the end); 0 evaluates only at the end."""
     save_every: int = 1000
@@ -197,6 +208,9 @@ class LoggingConfig:
     """Show a tqdm bar on rank 0."""
     sample_transcripts: int = 3
     """Number of (reference, hypothesis) pairs logged per dev set at each evaluation."""
+    key_log: bool = False
+    """Write each micro-batch's update, data stream, epoch and utterance keys to ``keys/rank<r>.jsonl``: what
+    every update read, for audits of the data order (exactly once per epoch, across resumes)."""
 
 
 @dataclass
@@ -320,6 +334,12 @@ def validate(cfg: Config, source: str = "config") -> None:
                        "checkpoint.keep_best": cfg.checkpoint.keep_best}.items():
         if value < 0:
             fail(key, f"must be >= 0, got {value}")
+    if cfg.trainer.update_seconds < 0 or cfg.data.stream_readers < 0:
+        fail("trainer.update_seconds" if cfg.trainer.update_seconds < 0 else "data.stream_readers", "must be >= 0")
+    streams = cfg.trainer.update_seconds / cfg.data.max_batch_seconds
+    if cfg.trainer.update_seconds and (streams < 1 or abs(streams - round(streams)) > 1e-6):
+        fail("trainer.update_seconds", f"must be a whole multiple of data.max_batch_seconds "
+                                       f"({cfg.data.max_batch_seconds:g}), got {cfg.trainer.update_seconds:g}")
     if cfg.data.num_workers < -1:
         fail("data.num_workers", f"must be >= 0, or -1 for one per core less one, got {cfg.data.num_workers}")
     if not 0 <= cfg.data.min_seconds < cfg.data.max_seconds:

@@ -11,6 +11,9 @@ import logging
 import os
 import pickle
 import re
+import shutil
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -174,20 +177,36 @@ def check_accelerator(precision: str) -> None:
                            "use deepspeed.precision=fp16")
 
 
+def convert_to_universal(tag_dir: Path, target: Path) -> None:
+    """DeepSpeed's ``ds_to_universal`` on a tag written by any world size, into ``target`` (atomically). A fresh
+    interpreter: the converter forks worker pools, which a rank with running threads must not do itself."""
+    tmp = target.with_name(f".{target.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag_dir),
+               "--output_folder", str(tmp), "--inject_missing_state", "--num_extract_workers", "2",
+               "--num_merge_workers", "1"]
+    done = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    if done.returncode != 0:
+        raise RuntimeError(f"converting {tag_dir} to DeepSpeed's universal checkpoint failed "
+                           f"(exit {done.returncode}):\n{done.stderr[-3000:]}")
+    tmp.replace(target)
+
+
 def device_for(local_rank: int) -> torch.device:
     name = deepspeed.get_accelerator().device_name()
     return torch.device(name, local_rank) if name != "cpu" else torch.device("cpu")
 
 
-def deepspeed_config(cfg: Config) -> dict[str, Any]:
+def deepspeed_config(cfg: Config, grad_accum: int | None = None) -> dict[str, Any]:
     """The DeepSpeed JSON, derived from our config; ``deepspeed.extra`` is merged on top.
 
     Batches are sized by seconds, so DeepSpeed's sample counters are notional: micro-batch 1 per rank.
+    ``grad_accum``: micro-batches per update on this world size (default ``trainer.grad_accum``).
     """
     precision = cfg.deepspeed.precision
     ds: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": 1,
-        "gradient_accumulation_steps": cfg.trainer.grad_accum,
+        "gradient_accumulation_steps": grad_accum or cfg.trainer.grad_accum,
         "gradient_clipping": cfg.optim.grad_clip,
         # Our guard (trainer.train_step) checks every update for NaN/Inf before it is applied, on all ranks at
         # once; DeepSpeed's own bf16 check would add a per-partition scan and a host sync to every step.
@@ -252,15 +271,16 @@ class UpdateOutcome:
 class Engine:
     """A DeepSpeed engine around ``Wav2Vec2ForCTC`` with the NaN/Inf guard's hooks."""
 
-    def __init__(self, cfg: Config, model: Wav2Vec2ForCTC, device: torch.device) -> None:
-        """``device``: what :func:`init_distributed` returned."""
+    def __init__(self, cfg: Config, model: Wav2Vec2ForCTC, device: torch.device, grad_accum: int | None = None
+                 ) -> None:
+        """``device``: what :func:`init_distributed` returned; ``grad_accum``: see :func:`deepspeed_config`."""
         self.cfg = cfg
         self.device = device
         groups = param_groups(model, cfg.optim.weight_decay)
         self.optimizer = GuardedAdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
                                       fused=self.device.type == "cuda")
         self.dtype = DTYPES[cfg.deepspeed.precision]
-        self.ds_config = deepspeed_config(cfg)
+        self.ds_config = deepspeed_config(cfg, grad_accum)
         self.frozen_fp32 = {name: p.detach().float().cpu().clone() for name, p in model.named_parameters()
                             if not p.requires_grad} if self.dtype != torch.float32 else {}
         self.ds, _, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=self.ds_config)
@@ -346,8 +366,14 @@ class Engine:
         self.ds.save_checkpoint(str(directory), tag=tag, client_state=client_state, save_latest=False)
         return list(self.checkpoint_files.written)
 
-    def load(self, directory: Path, tag: str | None = None) -> dict[str, Any] | None:
-        path, client_state = self.ds.load_checkpoint(str(directory), tag=tag, load_module_strict=True)
+    def load(self, directory: Path, tag: str | None = None, universal: bool = False) -> dict[str, Any] | None:
+        """Load ``directory/tag``; ``universal``: a tag in DeepSpeed's universal format (:func:`convert_to_universal`),
+        whose optimizer state is re-partitioned for this world size."""
+        self.ds._config.load_universal_checkpoint = universal  # read by load_checkpoint and the ZeRO optimizers
+        try:
+            path, client_state = self.ds.load_checkpoint(str(directory), tag=tag, load_module_strict=True)
+        finally:
+            self.ds._config.load_universal_checkpoint = False
         return client_state if path is not None else None
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:

@@ -16,11 +16,12 @@ import webdataset as wds
 from transformers import Wav2Vec2Processor
 
 from w2v_dist import dist
+from w2v_dist.checkpoint import Checkpointer
 from w2v_dist.config import Config
 from w2v_dist.data.audio import EncoderGeometry
 from w2v_dist.data.index import ShardSet, is_remote, load_shard_set, vocab_path
 from w2v_dist.data.loader import RetryPolicy, TrainStream, make_loader, make_preprocess
-from w2v_dist.data.plan import BatchPolicy
+from w2v_dist.data.plan import BatchPolicy, StreamLayout
 from w2v_dist.engine import DTYPES, Engine, accelerator_name, check_accelerator, init_distributed
 from w2v_dist.logging import setup_console
 from w2v_dist.model import load_model, load_processor, parameter_counts
@@ -39,6 +40,11 @@ class Run:
     processor: Wav2Vec2Processor
     train_stream: TrainStream
     train_loader: Any
+    grad_accum: int
+    """Micro-batches per update on each rank: the layout's data streams over this world size."""
+    checkpointer: Checkpointer
+    resume_tag: str | None
+    """The checkpoint this run resumes from (``None``: a fresh start)."""
     dev_sets: list[DevSet]
     train_utterances: int
 
@@ -104,10 +110,15 @@ def build_run(cfg: Config, local_rank: int | None = None) -> Run:
                            cfg.data.min_seconds, cfg.data.max_seconds)
     policy = BatchPolicy(int(cfg.data.max_batch_seconds * sample_rate), cfg.data.max_batch_size,
                          cfg.data.bucket_window, cfg.data.shuffle_buffer)
-    workers = dist.loader_workers(cfg.data.num_workers)
+    checkpointer = Checkpointer(Path(cfg.output_dir), world, keep_last=cfg.checkpoint.keep_last,
+                                keep_best=cfg.checkpoint.keep_best)
+    resume_tag = checkpointer.resumable_tag() if cfg.checkpoint.resume else None
+    saved = checkpointer.saved_world(resume_tag) if resume_tag else None
+    max_workers = dist.loader_workers(cfg.data.num_workers)
+    layout = data_layout(cfg, world.size, max_workers, saved)
+    workers = layout.workers(world.size, max_workers)
     retry = RetryPolicy(cfg.data.remote_attempts, cfg.data.remote_backoff_seconds)
-    stream = TrainStream(train_set, policy, prep, rank=world.rank, world_size=world.size, num_workers=workers,
-                         seed=cfg.trainer.seed, retry=retry)
+    stream = TrainStream(train_set, policy, prep, rank=world.rank, world_size=world.size, layout=layout, retry=retry)
     train_loader = make_loader(stream, workers, cfg.data.prefetch_factor)
     dev_sets = []
     batch_size = scoring_batch_size(model.config.feat_extract_norm,
@@ -122,10 +133,33 @@ def build_run(cfg: Config, local_rank: int | None = None) -> Run:
             dev_set, prep, cfg.data.max_batch_seconds, batch_size, world, workers=0, retry=retry)))
     if cfg.trainer.preflight:
         preflight(model, device, DTYPES[cfg.deepspeed.precision], worst_case(train_set, policy, prep.skip_reason))
-    engine = Engine(cfg, model, device)
-    _announce(cfg, world, train_set, model)
+    engine = Engine(cfg, model, device, grad_accum=stream.per_rank)
+    _announce(cfg, world, train_set, model, layout, workers)
+    if saved and world.is_main:
+        _announce_resume(cfg, world, saved, layout)
     return Run(world=world, engine=engine, processor=processor, train_stream=stream, train_loader=train_loader,
-               dev_sets=dev_sets, train_utterances=train_set.total_samples)
+               grad_accum=stream.per_rank, checkpointer=checkpointer, resume_tag=resume_tag, dev_sets=dev_sets,
+               train_utterances=train_set.total_samples)
+
+
+def data_layout(cfg: Config, world_size: int, workers: int, saved: dict[str, Any] | None) -> StreamLayout:
+    """The run's data layout: the checkpoint's when resuming (whatever the world size now), else the config's."""
+    streams = round(cfg.trainer.update_seconds / cfg.data.max_batch_seconds) if cfg.trainer.update_seconds \
+        else cfg.trainer.grad_accum * world_size
+    fresh = StreamLayout(streams, cfg.data.stream_readers or max(1, workers), cfg.trainer.seed)
+    if not saved or not saved.get("data"):
+        return fresh
+    data = saved["data"]
+    layout = StreamLayout(int(data["streams"]), int(data["readers"]), int(data["seed"]))
+    checked = (("trainer.seed", layout.seed, fresh.seed, True),
+               ("data streams per update", layout.streams, fresh.streams, bool(cfg.trainer.update_seconds)),
+               ("data.stream_readers", layout.readers, fresh.readers, bool(cfg.data.stream_readers)))
+    conflicts = [f"{key} {old} (checkpoint) vs {new} (config)" for key, old, new, explicit in checked
+                 if explicit and old != new]
+    if conflicts:
+        raise ValueError(f"cannot resume this run's data order: {'; '.join(conflicts)}. Keep the values the run "
+                         "started with, or use a new output_dir")
+    return layout
 
 
 def check_shards_readable(shards: ShardSet) -> None:
@@ -135,15 +169,26 @@ def check_shards_readable(shards: ShardSet) -> None:
             raise FileNotFoundError(f"shard {url} listed in {shards.location}/index.json is not readable here")
 
 
-def _announce(cfg: Config, world: dist.World, train_set: ShardSet, model: torch.nn.Module) -> None:
+def _announce(cfg: Config, world: dist.World, train_set: ShardSet, model: torch.nn.Module, layout: StreamLayout,
+              workers: int) -> None:
     if not world.is_main:
         return
     counts = parameter_counts(model)
-    batch_seconds = cfg.data.max_batch_seconds * cfg.trainer.grad_accum * world.size
+    update_seconds = cfg.data.max_batch_seconds * layout.streams
     log.info("world: %d rank(s) on %s; precision %s; ZeRO stage %d", world.size, accelerator_name(),
              cfg.deepspeed.precision, cfg.deepspeed.zero_stage)
-    log.info("train: %d utterances, %.2f h in %d shards; effective batch <= %.0f s of audio "
-             "(%.0f s x %d accum x %d ranks); ~%.1f updates per epoch", train_set.total_samples,
-             train_set.total_seconds / 3600, len(train_set.urls), batch_seconds, cfg.data.max_batch_seconds,
-             cfg.trainer.grad_accum, world.size, train_set.total_seconds / batch_seconds)
+    log.info("train: %d utterances, %.2f h in %d shards; %s s of audio per update at most (%s data streams of "
+             "%g s: grad_accum %d x %d ranks); ~%.1f updates per epoch; %d loader workers per rank",
+             train_set.total_samples, train_set.total_seconds / 3600, len(train_set.urls), f"{update_seconds:,.0f}",
+             layout.streams, cfg.data.max_batch_seconds, layout.streams // world.size, world.size,
+             train_set.total_seconds / update_seconds, workers)
     log.info("parameters: %s trainable, %s frozen", f"{counts['trainable']:,}", f"{counts['frozen']:,}")
+
+
+def _announce_resume(cfg: Config, world: dist.World, saved: dict[str, Any], layout: StreamLayout) -> None:
+    before = int(saved["world_size"])
+    if before == world.size:
+        return
+    log.warning("resuming step %s from %d rank(s) on %d: grad_accum %d -> %d, %s s per update (%d data streams)",
+                f"{saved['step']:,}", before, world.size, layout.streams // before, layout.streams // world.size,
+                f"{cfg.data.max_batch_seconds * layout.streams:,.0f}", layout.streams)

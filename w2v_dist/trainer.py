@@ -11,10 +11,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from w2v_dist import dist
-from w2v_dist.checkpoint import Checkpointer, export_hf
+from w2v_dist.checkpoint import export_hf
 from w2v_dist.config import Config, save_config, to_written, to_yaml
 from w2v_dist.data.audio import EncoderGeometry
 from w2v_dist.data.collate import CTCBatch
@@ -59,6 +60,7 @@ def train_step(engine: Engine, micro_batches: list[CTCBatch], world_size: int, s
     scale = world_size * len(micro_batches) / counts[0].clamp(min=1.0)  # DeepSpeed averages ranks, micro-batches
     loss_sum = torch.zeros((), device=engine.device)
     for index, batch in enumerate(micro_batches):
+        seed_randomness(engine.cfg.trainer.seed, batch)
         loss, _ = engine.forward(batch)
         engine.backward(loss * scale.float())
         loss_sum += loss.detach()
@@ -74,6 +76,17 @@ def train_step(engine: Engine, micro_batches: list[CTCBatch], world_size: int, s
         cause = "fp16_overflow" if engine.cfg.deepspeed.precision == "fp16" else "deepspeed_skipped"
     return StepResult(loss_per_target=total / max(targets, 1.0), targets=int(targets), utterances=int(utterances),
                       seconds=seconds, stop=stop > 0, cause=cause, outcome=outcome)
+
+
+def seed_randomness(seed: int, batch: CTCBatch) -> None:
+    """Dropout, LayerDrop and SpecAugment masks (numpy, in transformers) are drawn from ``(seed, update, stream)``:
+    a micro-batch gets the same ones whichever rank of whichever world size computes it, so a run resumed on
+    another world size follows the uninterrupted run. Batches from outside a training stream keep the RNG as is."""
+    if batch.stream < 0:
+        return
+    derived = hash((seed, batch.update, batch.stream)) & 0x7FFFFFFF
+    torch.manual_seed(derived)
+    np.random.seed(derived)
 
 
 @dataclass
@@ -107,12 +120,11 @@ class Trainer:
         self.stop_signal = stop_signal or StopSignal()
         if self.world.is_main:
             (self.output / REQUEUE_FILE).unlink(missing_ok=True)
-        self.checkpointer = Checkpointer(self.output, self.world, keep_last=cfg.checkpoint.keep_last,
-                                         keep_best=cfg.checkpoint.keep_best)
+        self.checkpointer = run.checkpointer
         self.unpooled_skips: Counter[str] = Counter()  # this rank's loader skips since the last pooling
         self.last_eval: tuple[int, float] | None = None  # (step, WER on checkpoint.best_metric)
-        if cfg.checkpoint.resume:
-            client_state = self.checkpointer.resume(run.engine)
+        if run.resume_tag:
+            client_state = self.checkpointer.resume(run.engine, run.resume_tag)
             if client_state is not None:
                 self.state.load_state_dict(client_state["run"])
                 run.train_stream.load_state_dict(client_state["loader"])
@@ -127,9 +139,9 @@ class Trainer:
         results: dict[str, SetScore] = {}
         while state.step < cfg.trainer.max_steps:
             fetch_start = time.perf_counter()
-            micro = [next(batches) for _ in range(cfg.trainer.grad_accum)]
+            micro = [next(batches) for _ in range(run.grad_accum)]
             wait += time.perf_counter() - fetch_start
-            run.train_stream.consumed += len(micro)
+            run.train_stream.update += 1
             step = state.step + 1
             lr = lr_at(state.step, cfg.optim.lr, cfg.trainer.max_steps, cfg.schedule)
             run.engine.set_lr(lr, encoder_frozen=state.step < cfg.model.freeze_finetune_updates)
@@ -141,6 +153,8 @@ class Trainer:
             dist.heartbeat(self.output / RANKS_DIR, self.world)
             pause_point("step", self.world.rank)
             self._account(result, micro)
+            if cfg.logging.key_log:
+                self._log_keys(micro)
             window_seconds += result.seconds
             if step % cfg.trainer.log_every == 0 or step == cfg.trainer.max_steps:
                 elapsed = time.perf_counter() - window_start
@@ -216,6 +230,13 @@ class Trainer:
         log.warning("rolled back from step %d to the checkpoint at step %d (rollback %d of %d)", bad_at,
                     self.state.step, self.state.rollbacks, self.cfg.trainer.max_rollbacks)
         self.logger.log({"step": self.state.step, "rollback_from": bad_at, "rollbacks": self.state.rollbacks})
+
+    def _log_keys(self, micro: list[CTCBatch]) -> None:
+        lines = "".join(json.dumps({"step": self.state.step, "update": b.update, "stream": b.stream, "epoch": b.epoch,
+                                    "keys": list(b.keys)}) + "\n" for b in micro)
+        (self.output / "keys").mkdir(exist_ok=True)
+        with open(self.output / "keys" / f"rank{self.world.rank}.jsonl", "a") as handle:
+            handle.write(lines)
 
     def _pool_loader_skips(self) -> None:
         """Collective: add every rank's new loader skips to the run total (identical on all ranks)."""
@@ -307,7 +328,7 @@ def train(cfg: Config, local_rank: int | None = None) -> dict[str, SetScore]:
     except RuntimeError as err:
         if not dist.is_collective_failure(err):
             raise
-        latest = Checkpointer(Path(cfg.output_dir), run.world, keep_last=1).resumable_tag()
+        latest = run.checkpointer.resumable_tag()
         lost = dist.lost_ranks(Path(cfg.output_dir) / RANKS_DIR, run.world)
         raise SystemExit(f"rank {run.world.rank}: {err}. Another rank has most likely died "
                          f"({lost}; exit codes are in the launcher's log). "

@@ -27,7 +27,7 @@ def test_resume_reproduces_the_uninterrupted_key_sequence(shard_dirs: dict, tiny
     straight = keys(take_batches(train_stream(location, tiny_model, workers=workers), workers, 40))
     for cut in (1, 7, 23):
         resumed = train_stream(location, tiny_model, workers=workers)
-        resumed.load_state_dict({**resumed.state_dict(), "consumed": cut})
+        resumed.load_state_dict({**resumed.state_dict(), "update": cut})
         assert keys(take_batches(resumed, workers, 40 - cut)) == straight[cut:], f"resume at {cut}"
 
 
@@ -41,10 +41,10 @@ def test_streams_are_endless_and_cross_epochs(shard_dirs: dict, tiny_model: Path
         assert sum(len(b) for b in batches) > total  # past one epoch of the whole set on one rank
 
 
-def test_resume_refuses_a_different_world(shard_dirs: dict, tiny_model: Path) -> None:
+def test_resume_refuses_another_data_layout(shard_dirs: dict, tiny_model: Path) -> None:
     stream = train_stream(str(shard_dirs["train-clean-100"]), tiny_model, world=2)
-    with pytest.raises(ValueError, match="world_size"):
-        stream.load_state_dict({"consumed": 3, "world_size": 4, "workers": 1, "seed": 1})
+    with pytest.raises(ValueError, match="cannot resume the data position exactly"):
+        stream.load_state_dict({"update": 3, "streams": 4, "readers": 1, "seed": 1})
 
 
 @pytest.mark.parametrize("world", [1, 2, 3])
@@ -155,7 +155,7 @@ def test_resume_property_over_worlds_workers_and_cut_points(shard_dirs: dict, ti
         rank = data.draw(st.integers(0, world - 1))
         straight = keys(take_batches(train_stream(location, tiny_model, rank, world, workers), workers, cut + 6))
         resumed = train_stream(location, tiny_model, rank, world, workers)
-        resumed.load_state_dict({**resumed.state_dict(), "consumed": cut})
+        resumed.load_state_dict({**resumed.state_dict(), "update": cut})
         assert keys(take_batches(resumed, workers, 6)) == straight[cut:]
 
     check()
@@ -166,9 +166,10 @@ def test_pipe_shard_command_from_the_users_config(shard_dirs: dict, tiny_model: 
     from helpers import POLICY, preprocess
 
     from w2v_dist.data.loader import TrainStream
+    from w2v_dist.data.plan import StreamLayout
 
     location = str(shard_dirs["train-clean-100"])
     piped = load_shard_set(location, shard_command=f"pipe:cat {location}/{{shard}}")
     assert all(url.startswith("pipe:cat ") for url in piped.urls)
-    stream = TrainStream(piped, POLICY, preprocess(tiny_model), rank=0, world_size=1, num_workers=0, seed=1)
+    stream = TrainStream(piped, POLICY, preprocess(tiny_model), rank=0, world_size=1, layout=StreamLayout(1, 1, 1))
     assert keys(take_batches(stream, 0, 5)) == keys(take_batches(train_stream(location, tiny_model), 0, 5))

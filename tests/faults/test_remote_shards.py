@@ -12,6 +12,7 @@ from helpers import POLICY, http_server, make_loader, preprocess
 
 from w2v_dist.data.index import load_shard_set
 from w2v_dist.data.loader import EvalStream, RemoteShardError, RetryPolicy, TrainStream
+from w2v_dist.data.plan import StreamLayout
 
 FAST = RetryPolicy(attempts=3, backoff_seconds=0.05)
 
@@ -40,7 +41,7 @@ def test_a_shard_that_keeps_failing_stops_the_run_naming_it(shard_dirs: dict, ti
     with http_server(directory, drops=100) as url:
         credentialed = url.replace("http://", "http://reader:pw-0123456789@")
         stream = TrainStream(load_shard_set(credentialed), POLICY, preprocess(tiny_model), rank=0, world_size=1,
-                             num_workers=0, seed=1, retry=FAST)
+                             layout=StreamLayout(1, 1, 1), retry=FAST)
         start = time.monotonic()
         with pytest.raises(RemoteShardError, match=r"shard http://\*\*\*@127\.0\.0\.1:\d+/shard-00000\d\.tar "
                                                    r"failed 3 times") as failure:

@@ -30,7 +30,7 @@ from w2v_dist.data.audio import EncoderGeometry
 from w2v_dist.data.collate import CTCBatch
 from w2v_dist.data.index import load_shard_set
 from w2v_dist.data.loader import TrainStream, make_loader, make_preprocess
-from w2v_dist.data.plan import BatchPolicy, padding_fraction
+from w2v_dist.data.plan import BatchPolicy, StreamLayout, padding_fraction
 from w2v_dist.prep.sources import librispeech_sources
 
 
@@ -139,7 +139,7 @@ def loader_benchmark(work_dir: Path, utterances: int, workers: int) -> dict[str,
           "flac_mb": sum(f.stat().st_size for f in files) / 1e6, "shards": len(shard_set.urls)})
 
     raw = emit({"measure": "raw_decode", "audio_seconds_per_second_per_core": raw_decode_rate(files)})
-    stream = TrainStream(shard_set, policy, prep, rank=0, world_size=1, num_workers=workers, seed=1)
+    stream = TrainStream(shard_set, policy, prep, rank=0, world_size=1, layout=StreamLayout(1, max(1, workers), 1))
     running = iter(make_loader(stream, workers, 4))
     ours_rate, ours_batches = timed_batches(running, total_seconds)
     uss = worker_uss_mb()
@@ -147,7 +147,7 @@ def loader_benchmark(work_dir: Path, utterances: int, workers: int) -> dict[str,
     ours = emit({"measure": "ours", "workers": workers, "audio_seconds_per_second": ours_rate,
                  "per_worker": ours_rate / max(workers, 1), "worker_uss_mb": uss,
                  "shuffle_buffer": policy.shuffle_buffer, "bucket_window": policy.bucket_window})
-    single = TrainStream(shard_set, policy, prep, rank=0, world_size=1, num_workers=0, seed=1)
+    single = TrainStream(shard_set, policy, prep, rank=0, world_size=1, layout=StreamLayout(1, 1, 1))
     single_rate, _ = timed_batches(iter(make_loader(single, 0, 2)), total_seconds / 2)
     emit({"measure": "ours_in_process", "workers": 0, "audio_seconds_per_second": single_rate,
           "fraction_of_raw_decode": single_rate / raw["audio_seconds_per_second_per_core"],
@@ -200,11 +200,11 @@ def planned_padding(policy: BatchPolicy, utterances: int = 28_539, shards: int =
 
 def resume_skip_rate(shard_set: Any, policy: BatchPolicy, prep: Any) -> dict[str, float]:
     """Samples per second a resume skips: the plan replay that positions a stream, with no audio read."""
-    stream = TrainStream(shard_set, policy, prep, rank=0, world_size=1, num_workers=0, seed=1)
+    stream = TrainStream(shard_set, policy, prep, rank=0, world_size=1, layout=StreamLayout(1, 1, 1))
     start = time.perf_counter()
     skipped = sum(len(batch) for epoch in range(20) for batch in stream.plan(0, epoch)[0])
     replay = time.perf_counter() - start
-    stream.consumed = sum(len(stream.plan(0, epoch)[0]) for epoch in range(20))
+    stream.update = sum(len(stream.plan(0, epoch)[0]) for epoch in range(20))
     start = time.perf_counter()
     next(iter(make_loader(stream, 0, 2)))
     return {"samples_skipped": skipped, "replay_seconds": replay, "samples_per_second": skipped / replay,
@@ -220,7 +220,7 @@ def http_comparison(work_dir: Path, shard_set: Any, policy: BatchPolicy, prep: A
         port = int(server.stdout.readline().split("port ")[1].split()[0])  # type: ignore[union-attr]
         base = f"http://127.0.0.1:{port}"
         remote = load_shard_set(f"{base}/shards")
-        stream = TrainStream(remote, policy, prep, rank=0, world_size=1, num_workers=workers, seed=1)
+        stream = TrainStream(remote, policy, prep, rank=0, world_size=1, layout=StreamLayout(1, max(1, workers), 1))
         shards_rate, _ = timed_batches(iter(make_loader(stream, workers, 4)), total_seconds / 2)
         urls = [(f"{base}/{Path(p).relative_to(work_dir)}", t) for p, t in items]
         files_rate, _ = timed_batches(seed_style_loader(urls, processor, workers, http_get), total_seconds / 2)

@@ -43,11 +43,11 @@ def fixed_batches(shards: Path, model_dir: Path, count: int, batch_seconds: floa
     from w2v_dist.data.audio import EncoderGeometry
     from w2v_dist.data.index import load_shard_set
     from w2v_dist.data.loader import TrainStream, make_loader, make_preprocess
-    from w2v_dist.data.plan import BatchPolicy
+    from w2v_dist.data.plan import BatchPolicy, StreamLayout
 
     prep = make_preprocess(Wav2Vec2Processor.from_pretrained(model_dir), EncoderGeometry(), 16_000, 0.5, 35.0)
     stream = TrainStream(load_shard_set(str(shards)), BatchPolicy(int(batch_seconds * 16_000), 64, 256, 256), prep,
-                         rank=0, world_size=1, num_workers=0, seed=3)
+                         rank=0, world_size=1, layout=StreamLayout(1, 1, 3))
     return list(itertools.islice(iter(make_loader(stream, 0, 2)), count))
 
 

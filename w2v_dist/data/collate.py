@@ -37,6 +37,12 @@ class CTCBatch:
     """Utterances the loader skipped since its previous batch, by reason (pooled into ``loader_skips``)."""
     dropped: tuple[tuple[str, str], ...] = ()
     """(key, reason) of utterances planned for this batch that could not be decoded."""
+    update: int = -1
+    """Training: the optimizer update this micro-batch belongs to (-1 outside training)."""
+    stream: int = -1
+    """Training: its data stream (:class:`~w2v_dist.data.loader.StreamLayout`); seeds its dropout and masks."""
+    epoch: int = -1
+    """Training: the epoch of its slot's plan it comes from."""
 
     def __len__(self) -> int:
         return len(self.keys)

@@ -1,8 +1,8 @@
 """Streaming loader: reads tar shards through webdataset, decodes in workers, yields collated batches.
 
 Training streams are endless (epochs roll over), so no rank can run out of batches while another waits in a
-collective: the trainer takes exactly ``max_steps * grad_accum`` batches on every rank. The position is one
-number per rank (batches consumed); everything else is replayed from the plan, see :mod:`w2v_dist.data.plan`.
+collective: every rank takes the same number of micro-batches per update. The position is one number, the update;
+everything else is replayed from the plan, see :mod:`w2v_dist.data.plan`.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ import tarfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import numpy as np
 import soundfile as sf
@@ -34,13 +34,14 @@ from w2v_dist.data.audio import EncoderGeometry, decode_error
 from w2v_dist.data.buffers import BufferPool
 from w2v_dist.data.collate import CTCBatch, CTCCollator
 from w2v_dist.data.index import ShardSet, Utterance, is_remote
-from w2v_dist.data.plan import Batch, BatchPolicy, Piece, assign_pieces, epoch_rng, plan_batches
+from w2v_dist.data.plan import Batch, BatchPolicy, Piece, StreamLayout, assign_pieces, epoch_rng, plan_batches
 from w2v_dist.data.text import CharLabeler
 from w2v_dist.preemption import STOP_SIGNALS
 from w2v_dist.redact import redact
 
 log = logging.getLogger("w2v_dist.data")
 MAX_EMPTY_EPOCHS = 3
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -288,50 +289,87 @@ def _worker() -> tuple[int, int]:
 
 
 class TrainStream(_Stream):
-    """Endless, deterministic, resumable training batches for one rank."""
+    """Endless, deterministic, resumable training batches for one rank: the micro-batches of update after update
+    (:class:`StreamLayout`), from update ``self.update`` on."""
 
     def __init__(self, shards: ShardSet, policy: BatchPolicy, prep: Preprocess, *, rank: int, world_size: int,
-                 num_workers: int, seed: int, retry: RetryPolicy = RetryPolicy()) -> None:
+                 layout: StreamLayout, retry: RetryPolicy = RetryPolicy()) -> None:
         super().__init__(shards, policy, prep, retry)
-        self.rank, self.world_size, self.slots_per_rank, self.seed = rank, world_size, max(1, num_workers), seed
-        self.consumed = 0
+        self.rank, self.world_size, self.layout = rank, world_size, layout
+        self.per_rank = layout.streams_per_rank(world_size)
+        self.update = 0
+        """Updates already taken: where the stream starts (the trainer keeps it at its step)."""
 
     def plan(self, slot: int, epoch: int) -> tuple[list[Batch], list[Piece], Counter[str]]:
-        pieces = assign_pieces(self.shards.seconds, self.world_size * self.slots_per_rank, self.seed, epoch)[slot]
+        layout = self.layout
+        pieces = assign_pieces(self.shards.seconds, layout.slots, layout.seed, epoch)[slot]
         batches, skips = plan_batches(pieces, self.shards.utterances, self.policy, self.prep.skip_reason,
-                                      epoch_rng(self.seed, epoch, slot))
+                                      epoch_rng(layout.seed, epoch, slot))
         return batches, pieces, skips
 
-    def __iter__(self) -> Iterator[CTCBatch]:
-        worker, workers = _worker()
-        assert workers == self.slots_per_rank, "DataLoader workers must match the stream's slots"
-        logical = (worker + self.consumed) % workers
-        skip = max(0, -(-(self.consumed - logical) // workers))
-        slot = self.rank * workers + logical
-        empty_epochs = 0
+    def schedule(self, worker: int, workers: int) -> Iterator[tuple[int, int, int]]:
+        """``(update, stream, slot)`` of each micro-batch this worker makes, in the order the rank takes them:
+        the DataLoader hands the rank item ``i`` from worker ``i % workers``."""
+        if (self.per_rank * self.layout.readers) % max(workers, 1):
+            raise ValueError(f"{workers} loader workers cannot each keep slots of their own "
+                             f"({self.per_rank * self.layout.readers} per rank): see StreamLayout.workers")
+        for item in itertools.count(worker, max(workers, 1)):
+            update, index = self.update + item // self.per_rank, item % self.per_rank
+            stream = self.rank + index * self.world_size
+            yield update, stream, self.layout.slot(stream, update)
+
+    def slot_epochs(self, slot: int, first: int) -> Iterator[tuple[int, list[Batch], list[Piece], Counter[str]]]:
+        """A slot's endless plan from its batch number ``first`` on, epoch by epoch: ``(epoch, batches, pieces,
+        load-time skips)`` (skips only with an epoch's first batch)."""
+        skip, empty_epochs = first, 0
         for epoch in itertools.count():
             batches, pieces, skips = self.plan(slot, epoch)
             if skip >= len(batches):
                 skip -= len(batches)
                 empty_epochs = empty_epochs + 1 if not batches else 0
                 if empty_epochs >= MAX_EMPTY_EPOCHS:
-                    raise RuntimeError(f"data slot {slot} received no usable samples in {empty_epochs} epochs: "
-                                       "too few utterances for this many ranks x workers, or all were filtered")
+                    raise RuntimeError(f"data slot {slot} received no usable samples in {empty_epochs} epochs: too "
+                                       "few utterances for this many slots (data streams x readers), or all were "
+                                       "filtered")
                 continue
-            yield from self._batches(batches[skip:], pieces, skips if skip == 0 else Counter())
+            yield epoch, batches[skip:], pieces, skips if skip == 0 else Counter()
             skip = 0
 
+    def planned(self, slot: int, first: int) -> Iterator[tuple[int, Batch]]:
+        """``(epoch, batch)`` of a slot from its batch number ``first`` on, at plan speed (no audio)."""
+        for epoch, batches, _, _ in self.slot_epochs(slot, first):
+            for batch in batches:
+                yield epoch, batch
+
+    def items(self, worker: int, workers: int, source: Callable[[int, int], Iterator[T]]
+              ) -> Iterator[tuple[int, int, T]]:
+        """``(update, stream, item)`` for :meth:`schedule`, each item the next of its slot's ``source(slot, first
+        batch number)``: decoded batches when iterating, :meth:`planned` ones to audit the order at plan speed."""
+        sources: dict[int, Iterator[T]] = {}
+        for update, stream, slot in self.schedule(worker, workers):
+            if slot not in sources:  # a slot gives one batch each time its stream comes back to it
+                sources[slot] = source(slot, update // self.layout.readers)
+            yield update, stream, next(sources[slot])
+
+    def __iter__(self) -> Iterator[CTCBatch]:
+        for update, stream, batch in self.items(*_worker(), self._slot_batches):
+            yield replace(batch, update=update, stream=stream)
+
+    def _slot_batches(self, slot: int, first: int) -> Iterator[CTCBatch]:
+        for epoch, batches, pieces, skips in self.slot_epochs(slot, first):
+            for batch in self._batches(batches, pieces, skips):
+                yield replace(batch, epoch=epoch)
+
     def state_dict(self) -> dict[str, int]:
-        return {"consumed": self.consumed, "world_size": self.world_size, "workers": self.slots_per_rank,
-                "seed": self.seed}
+        return {"update": self.update, "streams": self.layout.streams, "readers": self.layout.readers,
+                "seed": self.layout.seed}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        mine = self.state_dict()
-        changed = {k: (state[k], mine[k]) for k in ("world_size", "workers", "seed") if state[k] != mine[k]}
-        if changed:
-            raise ValueError(f"cannot resume the data position exactly: {changed} (saved, now) differ; "
-                             "resume with the same ranks, data.num_workers and trainer.seed")
-        self.consumed = int(state["consumed"])
+        saved = StreamLayout(int(state["streams"]), int(state["readers"]), int(state["seed"]))
+        if saved != self.layout:
+            raise ValueError(f"cannot resume the data position exactly: the checkpoint's {saved} differs from this "
+                             f"run's {self.layout}")
+        self.update = int(state["update"])
 
 
 class EvalStream(_Stream):

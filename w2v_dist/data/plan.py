@@ -1,10 +1,10 @@
 """Batch plans computed from index metadata alone: which samples each worker slot reads, in which order, in
 which batches. Nothing here touches audio, so a plan can be replayed (for exact resume) at metadata speed.
 
-A *slot* is one data-producing process of the whole job: ``rank * workers + worker``. Each epoch, shards are
-permuted by ``(seed, epoch)`` and given to slots so that audio seconds balance; with more slots than shards,
-each shard is split into strided *pieces* so that every slot reads something and every sample is still read
-exactly once per epoch.
+A *slot* is one unit of reading, fixed for the whole run whatever the world size (:class:`StreamLayout`). Each
+epoch, shards are permuted by ``(seed, epoch)`` and given to slots so that audio seconds balance; with more slots
+than shards, each shard is split into strided *pieces* so that every slot reads something and every sample is still
+read exactly once per epoch.
 """
 
 from __future__ import annotations
@@ -37,6 +37,42 @@ class BatchPolicy:
     max_batch_size: int
     bucket_window: int
     shuffle_buffer: int
+
+
+@dataclass(frozen=True)
+class StreamLayout:
+    """How the training data is dealt out, fixed for a whole run (checkpoints record it) whatever the world size.
+
+    Every optimizer update takes one micro-batch from each of ``streams`` data streams; the ranks share the streams
+    (rank ``r`` of ``W`` takes streams ``r, r + W, ...``), so gradient accumulation is ``streams / W``. Each stream
+    reads ``readers`` slots in turn (slot ``stream * readers + update % readers``): a slot is what one loader worker
+    reads, and the plan gives every slot its share of each epoch (:func:`~w2v_dist.data.plan.assign_pieces`).
+    A resume on another world size moves whole streams between ranks; the batches of every update, and so the
+    trajectory, stay those of the uninterrupted run, and every utterance is still read exactly once per epoch.
+    """
+
+    streams: int
+    readers: int
+    seed: int
+
+    @property
+    def slots(self) -> int:
+        return self.streams * self.readers
+
+    def slot(self, stream: int, update: int) -> int:
+        return stream * self.readers + update % self.readers
+
+    def streams_per_rank(self, world_size: int) -> int:
+        if self.streams % world_size:
+            raise ValueError(f"{self.streams} data streams (micro-batches per update) cannot be shared by "
+                             f"{world_size} ranks: use a world size that divides {self.streams}")
+        return self.streams // world_size
+
+    def workers(self, world_size: int, num_workers: int) -> int:
+        """Loader workers per rank: the most, up to ``num_workers``, that each keep slots of their own (a count
+        that divides the rank's slots per ``readers`` updates); 0 stays 0 (decoding in the rank)."""
+        per_cycle = self.streams_per_rank(world_size) * self.readers
+        return max((n for n in range(1, num_workers + 1) if per_cycle % n == 0), default=0)
 
 
 Batch = list[Utterance]

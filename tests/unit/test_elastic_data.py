@@ -1,0 +1,107 @@
+"""Elastic data order at plan speed: any sequence of world sizes and worker counts reads the batches of the
+uninterrupted run, update by update, and every utterance exactly once per epoch."""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+
+import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+from test_plan import SR, make_shards
+
+from w2v_dist.data.audio import EncoderGeometry
+from w2v_dist.data.index import ShardSet, Utterance
+from w2v_dist.data.loader import Preprocess, TrainStream
+from w2v_dist.data.plan import BatchPolicy, StreamLayout
+
+POLICY = BatchPolicy(max_batch_samples=30 * SR, max_batch_size=4, bucket_window=8, shuffle_buffer=6)
+Micro = tuple[int, tuple[str, ...]]
+"""(epoch, keys) of one micro-batch."""
+
+
+def stream_for(shards: list[list[Utterance]], layout: StreamLayout, rank: int, world: int, update: int) -> TrainStream:
+    shard_set = ShardSet("mem", tuple(f"s{i}.tar" for i in range(len(shards))),
+                         tuple(sum(u.num_samples for u in s) / SR for s in shards), tuple(map(tuple, shards)), SR)
+    # Only the filters matter at plan speed: no labeler, no collator.
+    prep = Preprocess(labels=None, collator=None, geometry=EncoderGeometry(), min_samples=2 * SR,  # type: ignore
+                      max_samples=19 * SR)
+    stream = TrainStream(shard_set, POLICY, prep, rank=rank, world_size=world, layout=layout)
+    stream.update = update
+    return stream
+
+
+def run_era(shards: list[list[Utterance]], layout: StreamLayout, world: int, num_workers: int, start: int,
+            end: int) -> dict[int, list[tuple[int, Micro]]]:
+    """Per update in [start, end): (stream, micro-batch) as the ranks take them, the DataLoader's order included
+    (item i of a rank from worker i % workers)."""
+    taken: dict[int, list[tuple[int, Micro]]] = defaultdict(list)
+    workers = max(1, layout.workers(world, num_workers))
+    for rank in range(world):
+        stream = stream_for(shards, layout, rank, world, start)
+        per_worker = [stream.items(w, workers, stream.planned) for w in range(workers)]
+        rank_order = []
+        for item in range((end - start) * stream.per_rank):
+            update, stream_id, (epoch, batch) = next(per_worker[item % workers])
+            rank_order.append(stream_id)
+            taken[update].append((stream_id, (epoch, tuple(u.key for u in batch))))
+        expected = [rank + j * world for j in range(stream.per_rank)] * (end - start)
+        assert rank_order == expected, "a rank takes its streams in order, update after update"
+    return taken
+
+
+def audit(shards: list[list[Utterance]], layout: StreamLayout, eras: list[tuple[int, int, int]]) -> None:
+    total = sum(steps for _, _, steps in eras)
+    reference = run_era(shards, layout, 1, 1, 0, total)
+    start, seen = 0, {}
+    for world, workers, steps in eras:
+        seen.update(run_era(shards, layout, world, workers, start, start + steps))
+        start += steps
+    for update in range(total):
+        assert sorted(seen[update]) == sorted(reference[update]), f"update {update} differs from the straight run"
+        assert sorted(s for s, _ in seen[update]) == list(range(layout.streams)), "one micro-batch per stream"
+    per_epoch: dict[int, Counter[str]] = defaultdict(Counter)
+    for update in range(total):
+        for _, (epoch, keys) in seen[update]:
+            per_epoch[epoch].update(keys)
+    for epoch, counts in per_epoch.items():
+        assert max(counts.values()) == 1, f"epoch {epoch}: an utterance read twice"
+    # An epoch that every slot has read to its end holds every utterance the filters keep, exactly once.
+    planner = stream_for(shards, layout, 0, 1, 0)
+    read = Counter((layout.slot(stream, update), epoch)
+                   for update in range(total) for stream, (epoch, _) in seen[update])
+    kept = {u.key for s in shards for u in s if 2 * SR <= u.num_samples <= 19 * SR}
+    complete = [epoch for epoch in per_epoch
+                if all(read[(slot, epoch)] == len(planner.plan(slot, epoch)[0]) for slot in range(layout.slots))]
+    for epoch in complete:
+        assert set(per_epoch[epoch]) == kept, f"epoch {epoch} is missing utterances"
+    if total >= 3 * layout.readers * len(kept):  # long enough that some epoch must have been completed
+        assert complete
+
+
+@settings(max_examples=40, deadline=None, database=None)
+@given(data=st.data(), streams=st.sampled_from([1, 2, 4, 6]), readers=st.integers(1, 3),
+       sizes=st.lists(st.integers(3, 30), min_size=1, max_size=6), changes=st.integers(1, 4))
+def test_any_sequence_of_world_sizes_reads_the_straight_runs_batches(data: st.DataObject, streams: int, readers: int,
+                                                                      sizes: list[int], changes: int) -> None:
+    assume(sum(sizes) >= 4 * streams * readers)  # fewer and some slot may get nothing for epochs on end (an error)
+    shards = make_shards(sizes, seed=len(sizes))
+    layout = StreamLayout(streams, readers, seed=7)
+    worlds = [w for w in (1, 2, 3, 4, 6) if streams % w == 0]
+    eras = [(data.draw(st.sampled_from(worlds)), data.draw(st.integers(0, 4)), data.draw(st.integers(1, 9)))
+            for _ in range(changes)]
+    audit(shards, layout, eras)
+
+
+def test_three_changes_across_several_epochs() -> None:
+    shards = make_shards([9, 4, 12, 7])
+    audit(shards, StreamLayout(4, 2, seed=3), [(2, 2, 5), (1, 3, 7), (4, 1, 6), (2, 4, 9)])
+
+
+def test_workers_are_the_most_that_keep_slots_of_their_own() -> None:
+    layout = StreamLayout(streams=8, readers=6, seed=1)
+    assert [layout.workers(world, 6) for world in (1, 2, 4, 8)] == [6, 6, 6, 6]
+    assert StreamLayout(2, 3, 1).workers(2, 2) == 1  # 3 slots per rank: 2 workers would share one
+    assert StreamLayout(2, 3, 1).workers(1, 0) == 0
+    with pytest.raises(ValueError, match="cannot be shared by 3 ranks"):
+        layout.workers(3, 6)
