@@ -32,7 +32,8 @@ class DataConfig:
     """Optional ``pipe:`` template used to open shards, e.g. ``pipe:aws s3 cp s3://b/{shard} -``; ``{shard}`` is
     replaced by the checked shard file name from the index, never by free text."""
     max_batch_seconds: float = 200.0
-    """Micro-batch budget per rank: padded length × batch size, in seconds of audio."""
+    """Micro-batch budget (one data stream's batch, see ``trainer.update_seconds``): padded length × batch size, in
+    seconds of audio."""
     max_batch_size: int = 64
     """Upper bound on utterances per micro-batch, whatever the seconds budget allows."""
     bucket_window: int = 512

@@ -10,7 +10,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 from cluster import IFNAME, Node
+from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "slurm"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "faults"))
@@ -86,3 +88,43 @@ def test_two_node_job_preempted_by_sigusr1_requeues_and_ends_with_the_uninterrup
     stopped = re.search(r"stopped at step (\d+) \(SIGUSR1\)", text)
     assert stopped and f"step_{int(stopped.group(1)):08d}" in text and "resumed from" in text, text[-6000:]
     assert_same_weights(reference, out)
+
+
+def test_a_job_requeued_onto_one_node_resumes_from_its_two_node_checkpoint(
+        slurm_two_nodes: SlurmCluster, shard_dirs: dict, tiny_model: Path, tmp_path: Path) -> None:
+    """``--nodes=1-2``: preempted on two nodes (one rank each), a node is drained meanwhile, and the requeued job
+    comes back on one: it resumes with 1 rank (grad_accum 1 → 2, ZeRO-2 state through DeepSpeed's universal
+    checkpoint) and ends with the weights of an uninterrupted 2-rank run. Nobody edits anything."""
+    extra = {"deepspeed.zero_stage": 2, **SCHEDULE}
+    reference = tmp_path / "reference"
+    run_to_completion(shard_dirs, tiny_model, reference, **{"deepspeed.zero_stage": 2})
+    out, markers = tmp_path / "run", tmp_path / "markers"
+    markers.mkdir()
+    job = slurm_two_nodes.sbatch(
+        "--nodes=1-2", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1", "--partition=debug",
+        "--time=20", f"--chdir={REPO}", f"--output={tmp_path}/%x-%j.out", "launch/slurm/train.sbatch",
+        "configs/demo.yaml", *overrides(shard_dirs, tiny_model, out, **extra), cwd=REPO,
+        env={**job_env(), "GLOO_SOCKET_IFNAME": IFNAME, PAUSE_ENV: f"step#2:0:8:{markers}"})
+    signalled = False
+
+    def preempt_and_drain_at_step_two() -> None:
+        nonlocal signalled
+        if not signalled and (markers / "step.rank0").exists():
+            slurm_two_nodes.run("scontrol", "update", "nodename=w2vnode1", "state=drain", "reason=elastic-test")
+            slurm_two_nodes.run("scancel", "--signal=USR1", job)
+            signalled = True
+
+    try:
+        slurm_two_nodes.wait(job, timeout=900, while_running=preempt_and_drain_at_step_two)
+    finally:
+        slurm_two_nodes.run("scontrol", "update", "nodename=w2vnode1", "state=resume", check=False)
+    log = tmp_path / f"w2v-train-{job}.out"
+    text = read(log)
+    assert signalled, text[-6000:]
+    info = assert_completed(slurm_two_nodes, job, log)
+    assert info["Restarts"] == "1", f"{info}\n{text[-6000:]}"
+    assert "on 2 node(s)" in text and "on 1 node(s)" in text, text[-6000:]
+    assert re.search(r"resuming step \d+ from 2 rank\(s\) on 1: grad_accum 1 -> 2", text), text[-6000:]
+    a, b = load_file(reference / "final" / "model.safetensors"), load_file(out / "final" / "model.safetensors")
+    for name in a:
+        assert torch.allclose(a[name], b[name], rtol=1e-5, atol=1e-6), name
