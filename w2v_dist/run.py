@@ -183,6 +183,13 @@ def _announce(cfg: Config, world: dist.World, train_set: ShardSet, model: torch.
              layout.streams, cfg.data.max_batch_seconds, layout.streams // world.size, world.size,
              train_set.total_seconds / update_seconds, workers)
     log.info("parameters: %s trainable, %s frozen", f"{counts['trainable']:,}", f"{counts['frozen']:,}")
+    wanted = dist.loader_workers(cfg.data.num_workers)
+    if workers < wanted:
+        log.warning("%d loader workers per rank instead of %d: each rank reads %d data slots per %d updates "
+                    "(%d streams x %d readers over %d ranks) and a slot belongs to one worker; set "
+                    "data.stream_readers (a multiple of the workers) when a run starts", workers, wanted,
+                    layout.streams // world.size * layout.readers, layout.readers, layout.streams, layout.readers,
+                    world.size)
 
 
 def _announce_resume(cfg: Config, world: dist.World, saved: dict[str, Any], layout: StreamLayout) -> None:
