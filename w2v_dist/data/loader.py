@@ -313,8 +313,9 @@ class TrainStream(_Stream):
         if (self.per_rank * self.layout.readers) % max(workers, 1):
             raise ValueError(f"{workers} loader workers cannot each keep slots of their own "
                              f"({self.per_rank * self.layout.readers} per rank): see StreamLayout.workers")
+        start = self.update  # decoding in the rank (no workers), the trainer moves self.update as it goes
         for item in itertools.count(worker, max(workers, 1)):
-            update, index = self.update + item // self.per_rank, item % self.per_rank
+            update, index = start + item // self.per_rank, item % self.per_rank
             stream = self.rank + index * self.world_size
             yield update, stream, self.layout.slot(stream, update)
 
