@@ -47,7 +47,8 @@ def _synth(args: argparse.Namespace) -> int:
 def _init_model(args: argparse.Namespace) -> int:
     from w2v_dist.model import init_model
 
-    print(f"wrote randomly initialised {args.size} Wav2Vec2ForCTC to {init_model(args.out_dir, args.size, args.seed)}")
+    out = init_model(args.out_dir, args.size, args.seed, args.family)
+    print(f"wrote a randomly initialised {args.size} {args.family} CTC model to {out}")
     return 0
 
 
@@ -198,6 +199,8 @@ def _config_docs(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from w2v_dist.model import FAMILIES
+
     parser = argparse.ArgumentParser(prog="w2v-dist", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train (same as train.py; run it under deepspeed/torchrun for >1 rank)")
@@ -212,10 +215,11 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     synth.set_defaults(func=_synth)
 
-    init = sub.add_parser("init-model", help="save a randomly initialised Wav2Vec2ForCTC + processor")
+    init = sub.add_parser("init-model", help="save a randomly initialised CTC model + processor")
     init.add_argument("out_dir")
     init.add_argument("--size", choices=("tiny", "base"), default="tiny")
     init.add_argument("--seed", type=int, default=0)
+    init.add_argument("--family", choices=FAMILIES, default="wav2vec2", help="the model_type (AutoModelForCTC)")
     init.set_defaults(func=_init_model)
 
     shard = sub.add_parser("shard", help="write WebDataset shards + index.json + rejects.jsonl + vocab.json")

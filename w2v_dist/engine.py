@@ -25,7 +25,7 @@ from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
 from deepspeed.runtime.zero.config import ZeroStageEnum
 from deepspeed.utils import safe_get_full_fp32_param
 from deepspeed.utils.tensor_fragment import fragment_address
-from transformers import Wav2Vec2ForCTC
+from transformers import PreTrainedModel
 
 from w2v_dist.config import Config
 from w2v_dist.data.collate import CTCBatch
@@ -269,9 +269,9 @@ class UpdateOutcome:
 
 
 class Engine:
-    """A DeepSpeed engine around ``Wav2Vec2ForCTC`` with the NaN/Inf guard's hooks."""
+    """A DeepSpeed engine around a CTC model (``PreTrainedModel`` or kin) with the NaN/Inf guard's hooks."""
 
-    def __init__(self, cfg: Config, model: Wav2Vec2ForCTC, device: torch.device, grad_accum: int | None = None
+    def __init__(self, cfg: Config, model: PreTrainedModel, device: torch.device, grad_accum: int | None = None
                  ) -> None:
         """``device``: what :func:`init_distributed` returned; ``grad_accum``: see :func:`deepspeed_config`."""
         self.cfg = cfg
@@ -306,7 +306,7 @@ class Engine:
         return ~torch.isfinite(torch.stack(self.grad_sums).sum())
 
     @property
-    def module(self) -> Wav2Vec2ForCTC:
+    def module(self) -> PreTrainedModel:
         return self.ds.module
 
     def forward(self, batch: CTCBatch, with_labels: bool = True) -> tuple[torch.Tensor, torch.Tensor]:

@@ -63,8 +63,8 @@ def evaluate_sets(opts: EvalOptions, world: dist.World, device: torch.device) ->
     decoder = make_decoder(opts.decoder, processor.tokenizer, opts.lm, opts.beam_width, opts.alpha, opts.beta)
     geometry = EncoderGeometry.from_model_config(model.config)
     extractor = processor.feature_extractor
-    batch_size = scoring_batch_size(model.config.feat_extract_norm, bool(extractor.return_attention_mask),
-                                    opts.max_batch_size)
+    batch_size = scoring_batch_size(getattr(model.config, "feat_extract_norm", "layer"),
+                                    bool(extractor.return_attention_mask), opts.max_batch_size)
     start = time.perf_counter()
     summary: dict[str, Any] = {}
     all_rows: list[dict[str, Any]] = []

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import Wav2Vec2ForCTC, Wav2Vec2Processor
+from transformers import AutoModelForCTC, PreTrainedModel, Wav2Vec2Processor
 
 from w2v_dist.config import Config, load_config, to_yaml
 from w2v_dist.faults import pause_point
@@ -117,7 +117,7 @@ def checkpoint_state_dict(ref: CheckpointRef) -> dict[str, torch.Tensor]:
     return {k: v.float() if v.is_floating_point() else v for k, v in module.items()}
 
 
-def model_from_checkpoint(ref: CheckpointRef) -> tuple[Wav2Vec2ForCTC, Wav2Vec2Processor]:
+def model_from_checkpoint(ref: CheckpointRef) -> tuple[PreTrainedModel, Wav2Vec2Processor]:
     """The run's architecture and processor (built as the trainer built them) with the checkpoint's weights."""
     from w2v_dist.model import load_model, load_processor
     from w2v_dist.run import shard_vocab  # the same vocab.json fallback the run used for its processor
@@ -136,19 +136,19 @@ def model_from_checkpoint(ref: CheckpointRef) -> tuple[Wav2Vec2ForCTC, Wav2Vec2P
 
 
 def load_for_inference(source: str | Path, config: str | Path | None = None, tag: str | None = None
-                       ) -> tuple[Wav2Vec2ForCTC, Wav2Vec2Processor]:
+                       ) -> tuple[PreTrainedModel, Wav2Vec2Processor]:
     """Model (eval mode, fp32, CPU) and processor from an HF export dir or any form of DeepSpeed checkpoint."""
     # DeepSpeed logs to stdout, from a handler bound at its import; callers keep stdout for results.
     with contextlib.redirect_stdout(sys.stderr):
         if is_hf_export(source):
             # fp32 whatever config.json's dtype says: a bf16 run's export records "bfloat16" there, and
             # transformers 5 would load its fp32 weights rounded to bf16.
-            model = Wav2Vec2ForCTC.from_pretrained(source, dtype=torch.float32)
+            model = AutoModelForCTC.from_pretrained(source, dtype=torch.float32)
             return model.eval(), Wav2Vec2Processor.from_pretrained(source)
         return model_from_checkpoint(find_checkpoint(source, tag, config))
 
 
-def write_export(model: Wav2Vec2ForCTC, processor: Wav2Vec2Processor, out_dir: Path,
+def write_export(model: PreTrainedModel, processor: Wav2Vec2Processor, out_dir: Path,
                  state: dict[str, torch.Tensor] | None = None, card: str = "") -> bool:
     """The one Hugging Face export writer (training's final/ and best/, ``w2v-dist export``): ``save_pretrained``
     safetensors in fp32 (``state`` when given, else the model's own weights), the processor and the model card

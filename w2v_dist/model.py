@@ -1,4 +1,5 @@
-"""Building the processor and ``Wav2Vec2ForCTC``, the fine-tuning knobs, and the seed script's sanity checks."""
+"""Building the processor and the CTC model (``Wav2Vec2ForCTC`` and its kin: HuBERT, WavLM, data2vec-audio,
+wav2vec2-conformer, UniSpeech, SEW), the fine-tuning knobs, and the seed script's sanity checks."""
 
 from __future__ import annotations
 
@@ -8,13 +9,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
 from transformers import (
-    Wav2Vec2Config,
+    AutoConfig,
+    AutoModelForCTC,
+    PreTrainedModel,
     Wav2Vec2CTCTokenizer,
     Wav2Vec2FeatureExtractor,
-    Wav2Vec2ForCTC,
     Wav2Vec2Processor,
 )
+from transformers.models.auto.modeling_auto import MODEL_FOR_CTC_MAPPING_NAMES
 
 from w2v_dist.config import ModelConfig
 from w2v_dist.data.audio import EncoderGeometry
@@ -26,6 +30,14 @@ TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermed
             conv_dim=(64, 64, 64, 64, 64, 64, 64), num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4,
             feat_extract_norm="group", do_stable_layer_norm=False)
 """A randomly initialised model small enough to train on two CPU cores in minutes (same conv geometry)."""
+
+
+FAMILIES = ("wav2vec2", "hubert", "wavlm", "data2vec-audio", "wav2vec2-conformer", "unispeech", "unispeech-sat",
+            "sew", "sew-d")
+"""``model_type``s of the ``AutoModelForCTC`` encoders that read raw 16 kHz waveforms through a
+``Wav2Vec2FeatureExtractor`` and decode with a ``Wav2Vec2CTCTokenizer``: the loader, the checks and the export
+hold for each (``tests/e2e/test_families.py`` trains every one). Others (wav2vec2-bert, Parakeet...) take
+filter-bank features."""
 
 
 class ModelCheckError(RuntimeError):
@@ -42,15 +54,23 @@ def processor_from_vocab(vocab: dict[str, int], return_attention_mask: bool = Fa
     return Wav2Vec2Processor(feature_extractor=extractor, tokenizer=tokenizer)
 
 
-def init_model(out_dir: str | Path, size: str = "tiny", seed: int = 0) -> Path:
-    """Save a randomly initialised ``Wav2Vec2ForCTC`` + processor (LibriSpeech characters) in ``out_dir``."""
+def init_model(out_dir: str | Path, size: str = "tiny", seed: int = 0, family: str = "wav2vec2",
+               large_style: bool = False) -> Path:
+    """Save a randomly initialised CTC model of ``family`` + processor (LibriSpeech characters) in ``out_dir``;
+    ``large_style``: layer-normed feature encoder, stable layer norm and attention masks, as wav2vec2-large,
+    XLS-R and MMS have."""
     torch.manual_seed(seed)
-    processor = processor_from_vocab(librispeech_vocab())
-    geometry = TINY if size == "tiny" else {}
-    config = Wav2Vec2Config(vocab_size=len(processor.tokenizer), pad_token_id=processor.tokenizer.pad_token_id,
-                            ctc_loss_reduction="sum", **geometry)  # type: ignore[arg-type]
-    model = Wav2Vec2ForCTC(config)
-    model.save_pretrained(out_dir)
+    processor = processor_from_vocab(librispeech_vocab(), return_attention_mask=large_style)
+    geometry: dict[str, Any] = dict(TINY) if size == "tiny" else {}
+    if large_style:
+        geometry |= {"feat_extract_norm": "layer", "do_stable_layer_norm": True}
+    if family == "data2vec-audio":  # there: the number of positional conv layers, not a kernel size
+        geometry.pop("num_conv_pos_embeddings", None)
+    if geometry:  # as many conv layers as the family has (SEW: 13)
+        geometry["conv_dim"] = (64,) * len(AutoConfig.for_model(family).conv_stride)
+    config = AutoConfig.for_model(family, vocab_size=len(processor.tokenizer),
+                                  pad_token_id=processor.tokenizer.pad_token_id, ctc_loss_reduction="sum", **geometry)
+    AutoModelForCTC.from_config(config).save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
     return Path(out_dir)
 
@@ -72,43 +92,64 @@ def load_processor(cfg: ModelConfig, shard_vocab: dict[str, int] | None) -> Wav2
         return processor
 
 
-def load_model(cfg: ModelConfig, processor: Wav2Vec2Processor) -> Wav2Vec2ForCTC:
+def load_model(cfg: ModelConfig, processor: Wav2Vec2Processor) -> PreTrainedModel:
     """Load the model with the recipe's overrides; a CTC head of the wrong size is re-initialised."""
-    tokenizer = processor.tokenizer
+    config = AutoConfig.from_pretrained(cfg.name_or_path)
+    family = config.model_type
+    if family not in FAMILIES:
+        raise ModelCheckError(f"{cfg.name_or_path} is a {family!r} model; w2v-dist fine-tunes CTC encoders of raw "
+                              f"waveforms: {', '.join(FAMILIES)}")
+    attention = cfg.attention
+    if attention == "sdpa" and not getattr(transformers, MODEL_FOR_CTC_MAPPING_NAMES[family])._supports_sdpa:
+        log.info("%s has no SDPA attention; using eager attention", family)
+        attention = "eager"
+    recipe = dict(mask_time_prob=cfg.mask_time_prob, mask_time_length=cfg.mask_time_length,
+                  mask_feature_prob=cfg.mask_feature_prob, mask_feature_length=cfg.mask_feature_length,
+                  layerdrop=cfg.layerdrop, hidden_dropout=cfg.hidden_dropout, attention_dropout=cfg.attention_dropout,
+                  activation_dropout=cfg.activation_dropout, final_dropout=cfg.final_dropout)
+    unused = [f"model.{k}" for k, v in recipe.items() if not hasattr(config, k) and v]
+    if unused:
+        log.warning("%s has no %s: ignored", family, ", ".join(unused))
     torch.backends.cuda.enable_cudnn_sdp(cfg.cudnn_attention)  # process-wide; see ModelConfig.cudnn_attention
-    loaded: tuple[Wav2Vec2ForCTC, dict[str, Any]] = Wav2Vec2ForCTC.from_pretrained(  # type: ignore[assignment]
+    tokenizer = processor.tokenizer
+    loaded: tuple[PreTrainedModel, dict[str, Any]] = AutoModelForCTC.from_pretrained(  # type: ignore[assignment]
         cfg.name_or_path, output_loading_info=True, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-        ctc_loss_reduction="sum", ctc_zero_infinity=cfg.ctc_zero_infinity, mask_time_prob=cfg.mask_time_prob,
-        mask_time_length=cfg.mask_time_length, mask_feature_prob=cfg.mask_feature_prob,
-        mask_feature_length=cfg.mask_feature_length, layerdrop=cfg.layerdrop, hidden_dropout=cfg.hidden_dropout,
-        attention_dropout=cfg.attention_dropout, activation_dropout=cfg.activation_dropout,
-        final_dropout=cfg.final_dropout, attn_implementation=cfg.attention, ignore_mismatched_sizes=True)
+        ctc_loss_reduction="sum", ctc_zero_infinity=cfg.ctc_zero_infinity, attn_implementation=attention,
+        ignore_mismatched_sizes=True, **{k: v for k, v in recipe.items() if hasattr(config, k)})
     model, loading = loaded  # output_loading_info=True: (model, what was missing, unexpected, resized)
-    check_loaded_weights(cfg.name_or_path, loading)
+    check_loaded_weights(cfg.name_or_path, loading, model.base_model_prefix)
     if cfg.freeze_feature_encoder:
-        model.freeze_feature_encoder()
+        model.freeze_feature_encoder()  # type: ignore[operator]
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     if cfg.compile:
-        for layer in model.wav2vec2.encoder.layers:
+        encoder = getattr(model, model.base_model_prefix).encoder
+        if not isinstance(getattr(encoder, "layers", None), torch.nn.ModuleList):
+            raise ModelCheckError(f"model.compile: {family}'s encoder has no layer list to compile; set it false")
+        for layer in encoder.layers:
             layer.compile(dynamic=True)  # in place: parameter names (checkpoints, exports) stay unchanged
     check_model(model, processor)
     return model
 
 
-EXPECTED_MISSING = ("lm_head.", "wav2vec2.masked_spec_embed")
+EXPECTED_MISSING = ("lm_head.", "masked_spec_embed")
 """Weights a fine-tuning start may lack: the new CTC head, and the mask embedding when masking is turned on."""
-EXPECTED_UNEXPECTED = ("quantizer.", "project_q.", "project_hid.", "wav2vec2.masked_spec_embed")
-"""Weights a fine-tuning start may carry unused: the pre-training heads, and the mask embedding when masking is
-off."""
+EXPECTED_UNEXPECTED = ("quantizer.", "project_q.", "project_hid.", "final_proj.", "label_embs_concat",
+                       "masked_spec_embed")
+"""Weights a fine-tuning start may carry unused: the pre-training heads (wav2vec2's quantizer and projections,
+HuBERT's cluster projections), and the mask embedding when masking is off. Under the model's base prefix."""
 
 
-def check_loaded_weights(source: str, loading: dict[str, Any]) -> None:
+def check_loaded_weights(source: str, loading: dict[str, Any], prefix: str) -> None:
     """Stop, naming them, when weights other than those above were missing (they would train from random values)
-    or unexpected (the checkpoint's own weights were dropped): a checkpoint of another model family, or renamed
-    keys. transformers only reports these and goes on; the run would fine-tune a randomly initialised encoder."""
-    missing = sorted(k for k in loading["missing_keys"] if not k.startswith(EXPECTED_MISSING))
-    unexpected = sorted(k for k in loading["unexpected_keys"] if not k.startswith(EXPECTED_UNEXPECTED))
+    or unexpected (the checkpoint's own weights were dropped): weights of another model family than its config
+    says, or renamed keys. transformers only reports these and goes on; the run would fine-tune a randomly
+    initialised encoder."""
+    def expected(key: str, allowed: tuple[str, ...]) -> bool:
+        return key.removeprefix(f"{prefix}.").startswith(allowed)
+
+    missing = sorted(k for k in loading["missing_keys"] if not expected(k, EXPECTED_MISSING))
+    unexpected = sorted(k for k in loading["unexpected_keys"] if not expected(k, EXPECTED_UNEXPECTED))
     resized = sorted(name for name, *_ in loading["mismatched_keys"] if not name.startswith("lm_head."))
     if missing or unexpected or resized:
         def show(keys: list[str]) -> str:
@@ -117,10 +158,10 @@ def check_loaded_weights(source: str, loading: dict[str, Any]) -> None:
         raise ModelCheckError(
             f"{source} does not hold this model's weights: missing {show(missing)}, unexpected {show(unexpected)}, "
             f"wrong shape {show(resized)}. Training would start from random values where these are missing; "
-            "model.name_or_path must be a wav2vec2 checkpoint (pre-trained or fine-tuned) with its own key names")
+            f"model.name_or_path must be a {prefix} checkpoint (pre-trained or fine-tuned) with its own key names")
 
 
-def check_model(model: Wav2Vec2ForCTC, processor: Wav2Vec2Processor) -> None:
+def check_model(model: PreTrainedModel, processor: Wav2Vec2Processor) -> None:
     """The seed script's checks, as errors rather than warnings."""
     tokenizer = processor.tokenizer
     if model.config.pad_token_id != tokenizer.pad_token_id:

@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass
 
 import torch
-from transformers import Wav2Vec2ForCTC
+from transformers import PreTrainedModel
 
 from w2v_dist.data.index import ShardSet
 from w2v_dist.data.plan import BatchPolicy, Filter
@@ -39,7 +39,7 @@ def worst_case(shards: ShardSet, policy: BatchPolicy, keep: Filter) -> WorstCase
     return WorstCase(count, longest, max(u.label_length for u in kept))
 
 
-def preflight(model: Wav2Vec2ForCTC, device: torch.device, dtype: torch.dtype, case: WorstCase) -> None:
+def preflight(model: PreTrainedModel, device: torch.device, dtype: torch.dtype, case: WorstCase) -> None:
     """Forward + backward of ``case`` on random input; gradients are dropped afterwards."""
     model.to(device)  # type: ignore[arg-type]
     model.train()

@@ -27,6 +27,17 @@ def test_attention_and_compile_options_keep_parameter_names(tmp_path: Path) -> N
 
 
 
+def test_a_model_family_that_reads_features_is_refused(tmp_path: Path) -> None:
+    import pytest
+    from transformers import Wav2Vec2BertConfig
+
+    from w2v_dist.model import ModelCheckError
+
+    Wav2Vec2BertConfig().save_pretrained(tmp_path)
+    with pytest.raises(ModelCheckError, match="is a 'wav2vec2-bert' model; w2v-dist fine-tunes CTC encoders of raw"):
+        load_model(load_config(None, [f"model.name_or_path={tmp_path}"]).model, None)  # type: ignore[arg-type]
+
+
 def test_weights_that_do_not_load_stop_the_run_naming_them(tmp_path: Path) -> None:
     """transformers only reports a checkpoint whose weights it dropped; training would start from random values."""
     import pytest
@@ -41,10 +52,11 @@ def test_weights_that_do_not_load_stop_the_run_naming_them(tmp_path: Path) -> No
         load_model(cfg.model, load_processor(cfg.model, None))
 
     processor = load_processor(load_config(None, [f"model.name_or_path={good}"]).model, None)
-    hubert = tmp_path / "hubert"
-    HubertForCTC(HubertConfig(vocab_size=32, **TINY)).save_pretrained(hubert)
-    processor.save_pretrained(hubert)
-    cfg = load_config(None, [f"model.name_or_path={hubert}"])
+    mislabelled = tmp_path / "hubert-weights-wav2vec2-config"  # a HuBERT checkpoint whose config.json says wav2vec2
+    HubertForCTC(HubertConfig(vocab_size=32, **TINY)).save_pretrained(mislabelled)
+    processor.save_pretrained(mislabelled)
+    (mislabelled / "config.json").write_text((good / "config.json").read_text())
+    cfg = load_config(None, [f"model.name_or_path={mislabelled}"])
     with pytest.raises(ModelCheckError, match=r"does not hold this model's weights: missing \d+ \(wav2vec2\..*"
                                               r"unexpected \d+ \(hubert\."):
         load_model(cfg.model, processor)

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import Wav2Vec2Config
 
 from w2v_dist.bench.flops import batch_flops
 from w2v_dist.bench.output import SR, emit
@@ -49,7 +48,7 @@ def trial_config(model_dir: Path, trial: Trial) -> Any:
                               "model.layerdrop=0", "schedule.name=constant", *trial.overrides])
 
 
-def build_step(model_dir: Path, trial: Trial) -> tuple[Callable[[CTCBatch], None], Wav2Vec2Config]:
+def build_step(model_dir: Path, trial: Trial) -> tuple[Callable[[CTCBatch], None], Any]:
     """The step function a trial times; each call returns when the GPU has finished the step."""
     from w2v_dist.engine import param_groups
     from w2v_dist.model import load_model, load_processor
