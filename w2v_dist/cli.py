@@ -53,6 +53,7 @@ def _init_model(args: argparse.Namespace) -> int:
 
 
 def _shard(args: argparse.Namespace) -> int:
+    from w2v_dist.data.text import TextPolicy
     from w2v_dist.prep.shards import ShardOptions, shard_corpus
     from w2v_dist.prep.sources import librispeech_sources, manifest_sources
 
@@ -68,7 +69,9 @@ def _shard(args: argparse.Namespace) -> int:
     opts = ShardOptions(shard_size_mb=args.shard_size_mb, workers=args.workers, min_seconds=args.min_seconds,
                         max_seconds=args.max_seconds, shuffle_seed=None if args.shuffle_seed < 0 else args.shuffle_seed,
                         sort_in_shards=args.sort_in_shards, overwrite=args.overwrite, dry_run=args.dry_run,
-                        check_audio=args.check_audio)
+                        check_audio=args.check_audio, min_char_count=args.min_char_count,
+                        text=TextPolicy(alphabet=args.alphabet, case=args.case, unicode=args.unicode,
+                                        punctuation=args.punctuation, digits=args.digits))
     try:
         index = shard_corpus(sources, args.out, opts, described)
     except FileExistsError as err:
@@ -199,6 +202,7 @@ def _config_docs(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from w2v_dist.data.text import ALPHABETS, CASES, UNICODE_FORMS
     from w2v_dist.model import FAMILIES
 
     parser = argparse.ArgumentParser(prog="w2v-dist", description=__doc__)
@@ -237,6 +241,19 @@ def build_parser() -> argparse.ArgumentParser:
     shard.add_argument("--dry-run", action="store_true")
     shard.add_argument("--check-audio", choices=("full", "tail"), default="full",
                        help="full: decode every input; tail: header and last frame only (still catches truncation)")
+    text = shard.add_argument_group("transcripts", "how transcripts are normalised (recorded in index.json and "
+                                                   "used again when scoring); the defaults are LibriSpeech's")
+    text.add_argument("--alphabet", choices=ALPHABETS, default="latin",
+                      help="latin: A-Z and apostrophe; any: the letters and marks of every script")
+    text.add_argument("--case", choices=CASES, default="upper")
+    text.add_argument("--unicode", choices=UNICODE_FORMS, default="NFKC")
+    text.add_argument("--punctuation", choices=("strip", "keep"), default="strip",
+                      help="strip sentence punctuation and quotes (dashes become spaces), or transcribe it")
+    text.add_argument("--digits", choices=("reject", "keep"), default="reject",
+                      help="reject transcripts with digits (their spoken form is ambiguous), or keep them")
+    text.add_argument("--min-char-count", type=int, default=1,
+                      help="characters in fewer transcripts than this are left out of the vocabulary and their "
+                           "transcripts rejected (named in rejects.jsonl)")
     shard.set_defaults(func=_shard)
 
     demo = sub.add_parser("demo", help="synth corpus -> shards -> tiny model -> 2-rank DeepSpeed -> WER -> export")

@@ -72,7 +72,7 @@ def evaluate_sets(opts: EvalOptions, world: dist.World, device: torch.device) ->
         shards = load_shard_set(location, opts.shard_command)
         prep = make_preprocess(processor, geometry, shards.sample_rate, 0.0, 0.0)
         scorer = Scorer(lambda batch: model(**batch.model_inputs(device, with_labels=False)).logits, decoder,
-                        geometry, device=device, sample_rate=shards.sample_rate)
+                        geometry, device=device, sample_rate=shards.sample_rate, text_policy=shards.text_policy)
         loader = scoring_loader(shards, prep, opts.batch_seconds, batch_size, world, workers=opts.workers,
                                 retry=RetryPolicy())
         result = scorer.score(name, loader, shards.total_samples)

@@ -22,6 +22,7 @@ from w2v_dist.data.audio import EncoderGeometry
 from w2v_dist.data.index import ShardSet, is_remote, load_shard_set, vocab_path
 from w2v_dist.data.loader import RetryPolicy, TrainStream, make_loader, make_preprocess
 from w2v_dist.data.plan import BatchPolicy, StreamLayout
+from w2v_dist.data.text import TextPolicy
 from w2v_dist.engine import DTYPES, Engine, accelerator_name, check_accelerator, init_distributed
 from w2v_dist.logging import setup_console
 from w2v_dist.model import load_model, load_processor, parameter_counts
@@ -55,6 +56,7 @@ class DevSet:
     indexed: int
     """Utterances in its index: each is scored or reported unscored."""
     sample_rate: int
+    text_policy: TextPolicy
     loader: Any
 
 
@@ -129,7 +131,7 @@ def build_run(cfg: Config, local_rank: int | None = None) -> Run:
         # Decoded in the rank itself: a DataLoader forks its workers at every iteration, and a fork while one of
         # the rank's Python threads exits (a finished loader's queue feeder) can deadlock the child in fork().
         # The training loader forks once, at the start, when no thread comes or goes.
-        dev_sets.append(DevSet(name, dev_set.total_samples, dev_set.sample_rate, scoring_loader(
+        dev_sets.append(DevSet(name, dev_set.total_samples, dev_set.sample_rate, dev_set.text_policy, scoring_loader(
             dev_set, prep, cfg.data.max_batch_seconds, batch_size, world, workers=0, retry=retry)))
     if cfg.trainer.preflight:
         preflight(model, device, DTYPES[cfg.deepspeed.precision], worst_case(train_set, policy, prep.skip_reason))

@@ -25,7 +25,7 @@ from w2v_dist.data.collate import CTCBatch
 from w2v_dist.data.index import ShardSet
 from w2v_dist.data.loader import EvalStream, Preprocess, RetryPolicy, make_loader
 from w2v_dist.data.plan import BatchPolicy
-from w2v_dist.data.text import TranscriptError, normalize
+from w2v_dist.data.text import LIBRISPEECH, TextPolicy, TranscriptError
 from w2v_dist.decoding import CTCDecoder
 from w2v_dist.metrics import ErrorCounts
 
@@ -57,10 +57,10 @@ def finite_or_none(value: float) -> float | None:
     return value if math.isfinite(value) else None  # NaN (an empty set) is not valid JSON
 
 
-def normalized(text: str) -> str:
+def normalized(text: str, policy: TextPolicy = LIBRISPEECH) -> str:
     """The shards' transcript policy applied to a hypothesis; what the policy rejects scores as empty."""
     try:
-        return normalize(text)
+        return policy.normalize(text)
     except TranscriptError:
         return ""
 
@@ -87,9 +87,12 @@ class Scorer:
     whole set's :class:`SetScore`."""
 
     def __init__(self, logits_of: LogitsOf, decoder: CTCDecoder, geometry: EncoderGeometry, *,
-                 device: torch.device, sample_rate: int, pad_forward: Callable[[], None] | None = None,
-                 after_batch: Callable[[], None] = lambda: None) -> None:
+                 device: torch.device, sample_rate: int, text_policy: TextPolicy = LIBRISPEECH,
+                 pad_forward: Callable[[], None] | None = None, after_batch: Callable[[], None] = lambda: None
+                 ) -> None:
         self.logits_of, self.decoder, self.geometry = logits_of, decoder, geometry
+        self.text_policy = text_policy
+        """The dev set's transcript policy, applied to hypotheses too."""
         self.device, self.sample_rate = device, sample_rate
         self.pad_forward = pad_forward
         """A forward on no data, for ranks with fewer batches (ZeRO-3 gathers parameters in every forward)."""
@@ -132,7 +135,7 @@ class Scorer:
         for key, ref, hyp, samples in zip(batch.keys, batch.texts, self.decoder(logits, frames),
                                           batch.input_lengths.tolist()):
             counts = ErrorCounts()
-            hyp = normalized(hyp)
+            hyp = normalized(hyp, self.text_policy)
             counts.add([ref], [hyp])
             rows.append({"set": name, "key": key, "reference": ref, "hypothesis": hyp,
                          "errors": counts.word_edits, "words": counts.words, "char_errors": counts.char_edits,

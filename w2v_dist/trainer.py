@@ -267,7 +267,8 @@ class Trainer:
         results = {}
         for dev in self.run.dev_sets:
             scorer = Scorer(lambda batch: engine.forward(batch, with_labels=False)[1], decoder, geometry,
-                            device=engine.device, sample_rate=dev.sample_rate, pad_forward=engine.dummy_forward,
+                            device=engine.device, sample_rate=dev.sample_rate, text_policy=dev.text_policy,
+                            pad_forward=engine.dummy_forward,
                             after_batch=lambda: pause_point("eval", rank))
             results[dev.name] = scorer.score(dev.name, dev.loader, dev.indexed)
         engine.train()

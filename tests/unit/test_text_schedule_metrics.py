@@ -20,6 +20,26 @@ def test_normalize_policy() -> None:
         normalize("chapter 3")
 
 
+def test_text_policies_for_other_languages() -> None:
+    from w2v_dist.data.text import TextPolicy
+    from w2v_dist.scoring import normalized
+
+    french = TextPolicy(alphabet="any")
+    raw = "Bonjour, le café « numéro » – ÇA VA ? L’été"
+    assert french.normalize(raw) == "BONJOUR LE CAFÉ NUMÉRO ÇA VA L'ÉTÉ"
+    with pytest.raises(TranscriptError, match="'ÇÉ'"):
+        normalize(raw)  # LibriSpeech's policy: A-Z only
+    assert TextPolicy(alphabet="any", case="lower").normalize("ГДЕ ﬁlm?") == "где film"  # NFKC folds the ligature
+    assert TextPolicy(alphabet="any", digits="keep").normalize("Numéro 1") == "NUMÉRO 1"
+    assert TextPolicy(alphabet="any", punctuation="keep").normalize("Ça va?") == "ÇA VA?"
+    with pytest.raises(TranscriptError, match="'@'"):
+        french.normalize("a@b")  # symbols are not punctuation to strip
+    with pytest.raises(ValueError, match="alphabet='greek'"):
+        TextPolicy(alphabet="greek")
+    # Scoring applies the dev set's policy to hypotheses: under LibriSpeech's, a French one would score as empty.
+    assert normalized("ça va", french) == "ÇA VA" and normalized("ça va") == ""
+
+
 def test_vocab_matches_wav2vec2_960h_layout() -> None:
     vocab = librispeech_vocab()
     assert len(vocab) == 32

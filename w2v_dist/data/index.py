@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from w2v_dist.data.text import LIBRISPEECH, TextPolicy
 from w2v_dist.redact import redact
 
 INDEX_NAME = "index.json"
@@ -43,6 +44,8 @@ class ShardSet:
     utterances: tuple[tuple[Utterance, ...], ...]
     """Per shard, its utterances in tar order."""
     sample_rate: int
+    text_policy: TextPolicy = LIBRISPEECH
+    """How the transcripts were normalised (hypotheses scored against them get the same)."""
 
     @property
     def total_samples(self) -> int:
@@ -109,7 +112,8 @@ def load_shard_set(location: str, shard_command: str = "", max_samples: int = 0)
         seconds.append(sum(u.num_samples for u in utts) / index["sample_rate"])
     if not urls:
         raise ShardIndexError(f"{redact(location)}: the index lists no utterances")
-    return ShardSet(location, tuple(urls), tuple(seconds), tuple(utterances), int(index["sample_rate"]))
+    return ShardSet(location, tuple(urls), tuple(seconds), tuple(utterances), int(index["sample_rate"]),
+                    TextPolicy.from_index(index))
 
 
 def vocab_path(location: str) -> str:

@@ -1,16 +1,20 @@
 """Transcript normalisation and the CTC character vocabulary.
 
-Policy (the same at sharding, training and evaluation): upper-case; sentence punctuation ``. , ? ! ; : " ( )``
-is removed and ``-`` becomes a space; whitespace collapses to single spaces; what remains must be A-Z,
-apostrophe or space. Anything else (digits, other symbols) is *rejected*, not guessed at, because a digit's
-spoken form ("1990") is ambiguous.
+A :class:`TextPolicy` is chosen when sharding, recorded in ``index.json`` and applied wherever text is compared
+(references at sharding, hypotheses when scoring). The default is LibriSpeech's: Unicode NFKC; upper-case;
+sentence punctuation (``. , ? ! ; : "``, quotes and brackets of any script) removed and dashes made spaces;
+whitespace collapsed; what remains must be A-Z, apostrophe or space. ``alphabet="any"`` accepts the letters (and
+combining marks) of every script instead, for other languages. Anything else (digits unless kept, other symbols)
+*rejects* the utterance rather than being guessed at: a digit's spoken form ("1990") is ambiguous.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import unicodedata
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,24 +23,83 @@ SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")
 LIBRISPEECH_CHARS = "ETAONIHSRDLUMWCFGYPBVK'XJQZ"
 """LibriSpeech's characters in the frequency order of facebook/wav2vec2-base-960h's vocabulary."""
 
-_ALLOWED = re.compile(r"^[A-Z' ]*$")
-_REMOVED = str.maketrans({c: None for c in '.,?!;:"()'} | {"-": " "})
+_SENTENCE_MARKS = set('.,?!;:"¿¡…·。、，？！；：؟،')
+_APOSTROPHES = str.maketrans({c: "'" for c in "\u2019\u2018\u02bc\u0060\u00b4"})
 _SPACES = re.compile(r"\s+")
+CASES = ("upper", "lower", "keep")
+UNICODE_FORMS = ("NFKC", "NFC", "none")
+ALPHABETS = ("latin", "any")
 
 
 class TranscriptError(ValueError):
     """A transcript that the vocabulary policy rejects; the message is the reject reason."""
 
 
-def normalize(text: str) -> str:
-    """Apply the vocabulary policy; raise :class:`TranscriptError` for what it rejects."""
-    cleaned = _SPACES.sub(" ", text.upper().translate(_REMOVED)).strip()
-    if not cleaned:
-        raise TranscriptError("empty transcript")
-    if not _ALLOWED.match(cleaned):
-        bad = sorted({c for c in cleaned if not _ALLOWED.match(c)})
-        raise TranscriptError(f"characters outside the vocabulary: {''.join(bad)!r}")
-    return cleaned
+@dataclass(frozen=True)
+class TextPolicy:
+    """How a transcript becomes CTC targets (see the module docstring)."""
+
+    alphabet: str = "latin"
+    """``latin``: A-Z and apostrophe (LibriSpeech); ``any``: letters and marks of every script."""
+    case: str = "upper"
+    """``upper``, ``lower`` or ``keep``."""
+    unicode: str = "NFKC"
+    """``NFKC`` (compatibility forms folded: ligatures, full-width letters), ``NFC`` or ``none``."""
+    punctuation: str = "strip"
+    """``strip`` sentence punctuation (dashes become spaces), or ``keep`` it as characters to transcribe."""
+    digits: str = "reject"
+    """``reject`` transcripts with digits, or ``keep`` digits as characters."""
+
+    def __post_init__(self) -> None:
+        for name, choices in (("alphabet", ALPHABETS), ("case", CASES), ("unicode", UNICODE_FORMS),
+                              ("punctuation", ("strip", "keep")), ("digits", ("reject", "keep"))):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"text policy {name}={getattr(self, name)!r}: choose one of {list(choices)}")
+
+    @classmethod
+    def from_index(cls, index: dict[str, Any]) -> TextPolicy:
+        """The policy ``index.json`` records (shards written before it was recorded used the default)."""
+        return cls(**index.get("text_policy", {}))
+
+    def allows(self, char: str) -> bool:
+        if char in " '":
+            return True
+        category = unicodedata.category(char)
+        if self.digits == "keep" and category == "Nd":
+            return True
+        if self.punctuation == "keep" and category.startswith("P"):
+            return True
+        if self.alphabet == "latin":
+            return "A" <= char.upper() <= "Z" and char.isascii()
+        return category[0] in "LM"
+
+    def normalize(self, text: str) -> str:
+        """Apply the policy; raise :class:`TranscriptError` for what it rejects."""
+        if self.unicode != "none":
+            text = unicodedata.normalize(self.unicode, text)  # type: ignore[arg-type]  # checked in __post_init__
+        text = text.upper() if self.case == "upper" else text.lower() if self.case == "lower" else text
+        text = text.translate(_APOSTROPHES)
+        if self.punctuation == "strip":
+            text = "".join(" " if unicodedata.category(c) == "Pd" else "" if _stripped(c) else c for c in text)
+        cleaned = _SPACES.sub(" ", text).strip()
+        if not cleaned:
+            raise TranscriptError("empty transcript")
+        bad = sorted({c for c in cleaned if not self.allows(c)})
+        if bad:
+            raise TranscriptError(f"characters outside the vocabulary: {''.join(bad)!r}")
+        return cleaned
+
+
+def _stripped(char: str) -> bool:
+    return char in _SENTENCE_MARKS or unicodedata.category(char) in ("Pi", "Pf", "Ps", "Pe")
+
+
+LIBRISPEECH = TextPolicy()
+
+
+def normalize(text: str, policy: TextPolicy = LIBRISPEECH) -> str:
+    """``policy.normalize(text)``."""
+    return policy.normalize(text)
 
 
 def label_length(text: str) -> int:

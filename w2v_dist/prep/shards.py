@@ -12,6 +12,7 @@ import os
 import random
 import stat
 import time
+from collections import Counter
 from concurrent.futures import Executor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,7 +23,7 @@ from tqdm import tqdm
 
 from w2v_dist.data.audio import SAMPLE_RATE, EncoderGeometry, decode, decode_error, encode_flac, to_16k_mono
 from w2v_dist.data.index import FORMAT_VERSION, INDEX_NAME
-from w2v_dist.data.text import TranscriptError, build_vocab, label_length, normalize, write_vocab
+from w2v_dist.data.text import LIBRISPEECH, TextPolicy, TranscriptError, build_vocab, label_length, write_vocab
 from w2v_dist.prep import flac
 from w2v_dist.prep.sources import Reject, Source
 from w2v_dist.prep.tar_writer import FileReader, TarSink
@@ -47,6 +48,11 @@ class ShardOptions:
     """``full`` decodes every input; ``tail`` checks only the header and the final frame, which a truncated FLAC
     cannot supply (mid-file corruption is then caught by the loader, which skips and counts it)."""
     geometry: EncoderGeometry = field(default_factory=EncoderGeometry)
+    text: TextPolicy = LIBRISPEECH
+    """How transcripts are normalised and which characters they may hold; recorded in ``index.json``."""
+    min_char_count: int = 1
+    """A character seen in fewer accepted transcripts than this is left out of the vocabulary, and the
+    transcripts holding it are rejected (named in ``rejects.jsonl``): typos and stray symbols of a large corpus."""
 
 
 @dataclass(frozen=True)
@@ -109,7 +115,7 @@ def probe(src: Source, opts: ShardOptions, index: int = 0) -> Probed | Reject:
     if src.text is None:
         return reject("no transcript line")
     try:
-        text = normalize(src.text)
+        text = opts.text.normalize(src.text)
     except TranscriptError as err:
         return reject(str(err))
     size = status.st_size
@@ -230,6 +236,23 @@ def _probe_all(pool: Executor, sources: list[Source], opts: ShardOptions, accept
         bar.update(len(results))
 
 
+def reject_rare_characters(accepted: list[Probed], min_count: int, rejects: list[Reject]) -> list[Probed]:
+    """``accepted`` less the transcripts holding a character that fewer than ``min_count`` transcripts hold (those
+    go to ``rejects``, naming the characters)."""
+    counts = Counter(c for p in accepted for c in set(p.text))
+    rare = {c for c, n in counts.items() if n < min_count}
+    if not rare:
+        return accepted
+    kept = []
+    for probed in accepted:
+        if found := sorted(set(probed.text) & rare):
+            rejects.append(Reject(probed.source.key, probed.source.source,
+                                  f"rare characters {''.join(found)!r} (in fewer than {min_count} transcripts)"))
+        else:
+            kept.append(probed)
+    return kept
+
+
 def shard_corpus(sources: list[Source], out: str | Path, opts: ShardOptions, described: dict[str, object]
                  ) -> dict[str, Any]:
     """Probe, pack and write ``sources`` into ``out``; return the index (also written unless dry-run)."""
@@ -246,6 +269,7 @@ def shard_corpus(sources: list[Source], out: str | Path, opts: ShardOptions, des
     with process_pool(opts.workers, _adopt_job, (sources, opts)) as pool:
         with tqdm(total=len(sources), desc="probe", unit="utt", disable=None) as bar:
             _probe_all(pool, sources, opts, accepted, rejects, bar)
+        accepted = reject_rare_characters(accepted, opts.min_char_count, rejects)
         groups = plan_shards(accepted, opts)
         jobs = [(out_dir / SHARD_PATTERN.format(i), group) for i, group in enumerate(groups)]
         entries: list[dict[str, Any]]
@@ -257,6 +281,7 @@ def shard_corpus(sources: list[Source], out: str | Path, opts: ShardOptions, des
             entries = list(tqdm(written, total=len(jobs), desc="write", unit="shard", disable=None))
     seconds = [p.num_samples / SAMPLE_RATE for p in accepted]
     index: dict[str, Any] = {"format": "w2v-dist-shards", "version": FORMAT_VERSION, **described,
+             "text_policy": asdict(opts.text),
              "options": {k: v for k, v in asdict(opts).items() if k not in ("workers", "overwrite", "dry_run")},
              "sample_rate": SAMPLE_RATE, "shards": entries,
              "totals": {"inputs": len(sources), "written": len(accepted), "rejected": len(rejects),
