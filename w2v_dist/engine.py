@@ -5,8 +5,10 @@ This is the only module that imports deepspeed.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import fcntl
+import io
 import logging
 import os
 import pickle
@@ -100,7 +102,8 @@ def init_distributed(timeout_minutes: float, local_rank: int) -> torch.device:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     build_cpu_comm_op(timeout_minutes * 60)
-    deepspeed.init_distributed(timeout=datetime.timedelta(minutes=timeout_minutes), verbose=False)
+    with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed prints "... op built successfully" on every rank
+        deepspeed.init_distributed(timeout=datetime.timedelta(minutes=timeout_minutes), verbose=False)
     release_cpu_shm_buffer()
     return device
 

@@ -32,6 +32,36 @@ def setup_console(rank: int) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     for handler in logging.getLogger().handlers:
         handler.addFilter(RedactingFilter())
+    quiet_expected_noise()
+
+
+EXPECTED_NOISE = {
+    "torch.utils.cpp_extension": ("No CUDA runtime is found",),  # a CPU machine building DeepSpeed's CPU op
+    "transformers.modeling_utils": ("LOAD REPORT",),  # w2v_dist.model.check_loaded_weights judges each load
+    "DeepSpeed": ("untested optimizer",),  # ours: AdamW with the NaN/Inf guard's veto
+}
+"""Library warnings about what w2v-dist does on purpose, by logger: dropped, so that the warnings that remain
+need action."""
+
+
+class DropMessages(logging.Filter):
+    def __init__(self, fragments: tuple[str, ...]) -> None:
+        super().__init__()
+        self.fragments = fragments
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(fragment in str(record.msg) for fragment in self.fragments)
+
+
+def quiet_expected_noise() -> None:
+    """Drop :data:`EXPECTED_NOISE` and transformers' per-rank progress bars (loading, writing shards)."""
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    for name, fragments in EXPECTED_NOISE.items():
+        target = logging.getLogger(name)
+        if not any(isinstance(f, DropMessages) for f in target.filters):
+            target.addFilter(DropMessages(fragments))
 
 
 class RedactingFilter(logging.Filter):

@@ -159,6 +159,11 @@ def check_loaded_weights(source: str, loading: dict[str, Any], prefix: str) -> N
             f"{source} does not hold this model's weights: missing {show(missing)}, unexpected {show(unexpected)}, "
             f"wrong shape {show(resized)}. Training would start from random values where these are missing; "
             f"model.name_or_path must be a {prefix} checkpoint (pre-trained or fine-tuned) with its own key names")
+    new_head = any(k.startswith("lm_head.") for k in [*loading["missing_keys"], *(n for n, *_ in
+                                                                                  loading["mismatched_keys"])])
+    unused = sorted({k.removeprefix(f"{prefix}.").split(".")[0] for k in loading["unexpected_keys"]})
+    log.info("loaded %s%s%s", source, "; new CTC head" if new_head else "",
+             f"; not used for fine-tuning: {', '.join(unused)}" if unused else "")
 
 
 def check_model(model: PreTrainedModel, processor: Wav2Vec2Processor) -> None:

@@ -31,6 +31,10 @@ def test_two_rank_deepspeed_run_exports_a_loadable_model(shard_dirs: dict, tiny_
     assert [r["step"] for r in evals] == [3, 6] and evals[-1]["dev/dev-clean/utterances"] == 12
     assert (out / "config.yaml").is_file() and (out / "checkpoints" / "latest").read_text() == "step_00000006"
     assert (out / "final" / "model.safetensors").is_file()
+    # A quiet console: expected library noise is gone, the load is summarised once, by rank 0.
+    for noise in ("LOAD REPORT", "No CUDA runtime", "untested optimizer", "built successfully", "Loading weights"):
+        assert noise not in proc.stdout + proc.stderr, noise
+    assert proc.stderr.count("w2v_dist.model] loaded ") == 1 and "rank1 w2v_dist" not in proc.stderr
 
     from transformers import Wav2Vec2ForCTC, pipeline
 
