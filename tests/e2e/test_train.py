@@ -88,12 +88,17 @@ def test_resume_continues_to_identical_weights(shard_dirs: dict, tiny_model: Pat
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
     check(run_single(["--config", "configs/debug.yaml", *overrides(shard_dirs, tiny_model, straight, **common,
                                                                    **{"trainer.max_steps": 8})]))
+    wandb = {"logging.wandb.mode": "offline"}
     check(run_single(["--config", "configs/debug.yaml", *overrides(shard_dirs, tiny_model, interrupted, **common,
-                                                                   **{"trainer.max_steps": 4})]))
-    resumed = run_single(["--config", "configs/debug.yaml",
-                          *overrides(shard_dirs, tiny_model, interrupted, **common, **{"trainer.max_steps": 8})])
+                                                                   **wandb, **{"trainer.max_steps": 4})]))
+    resumed = run_single(["--config", "configs/debug.yaml", *overrides(shard_dirs, tiny_model, interrupted,
+                                                                       **common, **wandb, **{"trainer.max_steps": 8})])
     check(resumed)
     assert "resumed from" in resumed.stderr
+    # One wandb run across the restart: both launches wrote to the run whose id output_dir keeps.
+    run_id = (interrupted / "wandb_run_id").read_text()
+    launches = sorted((interrupted / "wandb").glob("offline-run-*"))
+    assert len(launches) == 2 and all(p.name.endswith(f"-{run_id}") for p in launches), launches
     a, b = load_file(straight / "final" / "model.safetensors"), load_file(interrupted / "final" / "model.safetensors")
     assert a.keys() == b.keys()
     for name in a:
