@@ -341,6 +341,9 @@ def validate(cfg: Config, source: str = "config") -> None:
     if cfg.trainer.update_seconds and (streams < 1 or abs(streams - round(streams)) > 1e-6):
         fail("trainer.update_seconds", f"must be a whole multiple of data.max_batch_seconds "
                                        f"({cfg.data.max_batch_seconds:g}), got {cfg.trainer.update_seconds:g}")
+    if cfg.trainer.update_seconds and cfg.trainer.grad_accum != 1:
+        fail("trainer.grad_accum", "give the global batch once: trainer.update_seconds (the grad_accum follows from "
+                                   "it) or trainer.grad_accum, not both")
     if cfg.data.num_workers < -1:
         fail("data.num_workers", f"must be >= 0, or -1 for one per core less one, got {cfg.data.num_workers}")
     if not 0 <= cfg.data.min_seconds < cfg.data.max_seconds:

@@ -79,12 +79,19 @@ def test_saved_config_round_trips(tmp_path: Path) -> None:
 
 
 def test_deepspeed_json_is_derived_and_extra_merges() -> None:
-    cfg = load_config(REPO / "configs" / "base.yaml", ["trainer.grad_accum=4", "optim.grad_clip=2.0",
+    cfg = load_config(REPO / "configs" / "base.yaml", ["optim.grad_clip=2.0",
                                                          "deepspeed.extra={zero_optimization: {overlap_comm: true}}"])
-    ds = deepspeed_config(cfg)
+    ds = deepspeed_config(cfg, grad_accum=4)  # base.yaml's 8 data streams on 2 ranks
     assert ds["gradient_accumulation_steps"] == 4 and ds["gradient_clipping"] == 2.0
     assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
     assert ds["zero_optimization"] == {"stage": 2, "overlap_comm": True}
+
+
+def test_the_global_batch_is_given_once() -> None:
+    with pytest.raises(ConfigError, match="trainer.grad_accum.*update_seconds"):
+        load_config(REPO / "configs" / "base.yaml", ["trainer.grad_accum=4"])
+    with pytest.raises(ConfigError, match="whole multiple of data.max_batch_seconds"):
+        load_config(None, ["trainer.update_seconds=300", "data.max_batch_seconds=200"])
 
 
 def test_extra_may_not_redefine_owned_keys() -> None:
