@@ -23,6 +23,7 @@ from w2v_dist.data.loader import start_workers
 from w2v_dist.decoding import GreedyDecoder
 from w2v_dist.engine import Engine, UpdateOutcome
 from w2v_dist.faults import injected_faults, pause_point
+from w2v_dist.flops import COUNTED_FAMILIES, peak_tflops, step_flops
 from w2v_dist.logging import make_logger
 from w2v_dist.model_card import model_card
 from w2v_dist.preemption import REQUEUE_FILE, StopSignal, request_requeue
@@ -135,7 +136,7 @@ class Trainer:
         cfg, state, run = self.cfg, self.state, self.run
         batches = start_workers(run.train_loader)
         pause_point("started", self.world.rank)
-        window_start, wait, window_seconds = time.perf_counter(), 0.0, 0.0
+        window_start, wait, window_seconds, self.window_flops = time.perf_counter(), 0.0, 0.0, 0.0
         results: dict[str, SetScore] = {}
         while state.step < cfg.trainer.max_steps:
             fetch_start = time.perf_counter()
@@ -158,8 +159,8 @@ class Trainer:
             window_seconds += result.seconds
             if step % cfg.trainer.log_every == 0 or step == cfg.trainer.max_steps:
                 elapsed = time.perf_counter() - window_start
-                self._log_train(result, lr, window_seconds / max(elapsed, 1e-9), wait / max(elapsed, 1e-9))
-                window_start, wait, window_seconds = time.perf_counter(), 0.0, 0.0
+                self._log_train(result, lr, elapsed, window_seconds / max(elapsed, 1e-9), wait / max(elapsed, 1e-9))
+                window_start, wait, window_seconds, self.window_flops = time.perf_counter(), 0.0, 0.0, 0.0
             if result.stop and step < cfg.trainer.max_steps:
                 self._preempted(saved=False)
                 return {}
@@ -198,6 +199,9 @@ class Trainer:
             self.unpooled_skips.update(batch.skips)
         state.seconds_seen += result.seconds
         state.utterances_seen += result.utterances
+        flops = step_flops(self.run.engine.module.config, [n for b in micro for n in b.input_lengths.tolist()],
+                           self.cfg.model.freeze_feature_encoder, self.cfg.model.layerdrop)
+        self.window_flops += flops or 0.0
         if result.cause is None:
             state.consecutive_bad = 0
             return
@@ -244,18 +248,26 @@ class Trainer:
             self.state.loader_skips.update(counts)
         self.unpooled_skips.clear()
 
-    def _log_train(self, result: StepResult, lr: float, audio_rate: float, wait_fraction: float) -> None:
+    def _log_train(self, result: StepResult, lr: float, elapsed: float, audio_rate: float, wait_fraction: float
+                   ) -> None:
         self._pool_loader_skips()
         state = self.state
+        tflops = dist.all_reduce_sum([self.window_flops], self.run.engine.device)[0] / max(elapsed, 1e-9) / 1e12
         record = {"step": state.step, "loss": result.loss_per_target, "lr": lr,
                   "grad_norm": result.outcome.grad_norm, "epoch": state.utterances_seen / self.run.train_utterances,
                   "audio_seconds_per_second": audio_rate, "data_wait_fraction": wait_fraction,
                   "skipped": dict(state.skipped), "loader_skips": dict(state.loader_skips)}
+        if self.run.engine.module.config.model_type in COUNTED_FAMILIES:
+            record["tflops_per_second"] = tflops
+        peak = peak_tflops(torch.cuda.get_device_name()) if torch.cuda.is_available() else None
+        if peak and "tflops_per_second" in record:
+            record["mfu"] = tflops / (peak * self.world.size)
         if torch.cuda.is_available():
             record["max_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
         self.logger.log(record)
         self.logger.progress(state.step, {"loss": f"{result.loss_per_target:.3f}", "lr": f"{lr:.2e}",
-                                          "aud_s/s": f"{record['audio_seconds_per_second']:.0f}"})
+                                          "aud_s/s": f"{record['audio_seconds_per_second']:.0f}",
+                                          **({"mfu": f"{record['mfu']:.1%}"} if "mfu" in record else {})})
 
     def _evaluate(self) -> dict[str, SetScore]:
         """Collective: score every dev set (:mod:`w2v_dist.scoring`, as ``w2v-dist evaluate`` does), log it, and

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import soundfile as sf
-
 from helpers import REPO, check, overrides, run_deepspeed
+
 from w2v_dist.model import init_model
 from w2v_dist.prep.synth import SAMPLE_RATE, speak
 

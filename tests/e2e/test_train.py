@@ -27,6 +27,7 @@ def test_two_rank_deepspeed_run_exports_a_loadable_model(shard_dirs: dict, tiny_
     records = metrics(out)
     losses = [r["loss"] for r in records if "loss" in r]
     assert len(losses) == 6 and all(math.isfinite(x) for x in losses)
+    assert all(r["tflops_per_second"] > 0 and "mfu" not in r for r in records if "loss" in r)  # no peak on CPU
     evals = [r for r in records if "dev/dev-clean/wer" in r]
     assert [r["step"] for r in evals] == [3, 6] and evals[-1]["dev/dev-clean/utterances"] == 12
     assert (out / "config.yaml").is_file() and (out / "checkpoints" / "latest").read_text() == "step_00000006"

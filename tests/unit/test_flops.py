@@ -7,7 +7,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import Wav2Vec2Config, Wav2Vec2ForCTC
 
-from w2v_dist.bench.flops import batch_flops, forward_flops, frames, peak_tflops
+from w2v_dist.flops import batch_flops, forward_flops, frames, peak_tflops
 from w2v_dist.model import TINY
 
 
@@ -60,3 +60,15 @@ def test_gpu_bench_batches_respect_the_seconds_budget() -> None:
         assert rows * width <= 200 * 16_000 and int(batch.input_lengths.max()) == width
         real = (batch.labels >= 0).sum(dim=1)
         assert (real > 0).all() and (batch.labels[:, :1] >= 4).all()
+
+
+def test_step_flops_leave_out_dropped_layers_and_uncounted_families() -> None:
+    from transformers import AutoConfig
+
+    from w2v_dist.flops import step_flops
+
+    config = Wav2Vec2Config()
+    full = batch_flops(config, [32_000, 48_000])
+    assert step_flops(config, [32_000, 48_000], True, 0.0) == pytest.approx(full.total)
+    assert step_flops(config, [32_000, 48_000], True, 0.1) == pytest.approx(full.total - 0.1 * full.transformer)
+    assert step_flops(AutoConfig.for_model("wav2vec2-conformer"), [32_000], True, 0.0) is None

@@ -28,7 +28,6 @@ import torch
 from transformers import Wav2Vec2Config
 
 from w2v_dist.bench.corpus import CHARS_PER_SECOND, librispeech_like_seconds
-from w2v_dist.bench.flops import peak_tflops
 from w2v_dist.bench.gpu_step import Trial, build_step, measure_variant
 from w2v_dist.bench.loader import prepare_shards
 from w2v_dist.bench.output import SR, emit
@@ -36,6 +35,7 @@ from w2v_dist.bench.step import training_windows
 from w2v_dist.data.collate import LABEL_PAD, CTCBatch
 from w2v_dist.data.index import Utterance
 from w2v_dist.data.plan import BatchPolicy, pack
+from w2v_dist.flops import peak_tflops
 
 LONGEST_SECONDS = 35.0
 

@@ -16,9 +16,9 @@ from typing import Any
 
 import torch
 
-from w2v_dist.bench.flops import batch_flops
 from w2v_dist.bench.output import SR, emit
 from w2v_dist.data.collate import CTCBatch
+from w2v_dist.flops import batch_flops
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"

@@ -1,4 +1,5 @@
-"""Analytic FLOPs of a ``Wav2Vec2ForCTC`` training step, for throughput in TFLOP/s and MFU.
+"""Analytic FLOPs of a ``Wav2Vec2ForCTC`` training step, for throughput in TFLOP/s and MFU (in training's
+metrics and in the benchmarks).
 
 Per utterance of ``n`` samples, with hidden size d, feed-forward size f, L layers, T frames, vocabulary V:
 
@@ -17,6 +18,7 @@ A multiply-add counts as 2 FLOPs, as in the published MFU figures (PaLM appendix
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from transformers import Wav2Vec2Config
 
@@ -73,6 +75,21 @@ def batch_flops(config: Wav2Vec2Config, lengths: list[int], freeze_feature_encod
     for length in lengths:
         total = total + training_flops(config, length, freeze_feature_encoder)
     return total
+
+
+COUNTED_FAMILIES = ("wav2vec2", "hubert", "wavlm", "unispeech", "unispeech-sat")
+"""Encoders with wav2vec2's layer structure, which the formulas above describe (conformer, SEW and data2vec-audio
+differ)."""
+
+
+def step_flops(config: Any, lengths: list[int], freeze_feature_encoder: bool, layerdrop: float
+               ) -> float | None:
+    """Useful FLOPs of one training step over utterances of ``lengths`` samples (padding excluded), LayerDrop's
+    skipped transformer layers left out (in expectation); ``None`` for a family the formulas do not describe."""
+    if config.model_type not in COUNTED_FAMILIES:
+        return None
+    total = batch_flops(config, lengths, freeze_feature_encoder)
+    return total.conv_forward + total.other + total.transformer * (1.0 - layerdrop)
 
 
 DENSE_BF16_TFLOPS = {"H200": 989.4, "H100 PCIe": 756.0, "H100": 989.4, "A100": 312.0, "L40S": 362.0, "A10G": 70.0,
