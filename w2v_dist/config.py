@@ -54,6 +54,11 @@ class DataConfig:
     retry resumes after the samples already read, and is counted in ``loader_skips.shard_retries``."""
     remote_backoff_seconds: float = 1.0
     """Wait before the first retry of a remote shard, doubled for each further one (at most 30 s)."""
+    speed_perturb: list[float] = field(default_factory=list)
+    """Speed perturbation in training, e.g. ``[0.9, 1.0, 1.1]`` (ESPnet, icefall): each utterance plays at a factor
+    drawn per epoch from this list (resampled in the loader workers with torchaudio: tempo and pitch change, as
+    Kaldi's ``speed``); the plan knows the new lengths, so batches keep their seconds budget and resume stays
+    exact. Empty: off (fairseq's recipes do not use it). Dev sets are never perturbed."""
     stream_readers: int = 0
     """Slots each data stream reads in turn, one loader worker each (:class:`~w2v_dist.data.plan.StreamLayout`);
     fixed for the run by its first launch (checkpoints record it). 0: the first launch's loader workers per rank.
@@ -344,6 +349,8 @@ def validate(cfg: Config, source: str = "config") -> None:
     if cfg.trainer.update_seconds and cfg.trainer.grad_accum != 1:
         fail("trainer.grad_accum", "give the global batch once: trainer.update_seconds (the grad_accum follows from "
                                    "it) or trainer.grad_accum, not both")
+    if any(not 0.5 <= speed <= 2.0 for speed in cfg.data.speed_perturb):
+        fail("data.speed_perturb", f"factors must be in [0.5, 2], got {list(cfg.data.speed_perturb)}")
     if cfg.data.num_workers < -1:
         fail("data.num_workers", f"must be >= 0, or -1 for one per core less one, got {cfg.data.num_workers}")
     if not 0 <= cfg.data.min_seconds < cfg.data.max_seconds:

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from transformers import PreTrainedModel
 
+from w2v_dist.data.audio import perturbed_samples
 from w2v_dist.data.index import ShardSet
 from w2v_dist.data.plan import BatchPolicy, Filter
 
@@ -32,8 +33,12 @@ class WorstCase:
 
 
 def worst_case(shards: ShardSet, policy: BatchPolicy, keep: Filter) -> WorstCase:
-    """The largest micro-batch the plan can form: the longest kept utterance, as many as the budget allows."""
-    kept = [u for shard in shards.utterances for u in shard if keep(u) is None]
+    """The largest micro-batch the plan can form: the longest kept utterance (at any speed perturbation's
+    length), as many as the budget allows."""
+    speeds = policy.speeds or (1.0,)
+    kept = [perturbed for shard in shards.utterances for u in shard for speed in speeds
+            if keep(perturbed := replace(u, num_samples=perturbed_samples(u.num_samples, speed, shards.sample_rate)))
+            is None]
     longest = max(u.num_samples for u in kept)
     count = max(1, min(policy.max_batch_size, policy.max_batch_samples // longest))
     return WorstCase(count, longest, max(u.label_length for u in kept))

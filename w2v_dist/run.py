@@ -111,7 +111,7 @@ def build_run(cfg: Config, local_rank: int | None = None) -> Run:
     prep = make_preprocess(processor, EncoderGeometry.from_model_config(model.config), sample_rate,
                            cfg.data.min_seconds, cfg.data.max_seconds)
     policy = BatchPolicy(int(cfg.data.max_batch_seconds * sample_rate), cfg.data.max_batch_size,
-                         cfg.data.bucket_window, cfg.data.shuffle_buffer)
+                         cfg.data.bucket_window, cfg.data.shuffle_buffer, tuple(cfg.data.speed_perturb))
     checkpointer = Checkpointer(Path(cfg.output_dir), world, keep_last=cfg.checkpoint.keep_last,
                                 keep_best=cfg.checkpoint.keep_best)
     resume_tag = checkpointer.resumable_tag() if cfg.checkpoint.resume else None

@@ -173,3 +173,47 @@ def test_pipe_shard_command_from_the_users_config(shard_dirs: dict, tiny_model: 
     assert all(url.startswith("pipe:cat ") for url in piped.urls)
     stream = TrainStream(piped, POLICY, preprocess(tiny_model), rank=0, world_size=1, layout=StreamLayout(1, 1, 1))
     assert keys(take_batches(stream, 0, 5)) == keys(take_batches(train_stream(location, tiny_model), 0, 5))
+
+
+def test_speed_perturbed_batches_are_the_resampled_audio_at_the_planned_lengths(shard_dirs: dict,
+                                                                                tiny_model: Path) -> None:
+    """Workers decode, resample (torchaudio) and pad each utterance to the length the plan computed for its speed;
+    a resumed stream draws the same speeds."""
+    import io
+    import tarfile
+    from dataclasses import replace
+
+    import numpy as np
+    import soundfile as sf
+
+    from w2v_dist.data.audio import speed_perturb
+
+    location = str(shard_dirs["train-clean-100"])
+    stream = train_stream(location, tiny_model, workers=1)
+    stream.policy = replace(stream.policy, speeds=(0.9, 1.1))
+    batches = take_batches(stream, 1, 12)
+    planned = {u.key: u for batch in stream.plan(0, 0)[0] for u in batch}  # epoch 0 of the one slot
+    audio = {}
+    for tar in sorted(Path(location).glob("*.tar")):
+        with tarfile.open(tar) as archive:
+            for member in archive.getmembers():
+                if member.name.endswith(".flac"):
+                    audio[member.name[:-5]] = sf.read(io.BytesIO(archive.extractfile(member).read()),
+                                                      dtype="float32")[0]
+    checked = 0
+    for batch in batches:
+        for row, key, length in zip(batch.input_values, batch.keys, batch.input_lengths.tolist()):
+            utt = planned.get(key)
+            if utt is None:  # a later epoch's draw
+                continue
+            assert utt.speed in (0.9, 1.1) and length == utt.num_samples
+            expected = speed_perturb(audio[key], utt.speed, 16_000)
+            assert np.allclose(row[:length].numpy(), expected, atol=1e-6)
+            assert not row[length:].any()
+            checked += 1
+    assert checked >= 8
+    resumed = train_stream(location, tiny_model, workers=1)
+    resumed.policy = stream.policy
+    resumed.load_state_dict({**resumed.state_dict(), "update": 5})
+    assert [list(b.input_lengths) for b in take_batches(resumed, 1, 4)] == \
+        [list(b.input_lengths) for b in batches[5:9]]

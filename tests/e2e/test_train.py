@@ -289,3 +289,11 @@ def test_mixed_precision_without_a_visible_gpu_is_a_clear_startup_error(shard_di
                        *overrides(shard_dirs, tiny_model, tmp_path / "run", **{"deepspeed.precision": "bf16"})],
                       env={"CUDA_VISIBLE_DEVICES": ""}, base_env=env)
     assert proc.returncode != 0 and "but no GPU is visible" in proc.stderr and "DS_ACCELERATOR=cpu" in proc.stderr
+
+
+def test_speed_perturbation_trains(shard_dirs: dict, tiny_model: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    check(run_single(["--config", "configs/debug.yaml", *overrides(
+        shard_dirs, tiny_model, out, **{"data.speed_perturb": "[0.9,1.0,1.1]", "trainer.max_steps": 3,
+                                        "trainer.eval_every": 0, "trainer.save_every": 0})]))
+    assert [r["step"] for r in metrics(out) if "loss" in r] == [1, 2, 3]

@@ -86,3 +86,35 @@ def test_bucketing_pads_far_less_than_random_batches() -> None:
     rng.shuffle(shuffled)
     random_batches = [shuffled[i:i + 8] for i in range(0, 2000, 8)]
     assert padding_fraction(bucketed) < 0.05 < 0.2 < padding_fraction(random_batches)
+
+
+def test_speed_perturbation_is_drawn_per_utterance_and_epoch_and_keeps_the_budget() -> None:
+    from dataclasses import replace
+
+    from w2v_dist.data.audio import perturbed_samples
+    from w2v_dist.data.plan import speed_perturbation
+
+    shards = make_shards([40, 40, 40])
+    speeds = (0.9, 1.0, 1.1)
+    perturb = speed_perturbation(speeds, seed=3, epoch=0, sample_rate=SR)
+    assert perturb is not None and speed_perturbation((1.0,), 3, 0, SR) is None
+    drawn = [perturb(u) for s in shards for u in s]
+    assert Counter(u.speed for u in drawn).keys() == set(speeds)
+    assert min(Counter(u.speed for u in drawn).values()) > 20  # roughly uniform over 120 utterances
+    for original, utt in zip((u for s in shards for u in s), drawn):
+        assert utt.num_samples == perturbed_samples(original.num_samples, utt.speed, SR)
+        assert utt.source_samples in (0, original.num_samples) and utt.label_length == original.label_length
+    assert [u.speed for u in drawn] == [u.speed for u in (perturb(v) for s in shards for v in s)]  # replayable
+    again = speed_perturbation(speeds, seed=3, epoch=1, sample_rate=SR)
+    assert again is not None and [again(u).speed for s in shards for u in s] != [u.speed for u in drawn]
+
+    policy = replace(BatchPolicy(max_batch_samples=40 * SR, max_batch_size=8, bucket_window=16, shuffle_buffer=8),
+                     speeds=speeds)
+    too_long = 20 * SR  # the filter sees the perturbed length: slowed-down utterances can cross it
+    batches, skips = plan_batches([p for ps in assign_pieces([1.0] * 3, 1, 3, 0) for p in ps], shards, policy,
+                                  lambda u: "too_long" if u.num_samples > too_long else None, random.Random(0),
+                                  perturb)
+    planned = [u for b in batches for u in b]
+    assert all(max(u.num_samples for u in b) * len(b) <= policy.max_batch_samples for b in batches)
+    assert all(u.num_samples <= too_long for u in planned) and len(planned) + skips["too_long"] == 120
+    assert any(u.speed != 1.0 for u in planned)

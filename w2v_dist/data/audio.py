@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 import re
 from dataclasses import dataclass
 
@@ -74,6 +75,29 @@ def to_16k_mono(audio: np.ndarray, rate: int) -> np.ndarray:
     import torchaudio.functional as F
 
     return F.resample(torch.from_numpy(np.ascontiguousarray(mono)), rate, SAMPLE_RATE).numpy()
+
+
+def speed_rates(speed: float, sample_rate: int) -> tuple[int, int]:
+    """Speed perturbation as resampling (Kaldi's ``speed`` effect, tempo and pitch together): the audio is read as
+    if recorded at ``sample_rate * speed`` and resampled to ``sample_rate``; (from, to), reduced."""
+    source = round(sample_rate * speed)
+    common = math.gcd(source, sample_rate)
+    return source // common, sample_rate // common
+
+
+def perturbed_samples(num_samples: int, speed: float, sample_rate: int) -> int:
+    """Length after :func:`speed_perturb`, exactly as torchaudio's resampler computes it."""
+    source, target = speed_rates(speed, sample_rate)
+    return int(math.ceil(target * num_samples / source))
+
+
+def speed_perturb(audio: np.ndarray, speed: float, sample_rate: int) -> np.ndarray:
+    """``audio`` played ``speed`` times faster (shorter for speed > 1), resampled with torchaudio."""
+    import torch
+    import torchaudio.functional as F
+
+    source, target = speed_rates(speed, sample_rate)
+    return F.resample(torch.from_numpy(np.ascontiguousarray(audio)), source, target).numpy()
 
 
 def encode_flac(audio: np.ndarray) -> bytes:

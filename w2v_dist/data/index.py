@@ -34,6 +34,10 @@ class Utterance:
     key: str
     num_samples: int
     label_length: int
+    speed: float = 1.0
+    """Training with speed perturbation: the factor this epoch's plan drew (``num_samples`` is then the length
+    after it, ``source_samples`` the one in the shard)."""
+    source_samples: int = 0
 
 
 @dataclass(frozen=True)

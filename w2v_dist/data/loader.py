@@ -30,11 +30,20 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.gopen import Pipe
 
-from w2v_dist.data.audio import EncoderGeometry, decode_error
+from w2v_dist.data.audio import EncoderGeometry, decode_error, speed_perturb
 from w2v_dist.data.buffers import BufferPool
 from w2v_dist.data.collate import CTCBatch, CTCCollator
 from w2v_dist.data.index import ShardSet, Utterance, is_remote
-from w2v_dist.data.plan import Batch, BatchPolicy, Piece, StreamLayout, assign_pieces, epoch_rng, plan_batches
+from w2v_dist.data.plan import (
+    Batch,
+    BatchPolicy,
+    Piece,
+    StreamLayout,
+    assign_pieces,
+    epoch_rng,
+    plan_batches,
+    speed_perturbation,
+)
 from w2v_dist.data.text import CharLabeler
 from w2v_dist.preemption import STOP_SIGNALS
 from w2v_dist.redact import redact
@@ -69,19 +78,25 @@ class Preprocess:
             return "ctc_infeasible"
         return None
 
-    def decode_into(self, members: dict[str, bytes], row: np.ndarray, sample_rate: int) -> tuple[list[int], str]:
+    def decode_into(self, members: dict[str, bytes], row: np.ndarray, sample_rate: int, utt: Utterance
+                    ) -> tuple[list[int], str]:
         """Decode one sample straight into its batch row (already zero-padded to the batch width); return its
-        labels and transcript. The row's length is the sample count the index promised. Normalisation happens
-        later, on the training device (:func:`~w2v_dist.data.collate.model_inputs`)."""
+        labels and transcript. The row's length is the sample count the plan promised (the index's, or after
+        ``utt.speed``'s perturbation). Normalisation happens later, on the training device
+        (:func:`~w2v_dist.data.collate.model_inputs`)."""
         text = json.loads(members["json"])["text"]
+        stored = utt.source_samples or len(row)
         with sf.SoundFile(io.BytesIO(members["flac"])) as audio:
             if audio.samplerate != sample_rate or audio.channels != 1:
                 raise ValueError(f"expected {sample_rate} Hz mono, got {audio.samplerate} Hz with "
                                  f"{audio.channels} channels")
-            if audio.frames != len(row):
-                raise ValueError(f"the index says {len(row)} samples, the audio has {audio.frames}")
-            if len(audio.read(len(row), dtype="float32", out=row)) != len(row):
+            if audio.frames != stored:
+                raise ValueError(f"the index says {stored} samples, the audio has {audio.frames}")
+            target = row if utt.speed == 1.0 else np.empty(stored, dtype=np.float32)
+            if len(audio.read(stored, dtype="float32", out=target)) != stored:
                 raise ValueError("the audio ends early (truncated FLAC)")
+        if utt.speed != 1.0:
+            row[:] = speed_perturb(target, utt.speed, sample_rate)  # the plan computed this length exactly
         return self.labels(text), text
 
 
@@ -258,7 +273,7 @@ class _Stream(IterableDataset):  # type: ignore[type-arg]
                 continue
             row = values[len(keys), :utt.num_samples]
             try:
-                label, text = self.prep.decode_into(members, row, self.shards.sample_rate)
+                label, text = self.prep.decode_into(members, row, self.shards.sample_rate, utt)
             except (sf.LibsndfileError, ValueError, KeyError, RuntimeError) as err:
                 log.warning("shard %s: sample %s cannot be decoded (%s); skipped", self.shards.urls[utt.shard],
                             utt.key, decode_error(err))
@@ -304,7 +319,8 @@ class TrainStream(_Stream):
         layout = self.layout
         pieces = assign_pieces(self.shards.seconds, layout.slots, layout.seed, epoch)[slot]
         batches, skips = plan_batches(pieces, self.shards.utterances, self.policy, self.prep.skip_reason,
-                                      epoch_rng(layout.seed, epoch, slot))
+                                      epoch_rng(layout.seed, epoch, slot), speed_perturbation(
+                                          self.policy.speeds, layout.seed, epoch, self.shards.sample_rate))
         return batches, pieces, skips
 
     def schedule(self, worker: int, workers: int) -> Iterator[tuple[int, int, int]]:

@@ -13,8 +13,9 @@ import math
 import random
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+from w2v_dist.data.audio import perturbed_samples
 from w2v_dist.data.index import Utterance
 
 
@@ -37,6 +38,8 @@ class BatchPolicy:
     max_batch_size: int
     bucket_window: int
     shuffle_buffer: int
+    speeds: tuple[float, ...] = ()
+    """Training: speed perturbation factors, one drawn per utterance and epoch (:func:`speed_perturbation`)."""
 
 
 @dataclass(frozen=True)
@@ -131,15 +134,18 @@ def pack(window: list[Utterance], policy: BatchPolicy) -> list[Batch]:
 
 
 def plan_batches(pieces: Sequence[Piece], utterances: Sequence[Sequence[Utterance]], policy: BatchPolicy,
-                 keep: Filter, rng: random.Random | None) -> tuple[list[Batch], Counter[str]]:
+                 keep: Filter, rng: random.Random | None, perturb: Callable[[Utterance], Utterance] | None = None
+                 ) -> tuple[list[Batch], Counter[str]]:
     """Batches for one slot and epoch, and the load-time skips by reason.
 
-    ``rng`` shuffles (buffer and batch order); ``None`` keeps stream order, as evaluation wants.
+    ``rng`` shuffles (buffer and batch order); ``None`` keeps stream order, as evaluation wants. ``perturb`` gives
+    an utterance its speed and length for this epoch before the filters and the packing see it.
     """
     skips: Counter[str] = Counter()
     kept: list[Utterance] = []
     for piece in pieces:
         for utt in piece.select(utterances[piece.shard]):
+            utt = perturb(utt) if perturb else utt
             reason = keep(utt)
             if reason is None:
                 kept.append(utt)
@@ -162,6 +168,23 @@ def _ordered(batches: list[Batch], rng: random.Random | None) -> list[Batch]:
     if rng is not None:
         rng.shuffle(batches)
     return batches
+
+
+def speed_perturbation(speeds: Sequence[float], seed: int, epoch: int, sample_rate: int
+                       ) -> Callable[[Utterance], Utterance] | None:
+    """Each utterance's speed for an epoch, drawn uniformly from ``speeds`` by ``(seed, epoch, shard, position)``
+    alone (the same whichever slot reads it); ``None`` when there is nothing to draw."""
+    if not speeds or set(speeds) == {1.0}:
+        return None
+
+    def perturb(utt: Utterance) -> Utterance:
+        speed = speeds[hash((seed, epoch, utt.shard, utt.position)) % len(speeds)]
+        if speed == 1.0:
+            return utt
+        return replace(utt, speed=speed, source_samples=utt.num_samples,
+                       num_samples=perturbed_samples(utt.num_samples, speed, sample_rate))
+
+    return perturb
 
 
 def padding_fraction(batches: Iterable[Batch]) -> float:
