@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -100,6 +101,10 @@ def test_a_job_requeued_onto_one_node_resumes_from_its_two_node_checkpoint(
     run_to_completion(shard_dirs, tiny_model, reference, **{"deepspeed.zero_stage": 2})
     out, markers = tmp_path / "run", tmp_path / "markers"
     markers.mkdir()
+    deadline = time.monotonic() + 120  # both nodes free, or a 1-2 node job may start on one
+    while slurm_two_nodes.run("sinfo", "-h", "-N", "-o", "%T", check=False).stdout.split() != ["idle", "idle"]:
+        assert time.monotonic() < deadline, slurm_two_nodes.run("sinfo", "-N", check=False).stdout
+        time.sleep(1)
     job = slurm_two_nodes.sbatch(
         "--nodes=1-2", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1", "--partition=debug",
         "--time=20", f"--chdir={REPO}", f"--output={tmp_path}/%x-%j.out", "launch/slurm/train.sbatch",
