@@ -93,26 +93,27 @@ def test_two_node_job_preempted_by_sigusr1_requeues_and_ends_with_the_uninterrup
 
 def test_a_job_requeued_onto_one_node_resumes_from_its_two_node_checkpoint(
         slurm_two_nodes: SlurmCluster, shard_dirs: dict, tiny_model: Path, tmp_path: Path) -> None:
-    """``--nodes=1-2``: preempted on two nodes (one rank each), a node is drained meanwhile, and the requeued job
-    comes back on one: it resumes with 1 rank (grad_accum 1 → 2, ZeRO-2 state through DeepSpeed's universal
-    checkpoint) and ends with the weights of an uninterrupted 2-rank run. Nobody edits anything."""
+    """``sbatch --nodes=1-2``: started on both (free) nodes, one rank each; preempted while a node goes down
+    (drained), the requeued job comes back on the one node left: it resumes with 1 rank (grad_accum 1 → 2, ZeRO-2
+    state through DeepSpeed's universal checkpoint) and ends with the weights of an uninterrupted 2-rank run.
+    Nobody edits the job, the command, the config or the checkpoint."""
     extra = {"deepspeed.zero_stage": 2, **SCHEDULE}
     reference = tmp_path / "reference"
     run_to_completion(shard_dirs, tiny_model, reference, **{"deepspeed.zero_stage": 2})
     out, markers = tmp_path / "run", tmp_path / "markers"
     markers.mkdir()
-    deadline = time.monotonic() + 120  # both nodes free, or a 1-2 node job may start on one
+    deadline = time.monotonic() + 120  # a node range takes the nodes free at the start: wait for both
     while slurm_two_nodes.run("sinfo", "-h", "-N", "-o", "%T", check=False).stdout.split() != ["idle", "idle"]:
         assert time.monotonic() < deadline, slurm_two_nodes.run("sinfo", "-N", check=False).stdout
         time.sleep(1)
     job = slurm_two_nodes.sbatch(
-        "--nodes=1-2", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1", "--partition=debug",
-        "--time=20", f"--chdir={REPO}", f"--output={tmp_path}/%x-%j.out", "launch/slurm/train.sbatch",
-        "configs/demo.yaml", *overrides(shard_dirs, tiny_model, out, **extra), cwd=REPO,
+        "--nodes=1-2", "--gpus-per-node=0", "--cpus-per-task=1", "--partition=debug", "--time=20", f"--chdir={REPO}",
+        f"--output={tmp_path}/%x-%j.out", "launch/slurm/train.sbatch", "configs/demo.yaml",
+        *overrides(shard_dirs, tiny_model, out, **extra), cwd=REPO,
         env={**job_env(), "GLOO_SOCKET_IFNAME": IFNAME, PAUSE_ENV: f"step#2:0:8:{markers}"})
     signalled = False
 
-    def preempt_and_drain_at_step_two() -> None:
+    def preempt_while_a_node_goes_down() -> None:
         nonlocal signalled
         if not signalled and (markers / "step.rank0").exists():
             slurm_two_nodes.run("scontrol", "update", "nodename=w2vnode1", "state=drain", "reason=elastic-test")
@@ -120,7 +121,7 @@ def test_a_job_requeued_onto_one_node_resumes_from_its_two_node_checkpoint(
             signalled = True
 
     try:
-        slurm_two_nodes.wait(job, timeout=900, while_running=preempt_and_drain_at_step_two)
+        slurm_two_nodes.wait(job, timeout=900, while_running=preempt_while_a_node_goes_down)
     finally:
         slurm_two_nodes.run("scontrol", "update", "nodename=w2vnode1", "state=resume", check=False)
     log = tmp_path / f"w2v-train-{job}.out"
@@ -128,7 +129,7 @@ def test_a_job_requeued_onto_one_node_resumes_from_its_two_node_checkpoint(
     assert signalled, text[-6000:]
     info = assert_completed(slurm_two_nodes, job, log)
     assert info["Restarts"] == "1", f"{info}\n{text[-6000:]}"
-    assert "on 2 node(s)" in text and "on 1 node(s)" in text, text[-6000:]
+    assert "(restart 0) on 2 node(s)" in text and "(restart 1) on 1 node(s)" in text, text[-6000:]
     assert re.search(r"resuming step \d+ from 2 rank\(s\) on 1: grad_accum 1 -> 2", text), text[-6000:]
     a, b = load_file(reference / "final" / "model.safetensors"), load_file(out / "final" / "model.safetensors")
     for name in a:

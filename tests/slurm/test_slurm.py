@@ -66,7 +66,9 @@ def test_train_sbatch_two_ranks_through_srun_exports_a_model(slurm_cluster, shar
     if shutil.which("nvidia-smi") is None:
         assert "accelerator cpu" in text, text[:2000]
     assert "world: 2 rank(s)" in text, text[-4000:]
-    assert re.search(r"^0: ", text, re.M) and re.search(r"^1: ", text, re.M), "srun --label prefixes missing"
+    assert re.search(r"^0: ", text, re.M), "srun --label prefixes missing"
+    # rank 1 is quiet on the console by design (rank-0 events once): its own checkpoint files show it trained
+    assert (out / "checkpoints" / "step_00000003" / "commit_rank1.json").is_file()
     assert f"master {slurm_cluster.node}:{10000 + int(job) % 20000}" in text
 
     losses = [r["loss"] for r in metrics(out) if "loss" in r]

@@ -31,13 +31,14 @@ def test_every_sample_once_per_epoch_over_all_slots(world: int, workers: int, si
     shards = make_shards(sizes)
     slots = world * max(1, workers)
     seconds = [sum(u.num_samples for u in s) / SR for s in shards]
-    assigned = assign_pieces(seconds, slots, seed=5, epoch=epoch)
+    assigned = assign_pieces(seconds, sizes, slots, seed=5, epoch=epoch)
     assert len(assigned) == slots
     seen = Counter((u.shard, u.position) for pieces in assigned for p in pieces for u in p.select(shards[p.shard]))
     assert set(seen) == {(u.shard, u.position) for s in shards for u in s}
     assert set(seen.values()) == {1}
-    if len(sizes) < slots:
-        assert all(pieces for pieces in assigned), "more slots than shards: every slot still gets a piece"
+    if sum(sizes) >= slots:
+        assert all(p.select(shards[p.shard]) for pieces in assigned for p in pieces), "no empty piece"
+        assert all(pieces for pieces in assigned), "an utterance per slot: every slot reads something"
     policy = BatchPolicy(max_batch_samples=60 * SR, max_batch_size=8, bucket_window=16, shuffle_buffer=8)
     planned = Counter()
     for slot, pieces in enumerate(assigned):
@@ -51,7 +52,8 @@ def test_every_sample_once_per_epoch_over_all_slots(world: int, workers: int, si
 def test_seconds_are_balanced_across_slots() -> None:
     shards = make_shards([40, 40, 40, 40, 10, 10, 10, 10])
     seconds = [sum(u.num_samples for u in s) / SR for s in shards]
-    loads = [sum(seconds[p.shard] / p.stride for p in pieces) for pieces in assign_pieces(seconds, 4, 1, 0)]
+    assigned = assign_pieces(seconds, [len(s) for s in shards], 4, 1, 0)
+    loads = [sum(seconds[p.shard] / p.stride for p in pieces) for pieces in assigned]
     assert max(loads) / min(loads) < 1.35
 
 
@@ -61,7 +63,7 @@ def test_plans_are_deterministic_and_differ_by_epoch() -> None:
     policy = BatchPolicy(30 * SR, 16, 32, 16)
 
     def keys(epoch: int) -> list[str]:
-        pieces = assign_pieces(seconds, 1, 3, epoch)[0]
+        pieces = assign_pieces(seconds, [30] * 3, 1, 3, epoch)[0]
         return [u.key for b in plan_batches(pieces, shards, policy, keep_all, epoch_rng(3, epoch, 0))[0] for u in b]
 
     assert keys(0) == keys(0) and keys(0) != keys(1)
@@ -70,7 +72,7 @@ def test_plans_are_deterministic_and_differ_by_epoch() -> None:
 def test_filters_are_counted_by_reason() -> None:
     shards = make_shards([20])
     policy = BatchPolicy(30 * SR, 16, 32, 16)
-    pieces = assign_pieces([1.0], 1, 0, 0)[0]
+    pieces = assign_pieces([1.0], [20], 1, 0, 0)[0]
     batches, skips = plan_batches(pieces, shards, policy, lambda u: "too_long" if u.num_samples > 10 * SR else None,
                                   None)
     kept = sum(len(b) for b in batches)
@@ -111,7 +113,8 @@ def test_speed_perturbation_is_drawn_per_utterance_and_epoch_and_keeps_the_budge
     policy = replace(BatchPolicy(max_batch_samples=40 * SR, max_batch_size=8, bucket_window=16, shuffle_buffer=8),
                      speeds=speeds)
     too_long = 20 * SR  # the filter sees the perturbed length: slowed-down utterances can cross it
-    batches, skips = plan_batches([p for ps in assign_pieces([1.0] * 3, 1, 3, 0) for p in ps], shards, policy,
+    pieces = [p for ps in assign_pieces([1.0] * 3, [len(s) for s in shards], 1, 3, 0) for p in ps]
+    batches, skips = plan_batches(pieces, shards, policy,
                                   lambda u: "too_long" if u.num_samples > too_long else None, random.Random(0),
                                   perturb)
     planned = [u for b in batches for u in b]

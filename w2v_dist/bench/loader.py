@@ -193,7 +193,7 @@ def planned_padding(policy: BatchPolicy, utterances: int = 28_539, shards: int =
     per_shard = [[Utterance(s, p, f"{s}-{p}", int(n), 200) for p, n in enumerate(lengths[s::shards])]
                  for s in range(shards)]
     seconds = [sum(u.num_samples for u in shard) / SR for shard in per_shard]
-    batches = [b for slot, pieces in enumerate(assign_pieces(seconds, 16, 1, 0))
+    batches = [b for slot, pieces in enumerate(assign_pieces(seconds, [len(s) for s in per_shard], 16, 1, 0))
                for b in plan_batches(pieces, per_shard, policy, lambda u: None, epoch_rng(1, 0, slot))[0]]
     return padding_fraction(batches)
 

@@ -317,7 +317,8 @@ class TrainStream(_Stream):
 
     def plan(self, slot: int, epoch: int) -> tuple[list[Batch], list[Piece], Counter[str]]:
         layout = self.layout
-        pieces = assign_pieces(self.shards.seconds, layout.slots, layout.seed, epoch)[slot]
+        pieces = assign_pieces(self.shards.seconds, [len(u) for u in self.shards.utterances], layout.slots,
+                               layout.seed, epoch)[slot]
         batches, skips = plan_batches(pieces, self.shards.utterances, self.policy, self.prep.skip_reason,
                                       epoch_rng(layout.seed, epoch, slot), speed_perturbation(
                                           self.policy.speeds, layout.seed, epoch, self.shards.sample_rate))

@@ -9,7 +9,6 @@ read exactly once per epoch.
 
 from __future__ import annotations
 
-import math
 import random
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -87,18 +86,32 @@ def epoch_rng(*parts: int) -> random.Random:
     return random.Random(hash(tuple(parts)) & 0xFFFFFFFFFFFF)
 
 
-def assign_pieces(shard_seconds: Sequence[float], slots: int, seed: int, epoch: int) -> list[list[Piece]]:
+def piece_strides(shard_sizes: Sequence[int], slots: int) -> list[int]:
+    """Into how many pieces each shard is cut: one, unless there are fewer shards than slots; then the shards with
+    the most utterances per piece are cut further until there are as many pieces as slots, never into more pieces
+    than a shard has utterances (so every slot reads something whenever the corpus has an utterance per slot)."""
+    strides = [1] * len(shard_sizes)
+    while sum(strides) < slots:
+        splittable = [s for s, size in enumerate(shard_sizes) if strides[s] < size]
+        if not splittable:
+            break
+        strides[max(splittable, key=lambda s: shard_sizes[s] / strides[s])] += 1
+    return strides
+
+
+def assign_pieces(shard_seconds: Sequence[float], shard_sizes: Sequence[int], slots: int, seed: int,
+                  epoch: int) -> list[list[Piece]]:
     """Pieces per slot for one epoch, balanced by seconds (longest-processing-time first)."""
-    stride = math.ceil(slots / len(shard_seconds)) if slots > len(shard_seconds) else 1
-    pieces = [Piece(shard, stride, offset) for shard in range(len(shard_seconds)) for offset in range(stride)]
+    pieces = [Piece(shard, stride, offset) for shard, stride in enumerate(piece_strides(shard_sizes, slots))
+              for offset in range(stride)]
     epoch_rng(seed, epoch).shuffle(pieces)
-    pieces.sort(key=lambda p: -shard_seconds[p.shard])  # stable: equal sizes keep the shuffled order
+    pieces.sort(key=lambda p: -shard_seconds[p.shard] / p.stride)  # stable: equal sizes keep the shuffled order
     load = [0.0] * slots
     assigned: list[list[Piece]] = [[] for _ in range(slots)]
     for piece in pieces:
         slot = min(range(slots), key=lambda s: (load[s], len(assigned[s]), s))
         assigned[slot].append(piece)
-        load[slot] += shard_seconds[piece.shard] / stride
+        load[slot] += shard_seconds[piece.shard] / piece.stride
     for slot_pieces in assigned:
         epoch_rng(seed, epoch, len(slot_pieces)).shuffle(slot_pieces)
     return assigned
