@@ -147,6 +147,26 @@ def _evaluate(args: argparse.Namespace) -> int:
         return 2
 
 
+def _build_lm(args: argparse.Namespace) -> int:
+    from itertools import chain
+
+    from w2v_dist.data.index import ShardIndexError
+    from w2v_dist.lm import build_lm, shard_transcripts, text_lines
+
+    if not args.shards and not args.text:
+        print("build-lm: give --shards and/or --text", file=sys.stderr)
+        return 2
+    sentences = chain(*(shard_transcripts(s) for s in args.shards or []),
+                      *(text_lines(Path(t)) for t in args.text or []))
+    try:
+        summary = build_lm(sentences, Path(args.out), args.order, Path(args.binary) if args.binary else None)
+    except (ValueError, OSError, RuntimeError, ShardIndexError) as err:  # no text, missing tools, lmplz errors
+        print(f"build-lm: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary))
+    return 0
+
+
 def _report(args: argparse.Namespace) -> int:
     from w2v_dist.report import write_report
 
@@ -330,6 +350,15 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--shard-command", default="", help="pipe:...{shard}... template, as data.shard_command")
     evaluate.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     evaluate.set_defaults(func=_evaluate)
+
+    lm = sub.add_parser("build-lm", help="n-gram LM (ARPA, optionally KenLM binary) from transcripts, for "
+                                         "evaluate --decoder beam --lm; estimated by KenLM's lmplz")
+    lm.add_argument("--out", required=True, help="ARPA file to write")
+    lm.add_argument("--shards", action="append", help="shard set whose transcripts to use (repeatable)")
+    lm.add_argument("--text", action="append", help="text file, one sentence per line, used as written (repeatable)")
+    lm.add_argument("--order", type=int, default=4, help="n-gram order (2-6)")
+    lm.add_argument("--binary", help="also write KenLM's binary format here (loads much faster)")
+    lm.set_defaults(func=_build_lm)
 
     report = sub.add_parser("report", help="plots (PNG) and report.md from a run's metrics.jsonl")
     report.add_argument("run_dir", help="the run's output_dir")

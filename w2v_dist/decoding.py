@@ -17,8 +17,8 @@ from transformers import Wav2Vec2CTCTokenizer
 CTCDecoder = Callable[[torch.Tensor, torch.Tensor], list[str]]
 """(logits ``[batch, frames, vocab]``, real frame counts ``[batch]``) → one text per utterance."""
 
-INSTALL_HINT = ("beam search needs pyctcdecode (and kenlm for --lm): pip install --no-deps 'pyctcdecode==0.5.0' "
-                "'pygtrie>=2.1,<3' && pip install kenlm   (see docs/evaluation.md)")
+INSTALL_HINT = ("beam search needs pyctcdecode (and kenlm for --lm): `make setup` installs both; by hand: pip install "
+                "--no-deps 'pyctcdecode==0.5.0' 'pygtrie>=2.1,<3' && pip install kenlm   (see docs/evaluation.md)")
 
 
 class DecoderUnavailable(RuntimeError):
