@@ -36,8 +36,8 @@ $(BIN)/lmplz: | $(STAMP)
 	  open('$(KENLM_BUILD)/kenlm.tar.gz', 'wb').write(data)"
 	tar xzf $(KENLM_BUILD)/kenlm.tar.gz -C $(KENLM_BUILD)
 	$(BIN)/pip install --quiet $(KENLM_BUILD)/kenlm.tar.gz
-	cmake -S $(KENLM_BUILD)/kenlm-0.3.0 -B $(KENLM_BUILD)/tools -DCMAKE_BUILD_TYPE=Release >$(KENLM_BUILD)/cmake.log
-	cmake --build $(KENLM_BUILD)/tools --target lmplz build_binary -j "$$(nproc)" >$(KENLM_BUILD)/build.log
+	cmake -S $(KENLM_BUILD)/kenlm-0.3.0 -B $(KENLM_BUILD)/tools -DCMAKE_BUILD_TYPE=Release >$(KENLM_BUILD)/cmake.log 2>&1
+	cmake --build $(KENLM_BUILD)/tools --target lmplz build_binary -j "$$(nproc)" >$(KENLM_BUILD)/build.log 2>&1
 	cp $(KENLM_BUILD)/tools/bin/build_binary $(KENLM_BUILD)/tools/bin/lmplz $(BIN)/
 
 .PHONY: espeak

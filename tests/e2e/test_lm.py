@@ -38,7 +38,7 @@ def test_build_lm_from_shards_and_text_writes_arpa_and_binary(shard_dirs: dict, 
     assert text_model.order == 3
     sentence = "ONE TWO THREE"
     assert text_model.score(sentence) == pytest.approx(binary_model.score(sentence), abs=1e-3)
-    assert text_model.score(sentence) > text_model.score("OEN TOW THRE") + 5  # words vs non-words
+    assert text_model.score(sentence) > text_model.score("OEN TOW THRE") + 3  # words vs non-words (log10)
 
 
 def test_build_lm_refuses_nothing_to_estimate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
