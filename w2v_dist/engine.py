@@ -5,6 +5,7 @@ This is the only module that imports deepspeed.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import datetime
 import fcntl
@@ -105,7 +106,18 @@ def init_distributed(timeout_minutes: float, local_rank: int) -> torch.device:
     with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed prints "... op built successfully" on every rank
         deepspeed.init_distributed(timeout=datetime.timedelta(minutes=timeout_minutes), verbose=False)
     release_cpu_shm_buffer()
+    atexit.unregister(destroy_process_group_at_exit)  # once per process, however often a test calls this
+    atexit.register(destroy_process_group_at_exit)
     return device
+
+
+def destroy_process_group_at_exit() -> None:
+    """Destroy the process group while Python is still whole. Left to interpreter shutdown, gloo's worker threads
+    can abort a rank that finished cleanly ("terminate called without an active exception", exit -6: a failed
+    job to SLURM and to the launcher). Skipped after an unhandled exception, when a broken NCCL communicator
+    could block its destruction."""
+    if torch.distributed.is_initialized() and getattr(sys, "last_value", None) is None:
+        torch.distributed.destroy_process_group()
 
 
 def build_cpu_comm_op(timeout_s: float) -> None:

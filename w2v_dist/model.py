@@ -103,10 +103,11 @@ def load_model(cfg: ModelConfig, processor: Wav2Vec2Processor) -> PreTrainedMode
     if attention == "sdpa" and not getattr(transformers, MODEL_FOR_CTC_MAPPING_NAMES[family])._supports_sdpa:
         log.info("%s has no SDPA attention; using eager attention", family)
         attention = "eager"
-    recipe = dict(mask_time_prob=cfg.mask_time_prob, mask_time_length=cfg.mask_time_length,
-                  mask_feature_prob=cfg.mask_feature_prob, mask_feature_length=cfg.mask_feature_length,
-                  layerdrop=cfg.layerdrop, hidden_dropout=cfg.hidden_dropout, attention_dropout=cfg.attention_dropout,
-                  activation_dropout=cfg.activation_dropout, final_dropout=cfg.final_dropout)
+    recipe: dict[str, Any] = dict(
+        mask_time_prob=cfg.mask_time_prob, mask_time_length=cfg.mask_time_length,
+        mask_feature_prob=cfg.mask_feature_prob, mask_feature_length=cfg.mask_feature_length,
+        layerdrop=cfg.layerdrop, hidden_dropout=cfg.hidden_dropout, attention_dropout=cfg.attention_dropout,
+        activation_dropout=cfg.activation_dropout, final_dropout=cfg.final_dropout)
     unused = [f"model.{k}" for k, v in recipe.items() if not hasattr(config, k) and v]
     if unused:
         log.warning("%s has no %s: ignored", family, ", ".join(unused))
