@@ -26,6 +26,10 @@ class ConfigError(ValueError):
 class DataConfig:
     train_shards: str = ""
     """Training shard directory or URL prefix holding ``index.json`` (written by ``w2v-dist shard``)."""
+    train_mix: dict[str, float] = field(default_factory=dict)
+    """Instead of ``train_shards``, several shard sets mixed: location → fraction of that set read per epoch
+    (0 < f ≤ 1; a fresh random subset of each shard every epoch, never an utterance twice in one). To read a small
+    corpus 4× as often as a large one, give the large one 0.25. Same vocabulary, sample rate and text policy."""
     dev_shards: dict[str, str] = field(default_factory=dict)
     """Dev sets to evaluate: name → shard directory or URL prefix, e.g. ``{dev-clean: /data/shards/dev-clean}``."""
     shard_command: str = ""
@@ -340,6 +344,13 @@ def validate(cfg: Config, source: str = "config") -> None:
                        "checkpoint.keep_best": cfg.checkpoint.keep_best}.items():
         if value < 0:
             fail(key, f"must be >= 0, got {value}")
+    if cfg.data.train_mix and cfg.data.train_shards:
+        fail("data.train_mix", "set data.train_shards or data.train_mix, not both")
+    if cfg.data.train_mix and cfg.data.shard_command:
+        fail("data.train_mix", "data.shard_command names shards of one set; a mix opens each set at its location")
+    for location, fraction in cfg.data.train_mix.items():
+        if not 0 < fraction <= 1:
+            fail("data.train_mix", f"the fraction of {location} must be in (0, 1], got {fraction}")
     if cfg.trainer.update_seconds < 0 or cfg.data.stream_readers < 0:
         fail("trainer.update_seconds" if cfg.trainer.update_seconds < 0 else "data.stream_readers", "must be >= 0")
     streams = cfg.trainer.update_seconds / cfg.data.max_batch_seconds

@@ -123,7 +123,8 @@ def model_from_checkpoint(ref: CheckpointRef) -> tuple[PreTrainedModel, Wav2Vec2
     from w2v_dist.run import shard_vocab  # the same vocab.json fallback the run used for its processor
 
     cfg = checkpoint_config(ref)
-    processor = load_processor(cfg.model, shard_vocab(cfg.data.train_shards) if cfg.data.train_shards else None)
+    first = next(iter(cfg.data.train_mix), cfg.data.train_shards)
+    processor = load_processor(cfg.model, shard_vocab(first) if first else None)
     model = load_model(cfg.model, processor).float()  # fp32 inference whatever dtype name_or_path records
     state = checkpoint_state_dict(ref)
     if cfg.deepspeed.precision != "fp32":

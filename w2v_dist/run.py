@@ -17,9 +17,9 @@ from transformers import Wav2Vec2Processor
 
 from w2v_dist import dist
 from w2v_dist.checkpoint import Checkpointer
-from w2v_dist.config import Config
+from w2v_dist.config import Config, DataConfig
 from w2v_dist.data.audio import EncoderGeometry
-from w2v_dist.data.index import ShardSet, is_remote, load_shard_set, vocab_path
+from w2v_dist.data.index import ShardSet, is_remote, load_shard_set, mix_shard_sets, vocab_path
 from w2v_dist.data.loader import RetryPolicy, TrainStream, make_loader, make_preprocess
 from w2v_dist.data.plan import BatchPolicy, StreamLayout
 from w2v_dist.data.text import TextPolicy
@@ -27,6 +27,7 @@ from w2v_dist.engine import DTYPES, Engine, accelerator_name, check_accelerator,
 from w2v_dist.logging import setup_console
 from w2v_dist.model import load_model, load_processor, parameter_counts
 from w2v_dist.preflight import preflight, worst_case
+from w2v_dist.redact import redact
 from w2v_dist.scoring import scoring_batch_size, scoring_loader
 
 log = logging.getLogger("w2v_dist.run")
@@ -95,17 +96,37 @@ def build_engine(cfg: Config, local_rank: int | None = None) -> tuple[dist.World
     return world, Engine(cfg, load_model(cfg.model, processor), device), processor
 
 
+def train_locations(data: DataConfig) -> list[str]:
+    """The training shard sets: ``data.train_shards``, or the locations of ``data.train_mix``."""
+    locations = list(data.train_mix) or [data.train_shards] * bool(data.train_shards)
+    if not locations:
+        raise ValueError("data.train_shards is not set: point it at a directory written by 'w2v-dist shard'")
+    return locations
+
+
+def load_train_set(data: DataConfig) -> ShardSet:
+    """The training shard set, or the mix of ``data.train_mix`` (whose sets must share one vocabulary)."""
+    if not data.train_mix:
+        return load_shard_set(train_locations(data)[0], data.shard_command, data.max_train_samples)
+    sets = {location: load_shard_set(location, max_samples=data.max_train_samples) for location in data.train_mix}
+    vocabularies = {location: shard_vocab(location) for location in sets}
+    first = next(iter(vocabularies))
+    for location, vocabulary in vocabularies.items():
+        if vocabulary != vocabularies[first]:
+            raise ValueError(f"data.train_mix: {redact(location)} has another vocabulary than {redact(first)}: "
+                             "shard the corpora of one mix with the same --alphabet (or vocab.json)")
+    return mix_shard_sets(sets, dict(data.train_mix))
+
+
 def build_run(cfg: Config, local_rank: int | None = None) -> Run:
     check_accelerator(cfg.deepspeed.precision)
     world, device = start_process(cfg.trainer.collective_timeout_minutes, local_rank)
     check_output_dir(Path(cfg.output_dir))
     dist.register_ranks(Path(cfg.output_dir) / RANKS_DIR, world)  # output_dir shared by every node, or stop here
     seed_everything(cfg.trainer.seed)
-    if not cfg.data.train_shards:
-        raise ValueError("data.train_shards is not set: point it at a directory written by 'w2v-dist shard'")
-    train_set = load_shard_set(cfg.data.train_shards, cfg.data.shard_command, cfg.data.max_train_samples)
+    train_set = load_train_set(cfg.data)
     check_shards_readable(train_set)
-    processor = load_processor(cfg.model, shard_vocab(cfg.data.train_shards))
+    processor = load_processor(cfg.model, shard_vocab(train_locations(cfg.data)[0]))
     model = load_model(cfg.model, processor)
     sample_rate = train_set.sample_rate
     prep = make_preprocess(processor, EncoderGeometry.from_model_config(model.config), sample_rate,
@@ -141,7 +162,7 @@ def build_run(cfg: Config, local_rank: int | None = None) -> Run:
         _announce_resume(cfg, world, saved, layout)
     return Run(world=world, engine=engine, processor=processor, train_stream=stream, train_loader=train_loader,
                grad_accum=stream.per_rank, checkpointer=checkpointer, resume_tag=resume_tag, dev_sets=dev_sets,
-               train_utterances=train_set.total_samples)
+               train_utterances=train_set.epoch_samples)
 
 
 def data_layout(cfg: Config, world_size: int, workers: int, saved: dict[str, Any] | None) -> StreamLayout:

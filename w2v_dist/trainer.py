@@ -101,15 +101,18 @@ class RunState:
     """Skipped utterances by reason, summed over all ranks (see ``Trainer._pool_loader_skips``)."""
     seconds_seen: float = 0.0
     utterances_seen: int = 0
+    utterances_by_set: Counter[str] = field(default_factory=Counter)
+    """Training on a mix (``data.train_mix``): utterances trained on per shard set, summed over all ranks."""
     best_wer: float | None = None
     rollbacks: int = 0
 
     def state_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "skipped": dict(self.skipped), "loader_skips": dict(self.loader_skips)}
+        return {**asdict(self), "skipped": dict(self.skipped), "loader_skips": dict(self.loader_skips),
+                "utterances_by_set": dict(self.utterances_by_set)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for key, value in state.items():
-            setattr(self, key, Counter(value) if key in ("skipped", "loader_skips") else value)
+            setattr(self, key, Counter(value) if key in ("skipped", "loader_skips", "utterances_by_set") else value)
 
 
 class Trainer:
@@ -123,6 +126,7 @@ class Trainer:
             (self.output / REQUEUE_FILE).unlink(missing_ok=True)
         self.checkpointer = run.checkpointer
         self.unpooled_skips: Counter[str] = Counter()  # this rank's loader skips since the last pooling
+        self.unpooled_sources: Counter[str] = Counter()  # and its utterances per mixed shard set
         self.last_eval: tuple[int, float] | None = None  # (step, WER on checkpoint.best_metric)
         if run.resume_tag:
             client_state = self.checkpointer.resume(run.engine, run.resume_tag)
@@ -197,6 +201,7 @@ class Trainer:
         state = self.state
         for batch in micro:
             self.unpooled_skips.update(batch.skips)
+            self.unpooled_sources.update(batch.sources)
         state.seconds_seen += result.seconds
         state.utterances_seen += result.utterances
         flops = step_flops(self.run.engine.module.config, [n for b in micro for n in b.input_lengths.tolist()],
@@ -243,10 +248,13 @@ class Trainer:
             handle.write(lines)
 
     def _pool_loader_skips(self) -> None:
-        """Collective: add every rank's new loader skips to the run total (identical on all ranks)."""
-        for counts in dist.all_gather_objects(dict(self.unpooled_skips)):
-            self.state.loader_skips.update(counts)
+        """Collective: add every rank's new loader skips (and utterances per mixed set) to the run totals
+        (identical on all ranks)."""
+        for skips, sources in dist.all_gather_objects((dict(self.unpooled_skips), dict(self.unpooled_sources))):
+            self.state.loader_skips.update(skips)
+            self.state.utterances_by_set.update(sources)
         self.unpooled_skips.clear()
+        self.unpooled_sources.clear()
 
     def _log_train(self, result: StepResult, lr: float, elapsed: float, audio_rate: float, wait_fraction: float
                    ) -> None:
@@ -257,6 +265,8 @@ class Trainer:
                   "grad_norm": result.outcome.grad_norm, "epoch": state.utterances_seen / self.run.train_utterances,
                   "audio_seconds_per_second": audio_rate, "data_wait_fraction": wait_fraction,
                   "skipped": dict(state.skipped), "loader_skips": dict(state.loader_skips)}
+        if state.utterances_by_set:
+            record["utterances_by_set"] = dict(state.utterances_by_set)
         if self.run.engine.module.config.model_type in COUNTED_FAMILIES:
             record["tflops_per_second"] = tflops
         peak = peak_tflops(torch.cuda.get_device_name()) if torch.cuda.is_available() else None

@@ -11,6 +11,8 @@ import torch
 from helpers import check, metrics, overrides, run_deepspeed, run_single
 from safetensors.torch import load_file
 
+from w2v_dist.data.index import load_shard_set
+
 pytestmark = pytest.mark.slow
 
 
@@ -297,3 +299,28 @@ def test_speed_perturbation_trains(shard_dirs: dict, tiny_model: Path, tmp_path:
         shard_dirs, tiny_model, out, **{"data.speed_perturb": "[0.9,1.0,1.1]", "trainer.max_steps": 3,
                                         "trainer.eval_every": 0, "trainer.save_every": 0})]))
     assert [r["step"] for r in metrics(out) if "loss" in r] == [1, 2, 3]
+
+
+def test_a_mix_of_two_shard_sets_trains_counts_each_and_resumes_exactly(shard_dirs: dict, tiny_model: Path,
+                                                                       tmp_path: Path) -> None:
+    """``data.train_mix``: a quarter of one set and all of another per epoch; metrics.jsonl counts the utterances
+    of each; 6 steps straight == 3 steps, stop, rerun (the per-epoch subsets are part of the exact resume)."""
+    train, second = str(shard_dirs["train-clean-100"]), str(shard_dirs["dev-clean"])
+    common = {"data.train_shards": "''", "data.train_mix": f"{{{train}: 0.25, {second}: 1.0}}", "data.num_workers": 0,
+              "trainer.eval_every": 0, "trainer.save_every": 0}
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    check(run_single(["--config", "configs/debug.yaml", *overrides(shard_dirs, tiny_model, straight, **common,
+                                                                   **{"trainer.max_steps": 6})]))
+    for steps in (3, 6):
+        check(run_single(["--config", "configs/debug.yaml", *overrides(shard_dirs, tiny_model, interrupted,
+                                                                       **common, **{"trainer.max_steps": steps})]))
+    a, b = load_file(straight / "final" / "model.safetensors"), load_file(interrupted / "final" / "model.safetensors")
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    records = [r for r in metrics(straight) if "loss" in r]
+    assert [r["loss"] for r in records] == [r["loss"] for r in metrics(interrupted) if "loss" in r]
+    counts = records[-1]["utterances_by_set"]
+    assert set(counts) == {train, second} and all(n > 0 for n in counts.values()), counts
+    assert counts == [r for r in metrics(interrupted) if "loss" in r][-1]["utterances_by_set"]
+    per_epoch = round(load_shard_set(train).total_samples * 0.25) + load_shard_set(second).total_samples
+    assert records[-1]["epoch"] == pytest.approx(sum(counts.values()) / per_epoch, rel=0.15)

@@ -87,6 +87,16 @@ def test_deepspeed_json_is_derived_and_extra_merges() -> None:
     assert ds["zero_optimization"] == {"stage": 2, "overlap_comm": True}
 
 
+def test_a_mix_is_checked_at_load() -> None:
+    assert load_config(None, ["data.train_mix={/d/a: 0.5, /d/b: 1.0}"]).data.train_mix == {"/d/a": 0.5, "/d/b": 1.0}
+    with pytest.raises(ConfigError, match="train_shards or data.train_mix, not both"):
+        load_config(None, ["data.train_shards=/d/a", "data.train_mix={/d/b: 1.0}"])
+    with pytest.raises(ConfigError, match=r"fraction of /d/b must be in \(0, 1\], got 2.0"):
+        load_config(None, ["data.train_mix={/d/b: 2.0}"])
+    with pytest.raises(ConfigError, match="shard_command"):
+        load_config(None, ["data.train_mix={/d/b: 1.0}", "data.shard_command=pipe:cat {shard}"])
+
+
 def test_the_global_batch_is_given_once() -> None:
     with pytest.raises(ConfigError, match="trainer.grad_accum.*update_seconds"):
         load_config(REPO / "configs" / "base.yaml", ["trainer.grad_accum=4"])

@@ -4,6 +4,7 @@ uninterrupted run, update by update, and every utterance exactly once per epoch.
 from __future__ import annotations
 
 from collections import Counter, defaultdict
+from dataclasses import replace
 
 import pytest
 from hypothesis import assume, given, settings
@@ -11,18 +12,27 @@ from hypothesis import strategies as st
 from test_plan import SR, make_shards
 
 from w2v_dist.data.audio import EncoderGeometry
-from w2v_dist.data.index import ShardSet, Utterance
+from w2v_dist.data.index import ShardIndexError, ShardSet, Utterance, mix_shard_sets
 from w2v_dist.data.loader import Preprocess, TrainStream
-from w2v_dist.data.plan import BatchPolicy, StreamLayout
+from w2v_dist.data.plan import BatchPolicy, StreamLayout, epoch_sample
 
 POLICY = BatchPolicy(max_batch_samples=30 * SR, max_batch_size=4, bucket_window=8, shuffle_buffer=6)
 Micro = tuple[int, tuple[str, ...]]
 """(epoch, keys) of one micro-batch."""
 
 
-def stream_for(shards: list[list[Utterance]], layout: StreamLayout, rank: int, world: int, update: int) -> TrainStream:
-    shard_set = ShardSet("mem", tuple(f"s{i}.tar" for i in range(len(shards))),
-                         tuple(sum(u.num_samples for u in s) / SR for s in shards), tuple(map(tuple, shards)), SR)
+Shards = ShardSet | list[list[Utterance]]
+
+
+def as_shard_set(shards: Shards, name: str = "mem") -> ShardSet:
+    if isinstance(shards, ShardSet):
+        return shards
+    return ShardSet(name, tuple(f"{name}/s{i}.tar" for i in range(len(shards))),
+                    tuple(sum(u.num_samples for u in s) / SR for s in shards), tuple(map(tuple, shards)), SR)
+
+
+def stream_for(shards: Shards, layout: StreamLayout, rank: int, world: int, update: int) -> TrainStream:
+    shard_set = as_shard_set(shards)
     # Only the filters matter at plan speed: no labeler, no collator.
     prep = Preprocess(labels=None, collator=None, geometry=EncoderGeometry(), min_samples=2 * SR,  # type: ignore
                       max_samples=19 * SR)
@@ -31,7 +41,7 @@ def stream_for(shards: list[list[Utterance]], layout: StreamLayout, rank: int, w
     return stream
 
 
-def run_era(shards: list[list[Utterance]], layout: StreamLayout, world: int, num_workers: int, start: int,
+def run_era(shards: Shards, layout: StreamLayout, world: int, num_workers: int, start: int,
             end: int) -> dict[int, list[tuple[int, Micro]]]:
     """Per update in [start, end): (stream, micro-batch) as the ranks take them, the DataLoader's order included
     (item i of a rank from worker i % workers)."""
@@ -50,7 +60,7 @@ def run_era(shards: list[list[Utterance]], layout: StreamLayout, world: int, num
     return taken
 
 
-def audit(shards: list[list[Utterance]], layout: StreamLayout, eras: list[tuple[int, int, int]]) -> None:
+def audit(shards: Shards, layout: StreamLayout, eras: list[tuple[int, int, int]]) -> dict[int, Counter[str]]:
     total = sum(steps for _, _, steps in eras)
     reference = run_era(shards, layout, 1, 1, 0, total)
     start, seen = 0, {}
@@ -70,13 +80,17 @@ def audit(shards: list[list[Utterance]], layout: StreamLayout, eras: list[tuple[
     planner = stream_for(shards, layout, 0, 1, 0)
     read = Counter((layout.slot(stream, update), epoch)
                    for update in range(total) for stream, (epoch, _) in seen[update])
-    kept = {u.key for s in shards for u in s if 2 * SR <= u.num_samples <= 19 * SR}
+
+    def kept(epoch: int) -> set[str]:  # what the epoch reads (for a mix, its share of each set) and the filters keep
+        return {u.key for s in planner.epoch_utterances(epoch) for u in s if 2 * SR <= u.num_samples <= 19 * SR}
+
     complete = [epoch for epoch in per_epoch
                 if all(read[(slot, epoch)] == len(planner.plan(slot, epoch)[0]) for slot in range(layout.slots))]
     for epoch in complete:
-        assert set(per_epoch[epoch]) == kept, f"epoch {epoch} is missing utterances"
-    if total >= 3 * layout.readers * len(kept):  # long enough that some epoch must have been completed
+        assert set(per_epoch[epoch]) == kept(epoch), f"epoch {epoch} is missing utterances"
+    if total >= 3 * layout.readers * len(kept(0)):  # long enough that some epoch must have been completed
         assert complete
+    return per_epoch
 
 
 @settings(max_examples=40, deadline=None, database=None)
@@ -105,3 +119,45 @@ def test_workers_are_the_most_that_keep_slots_of_their_own() -> None:
     assert StreamLayout(2, 3, 1).workers(1, 0) == 0
     with pytest.raises(ValueError, match="cannot be shared by 3 ranks"):
         layout.workers(3, 6)
+
+
+def test_a_mix_reads_its_fraction_of_each_set_per_epoch_across_world_size_changes() -> None:
+    """``data.train_mix``: set a whole every epoch, a fresh 40 % of set b (per shard, rounded), never an
+    utterance twice in an epoch, the straight run's batches whatever the world sizes."""
+    a = [[replace(u, key=f"a{u.key}") for u in s] for s in make_shards([9, 4, 12, 7], seed=1)]
+    b = [[replace(u, key=f"b{u.key}") for u in s] for s in make_shards([10, 15], seed=2)]
+    mix = mix_shard_sets({"a": as_shard_set(a, "a"), "b": as_shard_set(b, "b")}, {"a": 1.0, "b": 0.4})
+    assert mix.parts == ("a", "b") and mix.shard_parts == (0, 0, 0, 0, 1, 1)
+    assert mix.epoch_samples == 32 + 4 + 6 and mix.part_name(5) == "b"
+    assert [u.shard for u in mix.utterances[4]] == [4] * 10  # shard numbers follow the mix's order
+    per_epoch = audit(mix, StreamLayout(4, 2, seed=3), [(2, 2, 9), (1, 3, 12), (4, 1, 10), (2, 4, 14)])
+    planner = stream_for(mix, StreamLayout(4, 2, seed=3), 0, 1, 0)
+    b_keys = [{u.key for s in planner.epoch_utterances(epoch)[4:] for u in s} for epoch in (0, 1, 2)]
+    assert [len(k) for k in b_keys] == [10, 10, 10] and len(set(map(frozenset, b_keys))) == 3, "a new subset"
+    assert {k for keys in per_epoch.values() for k in keys if k.startswith("b")} <= {u.key for s in b for u in s}
+
+
+def test_epoch_sample_is_a_deterministic_subset_in_tar_order() -> None:
+    shard = tuple(make_shards([20], seed=4)[0])
+    picked = epoch_sample(shard, 0.25, seed=1, epoch=3, shard=0)
+    assert len(picked) == 5 and picked == epoch_sample(shard, 0.25, seed=1, epoch=3, shard=0)
+    assert [u.position for u in picked] == sorted(u.position for u in picked) and set(picked) <= set(shard)
+    assert epoch_sample(shard, 1.0, seed=1, epoch=3, shard=0) is shard
+    assert epoch_sample(shard, 0.25, seed=1, epoch=4, shard=0) != picked
+
+
+def test_a_mix_refuses_sets_sharded_differently() -> None:
+    a = as_shard_set(make_shards([3]), "a")
+    b = replace(as_shard_set(make_shards([3]), "b"), sample_rate=8_000)
+    with pytest.raises(ShardIndexError, match="sample_rate"):
+        mix_shard_sets({"a": a, "b": b}, {"a": 1.0, "b": 1.0})
+
+
+def test_a_changed_mix_resumes_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    a, b = as_shard_set(make_shards([6]), "a"), as_shard_set(make_shards([6]), "b")
+    layout = StreamLayout(1, 1, seed=3)
+    before = stream_for(mix_shard_sets({"a": a, "b": b}, {"a": 1.0, "b": 0.5}), layout, 0, 1, 5)
+    after = stream_for(mix_shard_sets({"a": a, "b": b}, {"a": 1.0, "b": 1.0}), layout, 0, 1, 0)
+    assert before.state_dict()["mix"] == {"a": 1.0, "b": 0.5}
+    after.load_state_dict(before.state_dict())
+    assert after.update == 5 and "data.train_mix changed since the checkpoint" in caplog.text

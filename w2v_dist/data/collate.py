@@ -37,6 +37,8 @@ class CTCBatch:
     """Utterances the loader skipped since its previous batch, by reason (pooled into ``loader_skips``)."""
     dropped: tuple[tuple[str, str], ...] = ()
     """(key, reason) of utterances planned for this batch that could not be decoded."""
+    sources: dict[str, int] = field(default_factory=dict)
+    """Training on a mix (``data.train_mix``): utterances of the batch per shard set."""
     update: int = -1
     """Training: the optimizer update this micro-batch belongs to (-1 outside training)."""
     stream: int = -1
@@ -76,7 +78,7 @@ class CTCCollator:
     def assemble(self, input_values: np.ndarray | torch.Tensor, lengths: list[int], labels: list[list[int]],
                  keys: list[str], texts: list[str], **reports: Any) -> CTCBatch:
         """The batch from raw waveforms already decoded into their zero-padded rows (the loader decodes straight
-        into them: no copy). ``reports``: :class:`CTCBatch`'s ``skips`` and ``dropped``."""
+        into them: no copy). ``reports``: :class:`CTCBatch`'s ``skips``, ``sources`` and ``dropped``."""
         label_values = np.full((len(labels), max(map(len, labels), default=0)), LABEL_PAD, dtype=np.int64)
         for row, label in enumerate(labels):
             label_values[row, :len(label)] = label

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from w2v_dist.data.text import LIBRISPEECH, TextPolicy
@@ -50,6 +50,23 @@ class ShardSet:
     sample_rate: int
     text_policy: TextPolicy = LIBRISPEECH
     """How the transcripts were normalised (hypotheses scored against them get the same)."""
+    parts: tuple[str, ...] = ()
+    """A mix of shard sets (:func:`mix_shard_sets`): their locations; empty for one set."""
+    shard_parts: tuple[int, ...] = ()
+    """A mix: the part each shard belongs to."""
+    fractions: tuple[float, ...] = ()
+    """A mix: the fraction of each part read per epoch."""
+
+    def shard_fraction(self, shard: int) -> float:
+        return self.fractions[self.shard_parts[shard]] if self.parts else 1.0
+
+    def part_name(self, shard: int) -> str:
+        return redact(self.parts[self.shard_parts[shard]]) if self.parts else ""
+
+    @property
+    def epoch_samples(self) -> int:
+        """Utterances read per epoch: all of them, or the mix's fraction of each part (per shard, rounded)."""
+        return sum(round(len(u) * self.shard_fraction(s)) for s, u in enumerate(self.utterances))
 
     @property
     def total_samples(self) -> int:
@@ -118,6 +135,29 @@ def load_shard_set(location: str, shard_command: str = "", max_samples: int = 0)
         raise ShardIndexError(f"{redact(location)}: the index lists no utterances")
     return ShardSet(location, tuple(urls), tuple(seconds), tuple(utterances), int(index["sample_rate"]),
                     TextPolicy.from_index(index))
+
+
+def mix_shard_sets(sets: dict[str, ShardSet], fractions: dict[str, float]) -> ShardSet:
+    """One shard set out of several (``data.train_mix``): their shards one after the other, each remembering its
+    part and the fraction of that part read per epoch. The parts must agree on sample rate and text policy."""
+    first = next(iter(sets.values()))
+    urls: list[str] = []
+    seconds: list[float] = []
+    utterances: list[tuple[Utterance, ...]] = []
+    shard_parts: list[int] = []
+    for part, (location, shards) in enumerate(sets.items()):
+        for attribute in ("sample_rate", "text_policy"):
+            if getattr(shards, attribute) != getattr(first, attribute):
+                raise ShardIndexError(f"{redact(location)}: its {attribute} ({getattr(shards, attribute)}) differs "
+                                      f"from {redact(first.location)}'s ({getattr(first, attribute)}): shard the "
+                                      "corpora of one mix with the same options")
+        offset = len(urls)
+        urls += shards.urls
+        seconds += shards.seconds
+        utterances += [tuple(replace(u, shard=u.shard + offset) for u in utts) for utts in shards.utterances]
+        shard_parts += [part] * len(shards.urls)
+    return ShardSet("+".join(sets), tuple(urls), tuple(seconds), tuple(utterances), first.sample_rate,
+                    first.text_policy, tuple(sets), tuple(shard_parts), tuple(fractions[loc] for loc in sets))
 
 
 def vocab_path(location: str) -> str:

@@ -41,6 +41,7 @@ from w2v_dist.data.plan import (
     StreamLayout,
     assign_pieces,
     epoch_rng,
+    epoch_sample,
     plan_batches,
     speed_perturbation,
 )
@@ -221,8 +222,11 @@ class _Stream(IterableDataset):  # type: ignore[type-arg]
         self.pool: BufferPool | None = None
         """This worker's batch buffers (made in the worker, on first use)."""
 
-    def _batches(self, batches: list[Batch], pieces: list[Piece], skips: Counter[str]) -> Iterator[CTCBatch]:
-        """Read ``pieces`` in order and yield the planned ``batches``, decoding only what they contain."""
+    def _batches(self, batches: list[Batch], pieces: list[Piece], skips: Counter[str],
+                 utterances: tuple[tuple[Utterance, ...], ...] | None = None) -> Iterator[CTCBatch]:
+        """Read ``pieces`` (of ``utterances``, by default the whole set) in order and yield the planned
+        ``batches``, decoding only what they contain."""
+        utterances = utterances or self.shards.utterances
         needed = {(u.shard, u.key) for batch in batches for u in batch}
         held: dict[tuple[int, str], dict[str, bytes]] = {}
         pending = iter(pieces)
@@ -234,12 +238,12 @@ class _Stream(IterableDataset):  # type: ignore[type-arg]
                 item = next(reader, None)
                 if item is None:
                     piece = next((p for p in pending if any((p.shard, u.key) in needed
-                                                            for u in p.select(self.shards.utterances[p.shard]))), None)
+                                                            for u in p.select(utterances[p.shard]))), None)
                     if piece is None:
                         exhausted = True
                         break
                     shard = piece.shard
-                    wanted = {u.key for u in piece.select(self.shards.utterances[shard]) if (shard, u.key) in needed}
+                    wanted = {u.key for u in piece.select(utterances[shard]) if (shard, u.key) in needed}
                     reader = read_members(self.shards.urls[shard], wanted, skips, self.retry)
                     continue
                 held[(shard, item[0])] = item[1]
@@ -291,8 +295,11 @@ class _Stream(IterableDataset):  # type: ignore[type-arg]
             if self.pool:
                 self.pool.release(slot)
             slot = -1
+        kept = set(keys)
+        sources = Counter(self.shards.part_name(u.shard) for u in batch if u.key in kept) if self.shards.parts \
+            else Counter()
         out = self.prep.collator.assemble(buffer, lengths, labels, keys, texts, skips=dict(skips),
-                                          dropped=tuple(dropped))
+                                          sources=dict(sources), dropped=tuple(dropped))
         if self.pool:  # shared memory all the way to the main process, no copy; the slot returns when it is done
             out = replace(out, input_values=cast(torch.Tensor, self.pool.shipped(buffer, slot)))  # unpickles as one
         return out
@@ -314,15 +321,28 @@ class TrainStream(_Stream):
         self.per_rank = layout.streams_per_rank(world_size)
         self.update = 0
         """Updates already taken: where the stream starts (the trainer keeps it at its step)."""
+        self._sampled: dict[int, tuple[tuple[Utterance, ...], ...]] = {}
 
     def plan(self, slot: int, epoch: int) -> tuple[list[Batch], list[Piece], Counter[str]]:
-        layout = self.layout
-        pieces = assign_pieces(self.shards.seconds, [len(u) for u in self.shards.utterances], layout.slots,
-                               layout.seed, epoch)[slot]
-        batches, skips = plan_batches(pieces, self.shards.utterances, self.policy, self.prep.skip_reason,
+        layout, shards = self.layout, self.shards
+        utterances = self.epoch_utterances(epoch)
+        seconds = [total * shards.shard_fraction(s) for s, total in enumerate(shards.seconds)]
+        pieces = assign_pieces(seconds, [len(u) for u in utterances], layout.slots, layout.seed, epoch)[slot]
+        batches, skips = plan_batches(pieces, utterances, self.policy, self.prep.skip_reason,
                                       epoch_rng(layout.seed, epoch, slot), speed_perturbation(
                                           self.policy.speeds, layout.seed, epoch, self.shards.sample_rate))
         return batches, pieces, skips
+
+    def epoch_utterances(self, epoch: int) -> tuple[tuple[Utterance, ...], ...]:
+        """Per shard, what ``epoch`` reads: every utterance, or for a mix its fraction of each part."""
+        if not self.shards.parts:
+            return self.shards.utterances
+        if epoch not in self._sampled:
+            if len(self._sampled) >= 4:  # a worker's slots are at most an epoch apart
+                self._sampled.pop(min(self._sampled))
+            self._sampled[epoch] = tuple(epoch_sample(u, self.shards.shard_fraction(s), self.layout.seed, epoch, s)
+                                         for s, u in enumerate(self.shards.utterances))
+        return self._sampled[epoch]
 
     def schedule(self, worker: int, workers: int) -> Iterator[tuple[int, int, int]]:
         """``(update, stream, slot)`` of each micro-batch this worker makes, in the order the rank takes them:
@@ -375,18 +395,25 @@ class TrainStream(_Stream):
 
     def _slot_batches(self, slot: int, first: int) -> Iterator[CTCBatch]:
         for epoch, batches, pieces, skips in self.slot_epochs(slot, first):
-            for batch in self._batches(batches, pieces, skips):
+            for batch in self._batches(batches, pieces, skips, self.epoch_utterances(epoch)):
                 yield replace(batch, epoch=epoch)
 
-    def state_dict(self) -> dict[str, int]:
+    def state_dict(self) -> dict[str, Any]:
         return {"update": self.update, "streams": self.layout.streams, "readers": self.layout.readers,
-                "seed": self.layout.seed}
+                "seed": self.layout.seed, "mix": self.mix}
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
+    @property
+    def mix(self) -> dict[str, float]:
+        return {redact(part): fraction for part, fraction in zip(self.shards.parts, self.shards.fractions)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         saved = StreamLayout(int(state["streams"]), int(state["readers"]), int(state["seed"]))
         if saved != self.layout:
             raise ValueError(f"cannot resume the data position exactly: the checkpoint's {saved} differs from this "
                              f"run's {self.layout}")
+        if state.get("mix", {}) != self.mix:  # a curriculum may change it on purpose: go on, but say so
+            log.warning("data.train_mix changed since the checkpoint (%s -> %s): from here the batches are not "
+                        "those of an uninterrupted run", state.get("mix", {}), self.mix)
         self.update = int(state["update"])
 
 

@@ -86,6 +86,17 @@ def epoch_rng(*parts: int) -> random.Random:
     return random.Random(hash(tuple(parts)) & 0xFFFFFFFFFFFF)
 
 
+def epoch_sample(utterances: tuple[Utterance, ...], fraction: float, seed: int, epoch: int, shard: int
+                 ) -> tuple[Utterance, ...]:
+    """A fresh ``fraction`` of a shard's utterances each epoch (``round(fraction * n)`` of them, in tar order):
+    how a mix (``data.train_mix``) reads part of a corpus per epoch without ever reading an utterance twice."""
+    if fraction >= 1.0:
+        return utterances
+    count = round(fraction * len(utterances))
+    picked = sorted(epoch_rng(seed, epoch, shard, -1).sample(range(len(utterances)), count))
+    return tuple(utterances[i] for i in picked)
+
+
 def piece_strides(shard_sizes: Sequence[int], slots: int) -> list[int]:
     """Into how many pieces each shard is cut: one, unless there are fewer shards than slots; then the shards with
     the most utterances per piece are cut further until there are as many pieces as slots, never into more pieces
