@@ -158,6 +158,26 @@ def test_a_changed_mix_resumes_with_a_warning(caplog: pytest.LogCaptureFixture) 
     layout = StreamLayout(1, 1, seed=3)
     before = stream_for(mix_shard_sets({"a": a, "b": b}, {"a": 1.0, "b": 0.5}), layout, 0, 1, 5)
     after = stream_for(mix_shard_sets({"a": a, "b": b}, {"a": 1.0, "b": 1.0}), layout, 0, 1, 0)
-    assert before.state_dict()["mix"] == {"a": 1.0, "b": 0.5}
+    assert before.state_dict()["plan_inputs"]["data.train_mix"] == {"a": 1.0, "b": 0.5}
     after.load_state_dict(before.state_dict())
     assert after.update == 5 and "data.train_mix changed since the checkpoint" in caplog.text
+
+
+@pytest.mark.parametrize("change, named", [
+    (lambda s: setattr(s, "policy", replace(POLICY, shuffle_buffer=3)), "data.max_batch_seconds/max_batch_size"),
+    (lambda s: setattr(s, "prep", replace(s.prep, max_samples=10 * SR)), "data.min_seconds/max_seconds"),
+    (lambda s: setattr(s, "shards", as_shard_set(make_shards([4, 5], seed=9))), "the training shards' contents"),
+])
+def test_a_resume_onto_other_batches_says_which_input_changed(change, named: str,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    layout = StreamLayout(1, 1, seed=3)
+    before = stream_for(make_shards([4, 5]), layout, 0, 1, 7)
+    moved = stream_for(make_shards([4, 5]), layout, 0, 1, 0)
+    moved.shards = replace(moved.shards, location="elsewhere", urls=("elsewhere/s0.tar", "elsewhere/s1.tar"))
+    moved.load_state_dict(before.state_dict())
+    assert moved.update == 7 and "changed since the checkpoint" not in caplog.text, "same shards, another place"
+    after = stream_for(make_shards([4, 5]), layout, 0, 1, 0)
+    change(after)
+    after.load_state_dict(before.state_dict())
+    assert after.update == 7 and f"{named}" in caplog.text and "changed since the checkpoint" in caplog.text
+    assert caplog.text.count("changed since the checkpoint") == 1, "one warning, naming only what changed"

@@ -7,6 +7,7 @@ everything else is replayed from the plan, see :mod:`w2v_dist.data.plan`.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import itertools
 import json
@@ -20,7 +21,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any, TypeVar, cast
 
 import numpy as np
@@ -400,20 +401,34 @@ class TrainStream(_Stream):
 
     def state_dict(self) -> dict[str, Any]:
         return {"update": self.update, "streams": self.layout.streams, "readers": self.layout.readers,
-                "seed": self.layout.seed, "mix": self.mix}
+                "seed": self.layout.seed, "plan_inputs": self.plan_inputs()}
 
     @property
     def mix(self) -> dict[str, float]:
         return {redact(part): fraction for part, fraction in zip(self.shards.parts, self.shards.fractions)}
+
+    def plan_inputs(self) -> dict[str, Any]:
+        """What the batches of an update depend on besides the layout, by the config keys that set it."""
+        shards = hashlib.sha256()
+        for url, utterances in zip(self.shards.urls, self.shards.utterances):  # contents, wherever they are read
+            shards.update(json.dumps([url.rsplit("/", 1)[-1], [(u.key, u.num_samples, u.label_length)
+                                                               for u in utterances]]).encode())
+        return {"data.train_mix": self.mix,
+                "data.max_batch_seconds/max_batch_size/bucket_window/shuffle_buffer/speed_perturb":
+                    json.loads(json.dumps(asdict(self.policy))),
+                "data.min_seconds/max_seconds": [self.prep.min_samples, self.prep.max_samples],
+                "the training shards' contents": shards.hexdigest()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         saved = StreamLayout(int(state["streams"]), int(state["readers"]), int(state["seed"]))
         if saved != self.layout:
             raise ValueError(f"cannot resume the data position exactly: the checkpoint's {saved} differs from this "
                              f"run's {self.layout}")
-        if state.get("mix", {}) != self.mix:  # a curriculum may change it on purpose: go on, but say so
-            log.warning("data.train_mix changed since the checkpoint (%s -> %s): from here the batches are not "
-                        "those of an uninterrupted run", state.get("mix", {}), self.mix)
+        before = state.get("plan_inputs", {"data.train_mix": state.get("mix", {})})
+        changed = [name for name, value in self.plan_inputs().items() if name in before and before[name] != value]
+        if changed:  # a smaller batch after an OOM, a curriculum's new mix: on purpose, so go on, but say so
+            log.warning("%s changed since the checkpoint: from here the batches are not those of an uninterrupted "
+                        "run (this epoch may read some utterances twice and others not at all)", ", ".join(changed))
         self.update = int(state["update"])
 
 
