@@ -157,5 +157,32 @@ def metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+def wandb_artifacts(out: Path) -> list[dict]:
+    """The artifacts logged by the offline wandb runs under ``out``: reads the runs' record logs (LevelDB's log
+    format, 32 KiB blocks of 7-byte-headed fragments, after wandb's 7-byte file header)."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    found = []
+    for path in sorted(out.glob("wandb/offline-run-*/run-*.wandb")):
+        data, pos, record = path.read_bytes(), 7, b""
+        while pos + 7 <= len(data):
+            if (left := 32768 - pos % 32768) < 7 or data[pos:pos + 7] == bytes(7):  # a block's zero padding
+                pos += left
+                continue
+            _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+            record, pos = record + data[pos + 7:pos + 7 + length], pos + 7 + length
+            if kind in (1, 4):  # a whole record, or the last fragment of one
+                parsed = wandb_internal_pb2.Record.FromString(record)
+                if parsed.WhichOneof("record_type") == "artifact":
+                    art = parsed.artifact
+                    found.append({"name": art.name, "type": art.type, "aliases": list(art.aliases),
+                                  "metadata": json.loads(art.metadata or "{}"),
+                                  "refs": [entry.ref for entry in art.manifest.contents]})
+                record = b""
+    return found
+
+
 def check(proc: subprocess.CompletedProcess[str]) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]

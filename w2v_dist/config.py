@@ -208,6 +208,10 @@ class WandbConfig:
     """wandb project name."""
     run_name: str = ""
     """wandb run name (empty: the output directory name)."""
+    log_checkpoints: bool = False
+    """Record every committed checkpoint (``checkpoint-<run id>``, aliases ``latest`` and ``step-<n>``) and each
+    best/ and final/ export (``model-<run id>``, alias ``best`` or ``final``) as a wandb artifact that references it
+    where it lies (``file://``, nothing uploaded, files identified by path, not hashed), with its step and dev WER."""
 
 
 @dataclass

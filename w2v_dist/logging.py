@@ -91,27 +91,32 @@ class RunLogger:
 
     def table(self, name: str, columns: list[str], rows: list[list[Any]], step: int) -> None: ...
 
+    def saved(self, kind: str, directory: Path, step: int, aliases: list[str], dev_wer: float | None) -> None:
+        """A checkpoint (``kind="checkpoint"``) or an export (``"model"``) is complete in ``directory``."""
+
     def close(self) -> None: ...
 
 
 class MainLogger(RunLogger):
     """Rank 0: appends JSON lines to ``metrics.jsonl``, drives the bar, mirrors to wandb when enabled."""
 
-    def __init__(self, output_dir: Path, config: dict[str, Any], wandb_mode: str, project: str, run_name: str,
-                 total_steps: int, start_step: int, progress_bar: bool) -> None:
+    def __init__(self, output_dir: Path, *, config: dict[str, Any], wandb_cfg: Any, total_steps: int,
+                 start_step: int, progress_bar: bool) -> None:
         self.path = output_dir / "metrics.jsonl"
         self.file = self.path.open("a")
         self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
                         disable=not progress_bar)
         self.wandb: Any = None
-        if wandb_mode != "disabled":
+        self.log_checkpoints = wandb_cfg.log_checkpoints
+        if wandb_cfg.mode != "disabled":
             import wandb
 
             id_file = output_dir / "wandb_run_id"
             run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
             id_file.write_text(run_id)
-            self.wandb = wandb.init(project=project, name=run_name or output_dir.name, id=run_id, resume="allow",
-                                    mode=wandb_mode, dir=str(output_dir), config=scrub(config))  # type: ignore[arg-type]
+            self.wandb = wandb.init(project=wandb_cfg.project, name=wandb_cfg.run_name or output_dir.name,
+                                    id=run_id, resume="allow", mode=wandb_cfg.mode, dir=str(output_dir),
+                                    config=scrub(config))  # type: ignore[arg-type]
 
     def log(self, record: dict[str, Any]) -> None:
         clean = redact_values({k: _clean(v) for k, v in record.items()})
@@ -131,6 +136,17 @@ class MainLogger(RunLogger):
 
             self.wandb.log({name: wandb.Table(columns=list[str | int](columns), data=redact_values(rows))}, step=step)
 
+    def saved(self, kind: str, directory: Path, step: int, aliases: list[str], dev_wer: float | None) -> None:
+        if self.wandb is None or not self.log_checkpoints:
+            return
+        import wandb
+
+        artifact = wandb.Artifact(f"{kind}-{self.wandb.id}", type=kind,
+                                  metadata={"step": step, "dev_wer": _clean(dev_wer), "path": str(directory)})
+        # A checkpoint is gigabytes on a shared file system: name it, don't read it.
+        artifact.add_reference(directory.resolve().as_uri(), checksum=False)
+        self.wandb.log_artifact(artifact, aliases=aliases)
+
     def close(self) -> None:
         self.bar.close()
         self.file.close()
@@ -143,5 +159,5 @@ def make_logger(is_main: bool, output_dir: Path, config: dict[str, Any], wandb_c
     if not is_main:
         return RunLogger()
     os.environ.setdefault("WANDB_SILENT", "true")
-    return MainLogger(output_dir, config, wandb_cfg.mode, wandb_cfg.project, wandb_cfg.run_name, total_steps,
-                      start_step, progress_bar)
+    return MainLogger(output_dir, config=config, wandb_cfg=wandb_cfg, total_steps=total_steps,
+                      start_step=start_step, progress_bar=progress_bar)

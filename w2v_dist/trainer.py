@@ -309,21 +309,27 @@ class Trainer:
             if self.world.is_main:
                 write_rows(self.output / "eval" / f"step_{self.state.step:08d}" / f"{name}.jsonl", score.rows)
         self.logger.log(record)
-        if results:
-            wer = results[self.cfg.checkpoint.best_metric or next(iter(results))].counts.wer
+        wer = self._wer(results)
+        if wer is not None:
             self.last_eval = (self.state.step, wer)
             if math.isfinite(wer) and (self.state.best_wer is None or wer < self.state.best_wer):
                 self.state.best_wer = wer
-                export_hf(self.run.engine, self.run.processor, self.output / "best", self.world.is_main,
-                          self._card("best", results))
+                if export_hf(self.run.engine, self.run.processor, self.output / "best", self.world.is_main,
+                             self._card("best", results)):
+                    self.logger.saved("model", self.output / "best", self.state.step, ["best"], wer)
         return results
+
+    def _wer(self, results: dict[str, SetScore]) -> float | None:
+        """The WER that ranks checkpoints and best/: on ``checkpoint.best_metric``, else the first dev set."""
+        return results[self.cfg.checkpoint.best_metric or next(iter(results))].counts.wer if results else None
 
     def _save(self) -> None:
         self._pool_loader_skips()
         client_state = {"run": self.state.state_dict(), "loader": self.run.train_stream.state_dict(),
                         "config": to_yaml(self.cfg)}
         score = self.last_eval[1] if self.last_eval and self.last_eval[0] == self.state.step else None
-        self.checkpointer.save(self.run.engine, self.state.step, client_state, score)
+        directory = self.checkpointer.save(self.run.engine, self.state.step, client_state, score)
+        self.logger.saved("checkpoint", directory, self.state.step, ["latest", f"step-{self.state.step}"], score)
 
     def _card(self, export: str, results: dict[str, SetScore]) -> str:
         return model_card(name=f"{self.output.name}-{export}", base_model=self.cfg.model.name_or_path,
@@ -333,6 +339,8 @@ class Trainer:
     def _export(self, results: dict[str, SetScore]) -> None:
         finite = export_hf(self.run.engine, self.run.processor, self.output / "final", self.world.is_main,
                            self._card("final", results))
+        if finite:
+            self.logger.saved("model", self.output / "final", self.state.step, ["final"], self._wer(results))
         if self.world.is_main:
             summary = {"step": self.state.step, "exported": finite, "skipped": dict(self.state.skipped),
                        "loader_skips": dict(self.state.loader_skips),

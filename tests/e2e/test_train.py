@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import check, metrics, overrides, run_deepspeed, run_single
+from helpers import check, metrics, overrides, run_deepspeed, run_single, wandb_artifacts
 from safetensors.torch import load_file
 
 from w2v_dist.data.index import load_shard_set
@@ -21,8 +21,8 @@ def test_two_rank_deepspeed_run_exports_a_loadable_model(shard_dirs: dict, tiny_
     out = tmp_path / "run"
     monkeypatch.setenv("WANDB_API_KEY", "sekret-0123456789abcdef")
     shm_before = set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"))
-    proc = run_deepspeed(["--config", "configs/demo.yaml",
-                          *overrides(shard_dirs, tiny_model, out, **{"logging.wandb.mode": "offline"})])
+    proc = run_deepspeed(["--config", "configs/demo.yaml", *overrides(
+        shard_dirs, tiny_model, out, **{"logging.wandb.mode": "offline", "logging.wandb.log_checkpoints": True})])
     check(proc)
     leaked = set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")) - shm_before
     assert not leaked, f"DeepSpeed's CPU all-reduce buffers were left in /dev/shm: {leaked}"
@@ -49,6 +49,22 @@ def test_two_rank_deepspeed_run_exports_a_loadable_model(shard_dirs: dict, tiny_
     secret_hits = [p for p in out.rglob("*") if p.is_file() and b"sekret-0123456789abcdef" in p.read_bytes()]
     assert not secret_hits, f"the API key leaked into {secret_hits}"
     assert any((out / "wandb").glob("offline-run-*")), "wandb offline run was not written on rank 0"
+    # Every committed checkpoint and export is a wandb artifact referencing it in place, with its step and WER.
+    run_id = (out / "wandb_run_id").read_text()
+    artifacts = wandb_artifacts(out)
+    checkpoints = [a for a in artifacts if a["type"] == "checkpoint"]
+    assert [(a["name"], sorted(a["aliases"]), a["metadata"]["step"]) for a in checkpoints] == [
+        (f"checkpoint-{run_id}", ["latest", f"step-{step}"], step) for step in (3, 6)]
+    for art in checkpoints:
+        tag = out.resolve() / "checkpoints" / f"step_{art['metadata']['step']:08d}"
+        assert art["refs"] and all(ref.startswith(tag.as_uri() + "/") for ref in art["refs"]), art["refs"]
+        assert {Path(ref).name for ref in art["refs"]} >= {"world.json", "rng_rank0.pt", "rng_rank1.pt"}
+        assert art["metadata"]["dev_wer"] == evals[art["metadata"]["step"] // 3 - 1]["dev/dev-clean/wer"]
+    models = [a for a in artifacts if a["type"] == "model"]
+    assert "best" in models[0]["aliases"] and models[0]["metadata"]["step"] == 3  # wandb adds "latest" itself
+    assert "final" in models[-1]["aliases"] and models[-1]["metadata"] == {
+        "step": 6, "dev_wer": evals[-1]["dev/dev-clean/wer"], "path": str(out / "final")}
+    assert f"{(out / 'final').resolve().as_uri()}/model.safetensors" in models[-1]["refs"]
 
 
 def test_nan_and_inf_on_one_rank_skip_the_update_on_all_ranks(shard_dirs: dict, tiny_model: Path,
