@@ -64,7 +64,7 @@ class GreedyDecoder:
 class BeamDecoder:
     """pyctcdecode prefix beam search; with ``lm_path`` (ARPA or KenLM binary) shallow fusion with that n-gram LM."""
 
-    def __init__(self, tokenizer: Wav2Vec2CTCTokenizer, lm_path: str | Path | None = None, beam_width: int = 100,
+    def __init__(self, tokenizer: Wav2Vec2CTCTokenizer, lm_path: str | Path | None = None, *, beam_width: int = 100,
                  alpha: float = 0.5, beta: float = 1.0) -> None:
         try:
             from pyctcdecode import build_ctcdecoder
@@ -101,5 +101,5 @@ def make_decoder(kind: str, tokenizer: Wav2Vec2CTCTokenizer, lm_path: str | Path
             raise ValueError("--lm needs --decoder beam")
         return GreedyDecoder(tokenizer)
     if kind == "beam":
-        return BeamDecoder(tokenizer, lm_path, beam_width, alpha, beta)
+        return BeamDecoder(tokenizer, lm_path, beam_width=beam_width, alpha=alpha, beta=beta)
     raise ValueError(f"unknown decoder {kind!r}: use greedy or beam")

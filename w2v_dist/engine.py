@@ -286,7 +286,7 @@ class UpdateOutcome:
 class Engine:
     """A DeepSpeed engine around a CTC model (``PreTrainedModel`` or kin) with the NaN/Inf guard's hooks."""
 
-    def __init__(self, cfg: Config, model: PreTrainedModel, device: torch.device, grad_accum: int | None = None
+    def __init__(self, cfg: Config, model: PreTrainedModel, device: torch.device, *, grad_accum: int | None = None
                  ) -> None:
         """``device``: what :func:`init_distributed` returned; ``grad_accum``: see :func:`deepspeed_config`."""
         self.cfg = cfg

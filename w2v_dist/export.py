@@ -22,6 +22,7 @@ import torch
 from transformers import AutoModelForCTC, PreTrainedModel, Wav2Vec2Processor
 
 from w2v_dist.config import Config, load_config, to_yaml
+from w2v_dist.data.index import read_vocab
 from w2v_dist.faults import pause_point
 from w2v_dist.model_card import model_card
 
@@ -120,11 +121,10 @@ def checkpoint_state_dict(ref: CheckpointRef) -> dict[str, torch.Tensor]:
 def model_from_checkpoint(ref: CheckpointRef) -> tuple[PreTrainedModel, Wav2Vec2Processor]:
     """The run's architecture and processor (built as the trainer built them) with the checkpoint's weights."""
     from w2v_dist.model import load_model, load_processor
-    from w2v_dist.run import shard_vocab  # the same vocab.json fallback the run used for its processor
 
     cfg = checkpoint_config(ref)
     first = next(iter(cfg.data.train_mix), cfg.data.train_shards)
-    processor = load_processor(cfg.model, shard_vocab(first) if first else None)
+    processor = load_processor(cfg.model, read_vocab(first) if first else None)
     model = load_model(cfg.model, processor).float()  # fp32 inference whatever dtype name_or_path records
     state = checkpoint_state_dict(ref)
     if cfg.deepspeed.precision != "fp32":

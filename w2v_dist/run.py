@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
@@ -12,16 +11,16 @@ from typing import Any
 
 import numpy as np
 import torch
-import webdataset as wds
 from transformers import Wav2Vec2Processor
 
 from w2v_dist import dist
 from w2v_dist.checkpoint import Checkpointer
 from w2v_dist.config import Config, DataConfig
 from w2v_dist.data.audio import EncoderGeometry
-from w2v_dist.data.index import ShardSet, is_remote, load_shard_set, mix_shard_sets, vocab_path
-from w2v_dist.data.loader import RetryPolicy, TrainStream, make_loader, make_preprocess
+from w2v_dist.data.index import ShardSet, is_remote, load_shard_set, mix_shard_sets, read_vocab
+from w2v_dist.data.loader import TrainStream, make_loader, make_preprocess
 from w2v_dist.data.plan import BatchPolicy, StreamLayout
+from w2v_dist.data.shard_reader import RetryPolicy
 from w2v_dist.data.text import TextPolicy
 from w2v_dist.engine import DTYPES, Engine, accelerator_name, check_accelerator, init_distributed
 from w2v_dist.logging import setup_console
@@ -67,14 +66,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def shard_vocab(location: str) -> dict[str, int] | None:
-    try:
-        with wds.gopen(vocab_path(location), "rb") as stream:
-            return json.loads(stream.read())
-    except Exception:  # a missing vocab.json only matters when the model has no tokenizer; load_processor says so
-        return None
-
-
 def check_output_dir(path: Path) -> None:
     path.mkdir(parents=True, exist_ok=True)
     if not os.access(path, os.W_OK):
@@ -104,18 +95,20 @@ def train_locations(data: DataConfig) -> list[str]:
     return locations
 
 
-def load_train_set(data: DataConfig) -> ShardSet:
-    """The training shard set, or the mix of ``data.train_mix`` (whose sets must share one vocabulary)."""
+def load_train_set(data: DataConfig) -> tuple[ShardSet, dict[str, int] | None]:
+    """The training shard set, or the mix of ``data.train_mix`` (whose sets must share one vocabulary), and its
+    vocabulary (:func:`~w2v_dist.data.index.read_vocab`)."""
     if not data.train_mix:
-        return load_shard_set(train_locations(data)[0], data.shard_command, data.max_train_samples)
+        location = train_locations(data)[0]
+        return load_shard_set(location, data.shard_command, data.max_train_samples), read_vocab(location)
     sets = {location: load_shard_set(location, max_samples=data.max_train_samples) for location in data.train_mix}
-    vocabularies = {location: shard_vocab(location) for location in sets}
+    vocabularies = {location: read_vocab(location) for location in sets}
     first = next(iter(vocabularies))
     for location, vocabulary in vocabularies.items():
         if vocabulary != vocabularies[first]:
             raise ValueError(f"data.train_mix: {redact(location)} has another vocabulary than {redact(first)}: "
                              "shard the corpora of one mix with the same --alphabet (or vocab.json)")
-    return mix_shard_sets(sets, dict(data.train_mix))
+    return mix_shard_sets(sets, dict(data.train_mix)), vocabularies[first]
 
 
 def build_run(cfg: Config, local_rank: int | None = None) -> Run:
@@ -124,9 +117,9 @@ def build_run(cfg: Config, local_rank: int | None = None) -> Run:
     check_output_dir(Path(cfg.output_dir))
     dist.register_ranks(Path(cfg.output_dir) / RANKS_DIR, world)  # output_dir shared by every node, or stop here
     seed_everything(cfg.trainer.seed)
-    train_set = load_train_set(cfg.data)
+    train_set, vocabulary = load_train_set(cfg.data)
     check_shards_readable(train_set)
-    processor = load_processor(cfg.model, shard_vocab(train_locations(cfg.data)[0]))
+    processor = load_processor(cfg.model, vocabulary)
     model = load_model(cfg.model, processor)
     sample_rate = train_set.sample_rate
     prep = make_preprocess(processor, EncoderGeometry.from_model_config(model.config), sample_rate,

@@ -11,8 +11,9 @@ import pytest
 from helpers import POLICY, http_server, make_loader, preprocess
 
 from w2v_dist.data.index import load_shard_set
-from w2v_dist.data.loader import EvalStream, RemoteShardError, RetryPolicy, TrainStream
+from w2v_dist.data.loader import EvalStream, TrainStream
 from w2v_dist.data.plan import StreamLayout
+from w2v_dist.data.shard_reader import RemoteShardError, RetryPolicy
 
 FAST = RetryPolicy(attempts=3, backoff_seconds=0.05)
 

@@ -42,7 +42,7 @@ class CTCBatch:
     update: int = -1
     """Training: the optimizer update this micro-batch belongs to (-1 outside training)."""
     stream: int = -1
-    """Training: its data stream (:class:`~w2v_dist.data.loader.StreamLayout`); seeds its dropout and masks."""
+    """Training: its data stream (:class:`~w2v_dist.data.plan.StreamLayout`); seeds its dropout and masks."""
     epoch: int = -1
     """Training: the epoch of its slot's plan it comes from."""
 

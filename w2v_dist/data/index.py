@@ -162,3 +162,15 @@ def mix_shard_sets(sets: dict[str, ShardSet], fractions: dict[str, float]) -> Sh
 
 def vocab_path(location: str) -> str:
     return _join(location, "vocab.json")
+
+
+def read_vocab(location: str) -> dict[str, int] | None:
+    """The shard set's ``vocab.json``; ``None`` when it has none (only a model without a tokenizer needs it:
+    :func:`w2v_dist.model.load_processor` says so)."""
+    import webdataset as wds
+
+    try:
+        with wds.gopen(vocab_path(location), "rb") as stream:
+            return json.loads(stream.read())
+    except Exception:
+        return None
