@@ -299,6 +299,9 @@ class Engine:
         self.frozen_fp32 = {name: p.detach().float().cpu().clone() for name, p in model.named_parameters()
                             if not p.requires_grad} if self.dtype != torch.float32 else {}
         self.ds, _, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=self.ds_config)
+        self.group_settings = [{k: v for k, v in group.items() if k not in ("params", "lr")}
+                               for group in self.optimizer.param_groups]
+        """Each AdamW group's own settings (weight decay, part): see :meth:`load`."""
         self.checkpoint_files = CheckpointFiles(self.ds.checkpoint_engine)
         self.ds.checkpoint_engine = self.checkpoint_files
         self.grad_sums: list[torch.Tensor] = []
@@ -389,6 +392,14 @@ class Engine:
             path, client_state = self.ds.load_checkpoint(str(directory), tag=tag, load_module_strict=True)
         finally:
             self.ds._config.load_universal_checkpoint = False
+        # ZeRO-3's universal load (DeepSpeed 0.19) gives every group the settings of group 0 (no weight decay
+        # anywhere, the head treated as encoder) and one shared step counter, which AdamW then advances once per
+        # group and update (wrong bias correction). Each group gets its own back; the lr is set every step.
+        for group, settings in zip(self.optimizer.param_groups, self.group_settings):
+            group.update(settings)
+        for state in self.optimizer.state.values():
+            if isinstance(state.get("step"), torch.Tensor):
+                state["step"] = state["step"].clone()
         return client_state if path is not None else None
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:

@@ -26,7 +26,7 @@ def key_log(out: Path) -> dict[int, list[tuple[int, int, tuple[str, ...]]]]:
     return {update: sorted(micro) for update, micro in updates.items()}
 
 
-@pytest.mark.parametrize("stage", [0, 2])
+@pytest.mark.parametrize("stage", [0, 2, 3])
 def test_two_ranks_then_one_then_two_end_with_the_straight_runs_weights(shard_dirs: dict, tiny_model: Path,
                                                                         tmp_path: Path, stage: int) -> None:
     # 2 streams of 8 s per update; SpecAugment masks and dropout on: they are drawn per micro-batch.
