@@ -143,9 +143,12 @@ class MainLogger(RunLogger):
 
         artifact = wandb.Artifact(f"{kind}-{self.wandb.id}", type=kind,
                                   metadata={"step": step, "dev_wer": _clean(dev_wer), "path": str(directory)})
-        # A checkpoint is gigabytes on a shared file system: name it, don't read it.
-        artifact.add_reference(directory.resolve().as_uri(), checksum=False)
-        self.wandb.log_artifact(artifact, aliases=aliases)
+        try:  # a checkpoint is gigabytes on a shared file system: name it, don't read it
+            artifact.add_reference(directory.resolve().as_uri(), checksum=False)
+            self.wandb.log_artifact(artifact, aliases=aliases)
+        except Exception as err:  # the checkpoint is committed: a bookkeeping failure must not stop the run
+            logging.getLogger("w2v_dist.logging").warning("wandb could not record %s as an artifact: %s",
+                                                          directory, err)
 
     def close(self) -> None:
         self.bar.close()
