@@ -6,10 +6,27 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Callable
+from dataclasses import fields
 from pathlib import Path
+from typing import Any, TypeVar
 
 from w2v_dist.config import ConfigError, load_config, to_yaml
 from w2v_dist.redact import redact
+
+T = TypeVar("T")
+_CPUS = os.cpu_count() or 1
+
+
+def _fail(command: str, err: Exception | str, code: int = 2) -> int:
+    print(f"{command}: {err}", file=sys.stderr)
+    return code
+
+
+def _options(cls: type[T], args: argparse.Namespace, **given: Any) -> T:
+    """``cls`` (a dataclass) from the flags named as its fields, then ``given``; other fields keep their defaults."""
+    named = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}  # type: ignore[arg-type]
+    return cls(**named | given)
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,8 +42,7 @@ def run_train(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        return 2
+        return _fail("config error", err)
     if args.dump_config:
         print(to_yaml(cfg), end="")
         return 0
@@ -61,17 +77,12 @@ def _shard(args: argparse.Namespace) -> int:
         print("give exactly one of --librispeech ROOT (with --subset) or --manifest FILE", file=sys.stderr)
         return 2
     if args.librispeech:
-        sources = librispeech_sources(args.librispeech, args.subset or ["train-clean-100"])
-        described: dict[str, object] = {"subsets": args.subset or ["train-clean-100"]}
+        subsets = args.subset or ["train-clean-100"]
+        sources, described = librispeech_sources(args.librispeech, subsets), {"subsets": subsets}
     else:
-        sources = manifest_sources(args.manifest)
-        described = {"manifest": Path(args.manifest).name}
-    opts = ShardOptions(shard_size_mb=args.shard_size_mb, workers=args.workers, min_seconds=args.min_seconds,
-                        max_seconds=args.max_seconds, shuffle_seed=None if args.shuffle_seed < 0 else args.shuffle_seed,
-                        sort_in_shards=args.sort_in_shards, overwrite=args.overwrite, dry_run=args.dry_run,
-                        check_audio=args.check_audio, min_char_count=args.min_char_count,
-                        text=TextPolicy(alphabet=args.alphabet, case=args.case, unicode=args.unicode,
-                                        punctuation=args.punctuation, digits=args.digits))
+        sources, described = manifest_sources(args.manifest), {"manifest": Path(args.manifest).name}
+    opts = _options(ShardOptions, args, shuffle_seed=None if args.shuffle_seed < 0 else args.shuffle_seed,
+                    text=_options(TextPolicy, args))
     try:
         index = shard_corpus(sources, args.out, opts, described)
     except FileExistsError as err:
@@ -91,8 +102,7 @@ def _download(args: argparse.Namespace) -> int:
     try:
         download(args.subset, args.root, args.mirror, args.checksums, args.keep_archive)
     except DownloadError as err:
-        print(f"download failed: {err}", file=sys.stderr)
-        return 1
+        return _fail("download failed", err, 1)
     return 0
 
 
@@ -103,8 +113,7 @@ def _verify(args: argparse.Namespace) -> int:
     try:
         result = verify_dir(args.dir, args.workers, on_shard=lambda report: print(report.line(), flush=True))
     except ShardIndexError as err:
-        print(f"verify: {err}", file=sys.stderr)
-        return 2
+        return _fail("verify", err)
     for problem in result.problems:
         print(f"problem: {problem}")
     print(result.summary())
@@ -123,8 +132,7 @@ def _transcribe(args: argparse.Namespace) -> int:
     try:
         check_chunking(args.chunk_seconds, args.overlap_seconds)
     except ValueError as err:
-        print(f"transcribe: {err}", file=sys.stderr)
-        return 2
+        return _fail("transcribe", err)
     for result in transcribe(args.model, args.files, args.chunk_seconds, args.overlap_seconds,
                              word_timestamps=args.json, config=args.config):
         line = {"file": result.path, "text": result.text, "seconds": result.seconds, "words": result.words}
@@ -136,33 +144,26 @@ def _evaluate(args: argparse.Namespace) -> int:
     from w2v_dist.decoding import DecoderUnavailable
     from w2v_dist.evaluation import EvalOptions, evaluate_command
 
-    opts = EvalOptions(model=args.model, shards=args.shards, out=args.out, config=args.config,
-                       batch_seconds=args.batch_seconds, max_batch_size=args.max_batch_size, workers=args.workers,
-                       decoder=args.decoder, lm=args.lm, beam_width=args.beam_width, alpha=args.alpha,
-                       beta=args.beta, worst=args.worst, shard_command=args.shard_command)
+    opts = _options(EvalOptions, args)
     try:
         return evaluate_command(opts, args.local_rank)
     except (ValueError, DecoderUnavailable, OSError) as err:  # bad paths, indexes, configs, options, LM files
-        print(f"evaluate: {err}", file=sys.stderr)
-        return 2
+        return _fail("evaluate", err)
 
 
 def _build_lm(args: argparse.Namespace) -> int:
     from itertools import chain
 
-    from w2v_dist.data.index import ShardIndexError
     from w2v_dist.lm import build_lm, shard_transcripts, text_lines
 
     if not args.shards and not args.text:
-        print("build-lm: give --shards and/or --text", file=sys.stderr)
-        return 2
+        return _fail("build-lm", "give --shards and/or --text")
     sentences = chain(*(shard_transcripts(s) for s in args.shards or []),
                       *(text_lines(Path(t)) for t in args.text or []))
     try:
         summary = build_lm(sentences, Path(args.out), args.order, Path(args.binary) if args.binary else None)
-    except (ValueError, OSError, RuntimeError, ShardIndexError) as err:  # no text, missing tools, lmplz errors
-        print(f"build-lm: {err}", file=sys.stderr)
-        return 2
+    except (ValueError, OSError, RuntimeError) as err:  # no text, bad shard sets, missing tools, lmplz errors
+        return _fail("build-lm", err)
     print(json.dumps(summary))
     return 0
 
@@ -173,8 +174,7 @@ def _report(args: argparse.Namespace) -> int:
     try:
         print(f"wrote {write_report(args.run_dir, args.out)}")
     except FileNotFoundError as err:
-        print(f"report: {err}", file=sys.stderr)
-        return 2
+        return _fail("report", err)
     return 0
 
 
@@ -184,8 +184,7 @@ def _export(args: argparse.Namespace) -> int:
     try:
         print(f"wrote {export_checkpoint(args.checkpoint, args.out, args.tag, args.config)}")
     except (ValueError, OSError) as err:  # not a checkpoint, bad config, NaN weights, unreadable files
-        print(f"export: {err}", file=sys.stderr)
-        return 2
+        return _fail("export", err)
     return 0
 
 
@@ -227,32 +226,35 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="w2v-dist", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    train = sub.add_parser("train", help="train (same as train.py; run it under deepspeed/torchrun for >1 rank)")
-    add_train_arguments(train)
-    train.set_defaults(func=run_train)
 
-    synth = sub.add_parser("synth", help="write a synthetic LibriSpeech-layout corpus with espeak-ng")
+    def command(name: str, func: Callable[[argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
+        subparser = sub.add_parser(name, help=help)
+        subparser.set_defaults(func=func)
+        return subparser
+
+    add_train_arguments(command("train", run_train,
+                                help="train (same as train.py; run it under deepspeed/torchrun for >1 rank)"))
+
+    synth = command("synth", _synth, help="write a synthetic LibriSpeech-layout corpus with espeak-ng")
     synth.add_argument("out_dir")
     synth.add_argument("--utterances", type=int, default=200, help="train-clean-100 utterances")
     synth.add_argument("--dev-utterances", type=int, default=None, help="dev-clean utterances (default N/8)")
     synth.add_argument("--seed", type=int, default=0)
-    synth.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    synth.set_defaults(func=_synth)
+    synth.add_argument("--workers", type=int, default=_CPUS)
 
-    init = sub.add_parser("init-model", help="save a randomly initialised CTC model + processor")
+    init = command("init-model", _init_model, help="save a randomly initialised CTC model + processor")
     init.add_argument("out_dir")
     init.add_argument("--size", choices=("tiny", "base"), default="tiny")
     init.add_argument("--seed", type=int, default=0)
     init.add_argument("--family", choices=FAMILIES, default="wav2vec2", help="the model_type (AutoModelForCTC)")
-    init.set_defaults(func=_init_model)
 
-    shard = sub.add_parser("shard", help="write WebDataset shards + index.json + rejects.jsonl + vocab.json")
+    shard = command("shard", _shard, help="write WebDataset shards + index.json + rejects.jsonl + vocab.json")
     shard.add_argument("--librispeech", help="LibriSpeech root (the LibriSpeech dir or its parent)")
     shard.add_argument("--subset", action="append", help="subset to shard (repeatable)")
     shard.add_argument("--manifest", help="TSV (path, transcript[, speaker]) or JSONL (path, text[, key, speaker])")
     shard.add_argument("--out", required=True)
     shard.add_argument("--shard-size-mb", type=float, default=256.0)
-    shard.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    shard.add_argument("--workers", type=int, default=_CPUS)
     shard.add_argument("--min-seconds", type=float, default=0.0)
     shard.add_argument("--max-seconds", type=float, default=35.0)
     shard.add_argument("--shuffle-seed", type=int, default=0, help="-1 keeps corpus order")
@@ -274,31 +276,27 @@ def build_parser() -> argparse.ArgumentParser:
     text.add_argument("--min-char-count", type=int, default=1,
                       help="characters in fewer transcripts than this are left out of the vocabulary and their "
                            "transcripts rejected (named in rejects.jsonl)")
-    shard.set_defaults(func=_shard)
 
-    demo = sub.add_parser("demo", help="synth corpus -> shards -> tiny model -> 2-rank DeepSpeed -> WER -> export")
+    demo = command("demo", _demo, help="synth corpus -> shards -> tiny model -> 2-rank DeepSpeed -> WER -> export")
     demo.add_argument("--work-dir", default="work/demo")
     demo.add_argument("--config", default="configs/demo.yaml")
     demo.add_argument("--utterances", type=int, default=480, help="synthetic train-clean-100 utterances")
     demo.add_argument("--dev-utterances", type=int, default=48, help="synthetic dev-clean utterances")
     demo.add_argument("overrides", nargs="*")
-    demo.set_defaults(func=_demo)
 
-    dl = sub.add_parser("download", help="download, MD5-check and safely extract LibriSpeech subsets")
+    dl = command("download", _download, help="download, MD5-check and safely extract LibriSpeech subsets")
     dl.add_argument("--subset", action="append", required=True, help="e.g. train-clean-100 (repeatable)")
     dl.add_argument("--root", required=True, help="where LibriSpeech/<subset>/ is extracted (archives go here too)")
     dl.add_argument("--mirror", default=None,
                     help="base URL holding <subset>.tar.gz (default: https://www.openslr.org/resources/12)")
     dl.add_argument("--checksums", help="md5sum-style file (<md5>  <subset>.tar.gz) overriding the built-in table")
     dl.add_argument("--keep-archive", action="store_true", help="keep <subset>.tar.gz after extraction")
-    dl.set_defaults(func=_download)
 
-    verify = sub.add_parser("verify", help="re-read a shard directory and check it against its index.json")
+    verify = command("verify", _verify, help="re-read a shard directory and check it against its index.json")
     verify.add_argument("dir", help="shard directory (the one holding index.json)")
     verify.add_argument("--workers", type=int, default=2, help="processes reading shards in parallel")
-    verify.set_defaults(func=_verify)
 
-    bench = sub.add_parser("bench", help="benchmarks: one JSON line per measurement, ratios measured side by side")
+    bench = command("bench", _bench, help="benchmarks: one JSON line per measurement, ratios measured side by side")
     bench.add_argument("what", choices=("loader", "shard", "step", "scaling", "gpu"))
     bench.add_argument("--work-dir", default="work/bench", help="where the benchmark corpus and shards are kept")
     bench.add_argument("--utterances", type=int, default=300, help="size of the LibriSpeech-shaped corpus")
@@ -314,28 +312,27 @@ def build_parser() -> argparse.ArgumentParser:
                        help="gpu: time only the candidate variants (no data-wait run, sweep or memory probe)")
     bench.add_argument("--probe-limit", type=float, default=20_000.0,
                        help="gpu: stop the largest-batch probe at this many seconds of worst-case audio")
-    bench.set_defaults(func=_bench)
 
-    docs = sub.add_parser("config-docs", help="print the configuration reference (markdown)")
-    docs.set_defaults(func=_config_docs)
+    command("config-docs", _config_docs, help="print the configuration reference (markdown)")
 
     model_help = "HF export dir (e.g. RUN/final) or DeepSpeed checkpoint: RUN dir, RUN/checkpoints or a step_* dir"
-    transcribe = sub.add_parser("transcribe", help="transcribe audio files (any soundfile format; long files chunked)")
+    config_help = "the run's config.yaml when --model is a checkpoint outside its run dir"
+    transcribe = command("transcribe", _transcribe,
+                         help="transcribe audio files (any soundfile format; long files chunked)")
     transcribe.add_argument("--model", required=True, help=model_help)
-    transcribe.add_argument("--config", help="the run's config.yaml when --model is a checkpoint outside its run dir")
+    transcribe.add_argument("--config", help=config_help)
     transcribe.add_argument("--json", action="store_true", help="one JSON line per file, with word timestamps")
     transcribe.add_argument("--chunk-seconds", type=float, default=30.0, help="files longer than this are chunked")
     transcribe.add_argument("--overlap-seconds", type=float, default=2.0,
                             help="context each chunk shares with its neighbour on each side (dropped from output)")
     transcribe.add_argument("files", nargs="+")
-    transcribe.set_defaults(func=_transcribe)
 
-    evaluate = sub.add_parser("evaluate", help="WER/CER on shard sets, per utterance (JSONL) and per set (stdout); "
-                                               "runs under deepspeed/torchrun too")
+    evaluate = command("evaluate", _evaluate, help="WER/CER on shard sets, per utterance (JSONL) and per set "
+                                                   "(stdout); runs under deepspeed/torchrun too")
     evaluate.add_argument("--model", required=True, help=model_help)
     evaluate.add_argument("--shards", action="append", required=True, help="shard directory (repeatable)")
     evaluate.add_argument("--out", help="per-utterance JSONL file")
-    evaluate.add_argument("--config", help="the run's config.yaml when --model is a checkpoint outside its run dir")
+    evaluate.add_argument("--config", help=config_help)
     evaluate.add_argument("--batch-seconds", type=float, default=100.0, help="padded audio seconds per batch")
     evaluate.add_argument("--max-batch-size", type=int, default=64,
                           help="utterances per batch; group-norm encoders without attention mask (wav2vec2-base: "
@@ -349,28 +346,24 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--worst", type=int, default=10, help="list this many worst utterances on stderr")
     evaluate.add_argument("--shard-command", default="", help="pipe:...{shard}... template, as data.shard_command")
     evaluate.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    evaluate.set_defaults(func=_evaluate)
 
-    lm = sub.add_parser("build-lm", help="n-gram LM (ARPA, optionally KenLM binary) from transcripts, for "
-                                         "evaluate --decoder beam --lm; estimated by KenLM's lmplz")
+    lm = command("build-lm", _build_lm, help="n-gram LM (ARPA, optionally KenLM binary) from transcripts, for "
+                                             "evaluate --decoder beam --lm; estimated by KenLM's lmplz")
     lm.add_argument("--out", required=True, help="ARPA file to write")
     lm.add_argument("--shards", action="append", help="shard set whose transcripts to use (repeatable)")
     lm.add_argument("--text", action="append", help="text file, one sentence per line, used as written (repeatable)")
     lm.add_argument("--order", type=int, default=4, help="n-gram order (2-6)")
     lm.add_argument("--binary", help="also write KenLM's binary format here (loads much faster)")
-    lm.set_defaults(func=_build_lm)
 
-    report = sub.add_parser("report", help="plots (PNG) and report.md from a run's metrics.jsonl")
+    report = command("report", _report, help="plots (PNG) and report.md from a run's metrics.jsonl")
     report.add_argument("run_dir", help="the run's output_dir")
     report.add_argument("--out", help="output directory (default RUN_DIR/report)")
-    report.set_defaults(func=_report)
 
-    export = sub.add_parser("export", help="DeepSpeed checkpoint (any ZeRO stage) -> Hugging Face dir")
+    export = command("export", _export, help="DeepSpeed checkpoint (any ZeRO stage) -> Hugging Face dir")
     export.add_argument("--checkpoint", required=True, help="RUN dir, RUN/checkpoints or a step_* dir")
     export.add_argument("--tag", help="checkpoint tag (default: latest)")
     export.add_argument("--out", required=True)
     export.add_argument("--config", help="the run's config.yaml (default: next to the checkpoints/ dir)")
-    export.set_defaults(func=_export)
     return parser
 
 

@@ -11,6 +11,7 @@ import difflib
 import inspect
 import os
 from dataclasses import dataclass, field, fields, is_dataclass
+from operator import attrgetter
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -270,6 +271,11 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
     "deepspeed.zero_stage": (0, 1, 2, 3),
     "model.attention": ("sdpa", "eager"),
 }
+_POSITIVE = ("trainer.max_steps", "trainer.grad_accum", "data.max_batch_seconds", "data.max_batch_size",
+             "data.bucket_window", "data.shuffle_buffer", "optim.lr", "trainer.log_every",
+             "trainer.max_consecutive_bad_steps", "checkpoint.keep_last", "data.remote_attempts")
+_NON_NEGATIVE = ("trainer.eval_every", "trainer.save_every", "optim.grad_clip", "model.freeze_finetune_updates",
+                 "trainer.max_rollbacks", "checkpoint.keep_best")
 _DEEPSPEED_OWNED = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping",
                     "optimizer", "scheduler", "train_batch_size", "zero_optimization.stage", "bf16.enabled",
                     "fp16.enabled")
@@ -327,26 +333,13 @@ def validate(cfg: Config, source: str = "config") -> None:
         raise ConfigError(f"bad value for '{key}' in {source}: {why}")
 
     for key, choices in _CHOICES.items():
-        value: Any = cfg
-        for part in key.split("."):
-            value = getattr(value, part)
-        if value not in choices:
+        if (value := attrgetter(key)(cfg)) not in choices:
             fail(key, f"{value!r} is not one of {list(choices)}")
-    positive = {"trainer.max_steps": cfg.trainer.max_steps, "trainer.grad_accum": cfg.trainer.grad_accum,
-                "data.max_batch_seconds": cfg.data.max_batch_seconds, "data.max_batch_size": cfg.data.max_batch_size,
-                "data.bucket_window": cfg.data.bucket_window, "data.shuffle_buffer": cfg.data.shuffle_buffer,
-                "optim.lr": cfg.optim.lr, "trainer.log_every": cfg.trainer.log_every,
-                "trainer.max_consecutive_bad_steps": cfg.trainer.max_consecutive_bad_steps,
-                "checkpoint.keep_last": cfg.checkpoint.keep_last, "data.remote_attempts": cfg.data.remote_attempts}
-    for key, value in positive.items():
-        if value <= 0:
+    for key in _POSITIVE:
+        if (value := attrgetter(key)(cfg)) <= 0:
             fail(key, f"must be > 0, got {value}")
-    for key, value in {"trainer.eval_every": cfg.trainer.eval_every, "trainer.save_every": cfg.trainer.save_every,
-                       "optim.grad_clip": cfg.optim.grad_clip,
-                       "model.freeze_finetune_updates": cfg.model.freeze_finetune_updates,
-                       "trainer.max_rollbacks": cfg.trainer.max_rollbacks,
-                       "checkpoint.keep_best": cfg.checkpoint.keep_best}.items():
-        if value < 0:
+    for key in _NON_NEGATIVE:
+        if (value := attrgetter(key)(cfg)) < 0:
             fail(key, f"must be >= 0, got {value}")
     if cfg.data.train_mix and cfg.data.train_shards:
         fail("data.train_mix", "set data.train_shards or data.train_mix, not both")

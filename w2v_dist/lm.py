@@ -76,16 +76,12 @@ def build_lm(sentences: Iterable[str], arpa: Path, order: int = 4, binary: Path 
                 count, words = count + 1, words + len(sentence.split())
         if not words:
             raise ValueError("no text to estimate a language model from")
-        argv = [lm_tool("lmplz"), "-o", str(order), "--discount_fallback", "-S", memory, "-T", tmp,
-                "--text", str(corpus), "--arpa", str(arpa)]
-        _run(argv)
+        _run([lm_tool("lmplz"), "-o", str(order), "--discount_fallback", "-S", memory, "-T", tmp,
+              "--text", str(corpus), "--arpa", str(arpa)])
     if binary is not None:
         _run([lm_tool("build_binary"), str(arpa), str(binary)])
-    summary: dict[str, object] = {"arpa": str(arpa), "sentences": count, "words": words,
-                                  "ngrams": arpa_counts(arpa)}
-    if binary is not None:
-        summary["binary"] = str(binary)
-    return summary
+    return {"arpa": str(arpa), "sentences": count, "words": words, "ngrams": arpa_counts(arpa),
+            **({"binary": str(binary)} if binary is not None else {})}
 
 
 def _run(argv: list[str]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,8 +96,6 @@ def manifest_sources(manifest: str | Path) -> list[Source]:
         key = str(row.get("key") or audio.stem)
         text = row.get("text", row.get("transcript"))
         sources.append(Source(key, audio, text, str(row.get("speaker", "")), "", str(row["path"])))
-    keys = [s.key for s in sources]
-    if len(set(keys)) != len(keys):
-        dupes = sorted({k for k in keys if keys.count(k) > 1})[:5]
-        raise ValueError(f"{path}: duplicate keys {dupes}; give each line a unique 'key'")
+    if dupes := sorted(k for k, n in Counter(s.key for s in sources).items() if n > 1):
+        raise ValueError(f"{path}: duplicate keys {dupes[:5]}; give each line a unique 'key'")
     return sources

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import re
 import tarfile
 from collections import Counter
@@ -60,15 +61,6 @@ class VerifyResult:
         return (f"{'OK' if self.ok else 'FAILED'}: {len(self.shards)} shards, {len(self.shards) - bad} ok, {bad} with "
                 f"problems, {len(self.problems)} directory problems; {sum(r.samples for r in self.shards)} samples, "
                 f"{sum(r.seconds for r in self.shards) / 3600:.3f} h, {sum(r.bytes for r in self.shards) / 1e6:.1f} MB")
-
-
-def _digest(path: Path) -> tuple[int, str]:
-    sha, size = hashlib.sha256(), 0
-    with open(path, "rb") as stream:
-        while chunk := stream.read(1 << 20):
-            sha.update(chunk)
-            size += len(chunk)
-    return size, sha.hexdigest()
 
 
 def _samples(path: Path, report: ShardReport) -> Iterator[tuple[str, dict[str, bytes]]]:
@@ -131,7 +123,8 @@ def verify_shard(directory: str, entry: dict, sample_rate: int) -> ShardReport:
     if not path.is_file():
         report.problems.append("missing: the index lists it but there is no such file")
         return report
-    report.bytes, digest = _digest(path)
+    with open(path, "rb") as stream:
+        report.bytes, digest = os.fstat(stream.fileno()).st_size, hashlib.file_digest(stream, "sha256").hexdigest()
     if report.bytes != entry.get("bytes"):
         report.problems.append(f"{report.bytes} bytes, the index says {entry.get('bytes')}")
     if digest != entry.get("sha256"):
@@ -149,10 +142,6 @@ def verify_shard(directory: str, entry: dict, sample_rate: int) -> ShardReport:
     if entry.get("samples") != len(rows):
         report.problems.append(f"the index counts {entry.get('samples')} samples but lists {len(rows)}")
     return report
-
-
-def _verify_star(args: tuple[str, dict, int]) -> ShardReport:
-    return verify_shard(*args)
 
 
 def _directory_problems(root: Path, index: dict, reports: list[ShardReport]) -> list[str]:
@@ -212,11 +201,11 @@ def verify_dir(directory: str | Path, workers: int = 2,
         jobs.append((str(root), entry, int(index.get("sample_rate", 16_000))))
     if workers > 1 and len(jobs) > 1:
         with process_pool(min(workers, len(jobs))) as pool:
-            for report in pool.map(_verify_star, jobs):
+            for report in pool.map(verify_shard, *zip(*jobs, strict=True)):
                 emit(report)
     else:
         for job in jobs:
-            emit(_verify_star(job))
+            emit(verify_shard(*job))
     for name in sorted(n for n, count in names.items() if count > 1):
         emit(ShardReport(name, problems=["listed more than once in index.json"]))
     for extra in sorted(p.name for p in root.glob("shard-*.tar") if p.name not in names):
