@@ -108,8 +108,8 @@ class ModelConfig:
     on GPUs) or ``eager`` (the reference implementation; materialises the T×T attention matrix)."""
     cudnn_attention: bool = False
     """Let ``sdpa`` use cuDNN's attention kernels. cuDNN builds a graph for every new batch shape, and batches by
-    seconds have a new shape at nearly every step: on an H200 that made steps 30 % slower than PyTorch's flash
-    kernels (docs/performance.md). Worth trying only with fixed-shape batches."""
+    seconds have a new shape at nearly every step, which made steps slower than PyTorch's flash kernels
+    (measured in docs/performance.md). Worth trying only with fixed-shape batches."""
     compile: bool = False
     """Compile the transformer layers with ``torch.compile(dynamic=True)`` (one graph for every batch shape);
     see docs/performance.md for when it pays off."""
