@@ -7,6 +7,7 @@ separators, no ``..``, no URL schemes and no ``pipe:``. Commands only ever come 
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from dataclasses import dataclass, replace
@@ -62,6 +63,11 @@ class ShardSet:
 
     def part_name(self, shard: int) -> str:
         return redact(self.parts[self.shard_parts[shard]]) if self.parts else ""
+
+    @functools.cached_property
+    def epoch_seconds(self) -> tuple[float, ...]:
+        """Per shard, the audio seconds an epoch reads: all, or for a mix its fraction."""
+        return tuple(total * self.shard_fraction(s) for s, total in enumerate(self.seconds))
 
     @property
     def epoch_samples(self) -> int:

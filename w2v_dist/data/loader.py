@@ -207,8 +207,8 @@ class TrainStream(_Stream):
     def plan(self, slot: int, epoch: int) -> tuple[list[Batch], list[Piece], Counter[str]]:
         layout, shards = self.layout, self.shards
         utterances = self.epoch_utterances(epoch)
-        seconds = [total * shards.shard_fraction(s) for s, total in enumerate(shards.seconds)]
-        pieces = assign_pieces(seconds, [len(u) for u in utterances], layout.slots, layout.seed, epoch)[slot]
+        pieces = assign_pieces(shards.epoch_seconds, [len(u) for u in utterances], layout.slots, layout.seed,
+                               epoch)[slot]
         batches, skips = plan_batches(pieces, utterances, self.policy, self.prep.skip_reason,
                                       epoch_rng(layout.seed, epoch, slot), speed_perturbation(
                                           self.policy.speeds, layout.seed, epoch, self.shards.sample_rate))
