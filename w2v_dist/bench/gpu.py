@@ -16,8 +16,6 @@ from __future__ import annotations
 import gc
 import os
 import random
-import statistics
-import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -27,11 +25,10 @@ import numpy as np
 import torch
 from transformers import Wav2Vec2Config
 
-from w2v_dist.bench.corpus import CHARS_PER_SECOND, librispeech_like_seconds
+from w2v_dist.bench.corpus import CHARS_PER_SECOND, librispeech_like_seconds, prepare_shards, prepared_model
 from w2v_dist.bench.gpu_step import Trial, build_step, measure_variant
-from w2v_dist.bench.loader import prepare_shards
-from w2v_dist.bench.output import SR, emit
-from w2v_dist.bench.step import training_windows
+from w2v_dist.bench.output import SR, elapsed, emit, interleaved_medians
+from w2v_dist.bench.step import data_wait
 from w2v_dist.data.collate import LABEL_PAD, CTCBatch
 from w2v_dist.data.index import Utterance
 from w2v_dist.data.plan import BatchPolicy, pack
@@ -85,15 +82,13 @@ def adamw_ms(num_params: int, rounds: int = 20) -> dict[str, float]:
     for p in params:
         p.grad = torch.randn_like(p)
     opts = {"fused": torch.optim.AdamW(params, fused=True), "foreach": torch.optim.AdamW(params, foreach=True)}
-    times: dict[str, list[float]] = {k: [] for k in opts}
-    for _ in range(rounds):
-        for name, opt in opts.items():
-            torch.cuda.synchronize()
-            start = time.perf_counter()
-            opt.step()
-            torch.cuda.synchronize()
-            times[name].append((time.perf_counter() - start) * 1e3)
-    return {f"adamw_{k}_ms": statistics.median(v[2:]) for k, v in times.items()}
+
+    def step(opt: torch.optim.Optimizer) -> None:
+        opt.step()
+        torch.cuda.synchronize()
+
+    medians = interleaved_medians({k: partial(elapsed, step, [o]) for k, o in opts.items()}, rounds - 2, warmup=2)
+    return {f"adamw_{k}_ms": v * 1e3 for k, v in medians.items()}
 
 
 def largest_batch(model_dir: Path, trial: Trial, start: float, limit: float) -> dict[str, Any]:
@@ -116,16 +111,13 @@ def largest_batch(model_dir: Path, trial: Trial, start: float, limit: float) -> 
     return {"largest_max_batch_seconds": fits, "probe_limit_seconds": limit, "reached_limit": seconds > limit}
 
 
-def data_wait(work_dir: Path, model_dir: Path, batch_seconds: float, steps: int) -> dict[str, Any]:
+def gpu_data_wait(work_dir: Path, model_dir: Path, batch_seconds: float, steps: int) -> dict[str, Any]:
     """A real ``train.py`` run (bf16, ZeRO-2, default loader workers) on LibriSpeech-shaped shards."""
     _, shards = prepare_shards(work_dir / "loader", 800, os.cpu_count() or 2)
-    windows = training_windows(work_dir / "gpu-run", [
-        f"data.train_shards={shards}", f"model.name_or_path={model_dir}", f"trainer.max_steps={steps}",
+    means = data_wait(work_dir / "gpu-run", shards, model_dir, steps, [
         f"data.max_batch_seconds={batch_seconds}", "data.max_batch_size=1024", "deepspeed.precision=bf16",
-        "deepspeed.zero_stage=2", "model.layerdrop=0"], quiet=False)
-    return emit({"measure": "gpu_data_wait", "steps": steps, "batch_seconds": batch_seconds,
-                 "data_wait_fraction": statistics.mean(r["data_wait_fraction"] for r in windows),
-                 "audio_seconds_per_second": statistics.mean(r["audio_seconds_per_second"] for r in windows)})
+        "deepspeed.zero_stage=2", "model.layerdrop=0"], ("data_wait_fraction", "audio_seconds_per_second"), False)
+    return emit({"measure": "gpu_data_wait", "steps": steps, "batch_seconds": batch_seconds, **means})
 
 
 def trials(quick: bool) -> list[Trial]:
@@ -143,22 +135,19 @@ def trials(quick: bool) -> list[Trial]:
 def gpu_benchmark(work_dir: Path, batch_seconds: list[float], steps: int, warmup: int, probe_limit: float,
         quick: bool = False) -> dict[str, Any]:
     """All measurements; ``quick`` times only the candidate variants (no data-wait run, sweep or memory probe)."""
-    from w2v_dist.model import init_model
     from w2v_dist.run import start_process
 
     start_process(30.0)
     torch._logging.set_logs(recompiles=True)  # a recompilation prints its reason
     work_dir.mkdir(parents=True, exist_ok=True)
-    model_dir = work_dir / "model-base"
-    if not (model_dir / "config.json").exists():
-        init_model(model_dir, "base")
+    model_dir = prepared_model(work_dir, "base")
     device = torch.cuda.get_device_name()
     peaks = {"datasheet": peak_tflops(device), "measured": matmul_tflops()}
     emit({"measure": "gpu_device", "device": device, "torch": torch.__version__,
           "datasheet_bf16_tflops": peaks["datasheet"], "measured_bf16_matmul_tflops": peaks["measured"]})
     skipped = {"skipped": "quick"}
     wait = skipped if quick else attempt("gpu_data_wait",
-                                         lambda: data_wait(work_dir, model_dir, batch_seconds[-1], 40))
+                                         lambda: gpu_data_wait(work_dir, model_dir, batch_seconds[-1], 40))
     vocab = int(Wav2Vec2Config.from_pretrained(model_dir).vocab_size or 0)
     sweep = [] if quick else [(Trial("flash+compile", ("model.compile=true",)), s) for s in batch_seconds[:-1]]
     results = [attempt("gpu_variant", partial(measure_variant, trial, model_dir,

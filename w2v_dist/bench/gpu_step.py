@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from w2v_dist.bench.output import SR, emit
+from w2v_dist.bench.output import SR, elapsed, emit
 from w2v_dist.data.collate import CTCBatch
 from w2v_dist.flops import batch_flops
 
@@ -30,6 +30,7 @@ def synchronize() -> None:
     if CUDA:
         torch.cuda.synchronize()
 
+
 @dataclass(frozen=True)
 class Trial:
     name: str
@@ -41,44 +42,30 @@ class Trial:
     """A bare PyTorch loop (autocast bf16, fused AdamW, clipping) instead of our engine and train_step."""
 
 
-def trial_config(model_dir: Path, trial: Trial) -> Any:
-    from w2v_dist.config import load_config
-
-    return load_config(None, [f"model.name_or_path={model_dir}", "deepspeed.precision=bf16", "deepspeed.zero_stage=2",
-                              "model.layerdrop=0", "schedule.name=constant", *trial.overrides])
-
-
-def build_step(model_dir: Path, trial: Trial) -> tuple[Callable[[CTCBatch], None], Any]:
+def build_step(model_dir: Path, trial: Trial) -> tuple[Callable[[CTCBatch], object], Any]:
     """The step function a trial times; each call returns when the GPU has finished the step."""
+    from w2v_dist.bench.step import bare_step
+    from w2v_dist.config import load_config
     from w2v_dist.engine import param_groups
     from w2v_dist.model import load_model, load_processor
     from w2v_dist.run import build_engine
     from w2v_dist.trainer import train_step
 
-    cfg = trial_config(model_dir, trial)
+    cfg = load_config(None, [f"model.name_or_path={model_dir}", "deepspeed.precision=bf16", "deepspeed.zero_stage=2",
+                             "model.layerdrop=0", "schedule.name=constant", *trial.overrides])
     if not trial.bare:
         _, engine, _ = build_engine(cfg)
-
-        def engine_step(batch: CTCBatch) -> None:
-            train_step(engine, [batch], 1)  # ends in a host read of the guard flags: the step is complete
-
-        return engine_step, engine.module.config
+        # train_step ends in a host read of the guard flags: the step is complete
+        return lambda batch: train_step(engine, [batch], 1), engine.module.config
     model = load_model(cfg.model, load_processor(cfg.model, None))
     model.to(DEVICE).train()  # type: ignore[arg-type]
     optimizer = torch.optim.AdamW(param_groups(model, 0.0), lr=cfg.optim.lr, fused=True)
 
-    def bare_step(batch: CTCBatch) -> None:
-        inputs = batch.model_inputs(DEVICE)
-        labels = inputs["labels"]
-        with torch.autocast(DEVICE, dtype=torch.bfloat16):
-            loss = model(**inputs).loss
-        (loss.float() / (labels >= 0).sum()).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    def step(batch: CTCBatch) -> None:
+        bare_step(model, optimizer, batch, cfg.optim.grad_clip, DEVICE, autocast=True)
         synchronize()
 
-    return bare_step, model.config
+    return step, model.config
 
 
 def measure_variant(trial: Trial, model_dir: Path, batches: list[CTCBatch], warmup: int,
@@ -88,26 +75,19 @@ def measure_variant(trial: Trial, model_dir: Path, batches: list[CTCBatch], warm
     if trial.static_shapes:
         batches = [batches[0]] * len(batches)
     step, config = build_step(model_dir, trial)
-    start = time.perf_counter()
-    for batch in batches[:warmup]:
-        step(batch)
-    warmup_s = time.perf_counter() - start
+    warmup_s = elapsed(step, batches[:warmup])
     graphs_before = counters["stats"]["unique_graphs"]
     if CUDA:
         torch.cuda.reset_peak_memory_stats()
-    timed = batches[warmup:]
-    step_times = []
-    for batch in timed:
-        start = time.perf_counter()
-        step(batch)
-        step_times.append(time.perf_counter() - start)
-    anatomy = step_anatomy(step, timed[:3])
-    seconds = sum(b.seconds for b in timed)
+    measured = batches[warmup:]
+    step_times = [elapsed(step, [batch]) for batch in measured]
+    anatomy = step_anatomy(step, measured[:3])
+    seconds = sum(b.seconds for b in measured)
     wall = sum(step_times)
-    flops = batch_flops(config, [n for b in timed for n in b.input_lengths.tolist()])
+    flops = batch_flops(config, [n for b in measured for n in b.input_lengths.tolist()])
     record = {"measure": "gpu_variant", "variant": trial.name, "trial": asdict(trial),
-              "batch_seconds": statistics.mean(b.input_values.numel() / SR for b in timed),
-              "steps": len(timed), "step_s_median": statistics.median(step_times),
+              "batch_seconds": statistics.mean(b.input_values.numel() / SR for b in measured),
+              "steps": len(measured), "step_s_median": statistics.median(step_times),
               "audio_seconds_per_second": seconds / wall, "tflops": flops.total / wall / 1e12,
               "transformer_tflops": flops.transformer / wall / 1e12, "warmup_s": warmup_s,
               "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if CUDA else 0.0,
@@ -119,12 +99,11 @@ def measure_variant(trial: Trial, model_dir: Path, batches: list[CTCBatch], warm
     record.update(anatomy)
     del step
     gc.collect()
-    if CUDA:
-        torch.cuda.empty_cache()
+    torch.cuda.empty_cache()  # a no-op without a GPU
     return emit(record)
 
 
-def step_anatomy(step: Callable[[CTCBatch], None], batches: list[CTCBatch]) -> dict[str, Any]:
+def step_anatomy(step: Callable[[CTCBatch], object], batches: list[CTCBatch]) -> dict[str, Any]:
     """Host syncs per step (CUDA sync debug mode), the fraction of wall time the GPU runs kernels, and where the
     GPU and the host spend a step."""
     from torch.profiler import ProfilerActivity, profile

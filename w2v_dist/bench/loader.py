@@ -24,51 +24,58 @@ import soundfile as sf
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from w2v_dist.bench.corpus import build
-from w2v_dist.bench.output import SR, emit
+from w2v_dist.bench.corpus import librispeech_like_seconds, prepare_shards
+from w2v_dist.bench.output import SR, emit, timed
 from w2v_dist.data.audio import EncoderGeometry
 from w2v_dist.data.collate import CTCBatch
-from w2v_dist.data.index import load_shard_set
-from w2v_dist.data.loader import TrainStream, make_loader, make_preprocess
-from w2v_dist.data.plan import BatchPolicy, StreamLayout, padding_fraction
+from w2v_dist.data.index import ShardSet, Utterance, load_shard_set
+from w2v_dist.data.loader import Preprocess, TrainStream, make_loader, make_preprocess
+from w2v_dist.data.plan import BatchPolicy, StreamLayout, assign_pieces, epoch_rng, padding_fraction, plan_batches
 from w2v_dist.prep.sources import librispeech_sources
+
+Metadata = tuple[float, int, int, int]
+"""A batch's real seconds, real samples, padded samples and utterances."""
 
 
 def raw_decode_rate(files: list[Path]) -> float:
     """Audio-seconds decoded per second on one core, from bytes already in memory."""
     blobs = [f.read_bytes() for f in files]
-    start, seconds = time.perf_counter(), 0.0
-    for blob in blobs:
-        seconds += len(sf.read(io.BytesIO(blob), dtype="float32")[0]) / SR
-    return seconds / (time.perf_counter() - start)
+    seconds, wall = timed(lambda: sum(len(sf.read(io.BytesIO(blob), dtype="float32")[0]) / SR for blob in blobs))
+    return seconds / wall
 
 
-def _metadata(batch: CTCBatch | dict[str, Any]) -> dict[str, Any]:
-    """A batch (ours, or the seed-style pipeline's dict) without its tensors of samples: keeping ~1 GB of decoded
-    audio alive, as no trainer does, would make every batch land in fresh memory and time page faults instead of
-    the loader."""
-    if isinstance(batch, CTCBatch):
-        return {"seconds": batch.seconds, "numel": batch.input_values.numel(), "input_lengths": batch.input_lengths,
-                "keys": batch.keys}
-    kept = {k: v for k, v in batch.items() if k not in ("input_values", "labels", "attention_mask")}
-    return kept | {"numel": batch["input_values"].numel()}
+def _metadata(batch: CTCBatch) -> Metadata:
+    """A batch without its tensors of samples: keeping ~1 GB of decoded audio alive, as no trainer does, would
+    make every batch land in fresh memory and time page faults instead of the loader."""
+    return batch.seconds, int(batch.input_lengths.sum()), batch.input_values.numel(), len(batch)
 
 
-def timed_batches(batches: Iterator[Any], audio_seconds: float) -> tuple[float, list[dict[str, Any]]]:
+def padding(batches: list[Metadata]) -> float:
+    """The padded share of the batches' samples."""
+    return 1 - sum(b[1] for b in batches) / sum(b[2] for b in batches)
+
+
+def timed_batches(batches: Iterator[CTCBatch], audio_seconds: float) -> tuple[float, list[Metadata]]:
     """Audio-seconds per second over batches until ``audio_seconds`` of real audio went by (first batch
     excluded: worker start-up is not throughput); returns the batches' metadata."""
-    first = next(batches)
-    start, seen, kept = time.perf_counter(), 0.0, [_metadata(first)]
+    kept = [_metadata(next(batches))]
+    start, seen = time.perf_counter(), 0.0
     for batch in batches:
         kept.append(_metadata(batch))
-        seen += kept[-1]["seconds"]
+        seen += kept[-1][0]
         if seen >= audio_seconds:
             break
     return seen / (time.perf_counter() - start), kept
 
 
+def stream(shard_set: ShardSet, policy: BatchPolicy, prep: Preprocess, workers: int) -> TrainStream:
+    """One rank's training stream, one slot per worker."""
+    return TrainStream(shard_set, policy, prep, rank=0, world_size=1, layout=StreamLayout(1, max(1, workers), 1))
+
+
 class SeedStyleDataset(Dataset):  # type: ignore[type-arg]
-    """The original script's pipeline: one file read and one processor call per sample."""
+    """The original script's pipeline: one file read and one processor call per sample, padded by the processor
+    (labels are tokenised but not collated)."""
 
     def __init__(self, items: list[tuple[str, str]], processor: Any, read: Callable[[str], bytes]) -> None:
         self.items, self.processor, self.read = items, processor, read
@@ -82,22 +89,19 @@ class SeedStyleDataset(Dataset):  # type: ignore[type-arg]
         values = self.processor(audio, sampling_rate=rate).input_values[0]
         return {"input_values": values, "labels": self.processor.tokenizer(text).input_ids}
 
-
-def seed_collate(processor: Any) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
-    def collate(features: list[dict[str, Any]]) -> dict[str, Any]:
-        batch = processor.feature_extractor.pad([{"input_values": f["input_values"]} for f in features],
-                                                return_tensors="pt", return_attention_mask=True)
-        mask = batch["attention_mask"]
-        return {"input_values": batch["input_values"], "seconds": float(mask.sum()) / SR,
-                "padded": mask.numel(), "real": int(mask.sum())}
-    return collate
+    def collate(self, features: list[dict[str, Any]]) -> CTCBatch:
+        batch = self.processor.feature_extractor.pad([{"input_values": f["input_values"]} for f in features],
+                                                     return_tensors="pt", return_attention_mask=True)
+        lengths = batch["attention_mask"].sum(dim=1)
+        return CTCBatch(input_values=batch["input_values"], input_lengths=lengths, labels=torch.empty(0, 0),
+                        keys=("",) * len(features), texts=(), seconds=float(lengths.sum()) / SR, normalize=False)
 
 
 def seed_style_loader(items: list[tuple[str, str]], processor: Any, workers: int,
-                      read: Callable[[str], bytes]) -> Iterator[dict[str, Any]]:
-    loader = DataLoader(SeedStyleDataset(items, processor, read), batch_size=2, shuffle=True, num_workers=workers,
-                        collate_fn=seed_collate(processor))
-    return itertools.chain.from_iterable(itertools.repeat(loader))  # type: ignore[arg-type]
+                      read: Callable[[str], bytes]) -> Iterator[CTCBatch]:
+    dataset = SeedStyleDataset(items, processor, read)
+    loader = DataLoader(dataset, batch_size=2, shuffle=True, num_workers=workers, collate_fn=dataset.collate)
+    return itertools.chain.from_iterable(itertools.repeat(loader))
 
 
 def worker_uss_mb() -> float:
@@ -110,18 +114,6 @@ def worker_uss_mb() -> float:
 def http_get(url: str) -> bytes:
     with urllib.request.urlopen(url) as response:
         return bytes(response.read())
-
-
-def prepare_shards(work_dir: Path, utterances: int, workers: int) -> tuple[Path, Path]:
-    """The benchmark corpus and its shards under ``work_dir`` (reused when present)."""
-    from w2v_dist.prep.shards import ShardOptions, shard_corpus
-
-    corpus = build(work_dir / "corpus", utterances)
-    shards = work_dir / "shards"
-    if not (shards / "index.json").exists():
-        shard_corpus(librispeech_sources(corpus, ["train-clean-100"]), shards,
-                     ShardOptions(shard_size_mb=16, workers=workers, overwrite=True), {"subsets": ["bench"]})
-    return corpus, shards
 
 
 def loader_benchmark(work_dir: Path, utterances: int, workers: int) -> dict[str, Any]:
@@ -139,16 +131,14 @@ def loader_benchmark(work_dir: Path, utterances: int, workers: int) -> dict[str,
           "flac_mb": sum(f.stat().st_size for f in files) / 1e6, "shards": len(shard_set.urls)})
 
     raw = emit({"measure": "raw_decode", "audio_seconds_per_second_per_core": raw_decode_rate(files)})
-    stream = TrainStream(shard_set, policy, prep, rank=0, world_size=1, layout=StreamLayout(1, max(1, workers), 1))
-    running = iter(make_loader(stream, workers, 4))
+    running = iter(make_loader(stream(shard_set, policy, prep, workers), workers, 4))
     ours_rate, ours_batches = timed_batches(running, total_seconds)
     uss = worker_uss_mb()
     del running
     ours = emit({"measure": "ours", "workers": workers, "audio_seconds_per_second": ours_rate,
                  "per_worker": ours_rate / max(workers, 1), "worker_uss_mb": uss,
                  "shuffle_buffer": policy.shuffle_buffer, "bucket_window": policy.bucket_window})
-    single = TrainStream(shard_set, policy, prep, rank=0, world_size=1, layout=StreamLayout(1, 1, 1))
-    single_rate, _ = timed_batches(iter(make_loader(single, 0, 2)), total_seconds / 2)
+    single_rate, _ = timed_batches(iter(make_loader(stream(shard_set, policy, prep, 0), 0, 2)), total_seconds / 2)
     emit({"measure": "ours_in_process", "workers": 0, "audio_seconds_per_second": single_rate,
           "fraction_of_raw_decode": single_rate / raw["audio_seconds_per_second_per_core"],
           "note": "one core, no worker processes: the pipeline's own cost next to bare decoding"})
@@ -159,36 +149,27 @@ def loader_benchmark(work_dir: Path, utterances: int, workers: int) -> dict[str,
     emit({"measure": "seed_style", "workers": workers, "audio_seconds_per_second": seed_rate,
           "ours_over_seed": ours_rate / seed_rate})
 
-    ours_padding = 1 - sum(float(b["input_lengths"].sum()) for b in ours_batches) / sum(
-        b["numel"] for b in ours_batches)
     utts = [u for shard in shard_set.utterances for u in shard]
-    mean_size = int(round(np.mean([len(b["keys"]) for b in ours_batches])))
+    mean_size = int(round(np.mean([b[3] for b in ours_batches])))
     order = np.random.default_rng(0).permutation(len(utts))
     random_batches = [[utts[i] for i in order[j:j + mean_size]] for j in range(0, len(utts), mean_size)]
-    seed_padding = 1 - sum(b["real"] for b in seed_batches) / sum(b["padded"] for b in seed_batches)
-    emit({"measure": "padding", "ours": ours_padding, "random_same_size": padding_fraction(random_batches),
-          "seed_style_batch2": seed_padding, "mean_batch_size": mean_size,
-          "ours_planned_train_clean_100_scale": planned_padding(policy)})
+    pad = emit({"measure": "padding", "ours": padding(ours_batches),
+                "random_same_size": padding_fraction(random_batches), "seed_style_batch2": padding(seed_batches),
+                "mean_batch_size": mean_size, "ours_planned_train_clean_100_scale": planned_padding(policy)})
 
-    skip = resume_skip_rate(shard_set, policy, prep)
-    emit({"measure": "resume_skip", **skip})
-    http = http_comparison(work_dir, shard_set, policy, prep, items, processor, workers, total_seconds)
-    summary = {"measure": "summary", "fraction_of_raw_decode": ours["per_worker"] /
-               raw["audio_seconds_per_second_per_core"], "fraction_of_raw_decode_in_process":
-               single_rate / raw["audio_seconds_per_second_per_core"], "padding_fraction": ours_padding,
-               "padding_fraction_train_clean_100_scale": planned_padding(policy),
-               "ours_over_seed_style": ours_rate / seed_rate, "resume_skip_samples_per_second":
-               skip["samples_per_second"], "http_shards_over_per_file": http["shards_over_per_file"],
-               "worker_uss_mb": uss, "torch_threads": torch.get_num_threads()}
-    return emit(summary)
+    skip = emit({"measure": "resume_skip", **resume_skip_rate(shard_set, policy, prep)})
+    http = http_comparison(work_dir, policy, prep, items, processor, workers, total_seconds)
+    return emit({"measure": "summary", "fraction_of_raw_decode": ours["per_worker"] /
+                 raw["audio_seconds_per_second_per_core"], "fraction_of_raw_decode_in_process":
+                 single_rate / raw["audio_seconds_per_second_per_core"], "padding_fraction": pad["ours"],
+                 "padding_fraction_train_clean_100_scale": pad["ours_planned_train_clean_100_scale"],
+                 "ours_over_seed_style": ours_rate / seed_rate, "resume_skip_samples_per_second":
+                 skip["samples_per_second"], "http_shards_over_per_file": http["shards_over_per_file"],
+                 "worker_uss_mb": uss, "torch_threads": torch.get_num_threads()})
 
 
 def planned_padding(policy: BatchPolicy, utterances: int = 28_539, shards: int = 24) -> float:
     """Padding of one epoch's plan on a train-clean-100-sized index (metadata only: bucketing works on lengths)."""
-    from w2v_dist.bench.corpus import librispeech_like_seconds
-    from w2v_dist.data.index import Utterance
-    from w2v_dist.data.plan import assign_pieces, epoch_rng, plan_batches
-
     lengths = (librispeech_like_seconds(utterances, np.random.default_rng(1)) * SR).astype(int)
     per_shard = [[Utterance(s, p, f"{s}-{p}", int(n), 200) for p, n in enumerate(lengths[s::shards])]
                  for s in range(shards)]
@@ -198,20 +179,17 @@ def planned_padding(policy: BatchPolicy, utterances: int = 28_539, shards: int =
     return padding_fraction(batches)
 
 
-def resume_skip_rate(shard_set: Any, policy: BatchPolicy, prep: Any) -> dict[str, float]:
+def resume_skip_rate(shard_set: ShardSet, policy: BatchPolicy, prep: Preprocess) -> dict[str, float]:
     """Samples per second a resume skips: the plan replay that positions a stream, with no audio read."""
-    stream = TrainStream(shard_set, policy, prep, rank=0, world_size=1, layout=StreamLayout(1, 1, 1))
-    start = time.perf_counter()
-    skipped = sum(len(batch) for epoch in range(20) for batch in stream.plan(0, epoch)[0])
-    replay = time.perf_counter() - start
-    stream.update = sum(len(stream.plan(0, epoch)[0]) for epoch in range(20))
-    start = time.perf_counter()
-    next(iter(make_loader(stream, 0, 2)))
+    positioned = stream(shard_set, policy, prep, 0)
+    skipped, replay = timed(lambda: sum(len(batch) for epoch in range(20) for batch in positioned.plan(0, epoch)[0]))
+    positioned.update = sum(len(positioned.plan(0, epoch)[0]) for epoch in range(20))
+    _, first = timed(lambda: next(iter(make_loader(positioned, 0, 2))))
     return {"samples_skipped": skipped, "replay_seconds": replay, "samples_per_second": skipped / replay,
-            "first_batch_after_20_epochs_seconds": time.perf_counter() - start}
+            "first_batch_after_20_epochs_seconds": first}
 
 
-def http_comparison(work_dir: Path, shard_set: Any, policy: BatchPolicy, prep: Any, items: list[tuple[str, str]],
+def http_comparison(work_dir: Path, policy: BatchPolicy, prep: Preprocess, items: list[tuple[str, str]],
                     processor: Any, workers: int, total_seconds: float) -> dict[str, float]:
     """Shards streamed over loopback HTTP vs one HTTP request per FLAC (object storage's shape)."""
     server = subprocess.Popen([sys.executable, "-u", "-m", "http.server", "0", "--bind", "127.0.0.1",
@@ -219,9 +197,8 @@ def http_comparison(work_dir: Path, shard_set: Any, policy: BatchPolicy, prep: A
     try:
         port = int(server.stdout.readline().split("port ")[1].split()[0])  # type: ignore[union-attr]
         base = f"http://127.0.0.1:{port}"
-        remote = load_shard_set(f"{base}/shards")
-        stream = TrainStream(remote, policy, prep, rank=0, world_size=1, layout=StreamLayout(1, max(1, workers), 1))
-        shards_rate, _ = timed_batches(iter(make_loader(stream, workers, 4)), total_seconds / 2)
+        remote = stream(load_shard_set(f"{base}/shards"), policy, prep, workers)
+        shards_rate, _ = timed_batches(iter(make_loader(remote, workers, 4)), total_seconds / 2)
         urls = [(f"{base}/{Path(p).relative_to(work_dir)}", t) for p, t in items]
         files_rate, _ = timed_batches(seed_style_loader(urls, processor, workers, http_get), total_seconds / 2)
     finally:

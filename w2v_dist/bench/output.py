@@ -1,4 +1,4 @@
-"""How every benchmark reports: one JSON line per measurement, the summary also as a table.
+"""How every benchmark times and reports: one JSON line per measurement, the summary also as a table.
 
 Kept free of torch so that ``bench shard`` runs in a process that never imported it (its workers fork).
 """
@@ -6,10 +6,38 @@ Kept free of torch so that ``bench shard`` runs in a process that never imported
 from __future__ import annotations
 
 import json
+import statistics
 import sys
-from typing import Any
+import time
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
 
 SR = 16_000
+T = TypeVar("T")
+
+
+def timed(work: Callable[[], T]) -> tuple[T, float]:
+    """What ``work()`` returns, and the seconds it took."""
+    start = time.perf_counter()
+    return work(), time.perf_counter() - start
+
+
+def elapsed(step: Callable[[T], object], items: Iterable[T]) -> float:
+    """The seconds ``step`` takes over ``items``, one call each."""
+    start = time.perf_counter()
+    for item in items:
+        step(item)
+    return time.perf_counter() - start
+
+
+def interleaved_medians(trials: dict[str, Callable[[], float]], rounds: int, warmup: int = 0) -> dict[str, float]:
+    """The median of each trial's measurement over rounds in which the trials take turns, so that machine noise
+    hits them alike; the first ``warmup`` rounds are not counted."""
+    values: dict[str, list[float]] = {name: [] for name in trials}
+    for _ in range(warmup + rounds):
+        for name, trial in trials.items():
+            values[name].append(trial())
+    return {name: statistics.median(v[warmup:]) for name, v in values.items()}
 
 
 def emit(record: dict[str, Any]) -> dict[str, Any]:

@@ -11,13 +11,13 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from w2v_dist.bench.output import emit
+from w2v_dist.bench.corpus import prepare_shards, prepared_model
+from w2v_dist.bench.output import elapsed, emit
 
 PROJECTION_ASSUMPTIONS = {
     "gradient_bytes_per_param": 2, "base_trainable_params": 90_000_000,
@@ -47,11 +47,9 @@ def projection(nodes: int, gpus_per_node: int = 8) -> dict[str, Any]:
 def worker(work_dir: Path, steps: int, batch_seconds: float, out: Path) -> None:
     """Runs on every rank: timed training steps on a fixed per-rank batch, then timed all-reduces of a
     gradient-sized buffer."""
-    import torch.distributed as torch_dist
-
     from w2v_dist.bench.step import fixed_batches
     from w2v_dist.config import load_config
-    from w2v_dist.dist import all_reduce_sum
+    from w2v_dist.dist import all_reduce_sum, all_reduce_tensor
     from w2v_dist.run import build_engine
     from w2v_dist.trainer import train_step
 
@@ -61,32 +59,22 @@ def worker(work_dir: Path, steps: int, batch_seconds: float, out: Path) -> None:
     trainable = sum(p.numel() for p in engine.module.parameters() if p.requires_grad)
     batch = fixed_batches(work_dir / "loader" / "shards", model_dir, 1, batch_seconds)[0]
     train_step(engine, [batch], world.size)
-    start = time.perf_counter()
-    for _ in range(steps):
-        train_step(engine, [batch], world.size)
-    step_s = (time.perf_counter() - start) / steps
+    step_s = elapsed(lambda _: train_step(engine, [batch], world.size), range(steps)) / steps
     buffer = torch.zeros(trainable, device=engine.device)
-    reduce_times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        if world.size > 1:
-            torch_dist.all_reduce(buffer)
-        reduce_times.append(time.perf_counter() - start)
+    reduce = all_reduce_tensor if world.size > 1 else (lambda tensor: tensor)  # one rank: nothing to reduce
+    reduce_s = statistics.median(elapsed(reduce, [buffer]) for _ in range(steps))
     rate = all_reduce_sum([batch.seconds / step_s], engine.device)[0] / world.size
     if world.is_main:
         out.write_text(json.dumps({"ranks": world.size, "step_s": step_s, "audio_seconds_per_second_per_rank": rate,
-                                   "allreduce_s": statistics.median(reduce_times), "trainable_params": trainable,
-                                   "allreduce_fraction": statistics.median(reduce_times) / step_s}))
+                                   "allreduce_s": reduce_s, "trainable_params": trainable,
+                                   "allreduce_fraction": reduce_s / step_s}))
 
 
 def scaling_benchmark(work_dir: Path, steps: int, batch_seconds: float) -> dict[str, Any]:
-    from w2v_dist.bench.loader import prepare_shards
     from w2v_dist.dist import free_port
-    from w2v_dist.model import init_model
 
     prepare_shards(work_dir / "loader", 120, 2)
-    if not (work_dir / "model-tiny" / "config.json").exists():
-        init_model(work_dir / "model-tiny", "tiny")
+    prepared_model(work_dir, "tiny")
     results = {}
     for ranks in (1, 2):
         out = work_dir / f"scaling-{ranks}.json"

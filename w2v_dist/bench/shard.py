@@ -11,21 +11,21 @@ output is not timed for either).
 from __future__ import annotations
 
 import shutil
-import statistics
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from w2v_dist.bench.corpus import build
-from w2v_dist.bench.output import emit
+from w2v_dist.bench.output import emit, interleaved_medians, timed
 from w2v_dist.prep.shards import ShardOptions, shard_corpus
 from w2v_dist.prep.sources import librispeech_sources
 
 ROUNDS = 3
 
 
-def _copy(files: list[Path], corpus: Path, copy_dir: Path) -> float:
+def _copy(files: list[Path], corpus: Path, copy_dir: Path, megabytes: float) -> float:
     shutil.rmtree(copy_dir, ignore_errors=True)
     start = time.perf_counter()
     for path in files:
@@ -34,16 +34,14 @@ def _copy(files: list[Path], corpus: Path, copy_dir: Path) -> float:
         shutil.copyfile(path, target)
     seconds = time.perf_counter() - start
     shutil.rmtree(copy_dir)
+    emit({"measure": "raw_copy", "mb": megabytes, "seconds": seconds, "mb_per_second": megabytes / seconds})
     return seconds
 
 
 def _shard(corpus: Path, out: Path, check: str, workers: int, megabytes: float) -> tuple[float, dict[str, Any]]:
     shutil.rmtree(out, ignore_errors=True)
-    start = time.perf_counter()
-    index = shard_corpus(librispeech_sources(corpus, ["train-clean-100"]), out,
-                         ShardOptions(shard_size_mb=64, workers=workers, overwrite=True, check_audio=check),
-                         {"subsets": ["bench"]})
-    seconds = time.perf_counter() - start
+    index, seconds = timed(lambda: shard_corpus(librispeech_sources(corpus, ["train-clean-100"]), out, ShardOptions(
+        shard_size_mb=64, workers=workers, overwrite=True, check_audio=check), {"subsets": ["bench"]}))
     emit({"measure": "shard", "check_audio": check, "workers": workers, "seconds": seconds,
           "mb_per_second": megabytes / seconds, "audio_hours_per_second": index["totals"]["hours"] / seconds,
           "utterances_per_second": index["totals"]["written"] / seconds})
@@ -64,20 +62,17 @@ def shard_benchmark(work_dir: Path, utterances: int, workers: int) -> dict[str, 
 
 def _compare(corpus: Path, files: list[Path], scratch: Path, workers: int) -> dict[str, Any]:
     megabytes = sum(p.stat().st_size for p in files) / 1e6
-    copies, tails = [], []
-    for _ in range(ROUNDS):
-        copies.append(_copy(files, corpus, scratch / "copy"))
-        emit({"measure": "raw_copy", "mb": megabytes, "seconds": copies[-1], "mb_per_second": megabytes / copies[-1]})
-        seconds, index = _shard(corpus, scratch / "sharded", "tail", workers, megabytes)
-        tails.append(seconds)
-    others = {(check, count): _shard(corpus, scratch / "sharded", check, count, megabytes)[0]
-              for check, count in (("full", workers), ("tail", 1))}
-    copy_s, tail_s = statistics.median(copies), statistics.median(tails)
+    medians = interleaved_medians({
+        "copy": partial(_copy, files, corpus, scratch / "copy", megabytes),
+        "tail": lambda: _shard(corpus, scratch / "sharded", "tail", workers, megabytes)[0]}, ROUNDS)
+    full_s, _ = _shard(corpus, scratch / "sharded", "full", workers, megabytes)
+    one_worker_s, index = _shard(corpus, scratch / "sharded", "tail", 1, megabytes)  # the same totals as the rounds'
+    copy_s, tail_s = medians["copy"], medians["tail"]
     return emit({"measure": "summary", "fraction_of_raw_copy": copy_s / tail_s,
                  "raw_copy_mb_per_second": megabytes / copy_s, "shard_mb_per_second": megabytes / tail_s,
                  "audio_hours_per_second": index["totals"]["hours"] / tail_s,
-                 "fraction_of_raw_copy_full_decode": copy_s / others["full", workers], "workers": workers,
-                 "speedup_over_one_worker": others["tail", 1] / tail_s, "rounds": ROUNDS,
+                 "fraction_of_raw_copy_full_decode": copy_s / full_s, "workers": workers,
+                 "speedup_over_one_worker": one_worker_s / tail_s, "rounds": ROUNDS,
                  "output": "tmpfs" if str(scratch).startswith("/dev/shm") else "disk",
                  "note": "medians of interleaved rounds; sharding includes listing the corpus and starting the "
                          "workers; full decoding is bound by FLAC decode speed"})
