@@ -13,6 +13,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from w2v_dist.config import WandbConfig
 from w2v_dist.redact import redact, redact_values
 
 SECRET_MARKERS = ("KEY", "TOKEN", "SECRET", "PASSWORD")
@@ -100,7 +101,7 @@ class RunLogger:
 class MainLogger(RunLogger):
     """Rank 0: appends JSON lines to ``metrics.jsonl``, drives the bar, mirrors to wandb when enabled."""
 
-    def __init__(self, output_dir: Path, *, config: dict[str, Any], wandb_cfg: Any, total_steps: int,
+    def __init__(self, output_dir: Path, *, config: dict[str, Any], wandb_cfg: WandbConfig, total_steps: int,
                  start_step: int, progress_bar: bool) -> None:
         self.path = output_dir / "metrics.jsonl"
         self.file = self.path.open("a")
@@ -115,7 +116,8 @@ class MainLogger(RunLogger):
             run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
             id_file.write_text(run_id)
             self.wandb = wandb.init(project=wandb_cfg.project, name=wandb_cfg.run_name or output_dir.name,
-                                    id=run_id, resume="allow", mode=wandb_cfg.mode, dir=str(output_dir),
+                                    id=run_id, resume="allow", dir=str(output_dir),
+                                    mode=wandb_cfg.mode,  # type: ignore[arg-type]  # checked at config load
                                     config=scrub(config))  # type: ignore[arg-type]
 
     def log(self, record: dict[str, Any]) -> None:
@@ -157,7 +159,7 @@ class MainLogger(RunLogger):
             self.wandb.finish()
 
 
-def make_logger(is_main: bool, output_dir: Path, config: dict[str, Any], wandb_cfg: Any, total_steps: int,
+def make_logger(is_main: bool, output_dir: Path, config: dict[str, Any], wandb_cfg: WandbConfig, total_steps: int,
                 start_step: int, progress_bar: bool) -> RunLogger:
     if not is_main:
         return RunLogger()

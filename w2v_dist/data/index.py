@@ -8,6 +8,7 @@ separators, no ``..``, no URL schemes and no ``pipe:``. Commands only ever come 
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import re
 from dataclasses import dataclass, replace
@@ -68,6 +69,15 @@ class ShardSet:
     def epoch_seconds(self) -> tuple[float, ...]:
         """Per shard, the audio seconds an epoch reads: all, or for a mix its fraction."""
         return tuple(total * self.shard_fraction(s) for s, total in enumerate(self.seconds))
+
+    @functools.cached_property
+    def contents_digest(self) -> str:
+        """What the shards hold (names, keys, lengths), wherever they are read from: a resume compares it."""
+        digest = hashlib.sha256()
+        for url, utterances in zip(self.urls, self.utterances):
+            digest.update(json.dumps([url.rsplit("/", 1)[-1], [(u.key, u.num_samples, u.label_length)
+                                                               for u in utterances]]).encode())
+        return digest.hexdigest()
 
     @property
     def epoch_samples(self) -> int:

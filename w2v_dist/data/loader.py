@@ -7,7 +7,6 @@ everything else is replayed from the plan, see :mod:`w2v_dist.data.plan`.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import itertools
 import json
@@ -289,15 +288,11 @@ class TrainStream(_Stream):
 
     def plan_inputs(self) -> dict[str, Any]:
         """What the batches of an update depend on besides the layout, by the config keys that set it."""
-        shards = hashlib.sha256()
-        for url, utterances in zip(self.shards.urls, self.shards.utterances):  # contents, wherever they are read
-            shards.update(json.dumps([url.rsplit("/", 1)[-1], [(u.key, u.num_samples, u.label_length)
-                                                               for u in utterances]]).encode())
         return {"data.train_mix": self.mix,
                 "data.max_batch_seconds/max_batch_size/bucket_window/shuffle_buffer/speed_perturb":
                     json.loads(json.dumps(asdict(self.policy))),
                 "data.min_seconds/max_seconds": [self.prep.min_samples, self.prep.max_samples],
-                "the training shards' contents": shards.hexdigest()}
+                "the training shards' contents": self.shards.contents_digest}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         saved = StreamLayout(int(state["streams"]), int(state["readers"]), int(state["seed"]))
