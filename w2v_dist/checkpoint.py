@@ -135,7 +135,7 @@ class Checkpointer:
     def resumable_tag(self) -> str | None:
         """``latest`` when it is complete, else the newest complete tag (with a warning naming what is missing)."""
         latest = self.latest_tag()
-        if latest is not None and (self.root / latest).is_dir() and not self.missing(latest):
+        if latest is not None and not self.missing(latest):
             return latest
         for tag in reversed(self.tags()):
             if not self.missing(tag):
@@ -212,35 +212,30 @@ class Checkpointer:
     def resume(self, engine: Engine, tag: str | None = None) -> dict[str, Any] | None:
         """Load ``tag`` (default: the newest complete checkpoint) into ``engine``; its client state, or ``None``
         to start fresh. A checkpoint written by another world size is loaded through DeepSpeed's universal
-        format, converted once by rank 0 (:meth:`universal`)."""
+        format: ``<tag>/universal``, written by rank 0 (atomically, once per tag) while the others wait."""
         tag = tag or self.resumable_tag()
         if tag is None:
             if self.tags():
                 log.warning("no complete checkpoint under %s: starting from the beginning", self.root)
             return None
+        directory = self.root / tag
         saved = int(self.saved_world(tag)["world_size"])
-        if saved == self.world.size or not any((self.root / tag).glob("*optim_states.pt")):
+        if saved == self.world.size or not any(directory.glob("*optim_states.pt")):
             client_state = engine.load(self.root, tag)
         else:  # the optimizer state is partitioned by rank: re-partition it for this world size
-            client_state = engine.load(self.root / tag, self.universal(tag).name, universal=True)
+            if self.world.is_main and not (directory / UNIVERSAL_DIR).is_dir():
+                log.info("converting %s to DeepSpeed's universal format for %d ranks", directory, self.world.size)
+                convert_to_universal(directory, directory / UNIVERSAL_DIR)
+            dist.barrier()
+            client_state = engine.load(directory, UNIVERSAL_DIR, universal=True)
         if client_state is None:
-            raise RuntimeError(f"checkpoint {self.root / tag} could not be loaded")
-        rng_file = self.root / tag / f"rng_rank{self.world.rank}.pt"
+            raise RuntimeError(f"checkpoint {directory} could not be loaded")
+        rng_file = directory / f"rng_rank{self.world.rank}.pt"
         if rng_file.is_file():  # a rank the checkpoint did not have starts from its seed; batches reseed anyway
             set_rng_state(safe_load(rng_file))
-        log.info("resumed from %s at step %s%s", self.root / tag, client_state["run"]["step"],
+        log.info("resumed from %s at step %s%s", directory, client_state["run"]["step"],
                  "" if saved == self.world.size else f" (written by {saved} ranks, now {self.world.size})")
         return client_state
-
-    def universal(self, tag: str) -> Path:
-        """Collective: ``<tag>/universal``, DeepSpeed's world-size-independent form of the tag, written by rank 0
-        (atomically, once per tag) while the others wait."""
-        target = self.root / tag / UNIVERSAL_DIR
-        if self.world.is_main and not target.is_dir():
-            log.info("converting %s to DeepSpeed's universal format for %d ranks", self.root / tag, self.world.size)
-            convert_to_universal(self.root / tag, target)
-        dist.barrier()
-        return target
 
 
 def export_hf(engine: Engine, processor: Wav2Vec2Processor, out_dir: Path, is_main: bool, card: str = "") -> bool:

@@ -11,7 +11,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any, TypeVar
 
-from w2v_dist.config import ConfigError, load_config, to_yaml
+from w2v_dist.config import ConfigError, config_reference, load_config, to_yaml
 from w2v_dist.redact import redact
 
 T = TypeVar("T")
@@ -74,8 +74,7 @@ def _shard(args: argparse.Namespace) -> int:
     from w2v_dist.prep.sources import librispeech_sources, manifest_sources
 
     if bool(args.librispeech) == bool(args.manifest):
-        print("give exactly one of --librispeech ROOT (with --subset) or --manifest FILE", file=sys.stderr)
-        return 2
+        return _fail("shard", "give exactly one of --librispeech ROOT (with --subset) or --manifest FILE")
     if args.librispeech:
         subsets = args.subset or ["train-clean-100"]
         sources, described = librispeech_sources(args.librispeech, subsets), {"subsets": subsets}
@@ -86,8 +85,7 @@ def _shard(args: argparse.Namespace) -> int:
     try:
         index = shard_corpus(sources, args.out, opts, described)
     except FileExistsError as err:
-        print(err, file=sys.stderr)
-        return 1
+        return _fail("shard", err, 1)
     totals = index["totals"]
     verb = "would write" if args.dry_run else "wrote"
     print(f"{totals['inputs']} inputs = {totals['written']} written + {totals['rejected']} rejected; {verb} "
@@ -214,8 +212,6 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _config_docs(args: argparse.Namespace) -> int:
-    from w2v_dist.config import config_reference
-
     print(config_reference())
     return 0
 

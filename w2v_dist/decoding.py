@@ -68,16 +68,14 @@ class BeamDecoder:
                  alpha: float = 0.5, beta: float = 1.0) -> None:
         try:
             from pyctcdecode import build_ctcdecoder
-        except ImportError as err:
-            raise DecoderUnavailable(INSTALL_HINT) from err
-        if lm_path is not None:
-            if not Path(lm_path).is_file():
-                raise FileNotFoundError(f"language model not found: {lm_path}")
-            try:
+
+            if lm_path is not None:
+                if not Path(lm_path).is_file():
+                    raise FileNotFoundError(f"language model not found: {lm_path}")
                 # pyctcdecode only warns when kenlm is missing, then fails obscurely on the first LM call.
                 import kenlm  # type: ignore[import-not-found]  # noqa: F401
-            except ImportError as err:
-                raise DecoderUnavailable(INSTALL_HINT) from err
+        except ImportError as err:
+            raise DecoderUnavailable(INSTALL_HINT) from err
         # The alphabet check warns about <s>/</s>; those columns are masked out below, so the warning is noise.
         logging.getLogger("pyctcdecode").setLevel(logging.ERROR)
         self.decoder = build_ctcdecoder(beam_labels(tokenizer), kenlm_model_path=str(lm_path) if lm_path else None,

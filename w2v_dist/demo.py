@@ -14,11 +14,8 @@ from pathlib import Path
 
 from w2v_dist.config import load_config
 
-DEMO_UTTERANCES = 480
-DEMO_DEV_UTTERANCES = 48
 
-
-def prepare(work_dir: Path, utterances: int = DEMO_UTTERANCES, dev_utterances: int = DEMO_DEV_UTTERANCES) -> None:
+def prepare(work_dir: Path, utterances: int, dev_utterances: int) -> None:
     """Corpus, shards and initial model under ``work_dir`` (idempotent)."""
     from w2v_dist.model import init_model
     from w2v_dist.prep.shards import ShardOptions, shard_corpus
@@ -61,8 +58,7 @@ def launch_command(config: str, overrides: list[str], ranks: int = 2) -> tuple[l
     return cmd, env
 
 
-def run_demo(work_dir: Path, config: str, overrides: list[str], utterances: int = DEMO_UTTERANCES,
-             dev_utterances: int = DEMO_DEV_UTTERANCES) -> int:
+def run_demo(work_dir: Path, config: str, overrides: list[str], utterances: int, dev_utterances: int) -> int:
     prepare(work_dir, utterances, dev_utterances)
     cfg = load_config(config, overrides)
     if Path(cfg.output_dir).exists():  # the data and model are reused; the training run is the demo itself
@@ -83,13 +79,13 @@ def run_demo(work_dir: Path, config: str, overrides: list[str], utterances: int 
     if not final.is_dir():
         print("[demo] no export was written (non-finite weights?)", file=sys.stderr)
         return 1
-    from w2v_dist.inference import transcribe_files
+    from w2v_dist.inference import transcribe
 
     dev = next(iter(cfg.data.dev_shards.values()))
     audio = sorted((work_dir / "corpus" / "LibriSpeech" / "dev-clean").glob("*/*/*.flac"))[0]
     trans = audio.parent / f"{'-'.join(audio.stem.split('-')[:2])}.trans.txt"
     reference = dict(line.split(" ", 1) for line in trans.read_text().splitlines())[audio.stem]
-    (_, hypothesis), = transcribe_files(final, [str(audio)])
+    hypothesis = next(transcribe(final, [str(audio)])).text
     print(f"[demo] {audio.name}\n  reference:  {reference}\n  hypothesis: {hypothesis}")
     print(f"[demo] corpus {work_dir / 'corpus'} | shards {Path(cfg.data.train_shards).parent} (dev: {dev}) | "
           f"run {output}: config.yaml, metrics.jsonl, checkpoints/, final/ (Hugging Face export)")

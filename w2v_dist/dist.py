@@ -128,7 +128,6 @@ def lost_ranks(directory: Path, world: World) -> str:
     gone, silent = [], []
     now = time.time()
     for rank in range(world.size):
-        path = directory / f"rank{rank}.json"
         where = _record(directory, rank)
         if rank == world.rank or not where:
             continue
@@ -136,7 +135,7 @@ def lost_ranks(directory: Path, world: World) -> str:
             if not psutil.pid_exists(where["pid"]):
                 gone.append(f"{rank} on {where['host']} (pid {where['pid']})")
         else:
-            silent.append((now - path.stat().st_mtime, f"{rank} on host {where['host']}"))
+            silent.append((now - (directory / f"rank{rank}.json").stat().st_mtime, f"{rank} on host {where['host']}"))
     parts = [f"rank {', '.join(gone)} exited" if gone else "",
              ", ".join(f"rank {who}: last heartbeat {age:.0f} s ago" for age, who in sorted(silent, reverse=True))]
     return "; ".join(p for p in parts if p) or "no other rank on this host has exited"
@@ -156,18 +155,16 @@ def all_reduce_sum_async(values: list[float], device: torch.device) -> torch.Ten
     return all_reduce_tensor(torch.tensor(values, dtype=torch.float64, device=device))
 
 
-def all_reduce_tensor(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum ``tensor`` over all ranks in place (a no-op without a process group) and return it."""
+def all_reduce_tensor(tensor: torch.Tensor, op: torch_dist.ReduceOp.RedOpType = torch_dist.ReduceOp.SUM
+                      ) -> torch.Tensor:
+    """Reduce ``tensor`` (sum by default) over all ranks in place (a no-op without a process group); return it."""
     if is_initialized():
-        torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.SUM)
+        torch_dist.all_reduce(tensor, op=op)
     return tensor
 
 
 def all_reduce_max(values: list[float], device: torch.device) -> list[float]:
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    if is_initialized():
-        torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.MAX)
-    return tensor.tolist()
+    return all_reduce_tensor(torch.tensor(values, dtype=torch.float64, device=device), torch_dist.ReduceOp.MAX).tolist()
 
 
 def all_gather_objects(obj: Any) -> list[Any]:

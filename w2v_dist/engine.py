@@ -91,8 +91,7 @@ class CheckpointFiles:
         self.inner.save(state_dict, path)
         self.written.append(Path(path))
 
-    def load(self, path: str, map_location: Any = None) -> Any:
-        return safe_load(path, map_location)
+    load = staticmethod(safe_load)
 
 
 def init_distributed(timeout_minutes: float, local_rank: int) -> torch.device:
@@ -102,10 +101,12 @@ def init_distributed(timeout_minutes: float, local_rank: int) -> torch.device:
     device = device_for(local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    build_cpu_comm_op(timeout_minutes * 60)
+    if device.type == "cpu":
+        build_cpu_comm_op(timeout_minutes * 60)
     with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed prints "... op built successfully" on every rank
         deepspeed.init_distributed(timeout=datetime.timedelta(minutes=timeout_minutes), verbose=False)
-    release_cpu_shm_buffer()
+    if device.type == "cpu":
+        release_cpu_shm_buffer()
     atexit.unregister(destroy_process_group_at_exit)  # once per process, however often a test calls this
     atexit.register(destroy_process_group_at_exit)
     return device
@@ -129,8 +130,6 @@ def build_cpu_comm_op(timeout_s: float) -> None:
     holder; whoever holds it knows that no w2v-dist process is building, so a ``lock`` file found then was left
     by a killed build and is removed (with a warning). The wait for the ``flock`` itself is bounded.
     """
-    if deepspeed.get_accelerator().device_name() != "cpu":
-        return
     from torch.utils.cpp_extension import _get_build_directory  # noqa: PLC2701 (where the JIT build puts the op)
 
     builder = deepspeed.get_accelerator().create_op_builder("ShareMemCommBuilder")
@@ -165,13 +164,9 @@ def release_cpu_shm_buffer() -> None:
     run leaked them until memory ran out. Each rank maps all the others' buffers during initialisation, so after
     a barrier the names are no longer needed; the mappings live on until the processes exit, even on SIGKILL.
     """
-    if deepspeed.get_accelerator().device_name() != "cpu":
-        return
-    import torch.distributed as torch_dist
-
-    if torch_dist.is_initialized() and torch_dist.get_world_size() > 1:
-        torch_dist.barrier()
-        rank = torch_dist.get_rank()
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.barrier()
+        rank = torch.distributed.get_rank()
     else:
         rank = 0
     name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
@@ -291,9 +286,8 @@ class Engine:
         """``device``: what :func:`init_distributed` returned; ``grad_accum``: see :func:`deepspeed_config`."""
         self.cfg = cfg
         self.device = device
-        groups = param_groups(model, cfg.optim.weight_decay)
-        self.optimizer = GuardedAdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
-                                      fused=self.device.type == "cuda")
+        self.optimizer = GuardedAdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
+                                      betas=tuple(cfg.optim.betas), eps=cfg.optim.eps, fused=device.type == "cuda")
         self.dtype = DTYPES[cfg.deepspeed.precision]
         self.ds_config = deepspeed_config(cfg, grad_accum)
         self.frozen_fp32 = {name: p.detach().float().cpu().clone() for name, p in model.named_parameters()
@@ -311,9 +305,9 @@ class Engine:
                     param.register_hook(self._watch_grad)
 
     def _watch_grad(self, grad: torch.Tensor) -> torch.Tensor:
-        # One reduction kernel per gradient: a NaN or Inf anywhere makes its sum non-finite (isfinite().all()
-        # took six kernels per parameter). A finite gradient whose
-        # sum overflows float32 (entries near 1e32) also counts as bad: such an update is garbage anyway.
+        # One reduction kernel per gradient: a NaN or Inf anywhere makes its sum non-finite (isfinite().all() took
+        # six kernels per parameter). A finite gradient whose sum overflows float32 (entries near 1e32) also counts
+        # as bad: such an update is garbage anyway.
         self.grad_sums.append(grad.sum(dtype=torch.float32))
         return grad
 
@@ -334,7 +328,9 @@ class Engine:
         so backward's collectives run on this rank like on the others.
         """
         if not len(batch):
-            return self._zero_loss(), torch.zeros(0, device=self.device)
+            zero = sum((p.sum() * 0.0 for p in self.module.parameters() if p.requires_grad),
+                       torch.zeros((), device=self.device))
+            return zero, torch.zeros(0, device=self.device)
         inputs = batch.model_inputs(self.device, with_labels)
         inputs["input_values"] = inputs["input_values"].to(self.dtype)
         out = self.ds(**inputs)
@@ -344,10 +340,6 @@ class Engine:
     def dummy_forward(self) -> None:
         """A forward on silence, for ranks that ran out of eval batches (keeps ZeRO-3 gathers paired)."""
         self.ds(input_values=torch.zeros(1, 16_000, device=self.device, dtype=self.dtype))
-
-    def _zero_loss(self) -> torch.Tensor:
-        return sum((p.sum() * 0.0 for p in self.module.parameters() if p.requires_grad),
-                   torch.zeros((), device=self.device))
 
     def backward(self, loss: torch.Tensor) -> None:
         self.ds.backward(loss)

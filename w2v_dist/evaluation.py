@@ -22,7 +22,7 @@ from w2v_dist.data.index import load_shard_set
 from w2v_dist.data.loader import make_preprocess
 from w2v_dist.data.shard_reader import RetryPolicy
 from w2v_dist.decoding import make_decoder
-from w2v_dist.scoring import Scorer, scoring_batch_size, scoring_loader
+from w2v_dist.scoring import Scorer, scoring_batch_size, scoring_loader, write_rows
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -46,26 +46,20 @@ class EvalOptions:
     collective_timeout_minutes: float = 30.0
 
 
-def set_name(location: str) -> str:
-    """A set's name in the results: its directory's basename (``/data/shards/dev-clean`` → ``dev-clean``)."""
-    return Path(location.rstrip("/")).name
-
-
 @torch.no_grad()
 def evaluate_sets(opts: EvalOptions, world: dist.World, device: torch.device) -> dict[str, Any] | None:
     """Collective: score every set on every rank; rank 0 gets the summary (other ranks ``None``)."""
     from w2v_dist.export import load_for_inference
 
-    names = [set_name(location) for location in opts.shards]
+    names = [Path(location.rstrip("/")).name for location in opts.shards]  # /data/shards/dev-clean → dev-clean
     if len(set(names)) != len(names):
         raise ValueError(f"shard sets must have distinct directory names, got {names}")
     model, processor = load_for_inference(opts.model, opts.config)
     model.to(device).eval()  # type: ignore[arg-type]  # transformers wraps .to in a decorator mypy misreads
     decoder = make_decoder(opts.decoder, processor.tokenizer, opts.lm, opts.beam_width, opts.alpha, opts.beta)
     geometry = EncoderGeometry.from_model_config(model.config)
-    extractor = processor.feature_extractor
     batch_size = scoring_batch_size(getattr(model.config, "feat_extract_norm", "layer"),
-                                    bool(extractor.return_attention_mask), opts.max_batch_size)
+                                    bool(processor.feature_extractor.return_attention_mask), opts.max_batch_size)
     start = time.perf_counter()
     summary: dict[str, Any] = {}
     all_rows: list[dict[str, Any]] = []
@@ -83,9 +77,7 @@ def evaluate_sets(opts: EvalOptions, world: dist.World, device: torch.device) ->
     if not world.is_main:
         return None
     if opts.out:
-        Path(opts.out).parent.mkdir(parents=True, exist_ok=True)
-        with open(opts.out, "w") as handle:
-            handle.writelines(json.dumps(row) + "\n" for row in all_rows)
+        write_rows(Path(opts.out), all_rows)
     report_worst(all_rows, opts.worst)
     return {"sets": summary, "model": str(opts.model), "decoder": opts.decoder, "lm": opts.lm,
             "world_size": world.size, "max_batch_size": batch_size, "out": opts.out,

@@ -108,9 +108,7 @@ def checkpoint_state_dict(ref: CheckpointRef) -> dict[str, torch.Tensor]:
     if any(directory.glob("*_optim_states.pt")):
         from w2v_dist.engine import zero_checkpoint_weights
 
-        # zero_to_fp32 reports progress with print(); stdout is reserved for our results.
-        with contextlib.redirect_stdout(sys.stderr):
-            return zero_checkpoint_weights(ref.root, ref.tag)
+        return zero_checkpoint_weights(ref.root, ref.tag)  # its progress print()s: callers redirect stdout
     states = directory / ZERO0_MODEL_STATES
     if not states.is_file():
         raise ModelSourceError(f"{directory} has neither ZeRO optimizer partitions nor {ZERO0_MODEL_STATES}")
@@ -153,9 +151,8 @@ def write_export(model: PreTrainedModel, processor: Wav2Vec2Processor, out_dir: 
                  state: dict[str, torch.Tensor] | None = None, card: str = "") -> bool:
     """The one Hugging Face export writer (training's final/ and best/, ``w2v-dist export``): ``save_pretrained``
     safetensors in fp32 (``state`` when given, else the model's own weights), the processor and the model card
-    (README.md, :mod:`w2v_dist.model_card`), written beside
-    ``out_dir`` and renamed into place, so a crash never leaves a half-written export under the real name.
-    Refuses weights with NaN or Inf (returns False, writes nothing)."""
+    (README.md, :mod:`w2v_dist.model_card`), written beside ``out_dir`` and renamed into place, so a crash never
+    leaves a half-written export under the real name. Refuses NaN or Inf weights (returns False; writes nothing)."""
     weights = {k: v.float() if v.is_floating_point() else v for k, v in (state or model.state_dict()).items()}
     bad = [name for name, t in weights.items() if t.is_floating_point() and not torch.isfinite(t).all()]
     if bad:

@@ -71,10 +71,7 @@ def training_flops(config: Wav2Vec2Config, num_samples: int, freeze_feature_enco
 
 
 def batch_flops(config: Wav2Vec2Config, lengths: list[int], freeze_feature_encoder: bool = True) -> StepFlops:
-    total = StepFlops(0.0, 0.0, 0.0)
-    for length in lengths:
-        total = total + training_flops(config, length, freeze_feature_encoder)
-    return total
+    return sum((training_flops(config, n, freeze_feature_encoder) for n in lengths), StepFlops(0.0, 0.0, 0.0))
 
 
 COUNTED_FAMILIES = ("wav2vec2", "hubert", "wavlm", "unispeech", "unispeech-sat")

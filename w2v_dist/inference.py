@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import soundfile as sf
 
 from w2v_dist.data.audio import SAMPLE_RATE, to_16k_mono
@@ -29,25 +28,6 @@ class Transcript:
     """``{"word", "start", "end"}`` in seconds, when word timestamps were asked for."""
 
 
-def read_audio(path: str | Path) -> np.ndarray:
-    """16 kHz mono float32 samples of any soundfile-readable file."""
-    audio, rate = sf.read(str(path), dtype="float32", always_2d=True)
-    return to_16k_mono(audio, rate)
-
-
-def load_pipeline(model: str | Path, config: str | Path | None = None, device: str | None = None) -> Any:
-    """An ASR pipeline over an HF export dir or a DeepSpeed checkpoint (see :mod:`w2v_dist.export`)."""
-    from transformers import pipeline
-
-    from w2v_dist.engine import device_for
-    from w2v_dist.export import load_for_inference
-
-    network, processor = load_for_inference(model, config)
-    device = device or str(device_for(0))
-    return pipeline("automatic-speech-recognition", model=network, tokenizer=processor.tokenizer,
-                    feature_extractor=processor.feature_extractor, device=device)
-
-
 def check_chunking(chunk_seconds: float, overlap_seconds: float) -> None:
     """The pipeline needs each chunk to keep some audio of its own between the two context margins."""
     if chunk_seconds <= 0 or overlap_seconds < 0 or chunk_seconds <= 2 * overlap_seconds:
@@ -56,11 +36,18 @@ def check_chunking(chunk_seconds: float, overlap_seconds: float) -> None:
 
 def transcribe(model: str | Path, files: list[str], chunk_seconds: float = 30.0, overlap_seconds: float = 2.0,
                word_timestamps: bool = False, config: str | Path | None = None) -> Iterator[Transcript]:
-    """One :class:`Transcript` per file, in order."""
+    """One :class:`Transcript` per file, in order; ``model``: an HF export dir or a DeepSpeed checkpoint."""
+    from transformers import pipeline
+
+    from w2v_dist.engine import device_for
+    from w2v_dist.export import load_for_inference
+
     check_chunking(chunk_seconds, overlap_seconds)
-    asr = load_pipeline(model, config)
+    network, processor = load_for_inference(model, config)
+    asr: Any = pipeline("automatic-speech-recognition", model=network, tokenizer=processor.tokenizer,
+                        feature_extractor=processor.feature_extractor, device=str(device_for(0)))
     for path in files:
-        audio = read_audio(path)
+        audio = to_16k_mono(*sf.read(str(path), dtype="float32", always_2d=True))
         options: dict[str, Any] = {}
         if len(audio) > chunk_seconds * SAMPLE_RATE:  # shorter files in one pass: exactly the model's own output
             options |= {"chunk_length_s": chunk_seconds, "stride_length_s": overlap_seconds}
@@ -71,8 +58,3 @@ def transcribe(model: str | Path, files: list[str], chunk_seconds: float = 30.0,
                   "end": round(float(c["timestamp"][1]), 3)} for c in result.get("chunks", [])]
         yield Transcript(str(path), str(result["text"]).strip(), len(audio) / SAMPLE_RATE, words)
 
-
-def transcribe_files(model_dir: str | Path, files: list[str]) -> Iterator[tuple[str, str]]:
-    """(file, text) per file: any soundfile-readable audio, down-mixed and resampled to 16 kHz."""
-    for result in transcribe(model_dir, files):
-        yield result.path, result.text

@@ -57,8 +57,7 @@ def arpa_counts(arpa: Path) -> dict[int, int]:
     return counts
 
 
-def build_lm(sentences: Iterable[str], arpa: Path, order: int = 4, binary: Path | None = None,
-             memory: str = "20%") -> dict[str, object]:
+def build_lm(sentences: Iterable[str], arpa: Path, order: int = 4, binary: Path | None = None) -> dict[str, object]:
     """Estimate an ``order``-gram LM with ``lmplz`` into ``arpa`` (and ``build_binary`` it into ``binary``).
 
     ``--discount_fallback`` lets lmplz estimate small corpora (a dev-sized text), where its Kneser-Ney discounts
@@ -76,7 +75,7 @@ def build_lm(sentences: Iterable[str], arpa: Path, order: int = 4, binary: Path 
                 count, words = count + 1, words + len(sentence.split())
         if not words:
             raise ValueError("no text to estimate a language model from")
-        _run([lm_tool("lmplz"), "-o", str(order), "--discount_fallback", "-S", memory, "-T", tmp,
+        _run([lm_tool("lmplz"), "-o", str(order), "--discount_fallback", "-S", "20%", "-T", tmp,
               "--text", str(corpus), "--arpa", str(arpa)])
     if binary is not None:
         _run([lm_tool("build_binary"), str(arpa), str(binary)])

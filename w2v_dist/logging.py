@@ -79,7 +79,8 @@ def scrub(values: dict[str, Any]) -> dict[str, Any]:
             if not any(marker in k.upper() for marker in SECRET_MARKERS)}
 
 
-def _clean(value: Any) -> Any:
+def finite_or_none(value: Any) -> Any:
+    """NaN and Inf (an empty dev set's WER, a diverged loss) are not valid JSON: they are written as null."""
     return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
@@ -103,13 +104,13 @@ class MainLogger(RunLogger):
 
     def __init__(self, output_dir: Path, *, config: dict[str, Any], wandb_cfg: WandbConfig, total_steps: int,
                  start_step: int, progress_bar: bool) -> None:
-        self.path = output_dir / "metrics.jsonl"
-        self.file = self.path.open("a")
+        self.file = (output_dir / "metrics.jsonl").open("a")
         self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
                         disable=not progress_bar)
         self.wandb: Any = None
         self.log_checkpoints = wandb_cfg.log_checkpoints
         if wandb_cfg.mode != "disabled":
+            os.environ.setdefault("WANDB_SILENT", "true")
             import wandb
 
             id_file = output_dir / "wandb_run_id"
@@ -121,7 +122,7 @@ class MainLogger(RunLogger):
                                     config=scrub(config))  # type: ignore[arg-type]
 
     def log(self, record: dict[str, Any]) -> None:
-        clean = redact_values({k: _clean(v) for k, v in record.items()})
+        clean = redact_values({k: finite_or_none(v) for k, v in record.items()})
         self.file.write(json.dumps(clean) + "\n")
         self.file.flush()
         if self.wandb is not None:
@@ -144,7 +145,7 @@ class MainLogger(RunLogger):
         import wandb
 
         artifact = wandb.Artifact(f"{kind}-{self.wandb.id}", type=kind,
-                                  metadata={"step": step, "dev_wer": _clean(dev_wer), "path": str(directory)})
+                                  metadata={"step": step, "dev_wer": finite_or_none(dev_wer), "path": str(directory)})
         try:  # a checkpoint is gigabytes on a shared file system: name it, don't read it
             artifact.add_reference(directory.resolve().as_uri(), checksum=False)
             self.wandb.log_artifact(artifact, aliases=aliases)
@@ -157,12 +158,3 @@ class MainLogger(RunLogger):
         self.file.close()
         if self.wandb is not None:
             self.wandb.finish()
-
-
-def make_logger(is_main: bool, output_dir: Path, config: dict[str, Any], wandb_cfg: WandbConfig, total_steps: int,
-                start_step: int, progress_bar: bool) -> RunLogger:
-    if not is_main:
-        return RunLogger()
-    os.environ.setdefault("WANDB_SILENT", "true")
-    return MainLogger(output_dir, config=config, wandb_cfg=wandb_cfg, total_steps=total_steps,
-                      start_step=start_step, progress_bar=progress_bar)

@@ -84,11 +84,9 @@ def load_processor(cfg: ModelConfig, shard_vocab: dict[str, int] | None) -> Wav2
             raise ModelCheckError(f"{cfg.name_or_path} has no processor and the shards have no vocab.json") from err
         log.info("no processor at %s; building one from the shards' vocab.json (%d tokens)",
                  cfg.name_or_path, len(shard_vocab))
-        extractor = Wav2Vec2FeatureExtractor.from_pretrained(cfg.name_or_path) \
-            if Path(cfg.name_or_path, "preprocessor_config.json").is_file() else None
         processor = processor_from_vocab(shard_vocab)
-        if extractor is not None:
-            processor.feature_extractor = extractor
+        if Path(cfg.name_or_path, "preprocessor_config.json").is_file():
+            processor.feature_extractor = Wav2Vec2FeatureExtractor.from_pretrained(cfg.name_or_path)
         return processor
 
 

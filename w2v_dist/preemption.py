@@ -3,9 +3,8 @@
 The handler only records the signal; the trainer folds it into the step's all-reduce so that every rank
 stops after the same step, saves together, and asks the batch script to requeue. A second signal while saving
 changes nothing, and so does a signal during an evaluation or a save: it is honoured once that is done.
-DataLoader workers leave the signals to their rank
-(:func:`w2v_dist.data.loader.leave_stop_signals_to_the_rank`), so the signal SLURM sends to every process of
-the step cannot kill them mid-batch.
+DataLoader workers leave the signals to their rank (:func:`w2v_dist.data.loader.leave_stop_signals_to_the_rank`),
+so the signal SLURM sends to every process of the step cannot kill them mid-batch.
 """
 
 from __future__ import annotations
@@ -21,9 +20,9 @@ REQUEUE_FILE = "REQUEUE"
 
 
 class StopSignal:
-    def __init__(self, signals: tuple[signal.Signals, ...] = STOP_SIGNALS) -> None:
+    def __init__(self) -> None:
         self.received: str | None = None
-        for sig in signals:
+        for sig in STOP_SIGNALS:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:

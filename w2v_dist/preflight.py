@@ -27,10 +27,6 @@ class WorstCase:
     num_samples: int
     label_length: int
 
-    @property
-    def seconds(self) -> float:
-        return self.batch_size * self.num_samples / 16_000
-
 
 def worst_case(shards: ShardSet, policy: BatchPolicy, keep: Filter) -> WorstCase:
     """The largest micro-batch the plan can form: the longest kept utterance (at any speed perturbation's
@@ -59,9 +55,9 @@ def preflight(model: PreTrainedModel, device: torch.device, dtype: torch.dtype, 
         loss.backward()
     except torch.OutOfMemoryError as err:
         raise PreflightError(
-            f"the worst-case micro-batch ({case.batch_size} x {case.num_samples / 16_000:.1f} s = {case.seconds:.0f} s "
-            f"of padded audio) does not fit in memory: lower data.max_batch_seconds or data.max_seconds, or set "
-            f"model.gradient_checkpointing=true ({err})") from None
+            f"the worst-case micro-batch ({case.batch_size} x {case.num_samples / 16_000:.1f} s = "
+            f"{case.batch_size * case.num_samples / 16_000:.0f} s of padded audio) does not fit in memory: lower "
+            f"data.max_batch_seconds or data.max_seconds, or set model.gradient_checkpointing=true ({err})") from None
     finally:
         model.zero_grad(set_to_none=True)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None

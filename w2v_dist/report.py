@@ -42,9 +42,6 @@ class RunMetrics:
         names = {k.split("/")[1] for r in self.evals.values() for k in r if k.startswith("dev/") and k.endswith("/wer")}
         return sorted(names)
 
-    def last_train(self) -> dict[str, Any]:
-        return self.train[max(self.train)] if self.train else {}
-
 
 def read_metrics(path: str | Path) -> RunMetrics:
     """Parse ``metrics.jsonl``; a torn last line (a run killed mid-write) is ignored."""
@@ -145,7 +142,7 @@ def _fmt(value: Any, digits: int = 4) -> str:
 
 def summary_markdown(run_dir: Path, metrics: RunMetrics, plots: dict[str, Path], out: Path) -> str:
     """The short human summary that links the plots."""
-    last = metrics.last_train()
+    last = metrics.train[max(metrics.train)] if metrics.train else {}
     lines = [f"# Run report: `{run_dir}`", ""]
     status = "finished" if metrics.final else "not finished (no final record)"
     lines += [f"- steps logged: {len(metrics.train)}, last step {max(metrics.train, default=0)}; {status}"]

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from transformers import Wav2Vec2Processor
+from transformers import Wav2Vec2Processor, set_seed
 
 from w2v_dist import dist
 from w2v_dist.checkpoint import Checkpointer
@@ -60,12 +58,6 @@ class DevSet:
     loader: Any
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
 def check_output_dir(path: Path) -> None:
     path.mkdir(parents=True, exist_ok=True)
     if not os.access(path, os.W_OK):
@@ -87,20 +79,14 @@ def build_engine(cfg: Config, local_rank: int | None = None) -> tuple[dist.World
     return world, Engine(cfg, load_model(cfg.model, processor), device), processor
 
 
-def train_locations(data: DataConfig) -> list[str]:
-    """The training shard sets: ``data.train_shards``, or the locations of ``data.train_mix``."""
-    locations = list(data.train_mix) or [data.train_shards] * bool(data.train_shards)
-    if not locations:
-        raise ValueError("data.train_shards is not set: point it at a directory written by 'w2v-dist shard'")
-    return locations
-
-
 def load_train_set(data: DataConfig) -> tuple[ShardSet, dict[str, int] | None]:
     """The training shard set, or the mix of ``data.train_mix`` (whose sets must share one vocabulary), and its
     vocabulary (:func:`~w2v_dist.data.index.read_vocab`)."""
     if not data.train_mix:
-        location = train_locations(data)[0]
-        return load_shard_set(location, data.shard_command, data.max_train_samples), read_vocab(location)
+        if not data.train_shards:
+            raise ValueError("data.train_shards is not set: point it at a directory written by 'w2v-dist shard'")
+        return (load_shard_set(data.train_shards, data.shard_command, data.max_train_samples),
+                read_vocab(data.train_shards))
     sets = {location: load_shard_set(location, max_samples=data.max_train_samples) for location in data.train_mix}
     vocabularies = {location: read_vocab(location) for location in sets}
     first = next(iter(vocabularies))
@@ -116,7 +102,7 @@ def build_run(cfg: Config, local_rank: int | None = None) -> Run:
     world, device = start_process(cfg.trainer.collective_timeout_minutes, local_rank)
     check_output_dir(Path(cfg.output_dir))
     dist.register_ranks(Path(cfg.output_dir) / RANKS_DIR, world)  # output_dir shared by every node, or stop here
-    seed_everything(cfg.trainer.seed)
+    set_seed(cfg.trainer.seed)
     train_set, vocabulary = load_train_set(cfg.data)
     check_shards_readable(train_set)
     processor = load_processor(cfg.model, vocabulary)
@@ -150,9 +136,8 @@ def build_run(cfg: Config, local_rank: int | None = None) -> Run:
     if cfg.trainer.preflight:
         preflight(model, device, DTYPES[cfg.deepspeed.precision], worst_case(train_set, policy, prep.skip_reason))
     engine = Engine(cfg, model, device, grad_accum=stream.per_rank)
-    _announce(cfg, world, train_set, model, layout, workers)
-    if saved and world.is_main:
-        _announce_resume(cfg, world, saved, layout)
+    if world.is_main:
+        _announce(cfg, world, train_set, model, layout, workers, max_workers, saved)
     return Run(world=world, engine=engine, processor=processor, train_stream=stream, train_loader=train_loader,
                grad_accum=stream.per_rank, checkpointer=checkpointer, resume_tag=resume_tag, dev_sets=dev_sets,
                train_utterances=train_set.epoch_samples)
@@ -186,9 +171,7 @@ def check_shards_readable(shards: ShardSet) -> None:
 
 
 def _announce(cfg: Config, world: dist.World, train_set: ShardSet, model: torch.nn.Module, layout: StreamLayout,
-              workers: int) -> None:
-    if not world.is_main:
-        return
+              workers: int, wanted: int, saved: dict[str, Any] | None) -> None:
     counts = parameter_counts(model)
     update_seconds = cfg.data.max_batch_seconds * layout.streams
     log.info("world: %d rank(s) on %s; precision %s; ZeRO stage %d", world.size, accelerator_name(),
@@ -199,19 +182,13 @@ def _announce(cfg: Config, world: dist.World, train_set: ShardSet, model: torch.
              layout.streams, cfg.data.max_batch_seconds, layout.streams // world.size, world.size,
              train_set.total_seconds / update_seconds, workers)
     log.info("parameters: %s trainable, %s frozen", f"{counts['trainable']:,}", f"{counts['frozen']:,}")
-    wanted = dist.loader_workers(cfg.data.num_workers)
     if workers < wanted:
         log.warning("%d loader workers per rank instead of %d: each rank reads %d data slots per %d updates "
                     "(%d streams x %d readers over %d ranks) and a slot belongs to one worker; set "
                     "data.stream_readers (a multiple of the workers) when a run starts", workers, wanted,
                     layout.streams // world.size * layout.readers, layout.readers, layout.streams, layout.readers,
                     world.size)
-
-
-def _announce_resume(cfg: Config, world: dist.World, saved: dict[str, Any], layout: StreamLayout) -> None:
-    before = int(saved["world_size"])
-    if before == world.size:
-        return
-    log.warning("resuming step %s from %d rank(s) on %d: grad_accum %d -> %d, %s s per update (%d data streams)",
-                f"{saved['step']:,}", before, world.size, layout.streams // before, layout.streams // world.size,
-                f"{cfg.data.max_batch_seconds * layout.streams:,.0f}", layout.streams)
+    if saved and (before := int(saved["world_size"])) != world.size:
+        log.warning("resuming step %s from %d rank(s) on %d: grad_accum %d -> %d, %s s per update (%d data streams)",
+                    f"{saved['step']:,}", before, world.size, layout.streams // before, layout.streams // world.size,
+                    f"{update_seconds:,.0f}", layout.streams)

@@ -10,10 +10,11 @@ before any division.
 
 from __future__ import annotations
 
+import json
 import logging
-import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,6 +29,7 @@ from w2v_dist.data.plan import BatchPolicy
 from w2v_dist.data.shard_reader import RetryPolicy
 from w2v_dist.data.text import LIBRISPEECH, TextPolicy, TranscriptError
 from w2v_dist.decoding import CTCDecoder
+from w2v_dist.logging import finite_or_none
 from w2v_dist.metrics import ErrorCounts
 
 log = logging.getLogger("w2v_dist.scoring")
@@ -54,8 +56,10 @@ class SetScore:
                 "chars": counts.chars, "char_errors": counts.char_edits, "unscored": len(self.unscored)}
 
 
-def finite_or_none(value: float) -> float | None:
-    return value if math.isfinite(value) else None  # NaN (an empty set) is not valid JSON
+def write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Per-utterance results as JSON lines (``w2v-dist evaluate --out``, and the trainer's ``eval/`` files)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
 
 
 def normalized(text: str, policy: TextPolicy = LIBRISPEECH) -> str:
@@ -74,13 +78,12 @@ def scoring_batch_size(feat_extract_norm: str, return_attention_mask: bool, requ
 
 
 def scoring_loader(shards: ShardSet, prep: Preprocess, batch_seconds: float, max_batch_size: int,
-                   world: dist.World, *, workers: int, prefetch_factor: int = 2,
-                   retry: RetryPolicy) -> Any:
+                   world: dist.World, *, workers: int, retry: RetryPolicy) -> Any:
     """This rank's stripe of a dev set (each utterance on exactly one rank), every utterance planned."""
     prep = replace(prep, filtered=False)
     policy = BatchPolicy(int(batch_seconds * shards.sample_rate), max_batch_size, bucket_window=512, shuffle_buffer=1)
     return make_loader(EvalStream(shards, policy, prep, rank=world.rank, world_size=world.size, retry=retry), workers,
-                       prefetch_factor)
+                       prefetch_factor=2)
 
 
 class Scorer:

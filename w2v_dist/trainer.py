@@ -7,7 +7,7 @@ import logging
 import math
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +24,12 @@ from w2v_dist.decoding import GreedyDecoder
 from w2v_dist.engine import Engine, UpdateOutcome
 from w2v_dist.faults import injected_faults, pause_point
 from w2v_dist.flops import COUNTED_FAMILIES, peak_tflops, step_flops
-from w2v_dist.logging import make_logger
+from w2v_dist.logging import MainLogger, RunLogger
 from w2v_dist.model_card import model_card
 from w2v_dist.preemption import REQUEUE_FILE, StopSignal, request_requeue
 from w2v_dist.run import RANKS_DIR, Run, build_run
 from w2v_dist.schedule import lr_at
-from w2v_dist.scoring import Scorer, SetScore
+from w2v_dist.scoring import Scorer, SetScore, write_rows
 
 log = logging.getLogger("w2v_dist.trainer")
 
@@ -107,12 +107,11 @@ class RunState:
     rollbacks: int = 0
 
     def state_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "skipped": dict(self.skipped), "loader_skips": dict(self.loader_skips),
-                "utterances_by_set": dict(self.utterances_by_set)}
+        return {key: dict(value) if isinstance(value, Counter) else value for key, value in vars(self).items()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for key, value in state.items():
-            setattr(self, key, Counter(value) if key in ("skipped", "loader_skips", "utterances_by_set") else value)
+            setattr(self, key, Counter(value) if isinstance(getattr(self, key), Counter) else value)
 
 
 class Trainer:
@@ -133,8 +132,9 @@ class Trainer:
             if client_state is not None:
                 self.state.load_state_dict(client_state["run"])
                 run.train_stream.load_state_dict(client_state["loader"])
-        self.logger = make_logger(self.world.is_main, self.output, to_written(cfg),
-                                  cfg.logging.wandb, cfg.trainer.max_steps, self.state.step, cfg.logging.progress_bar)
+        self.logger = MainLogger(self.output, config=to_written(cfg), wandb_cfg=cfg.logging.wandb,
+                                 total_steps=cfg.trainer.max_steps, start_step=self.state.step,
+                                 progress_bar=cfg.logging.progress_bar) if self.world.is_main else RunLogger()
 
     def fit(self) -> dict[str, SetScore]:
         cfg, state, run = self.cfg, self.state, self.run
@@ -290,8 +290,7 @@ class Trainer:
         for dev in self.run.dev_sets:
             scorer = Scorer(lambda batch: engine.forward(batch, with_labels=False)[1], decoder, geometry,
                             device=engine.device, sample_rate=dev.sample_rate, text_policy=dev.text_policy,
-                            pad_forward=engine.dummy_forward,
-                            after_batch=lambda: pause_point("eval", rank))
+                            pad_forward=engine.dummy_forward, after_batch=lambda: pause_point("eval", rank))
             results[dev.name] = scorer.score(dev.name, dev.loader, dev.indexed)
         engine.train()
         record: dict[str, Any] = {"step": self.state.step}
@@ -361,13 +360,6 @@ def train(cfg: Config, local_rank: int | None = None) -> dict[str, SetScore]:
             raise
         latest = run.checkpointer.resumable_tag()
         lost = dist.lost_ranks(Path(cfg.output_dir) / RANKS_DIR, run.world)
-        raise SystemExit(f"rank {run.world.rank}: {err}. Another rank has most likely died "
-                         f"({lost}; exit codes are in the launcher's log). "
-                         f"Relaunch the same command to resume from "
+        raise SystemExit(f"rank {run.world.rank}: {err}. Another rank has most likely died ({lost}; exit codes are in "
+                         f"the launcher's log). Relaunch the same command to resume from "
                          f"{latest or 'the beginning (no checkpoint yet)'}.") from err
-
-
-def write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
-    """One dev set's per-utterance results, in ``w2v-dist evaluate --out``'s format."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))

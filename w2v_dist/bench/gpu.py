@@ -157,11 +157,12 @@ def gpu_benchmark(work_dir: Path, batch_seconds: list[float], steps: int, warmup
     best = max(ours, key=lambda r: r["audio_seconds_per_second"])
     bare = next((r for r in results if "error" not in r and r["trial"]["bare"]
                  and r["trial"]["overrides"] == best["trial"]["overrides"]), None)
+    overhead: dict[str, Any] = {}
     if bare is not None:
-        emit({"measure": "gpu_engine_overhead", "variant": best["variant"],
-              "bare_audio_seconds_per_second": bare["audio_seconds_per_second"],
-              "engine_audio_seconds_per_second": best["audio_seconds_per_second"],
-              "overhead_ratio": bare["audio_seconds_per_second"] / best["audio_seconds_per_second"]})
+        overhead = emit({"measure": "gpu_engine_overhead", "variant": best["variant"],
+                         "bare_audio_seconds_per_second": bare["audio_seconds_per_second"],
+                         "engine_audio_seconds_per_second": best["audio_seconds_per_second"],
+                         "overhead_ratio": bare["audio_seconds_per_second"] / best["audio_seconds_per_second"]})
     optimizer = skipped if quick else attempt("gpu_adamw", lambda: emit({"measure": "gpu_adamw",
                                                                          **adamw_ms(94_000_000)}))
     memory = skipped if quick else attempt("gpu_memory", lambda: emit({"measure": "gpu_memory", **largest_batch(
@@ -171,8 +172,7 @@ def gpu_benchmark(work_dir: Path, batch_seconds: list[float], steps: int, warmup
                  "transformer_mfu": best.get("transformer_mfu_datasheet"), "mfu": best.get("mfu_datasheet"),
                  "peak_memory_gib": best["peak_memory_gib"], "gpu_busy_fraction": best["gpu_busy_fraction"],
                  "host_syncs_per_step": best["host_syncs_per_step"],
-                 "engine_overhead_ratio": bare["audio_seconds_per_second"] / best["audio_seconds_per_second"]
-                 if bare else None,
+                 "engine_overhead_ratio": overhead.get("overhead_ratio"),
                  "data_wait_fraction": wait.get("data_wait_fraction"),
                  "adamw_fused_ms": optimizer.get("adamw_fused_ms"),
                  "adamw_foreach_ms": optimizer.get("adamw_foreach_ms"),

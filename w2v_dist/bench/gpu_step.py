@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import gc
 import statistics
-import time
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -24,11 +23,6 @@ CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 """On a machine without a GPU everything still runs (CI exercises this module on the CPU); memory, syncs and
 kernel times then read as zero."""
-
-
-def synchronize() -> None:
-    if CUDA:
-        torch.cuda.synchronize()
 
 
 @dataclass(frozen=True)
@@ -63,7 +57,8 @@ def build_step(model_dir: Path, trial: Trial) -> tuple[Callable[[CTCBatch], obje
 
     def step(batch: CTCBatch) -> None:
         bare_step(model, optimizer, batch, cfg.optim.grad_clip, DEVICE, autocast=True)
-        synchronize()
+        if CUDA:
+            torch.cuda.synchronize()
 
     return step, model.config
 
@@ -118,11 +113,7 @@ def step_anatomy(step: Callable[[CTCBatch], object], batches: list[CTCBatch]) ->
     sites = sorted({f"{Path(w.filename).name}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)})
     activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if CUDA else [ProfilerActivity.CPU]
     with profile(activities=activities) as prof:
-        start = time.perf_counter()
-        for batch in batches:
-            step(batch)
-        synchronize()
-        wall_us = (time.perf_counter() - start) * 1e6
+        wall_us = elapsed(step, batches) * 1e6  # each step returns when the GPU has finished it
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     busy, end = 0.0, float("-inf")
     for lo, hi in sorted((e.time_range.start, e.time_range.end) for e in kernels):  # union of kernel intervals

@@ -53,20 +53,16 @@ def shard_benchmark(work_dir: Path, utterances: int, workers: int) -> dict[str, 
     files = sorted(p for p in (corpus / "train-clean-100").rglob("*") if p.is_file())
     for path in files:  # every pass starts from a warm page cache
         path.read_bytes()
+    megabytes = sum(p.stat().st_size for p in files) / 1e6
     scratch = Path(tempfile.mkdtemp(prefix="w2v-dist-bench-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None))
     try:
-        return _compare(corpus, files, scratch, workers)
+        medians = interleaved_medians({
+            "copy": partial(_copy, files, corpus, scratch / "copy", megabytes),
+            "tail": lambda: _shard(corpus, scratch / "sharded", "tail", workers, megabytes)[0]}, ROUNDS)
+        full_s, _ = _shard(corpus, scratch / "sharded", "full", workers, megabytes)
+        one_worker_s, index = _shard(corpus, scratch / "sharded", "tail", 1, megabytes)  # the rounds' totals
     finally:
         shutil.rmtree(scratch)
-
-
-def _compare(corpus: Path, files: list[Path], scratch: Path, workers: int) -> dict[str, Any]:
-    megabytes = sum(p.stat().st_size for p in files) / 1e6
-    medians = interleaved_medians({
-        "copy": partial(_copy, files, corpus, scratch / "copy", megabytes),
-        "tail": lambda: _shard(corpus, scratch / "sharded", "tail", workers, megabytes)[0]}, ROUNDS)
-    full_s, _ = _shard(corpus, scratch / "sharded", "full", workers, megabytes)
-    one_worker_s, index = _shard(corpus, scratch / "sharded", "tail", 1, megabytes)  # the same totals as the rounds'
     copy_s, tail_s = medians["copy"], medians["tail"]
     return emit({"measure": "summary", "fraction_of_raw_copy": copy_s / tail_s,
                  "raw_copy_mb_per_second": megabytes / copy_s, "shard_mb_per_second": megabytes / tail_s,

@@ -41,10 +41,7 @@ class EncoderGeometry:
 
     @property
     def inputs_to_logits_ratio(self) -> int:
-        ratio = 1
-        for stride in self.strides:
-            ratio *= stride
-        return ratio
+        return math.prod(self.strides)
 
     def frames(self, num_samples: int) -> int:
         """Output frames for ``num_samples`` inputs, exactly as the conv stack computes them."""
@@ -62,8 +59,7 @@ class EncoderGeometry:
 
 def decode(data: bytes) -> tuple[np.ndarray, int]:
     """Decode audio bytes to float32 ``(samples, channels)`` and the sample rate."""
-    audio, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
-    return audio, rate
+    return sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
 
 
 def to_16k_mono(audio: np.ndarray, rate: int) -> np.ndarray:

@@ -108,16 +108,16 @@ def _join(location: str, name: str) -> str:
     return f"{location.rstrip('/')}/{name}" if is_remote(location) else str(Path(location) / name)
 
 
-def read_index_json(location: str) -> dict:
-    """The parsed ``index.json`` of a local directory or an ``http(s)://`` prefix."""
+def read_index_json(location: str, name: str = INDEX_NAME) -> dict:
+    """The parsed ``index.json`` (or another JSON file, ``name``) of a local directory or an ``http(s)://`` prefix."""
     import webdataset as wds  # lazily: sharding workers import this module and must stay light
 
-    url = _join(location, INDEX_NAME)
+    url = _join(location, name)
     try:
         with wds.gopen(url, "rb") as stream:
             return json.loads(stream.read())
     except FileNotFoundError:
-        raise ShardIndexError(f"no {INDEX_NAME} at {redact(url)}: run 'w2v-dist shard' to create shards") from None
+        raise ShardIndexError(f"no {name} at {redact(url)}: run 'w2v-dist shard' to create shards") from None
     except json.JSONDecodeError as err:
         raise ShardIndexError(f"{redact(url)} is not valid JSON: {err}") from None
     except Exception as err:  # gopen raises plain IOError/ValueError for HTTP and pipe failures
@@ -176,17 +176,10 @@ def mix_shard_sets(sets: dict[str, ShardSet], fractions: dict[str, float]) -> Sh
                     first.text_policy, tuple(sets), tuple(shard_parts), tuple(fractions[loc] for loc in sets))
 
 
-def vocab_path(location: str) -> str:
-    return _join(location, "vocab.json")
-
-
 def read_vocab(location: str) -> dict[str, int] | None:
     """The shard set's ``vocab.json``; ``None`` when it has none (only a model without a tokenizer needs it:
     :func:`w2v_dist.model.load_processor` says so)."""
-    import webdataset as wds
-
     try:
-        with wds.gopen(vocab_path(location), "rb") as stream:
-            return json.loads(stream.read())
-    except Exception:
+        return read_index_json(location, "vocab.json")
+    except ShardIndexError:
         return None

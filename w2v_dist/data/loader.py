@@ -79,7 +79,7 @@ class Preprocess:
         """Decode one sample straight into its batch row (already zero-padded to the batch width); return its
         labels and transcript. The row's length is the sample count the plan promised (the index's, or after
         ``utt.speed``'s perturbation). Normalisation happens later, on the training device
-        (:func:`~w2v_dist.data.collate.model_inputs`)."""
+        (:meth:`~w2v_dist.data.collate.CTCBatch.model_inputs`)."""
         text = json.loads(members["json"])["text"]
         stored = utt.source_samples or len(row)
         with sf.SoundFile(io.BytesIO(members["flac"])) as audio:
@@ -106,30 +106,27 @@ class _Stream(IterableDataset):  # type: ignore[type-arg]
                  utterances: tuple[tuple[Utterance, ...], ...] | None = None) -> Iterator[CTCBatch]:
         """Read ``pieces`` (of ``utterances``, by default the whole set) in order and yield the planned
         ``batches``, decoding only what they contain."""
-        utterances = utterances or self.shards.utterances
         needed = {(u.shard, u.key) for batch in batches for u in batch}
+        samples = self._read(pieces, utterances or self.shards.utterances, needed, skips)
         held: dict[tuple[int, str], dict[str, bytes]] = {}
-        pending = iter(pieces)
-        reader: Iterator[tuple[str, dict[str, bytes]]] = iter(())
-        shard = -1
-        exhausted = False
         for batch in batches:
-            while not exhausted and any((u.shard, u.key) not in held for u in batch):
-                item = next(reader, None)
-                if item is None:
-                    piece = next((p for p in pending if any((p.shard, u.key) in needed
-                                                            for u in p.select(utterances[p.shard]))), None)
-                    if piece is None:
-                        exhausted = True
-                        break
-                    shard = piece.shard
-                    wanted = {u.key for u in piece.select(utterances[shard]) if (shard, u.key) in needed}
-                    reader = read_members(self.shards.urls[shard], wanted, skips, self.retry)
-                    continue
-                held[(shard, item[0])] = item[1]
+            while any((u.shard, u.key) not in held for u in batch):
+                sample = next(samples, None)
+                if sample is None:
+                    break
+                held[sample[0]] = sample[1]
             out = self._decode_batch(batch, held, skips)
             skips.clear()
             yield out
+
+    def _read(self, pieces: list[Piece], utterances: tuple[tuple[Utterance, ...], ...], needed: set[tuple[int, str]],
+              skips: Counter[str]) -> Iterator[tuple[tuple[int, str], dict[str, bytes]]]:
+        """``((shard, key), members)`` of the needed samples, piece by piece; a piece with none is not opened."""
+        for piece in pieces:
+            wanted = {u.key for u in piece.select(utterances[piece.shard]) if (piece.shard, u.key) in needed}
+            if wanted:
+                for key, members in read_members(self.shards.urls[piece.shard], wanted, skips, self.retry):
+                    yield (piece.shard, key), members
 
     def _decode_batch(self, batch: Batch, held: dict[tuple[int, str], dict[str, bytes]], skips: Counter[str]
                       ) -> CTCBatch:
@@ -282,13 +279,10 @@ class TrainStream(_Stream):
         return {"update": self.update, "streams": self.layout.streams, "readers": self.layout.readers,
                 "seed": self.layout.seed, "plan_inputs": self.plan_inputs()}
 
-    @property
-    def mix(self) -> dict[str, float]:
-        return {redact(part): fraction for part, fraction in zip(self.shards.parts, self.shards.fractions)}
-
     def plan_inputs(self) -> dict[str, Any]:
         """What the batches of an update depend on besides the layout, by the config keys that set it."""
-        return {"data.train_mix": self.mix,
+        mix = {redact(part): fraction for part, fraction in zip(self.shards.parts, self.shards.fractions)}
+        return {"data.train_mix": mix,
                 "data.max_batch_seconds/max_batch_size/bucket_window/shuffle_buffer/speed_perturb":
                     json.loads(json.dumps(asdict(self.policy))),
                 "data.min_seconds/max_seconds": [self.prep.min_samples, self.prep.max_samples],
@@ -313,11 +307,8 @@ class EvalStream(_Stream):
     def __init__(self, shards: ShardSet, policy: BatchPolicy, prep: Preprocess, *, rank: int, world_size: int,
                  retry: RetryPolicy = RetryPolicy()) -> None:
         super().__init__(shards, policy, prep, retry=retry)
-        first, pieces = 0, []
-        for shard, utts in enumerate(shards.utterances):
-            pieces.append(Piece(shard, world_size, (rank - first) % world_size))
-            first += len(utts)
-        self.pieces = pieces
+        firsts = itertools.accumulate((len(utts) for utts in shards.utterances[:-1]), initial=0)
+        self.pieces = [Piece(shard, world_size, (rank - first) % world_size) for shard, first in enumerate(firsts)]
 
     def __iter__(self) -> Iterator[CTCBatch]:
         worker, workers = _worker()

@@ -9,6 +9,7 @@ read exactly once per epoch.
 
 from __future__ import annotations
 
+import itertools
 import random
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -175,23 +176,14 @@ def plan_batches(pieces: Sequence[Piece], utterances: Sequence[Sequence[Utteranc
                 kept.append(utt)
             else:
                 skips[reason] += 1
-    stream: Iterable[Utterance] = shuffled(kept, policy.shuffle_buffer, rng) if rng else kept
+    stream = iter(shuffled(kept, policy.shuffle_buffer, rng) if rng else kept)
     batches: list[Batch] = []
-    window: list[Utterance] = []
-    for utt in stream:
-        window.append(utt)
-        if len(window) == policy.bucket_window:
-            batches.extend(_ordered(pack(window, policy), rng))
-            window = []
-    if window:
-        batches.extend(_ordered(pack(window, policy), rng))
+    while window := list(itertools.islice(stream, policy.bucket_window)):
+        packed = pack(window, policy)
+        if rng is not None:
+            rng.shuffle(packed)
+        batches += packed
     return batches, skips
-
-
-def _ordered(batches: list[Batch], rng: random.Random | None) -> list[Batch]:
-    if rng is not None:
-        rng.shuffle(batches)
-    return batches
 
 
 def speed_perturbation(speeds: Sequence[float], seed: int, epoch: int, sample_rate: int

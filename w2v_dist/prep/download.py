@@ -29,6 +29,7 @@ MARKER = ".complete"
 _CHUNK = 1 << 20
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _MD5 = re.compile(r"^[0-9a-fA-F]{32}$")
+_BYTES_BAR = {"unit": "B", "unit_scale": True, "unit_divisor": 1024, "disable": None}
 
 
 @dataclass(frozen=True)
@@ -73,8 +74,7 @@ def read_checksums(path: str | Path) -> dict[str, str]:
 def md5_of(path: Path) -> str:
     # MD5 because it is the only checksum openslr publishes: it catches corruption, not a malicious mirror.
     digest = hashlib.md5(usedforsecurity=False)
-    with open(path, "rb") as stream, tqdm(total=path.stat().st_size, desc=f"md5 {path.name}", unit="B",
-                                          unit_scale=True, unit_divisor=1024, disable=None) as bar:
+    with open(path, "rb") as stream, tqdm(total=path.stat().st_size, desc=f"md5 {path.name}", **_BYTES_BAR) as bar:
         while chunk := stream.read(_CHUNK):
             digest.update(chunk)
             bar.update(len(chunk))
@@ -108,8 +108,7 @@ def _fetch_once(url: str, partial: Path, log: Callable[[str], None]) -> bool:
         length = response.headers.get("Content-Length")
         total = have + int(length) if length else None
         got = have
-        with open(partial, mode) as out, tqdm(total=total, initial=have, desc=partial.name, unit="B",
-                                              unit_scale=True, unit_divisor=1024, disable=None) as bar:
+        with open(partial, mode) as out, tqdm(total=total, initial=have, desc=partial.name, **_BYTES_BAR) as bar:
             # read() returns b"" when the server closes early (it does not raise), hence the length check below
             while chunk := response.read(_CHUNK):
                 out.write(chunk)
@@ -198,16 +197,6 @@ def extract_archive(archive: Path, root: Path, subset: str, marker: dict[str, ob
     return target
 
 
-def _warn_if_short_of_disk(root: Path, subset: str, partial: Path, log: Callable[[str], None]) -> None:
-    if subset not in SUBSETS:
-        return
-    # FLAC is already compressed, so the extracted tree is about as large as the archive: budget twice its size.
-    need = 2 * SUBSETS[subset].gigabytes * 1e9 - (partial.stat().st_size if partial.exists() else 0)
-    free = shutil.disk_usage(root).free
-    if free < need:
-        log(f"warning: {subset} needs about {need / 1e9:.1f} GB free under {root}, only {free / 1e9:.1f} GB is")
-
-
 def download_subset(subset: str, root: str | Path, mirror: str = DEFAULT_MIRROR,
                     checksums: dict[str, str] | None = None, keep_archive: bool = False, retries: int = 3,
                     backoff: float = 2.0, log: Callable[[str], None] = print) -> Path:
@@ -219,8 +208,8 @@ def download_subset(subset: str, root: str | Path, mirror: str = DEFAULT_MIRROR,
     if (target / MARKER).is_file():
         log(f"{subset}: already complete in {target}, nothing to do")
         return target
-    name = f"{subset}.tar.gz"
-    expected = (checksums or {}).get(name) or (SUBSETS[subset].md5 if subset in SUBSETS else None)
+    name, known = f"{subset}.tar.gz", SUBSETS.get(subset)
+    expected = (checksums or {}).get(name) or (known.md5 if known else None)
     if expected is None:
         raise DownloadError(f"unknown subset {subset!r} (known: {', '.join(SUBSETS)}); "
                             f"give its MD5 with --checksums FILE")
@@ -236,9 +225,12 @@ def download_subset(subset: str, root: str | Path, mirror: str = DEFAULT_MIRROR,
                                 "extracted. Delete it and rerun to download it again")
     else:
         url = f"{mirror.rstrip('/')}/{name}"
-        size = f" (about {SUBSETS[subset].gigabytes:g} GB)" if subset in SUBSETS else ""
-        log(f"{subset}: downloading {url}{size} to {partial}")
-        _warn_if_short_of_disk(base, subset, partial, log)
+        log(f"{subset}: downloading {url}{f' (about {known.gigabytes:g} GB)' if known else ''} to {partial}")
+        if known:
+            # FLAC is already compressed: the extracted tree is about as large as the archive, so budget twice that.
+            need = 2 * known.gigabytes * 1e9 - (partial.stat().st_size if partial.exists() else 0)
+            if (free := shutil.disk_usage(base).free) < need:
+                log(f"warning: {subset} needs about {need / 1e9:.1f} GB free under {base}, only {free / 1e9:.1f} GB is")
         fetch(url, partial, retries, backoff, log)
         if (got := md5_of(partial)) != expected:
             partial.unlink()  # resuming a corrupt file would only repeat the mismatch, so start clean next time

@@ -83,15 +83,15 @@ TAIL_SAMPLES = 4096
 file: FLAC's usual block size, so the last frame, which a truncated file cannot supply."""
 
 
-def audio_shape(audio: bytes | Path, full: bool) -> tuple[int, int, int]:
-    """(samples, rate, channels) of encoded audio, after decoding all of it (bytes) or checking that it ends in a
-    complete final frame (read from the file: the header and the tail, not the whole file)."""
+def audio_shape(audio: Path, full: bool) -> tuple[int, int, int]:
+    """(samples, rate, channels) of an audio file, after decoding all of it or checking that it ends in a complete
+    final frame (the header and the tail, not the whole file)."""
     if full:
-        decoded, rate = decode(audio if isinstance(audio, bytes) else audio.read_bytes())
+        decoded, rate = decode(audio.read_bytes())
         return decoded.shape[0], rate, decoded.shape[1]
-    if isinstance(audio, Path) and (shape := flac.stream_shape(audio)) is not None:
+    if (shape := flac.stream_shape(audio)) is not None:
         return shape
-    with sf.SoundFile(io.BytesIO(audio) if isinstance(audio, bytes) else str(audio)) as stream:
+    with sf.SoundFile(str(audio)) as stream:
         frames, rate, channels = stream.frames, stream.samplerate, stream.channels
         tail = min(frames, TAIL_SAMPLES)
         stream.seek(frames - tail)
@@ -148,10 +148,10 @@ def _adopt_job(sources: list[Source], opts: ShardOptions) -> None:
     _job = sources, opts
 
 
-def _probe_range(start: int, stop: int) -> list[ProbedRow | Reject]:
+def _probe_chunk(start: int) -> list[ProbedRow | Reject]:
     assert _job is not None
     sources, opts = _job
-    results = (probe(sources[i], opts, i) for i in range(start, stop))
+    results = (probe(sources[i], opts, i) for i in range(start, min(start + PROBE_CHUNK, len(sources))))
     return [r.row() if isinstance(r, Probed) else r for r in results]
 
 
@@ -224,8 +224,7 @@ def _probe_all(pool: Executor, sources: list[Source], opts: ShardOptions, accept
                rejects: list[Reject], bar: tqdm) -> None:
     """Probe every input in parallel, in order, sorting results into ``accepted`` and ``rejects``."""
     total = 0
-    starts = range(0, len(sources), PROBE_CHUNK)
-    for results in pool.map(_probe_range, starts, [min(s + PROBE_CHUNK, len(sources)) for s in starts]):
+    for results in pool.map(_probe_chunk, range(0, len(sources), PROBE_CHUNK)):
         for result in results:
             if isinstance(result, Reject):
                 rejects.append(result)

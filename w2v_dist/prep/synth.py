@@ -6,7 +6,6 @@ tiny model can visibly learn it on a CPU in minutes.
 
 from __future__ import annotations
 
-import io
 import random
 import shutil
 import subprocess
@@ -16,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
+from w2v_dist.data.audio import SAMPLE_RATE, decode, to_16k_mono
 from w2v_dist.prep.workers import process_pool
 
-SAMPLE_RATE = 16_000
 LEXICON = ("ZERO", "ONE", "TWO", "THREE", "FOUR", "FIVE", "SIX", "SEVEN", "EIGHT", "NINE",
            "YES", "NO", "UP", "DOWN", "LEFT", "RIGHT", "GO", "STOP")
 VOICES = ("en-us", "en-us+f3", "en-gb", "en-gb+m3", "en-029", "en-gb-scotland+f2")
@@ -52,14 +51,9 @@ def require_espeak() -> str:
 
 def speak(text: str, voice: str, speed: int) -> np.ndarray:
     """16 kHz mono float32 audio of ``text``."""
-    import torch
-    import torchaudio.functional as F
-
     wav = subprocess.run([require_espeak(), "-v", voice, "-s", str(speed), "--stdout", text],
                          check=True, capture_output=True).stdout
-    audio, rate = sf.read(io.BytesIO(wav), dtype="float32")
-    resampled = F.resample(torch.from_numpy(audio), rate, SAMPLE_RATE)
-    return resampled.numpy()
+    return to_16k_mono(*decode(wav))
 
 
 def plan_corpus(utterances: int, dev_utterances: int, seed: int = 0) -> list[SynthUtterance]:
