@@ -176,12 +176,16 @@ def release_cpu_shm_buffer() -> None:
 
 def check_accelerator(precision: str) -> None:
     """Refuse the classic mistakes before any work: mixed precision asked for on a node where no GPU is visible
-    (DeepSpeed would quietly fall back to the CPU), or bf16 on a GPU without bf16 (pre-Ampere)."""
+    (DeepSpeed would quietly fall back to the CPU), fp16 on the CPU (DeepSpeed's CPU accelerator has none: it would
+    fail only after the model is built), or bf16 on a GPU without bf16 (pre-Ampere)."""
     name = deepspeed.get_accelerator().device_name()
     if name == "cpu" and precision != "fp32" and os.environ.get("DS_ACCELERATOR") != "cpu":
         raise RuntimeError(f"deepspeed.precision={precision} but no GPU is visible on {os.uname().nodename} "
                            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); check the "
                            "job's GPU request, or set DS_ACCELERATOR=cpu to train on the CPU on purpose")
+    if name == "cpu" and precision == "fp16":
+        raise RuntimeError("deepspeed.precision=fp16 needs a GPU (DeepSpeed's CPU accelerator has no fp16): use "
+                           "bf16 or fp32 on the CPU")
     if name == "cuda" and precision == "bf16" and not torch.cuda.is_bf16_supported():
         raise RuntimeError(f"deepspeed.precision=bf16 but {torch.cuda.get_device_name()} has no bf16 support: "
                            "use deepspeed.precision=fp16")

@@ -54,3 +54,20 @@ def test_console_setup_turns_off_tqdms_monitor_thread() -> None:
     with tqdm(total=1, disable=False) as bar:
         bar.update()
     assert tqdm.monitor is None
+
+
+def test_fp16_on_the_cpu_is_refused_before_any_work(monkeypatch: pytest.MonkeyPatch) -> None:
+    import deepspeed
+
+    from w2v_dist.engine import check_accelerator
+
+    class CPU:
+        def device_name(self) -> str:
+            return "cpu"
+
+    monkeypatch.setattr(deepspeed, "get_accelerator", CPU)
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    check_accelerator("bf16")
+    check_accelerator("fp32")
+    with pytest.raises(RuntimeError, match="fp16 needs a GPU"):
+        check_accelerator("fp16")
