@@ -307,8 +307,9 @@ class EvalStream(_Stream):
     def __init__(self, shards: ShardSet, policy: BatchPolicy, prep: Preprocess, *, rank: int, world_size: int,
                  retry: RetryPolicy = RetryPolicy()) -> None:
         super().__init__(shards, policy, prep, retry=retry)
-        firsts = itertools.accumulate((len(utts) for utts in shards.utterances[:-1]), initial=0)
-        self.pieces = [Piece(shard, world_size, (rank - first) % world_size) for shard, first in enumerate(firsts)]
+        firsts = itertools.accumulate((len(utts) for utts in shards.utterances), initial=0)  # one more than shards
+        self.pieces = [Piece(shard, world_size, (rank - first) % world_size)
+                       for shard, first in zip(range(len(shards.utterances)), firsts)]
 
     def __iter__(self) -> Iterator[CTCBatch]:
         worker, workers = _worker()
