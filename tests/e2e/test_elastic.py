@@ -74,14 +74,14 @@ def test_two_ranks_then_one_then_two_end_with_the_straight_runs_weights(shard_di
     AutoModelForCTC.from_pretrained(elastic / "final")
 
 
-def test_bf16_zero2_resumed_on_one_rank_follows_the_straight_run(shard_dirs: dict, tiny_model: Path,
-                                                                  tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-                                                                  ) -> None:
+@pytest.mark.parametrize("stage", [2, 3])
+def test_bf16_resumed_on_one_rank_follows_the_straight_run(stage: int, shard_dirs: dict, tiny_model: Path,
+                                                           tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The base recipe's precision: bf16 keeps fp32 master weights and moments partitioned by rank, re-partitioned
     through the universal checkpoint. bf16 rounding makes the runs differ slightly; a lost or misplaced optimizer
     state moves every weight by a sizeable part of its change (ZeRO-3's group mix-up: ~15 %)."""
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
-    common = {"trainer.update_seconds": 16.0, "deepspeed.zero_stage": 2, "deepspeed.precision": "bf16",
+    common = {"trainer.update_seconds": 16.0, "deepspeed.zero_stage": stage, "deepspeed.precision": "bf16",
               "trainer.eval_every": 0, "trainer.save_every": 2, "optim.weight_decay": 0.01}
     straight, elastic = tmp_path / "straight", tmp_path / "elastic"
     check(run_deepspeed(["--config", "configs/debug.yaml", *overrides(
