@@ -158,8 +158,8 @@ class Checkpointer:
                 # A tag left by a torn save (then a resume from an older one) must not mix old files with new.
                 shutil.rmtree(directory, ignore_errors=True)
                 directory.mkdir(parents=True)
-                (directory / WORLD_FILE).write_text(json.dumps({"world_size": self.world.size, "step": step,
-                                                                "data": client_state.get("loader")}))
+                write_atomically(directory / WORLD_FILE, json.dumps({"world_size": self.world.size, "step": step,
+                                                                     "data": client_state.get("loader")}))
             dist.barrier()
             rng_file = directory / f"rng_rank{self.world.rank}.pt"
             torch.save(rng_state(), rng_file)
@@ -188,7 +188,7 @@ class Checkpointer:
             scores = self.scores()
             if score is not None:
                 scores[tag] = score
-                self.scores_file.write_text(json.dumps(scores, indent=1))
+                write_atomically(self.scores_file, json.dumps(scores, indent=1))
             self._prune(tag, scores)
         log.info("saved checkpoint %s", directory)
         return directory
