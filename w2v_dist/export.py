@@ -163,6 +163,8 @@ def write_export(model: PreTrainedModel, processor: Wav2Vec2Processor, out_dir: 
     model.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
     config = copy.deepcopy(model.config)
     config.dtype = "float32"  # save_pretrained records a 16-bit module's dtype; the weights written are fp32
+    if (layer_drop := getattr(model, "layer_drop", None)) is not None:
+        config.layerdrop = layer_drop.probability  # the model's own is 0: w2v_dist.layerdrop draws it instead
     config.save_pretrained(tmp)
     processor.save_pretrained(tmp)
     if card:

@@ -23,6 +23,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CTC_MAPPING_NAMES
 from w2v_dist.config import ModelConfig
 from w2v_dist.data.audio import EncoderGeometry
 from w2v_dist.data.text import WORD_DELIMITER, librispeech_vocab, write_vocab
+from w2v_dist.layerdrop import FIRST_DROPPABLE, SharedLayerDrop
 
 log = logging.getLogger("w2v_dist.model")
 
@@ -107,6 +108,8 @@ def load_model(cfg: ModelConfig, processor: Wav2Vec2Processor) -> PreTrainedMode
         layerdrop=cfg.layerdrop, hidden_dropout=cfg.hidden_dropout, attention_dropout=cfg.attention_dropout,
         activation_dropout=cfg.activation_dropout, final_dropout=cfg.final_dropout)
     unused = [f"model.{k}" for k, v in recipe.items() if not hasattr(config, k) and v]
+    if hasattr(config, "layerdrop"):
+        recipe["layerdrop"] = 0.0  # drawn by w2v_dist.layerdrop instead, the same on every rank
     if unused:
         log.warning("%s has no %s: ignored", family, ", ".join(unused))
     torch.backends.cuda.enable_cudnn_sdp(cfg.cudnn_attention)  # process-wide; see ModelConfig.cudnn_attention
@@ -121,11 +124,16 @@ def load_model(cfg: ModelConfig, processor: Wav2Vec2Processor) -> PreTrainedMode
         model.freeze_feature_encoder()  # type: ignore[operator]
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
+    layers = getattr(getattr(model, model.base_model_prefix).encoder, "layers", None)
+    if cfg.layerdrop and hasattr(config, "layerdrop"):
+        if not isinstance(layers, torch.nn.ModuleList):
+            raise ModelCheckError(f"model.layerdrop: {family}'s encoder has no layer list to drop from; set it 0")
+        layer_drop = SharedLayerDrop(layers, cfg.layerdrop, FIRST_DROPPABLE.get(family, 0))
+        model.layer_drop = layer_drop  # type: ignore[assignment]
     if cfg.compile:
-        encoder = getattr(model, model.base_model_prefix).encoder
-        if not isinstance(getattr(encoder, "layers", None), torch.nn.ModuleList):
+        if not isinstance(layers, torch.nn.ModuleList):
             raise ModelCheckError(f"model.compile: {family}'s encoder has no layer list to compile; set it false")
-        for layer in encoder.layers:
+        for layer in layers:
             layer.compile(dynamic=True)  # in place: parameter names (checkpoints, exports) stay unchanged
     check_model(model, processor)
     return model

@@ -24,6 +24,7 @@ from w2v_dist.decoding import GreedyDecoder
 from w2v_dist.engine import Engine, UpdateOutcome
 from w2v_dist.faults import injected_faults, pause_point
 from w2v_dist.flops import COUNTED_FAMILIES, peak_tflops, step_flops
+from w2v_dist.layerdrop import SharedLayerDrop
 from w2v_dist.logging import MainLogger, RunLogger
 from w2v_dist.model_card import model_card
 from w2v_dist.preemption import REQUEUE_FILE, StopSignal, request_requeue
@@ -61,7 +62,7 @@ def train_step(engine: Engine, micro_batches: list[CTCBatch], world_size: int, s
     scale = world_size * len(micro_batches) / counts[0].clamp(min=1.0)  # DeepSpeed averages ranks, micro-batches
     loss_sum = torch.zeros((), device=engine.device)
     for index, batch in enumerate(micro_batches):
-        seed_randomness(engine.cfg.trainer.seed, batch)
+        seed_randomness(engine.cfg.trainer.seed, batch, engine.module)
         loss, _ = engine.forward(batch)
         engine.backward(loss * scale.float())
         loss_sum += loss.detach()
@@ -79,15 +80,18 @@ def train_step(engine: Engine, micro_batches: list[CTCBatch], world_size: int, s
                       seconds=seconds, stop=stop > 0, cause=cause, outcome=outcome)
 
 
-def seed_randomness(seed: int, batch: CTCBatch) -> None:
-    """Dropout, LayerDrop and SpecAugment masks (numpy, in transformers) are drawn from ``(seed, update, stream)``:
-    a micro-batch gets the same ones whichever rank of whichever world size computes it, so a run resumed on
-    another world size follows the uninterrupted run. Batches from outside a training stream keep the RNG as is."""
+def seed_randomness(seed: int, batch: CTCBatch, model: torch.nn.Module) -> None:
+    """Dropout and SpecAugment masks (numpy, in transformers) are drawn from ``(seed, update, stream)``: a
+    micro-batch gets the same ones whichever rank of whichever world size computes it, so a run resumed on another
+    world size follows the uninterrupted run. LayerDrop is drawn from ``(seed, update)``: every rank skips the same
+    layers (:mod:`w2v_dist.layerdrop`). Batches from outside a training stream keep the RNG as is."""
     if batch.stream < 0:
         return
     derived = hash((seed, batch.update, batch.stream)) & 0x7FFFFFFF
     torch.manual_seed(derived)
     np.random.seed(derived)
+    if isinstance(layer_drop := getattr(model, "layer_drop", None), SharedLayerDrop):
+        layer_drop.draw(seed, batch.update)
 
 
 @dataclass
