@@ -112,12 +112,26 @@ def init_distributed(timeout_minutes: float, local_rank: int) -> torch.device:
     return device
 
 
+_collective_failed = False
+"""Set by :func:`mark_collective_failure`: the process group is left alone at exit."""
+
+
+def mark_collective_failure() -> None:
+    """A collective failed (a peer died, a timeout): :func:`destroy_process_group_at_exit` must not touch the group.
+    Called where such a failure ends the process with ``SystemExit`` (``trainer.train``), which, unlike an
+    unhandled exception, leaves ``sys.last_value`` unset."""
+    global _collective_failed
+    _collective_failed = True
+
+
 def destroy_process_group_at_exit() -> None:
     """Destroy the process group while Python is still whole. Left to interpreter shutdown, gloo's worker threads
     can abort a rank that finished cleanly ("terminate called without an active exception", exit -6: a failed
-    job to SLURM and to the launcher). Skipped after an unhandled exception, when a broken NCCL communicator
-    could block its destruction."""
-    if torch.distributed.is_initialized() and getattr(sys, "last_value", None) is None:
+    job to SLURM and to the launcher). Skipped after an unhandled exception or a failed collective, when a broken
+    NCCL communicator could block its destruction."""
+    if _collective_failed or getattr(sys, "last_value", None) is not None:
+        return
+    if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 
 

@@ -21,7 +21,7 @@ from w2v_dist.data.audio import EncoderGeometry
 from w2v_dist.data.collate import CTCBatch
 from w2v_dist.data.loader import start_workers
 from w2v_dist.decoding import GreedyDecoder
-from w2v_dist.engine import Engine, UpdateOutcome
+from w2v_dist.engine import Engine, UpdateOutcome, mark_collective_failure
 from w2v_dist.faults import injected_faults, pause_point
 from w2v_dist.flops import COUNTED_FAMILIES, peak_tflops, step_flops
 from w2v_dist.layerdrop import SharedLayerDrop
@@ -362,6 +362,7 @@ def train(cfg: Config, local_rank: int | None = None) -> dict[str, SetScore]:
     except RuntimeError as err:
         if not dist.is_collective_failure(err):
             raise
+        mark_collective_failure()  # SystemExit leaves no trace the exit handler could see
         latest = run.checkpointer.resumable_tag()
         lost = dist.lost_ranks(Path(cfg.output_dir) / RANKS_DIR, run.world)
         raise SystemExit(f"rank {run.world.rank}: {err}. Another rank has most likely died ({lost}; exit codes are in "

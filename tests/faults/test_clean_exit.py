@@ -5,6 +5,7 @@ the launcher and SLURM report as a failed job. The framework destroys the group 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,8 @@ from helpers import REPO, free_port
 pytestmark = pytest.mark.slow
 WORKER = str(REPO / "tests" / "faults" / "clean_exit_worker.py")
 ENV = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+FAILED = (1, -signal.SIGABRT)
+"""A failing rank's exit: 1, or an abort by gloo's threads at shutdown (the group left alone). A failure either way."""
 
 
 def test_finished_ranks_destroy_the_process_group_before_shutdown() -> None:
@@ -29,5 +32,18 @@ def test_after_an_unhandled_exception_the_group_is_left_alone() -> None:
     """A broken NCCL communicator could block its destruction: a failing rank just exits."""
     proc = subprocess.run([sys.executable, WORKER, "raise"], env=ENV, cwd=REPO, capture_output=True, text=True,
                           timeout=300)
-    assert proc.returncode == 1 and "RuntimeError: a rank that fails" in proc.stderr
+    assert proc.returncode in FAILED and "RuntimeError: a rank that fails" in proc.stderr
     assert "process group at exit: alive" in proc.stdout
+
+
+def test_after_a_collective_failure_the_trainer_leaves_the_group_alone(tmp_path: Path) -> None:
+    """The trainer's own route: a peer is killed, the survivor's collective fails and ``train()`` ends the process
+    with ``SystemExit``, which (unlike an unhandled exception) leaves ``sys.last_value`` unset."""
+    rendezvous = {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    ranks = [subprocess.Popen([sys.executable, WORKER, "collective-failure", str(tmp_path)], cwd=REPO, text=True,
+                              env=ENV | rendezvous | {"RANK": str(rank), "LOCAL_RANK": str(rank)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for rank in (0, 1)]
+    (stdout, stderr), _ = (rank.communicate(timeout=300) for rank in ranks)
+    assert ranks[1].returncode == -signal.SIGKILL
+    assert ranks[0].returncode in FAILED and "Another rank has most likely died" in stderr, stderr[-3000:]
+    assert "process group at exit: alive" in stdout
