@@ -141,6 +141,9 @@ class ScheduleConfig:
     """``tri_stage``: learning rate at step 0 as a fraction of the peak."""
     final_lr_scale: float = 0.05
     """Learning rate at the last step as a fraction of the peak (all decaying schedules)."""
+    steps: int = 0
+    """Updates the schedule spans (0: ``trainer.max_steps``). Set it to stop a run early (``max_steps`` below it) or
+    to extend ``max_steps`` on resume without stretching the schedule under the updates already taken."""
 
 
 @dataclass
@@ -274,8 +277,8 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
 _POSITIVE = ("trainer.max_steps", "trainer.grad_accum", "data.max_batch_seconds", "data.max_batch_size",
              "data.bucket_window", "data.shuffle_buffer", "optim.lr", "trainer.log_every",
              "trainer.max_consecutive_bad_steps", "checkpoint.keep_last", "data.remote_attempts")
-_NON_NEGATIVE = ("trainer.eval_every", "trainer.save_every", "optim.grad_clip", "model.freeze_finetune_updates",
-                 "trainer.max_rollbacks", "checkpoint.keep_best")
+_NON_NEGATIVE = ("schedule.steps", "trainer.eval_every", "trainer.save_every", "optim.grad_clip",
+                 "model.freeze_finetune_updates", "trainer.max_rollbacks", "checkpoint.keep_best")
 _DEEPSPEED_OWNED = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping",
                     "optimizer", "scheduler", "train_batch_size", "zero_optimization.stage", "bf16.enabled",
                     "fp16.enabled")

@@ -152,7 +152,7 @@ class Trainer:
             wait += time.perf_counter() - fetch_start
             run.train_stream.update += 1
             step = state.step + 1
-            lr = lr_at(state.step, cfg.optim.lr, cfg.trainer.max_steps, cfg.schedule)
+            lr = lr_at(state.step, cfg.optim.lr, cfg.schedule.steps or cfg.trainer.max_steps, cfg.schedule)
             run.engine.set_lr(lr, encoder_frozen=state.step < cfg.model.freeze_finetune_updates)
             inject, mine = cfg.trainer.inject, self.world.rank == cfg.trainer.inject.rank
             with injected_faults(run.engine.module, nan_loss=mine and step in inject.nan_loss_at_steps,

@@ -30,10 +30,11 @@ def key_log(out: Path) -> dict[int, list[tuple[int, int, tuple[str, ...]]]]:
 def test_two_ranks_then_one_then_two_end_with_the_straight_runs_weights(shard_dirs: dict, tiny_model: Path,
                                                                         tmp_path: Path, stage: int) -> None:
     # 2 streams of 8 s per update; SpecAugment masks and dropout on: they are drawn per micro-batch.
+    # The recipe's randomness (tests/helpers.py RECIPE) and dropout; schedule.steps: the launches stop at 2, 4 and 6
+    # of the 6-step tri-stage schedule.
     common = {"trainer.update_seconds": 16.0, "deepspeed.zero_stage": stage, "trainer.eval_every": 0,
-              "trainer.save_every": 2, "logging.key_log": True, "model.mask_time_prob": 0.3,
-              "model.mask_time_length": 2, "model.hidden_dropout": 0.1, "optim.weight_decay": 0.01,
-              "optim.grad_clip": 0.5}
+              "trainer.save_every": 2, "logging.key_log": True, "model.hidden_dropout": 0.1,
+              "optim.weight_decay": 0.01, "optim.grad_clip": 0.5, "schedule.steps": 6}
     straight, elastic = tmp_path / "straight", tmp_path / "elastic"
     check(run_deepspeed(["--config", "configs/debug.yaml", *overrides(
         shard_dirs, tiny_model, straight, **common, **{"trainer.max_steps": 6})]))
@@ -82,7 +83,7 @@ def test_bf16_resumed_on_one_rank_follows_the_straight_run(stage: int, shard_dir
     state moves every weight by a sizeable part of its change (ZeRO-3's group mix-up: ~15 %)."""
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
     common = {"trainer.update_seconds": 16.0, "deepspeed.zero_stage": stage, "deepspeed.precision": "bf16",
-              "trainer.eval_every": 0, "trainer.save_every": 2, "optim.weight_decay": 0.01}
+              "trainer.eval_every": 0, "trainer.save_every": 2, "optim.weight_decay": 0.01, "schedule.steps": 4}
     straight, elastic = tmp_path / "straight", tmp_path / "elastic"
     check(run_deepspeed(["--config", "configs/debug.yaml", *overrides(
         shard_dirs, tiny_model, straight, **common, **{"trainer.max_steps": 4})]))

@@ -101,9 +101,9 @@ def test_consecutive_bad_updates_stop_the_run_with_a_clear_message(shard_dirs: d
 
 def test_resume_continues_to_identical_weights(shard_dirs: dict, tiny_model: Path, tmp_path: Path) -> None:
     """Debug mode (one process, no launcher): 8 steps straight == 4 steps, stop, rerun the same command."""
-    common = {"data.num_workers": 0, "trainer.eval_every": 0, "trainer.save_every": 0,
-              "model.mask_time_prob": 0.3, "model.mask_time_length": 2, "model.layerdrop": 0.1,
-              "model.hidden_dropout": 0.1}
+    # schedule.steps: the interrupted run's first launch stops at 4 on the 8-step schedule.
+    common = {"data.num_workers": 0, "trainer.eval_every": 0, "trainer.save_every": 0, "model.hidden_dropout": 0.1,
+              "schedule.steps": 8}
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
     check(run_single(["--config", "configs/debug.yaml", *overrides(shard_dirs, tiny_model, straight, **common,
                                                                    **{"trainer.max_steps": 8})]))
