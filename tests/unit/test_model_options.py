@@ -71,3 +71,24 @@ def test_weights_that_do_not_load_stop_the_run_naming_them(tmp_path: Path) -> No
     with pytest.raises(ModelCheckError, match=rf"missing 1 \({key}\), unexpected 1 \(wav2vec2\.encoder\.layers\.0"
                                               r"\.attention\.key\.weight\)"):
         load_model(cfg.model, processor)
+
+
+def test_weights_of_another_shape_stop_the_run_naming_them(tmp_path: Path) -> None:
+    """A checkpoint whose config.json says one size and whose weights have another: transformers re-initialises
+    the resized weights (``ignore_mismatched_sizes``, needed for a new CTC head) and only reports them."""
+    import dataclasses
+
+    import pytest
+    from transformers import Wav2Vec2Config, Wav2Vec2ForCTC
+
+    from w2v_dist.model import TINY, ModelCheckError
+
+    good = init_model(tmp_path / "wav2vec2", "tiny")
+    cfg = load_config(None, [f"model.name_or_path={good}"])
+    processor = load_processor(cfg.model, None)
+    for name, size in (("hidden", {"hidden_size": 32, "intermediate_size": 64}), ("conv", {"conv_dim": (32,) * 7})):
+        other = tmp_path / name
+        Wav2Vec2ForCTC(Wav2Vec2Config(vocab_size=len(processor.tokenizer), **(TINY | size))).save_pretrained(other)
+        (other / "config.json").write_text((good / "config.json").read_text())
+        with pytest.raises(ModelCheckError, match=r"missing 0 \(\), unexpected 0 \(\), wrong shape \d+ \(wav2vec2\."):
+            load_model(dataclasses.replace(cfg.model, name_or_path=str(other)), processor)
