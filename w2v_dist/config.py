@@ -9,12 +9,16 @@ from __future__ import annotations
 import ast
 import difflib
 import inspect
+import math
 import os
+import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field, fields, is_dataclass
 from operator import attrgetter
 from pathlib import Path
 from typing import Any, ClassVar
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
@@ -274,11 +278,93 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
     "deepspeed.zero_stage": (0, 1, 2, 3),
     "model.attention": ("sdpa", "eager"),
 }
-_POSITIVE = ("trainer.max_steps", "trainer.grad_accum", "data.max_batch_seconds", "data.max_batch_size",
-             "data.bucket_window", "data.shuffle_buffer", "optim.lr", "trainer.log_every",
-             "trainer.max_consecutive_bad_steps", "checkpoint.keep_last", "data.remote_attempts")
-_NON_NEGATIVE = ("schedule.steps", "trainer.eval_every", "trainer.save_every", "optim.grad_clip",
-                 "model.freeze_finetune_updates", "trainer.max_rollbacks", "checkpoint.keep_best")
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """The interval a numeric key's values must lie in; a list's or tuple's elements and a dict's values are each
+    checked. Every float must also be finite, whatever its bounds."""
+
+    low: float = -math.inf
+    high: float = math.inf
+    open_low: bool = False
+    """``low`` itself is excluded."""
+    open_high: bool = False
+    note: str = ""
+    """Added to the message, e.g. what a special value means."""
+
+    def holds(self, value: float) -> bool:
+        above = value > self.low if self.open_low else value >= self.low
+        below = value < self.high if self.open_high else value <= self.high
+        return above and below
+
+    def __str__(self) -> str:
+        low, high = (int(x) if math.isfinite(x) and x == int(x) else x for x in (self.low, self.high))
+        if high == math.inf:
+            text = f"{'>' if self.open_low else '>='} {low}"
+        else:
+            text = f"in {'(' if self.open_low else '['}{low}, {high}{')' if self.open_high else ']'}"
+        return f"{text} ({self.note})" if self.note else text
+
+
+_POSITIVE = Bounds(0, open_low=True)
+_NON_NEGATIVE = Bounds(0)
+_PROBABILITY = Bounds(0, 1, open_high=True)
+_FRACTION = Bounds(0, 1)
+_BOUNDS: dict[str, Bounds] = {
+    "data.train_mix": Bounds(0, 1, open_low=True),
+    "data.max_batch_seconds": _POSITIVE,
+    "data.max_batch_size": _POSITIVE,
+    "data.bucket_window": _POSITIVE,
+    "data.shuffle_buffer": _POSITIVE,
+    "data.min_seconds": _NON_NEGATIVE,
+    "data.max_seconds": _POSITIVE,
+    "data.num_workers": Bounds(-1, note="-1: one per core less one"),
+    "data.prefetch_factor": _POSITIVE,
+    "data.remote_attempts": _POSITIVE,
+    "data.remote_backoff_seconds": _NON_NEGATIVE,
+    "data.speed_perturb": Bounds(0.5, 2),
+    "data.stream_readers": _NON_NEGATIVE,
+    "data.max_train_samples": _NON_NEGATIVE,
+    "model.freeze_finetune_updates": _NON_NEGATIVE,
+    "model.mask_time_prob": _PROBABILITY,
+    "model.mask_time_length": _POSITIVE,
+    "model.mask_feature_prob": _PROBABILITY,
+    "model.mask_feature_length": _POSITIVE,
+    "model.layerdrop": _PROBABILITY,
+    "model.hidden_dropout": _PROBABILITY,
+    "model.attention_dropout": _PROBABILITY,
+    "model.activation_dropout": _PROBABILITY,
+    "model.final_dropout": _PROBABILITY,
+    "optim.lr": _POSITIVE,
+    "optim.betas": Bounds(0, 1, open_high=True),
+    "optim.eps": _POSITIVE,
+    "optim.weight_decay": _NON_NEGATIVE,
+    "optim.grad_clip": _NON_NEGATIVE,
+    "schedule.warmup_steps": _NON_NEGATIVE,
+    "schedule.phase_ratio": _FRACTION,
+    "schedule.init_lr_scale": _FRACTION,
+    "schedule.final_lr_scale": _FRACTION,
+    "schedule.steps": _NON_NEGATIVE,
+    "trainer.inject.nan_loss_at_steps": Bounds(1),
+    "trainer.inject.inf_grad_at_steps": Bounds(1),
+    "trainer.inject.rank": _NON_NEGATIVE,
+    "trainer.max_steps": _POSITIVE,
+    "trainer.update_seconds": _NON_NEGATIVE,
+    "trainer.grad_accum": _POSITIVE,
+    "trainer.eval_every": _NON_NEGATIVE,
+    "trainer.save_every": _NON_NEGATIVE,
+    "trainer.log_every": _POSITIVE,
+    "trainer.seed": Bounds(0, 2**32 - 1, note="numpy's seed range"),
+    "trainer.max_consecutive_bad_steps": _POSITIVE,
+    "trainer.collective_timeout_minutes": _POSITIVE,
+    "trainer.max_rollbacks": _NON_NEGATIVE,
+    "checkpoint.keep_last": _POSITIVE,
+    "checkpoint.keep_best": _NON_NEGATIVE,
+    "logging.sample_transcripts": _NON_NEGATIVE,
+}
+"""Every numeric key but those with choices (:data:`_CHOICES`); ``tests/unit/test_config.py`` checks that none is
+missing."""
 _DEEPSPEED_OWNED = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping",
                     "optimizer", "scheduler", "train_batch_size", "zero_optimization.stage", "bf16.enabled",
                     "fp16.enabled")
@@ -313,64 +399,172 @@ _SECTIONS: dict[str, type] = {c.__name__: c for c in (
     WandbConfig, LoggingConfig, DeepSpeedConfig)}
 
 
-def _unknown_key_message(key: str, source: str) -> str:
+def _unknown_key_message(key: str, origin: str) -> str:
     close = difflib.get_close_matches(key, all_keys(), n=1, cutoff=0.6)
     hint = f"; did you mean '{close[0]}'?" if close else ""
-    return f"unknown config key '{key}' in {source}{hint}"
+    return f"unknown config key '{key}' {origin}{hint}"
 
 
-def _merge(base: DictConfig, other: DictConfig, source: str) -> DictConfig:
+@dataclass(frozen=True)
+class Sources:
+    """Where the values came from, named in every message about one: the command line, the YAML file, or the
+    defaults. A key counts as given where it, a section holding it or a part of it was given."""
+
+    file: str | None = None
+    file_keys: frozenset[str] = frozenset()
+    command_line: frozenset[str] = frozenset()
+
+    def of(self, key: str) -> str:
+        key = key.split("[", 1)[0]  # OmegaConf names a list element data.speed_perturb[0]
+
+        def given(keys: frozenset[str]) -> bool:
+            return any(k == key or k.startswith(key + ".") or key.startswith(k + ".") for k in keys)
+
+        if given(self.command_line):
+            return "from the command line"
+        if self.file is not None and given(self.file_keys):
+            return f"from {self.file}"
+        return "(its default)"
+
+
+def _paths(node: Any, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], Any]]:
+    """The leaves of nested dicts, each with its path of keys."""
+    if isinstance(node, dict) and node:
+        for key, value in node.items():
+            yield from _paths(value, (*path, str(key)))
+    else:
+        yield path, node
+
+
+def _schema_key(key: str) -> str:
+    """The config key that ``key`` (a dict entry ``data.train_mix./d/a``, a list element ``...[0]``) belongs to."""
+    key = key.split("[", 1)[0]
+    while key and key not in all_keys():
+        key = key.rpartition(".")[0]
+    return key
+
+
+def _expected(key: str) -> str:
+    """What a key takes: its type, and the first sentence of its docstring."""
+    cls: type = Config
+    *sections, name = key.split(".")
+    for section in sections:
+        cls = _SECTIONS[next(f.type for f in fields(cls) if f.name == section)]  # type: ignore[index]
+    kind = next(f.type for f in fields(cls) if f.name == name)
+    doc = re.split(r"(?<!e\.g)(?<!i\.e)\.(?:\s|$)", field_docs(cls).get(name, "").replace("\n", " "))[0]
+    doc = doc.replace("``", "")
+    return f"expected {kind}" + (f" ({doc if len(doc) <= 100 else doc[:99] + '…'})" if doc else "")
+
+
+def _merge(base: DictConfig, other: DictConfig, origin: str) -> DictConfig:
     try:
         return OmegaConf.merge(base, other)  # type: ignore[return-value]
     except (ConfigKeyError, ConfigAttributeError) as err:
         if "not in struct" in str(err) or "Key '" in str(err):
-            raise ConfigError(_unknown_key_message(str(err.full_key), source)) from None
-        raise ConfigError(f"{source}: {err.msg}") from None
+            raise ConfigError(_unknown_key_message(str(err.full_key), origin)) from None
+        raise ConfigError(f"{origin}: {err.msg}") from None
     except OmegaConfBaseException as err:
-        raise ConfigError(f"bad value for '{err.full_key}' in {source}: {err.msg}") from None
+        key = _schema_key(err.full_key or _culprit(base, other))
+        reason = str(err.msg or err).splitlines()[0]
+        raise ConfigError(f"bad value for '{key}' {origin}: {reason}; {_expected(key)}") from None
 
 
-def validate(cfg: Config, source: str = "config") -> None:
-    """Check values that the types alone cannot; raise :class:`ConfigError` naming the key."""
-    def fail(key: str, why: str) -> None:
-        raise ConfigError(f"bad value for '{key}' in {source}: {why}")
+def _culprit(base: DictConfig, other: DictConfig) -> str:
+    """The key of ``other`` that cannot be merged into ``base``, for OmegaConf errors that name none (a tuple of
+    another length)."""
+    for path, value in _paths(OmegaConf.to_container(other, resolve=False)):
+        single: Any = value
+        for key in reversed(path):
+            single = {key: single}
+        try:
+            OmegaConf.merge(base, OmegaConf.create(single))
+        except OmegaConfBaseException:
+            return ".".join(path)
+    return ""
 
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    if not isinstance(err, yaml.MarkedYAMLError):
+        return str(err).splitlines()[0]
+    mark = err.context_mark
+    where = f" that starts at {mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+    return f"{err.problem} ({err.context}{where})" if err.context else str(err.problem)
+
+
+def _load_yaml(path: Path) -> DictConfig:
+    """The file as a config; a syntax error is one line naming ``file:line:column``."""
+    try:
+        loaded = OmegaConf.load(path)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        raise ConfigError(f"{where}: YAML syntax error: {_yaml_problem(err)}") from None
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    return loaded
+
+
+def _parse_overrides(overrides: list[str] | tuple[str, ...]) -> DictConfig:
+    bad = [item for item in overrides if "=" not in item]
+    if bad:
+        raise ConfigError(f"overrides must look like key=value, got {bad}")
+    for item in overrides:
+        key, _, value = item.partition("=")
+        try:
+            OmegaConf.from_dotlist([item])
+        except yaml.YAMLError as err:
+            raise ConfigError(f"cannot parse the value of '{key}' from the command line ({value!r}): "
+                              f"{_yaml_problem(err)}") from None
+    return OmegaConf.from_dotlist(list(overrides))
+
+
+def _elements(value: Any) -> list[Any]:
+    """The scalars in a value: itself, or a list's, tuple's or dict's elements, at any depth."""
+    if isinstance(value, dict):
+        return [x for v in value.values() for x in _elements(v)]
+    if isinstance(value, (list, tuple)):
+        return [x for v in value for x in _elements(v)]
+    return [value]
+
+
+def validate(cfg: Config, sources: Sources | None = None) -> None:
+    """Check values that the types alone cannot; raise :class:`ConfigError` naming the key and where its value came
+    from (and the other keys a check involves)."""
+    sources = sources or Sources()
+
+    def fail(key: str, why: str, *involved: str) -> None:
+        others = "".join(f" and '{other}' {sources.of(other)}" for other in involved)
+        raise ConfigError(f"bad value for '{key}' {sources.of(key)}{others}: {why}")
+
+    for key in all_keys():
+        value = attrgetter(key)(cfg)
+        if not is_dataclass(value) and any(isinstance(x, float) and not math.isfinite(x) for x in _elements(value)):
+            fail(key, f"every number must be finite, got {value}")
     for key, choices in _CHOICES.items():
         if (value := attrgetter(key)(cfg)) not in choices:
             fail(key, f"{value!r} is not one of {list(choices)}")
-    for key in _POSITIVE:
-        if (value := attrgetter(key)(cfg)) <= 0:
-            fail(key, f"must be > 0, got {value}")
-    for key in _NON_NEGATIVE:
-        if (value := attrgetter(key)(cfg)) < 0:
-            fail(key, f"must be >= 0, got {value}")
+    for key, bounds in _BOUNDS.items():
+        value = attrgetter(key)(cfg)
+        if not all(bounds.holds(x) for x in _elements(value)):
+            scalar = not isinstance(value, (list, tuple, dict))
+            fail(key, f"{'must be' if scalar else 'every value must be'} {bounds}, got "
+                      f"{value if scalar else value if isinstance(value, dict) else list(value)}")
     if cfg.data.train_mix and cfg.data.train_shards:
-        fail("data.train_mix", "set data.train_shards or data.train_mix, not both")
+        fail("data.train_mix", "set data.train_shards or data.train_mix, not both", "data.train_shards")
     if cfg.data.train_mix and cfg.data.shard_command:
-        fail("data.train_mix", "data.shard_command names shards of one set; a mix opens each set at its location")
-    for location, fraction in cfg.data.train_mix.items():
-        if not 0 < fraction <= 1:
-            fail("data.train_mix", f"the fraction of {location} must be in (0, 1], got {fraction}")
-    if cfg.trainer.update_seconds < 0 or cfg.data.stream_readers < 0:
-        fail("trainer.update_seconds" if cfg.trainer.update_seconds < 0 else "data.stream_readers", "must be >= 0")
+        fail("data.train_mix", "data.shard_command names shards of one set; a mix opens each set at its location",
+             "data.shard_command")
     streams = cfg.trainer.update_seconds / cfg.data.max_batch_seconds
     if cfg.trainer.update_seconds and (streams < 1 or abs(streams - round(streams)) > 1e-6):
         fail("trainer.update_seconds", f"must be a whole multiple of data.max_batch_seconds "
-                                       f"({cfg.data.max_batch_seconds:g}), got {cfg.trainer.update_seconds:g}")
+                                       f"({cfg.data.max_batch_seconds:g}), got {cfg.trainer.update_seconds:g}",
+             "data.max_batch_seconds")
     if cfg.trainer.update_seconds and cfg.trainer.grad_accum != 1:
         fail("trainer.grad_accum", "give the global batch once: trainer.update_seconds (the grad_accum follows from "
-                                   "it) or trainer.grad_accum, not both")
-    if any(not 0.5 <= speed <= 2.0 for speed in cfg.data.speed_perturb):
-        fail("data.speed_perturb", f"factors must be in [0.5, 2], got {list(cfg.data.speed_perturb)}")
-    if cfg.data.num_workers < -1:
-        fail("data.num_workers", f"must be >= 0, or -1 for one per core less one, got {cfg.data.num_workers}")
-    if not 0 <= cfg.data.min_seconds < cfg.data.max_seconds:
-        fail("data.min_seconds", f"need 0 <= min_seconds < max_seconds, got {cfg.data.min_seconds}, "
-                                 f"{cfg.data.max_seconds}")
-    for key in ("mask_time_prob", "mask_feature_prob", "layerdrop", "hidden_dropout", "attention_dropout",
-                "activation_dropout", "final_dropout"):
-        if not 0.0 <= getattr(cfg.model, key) < 1.0:
-            fail(f"model.{key}", "must be in [0, 1)")
+                                   "it) or trainer.grad_accum, not both", "trainer.update_seconds")
+    if not cfg.data.min_seconds < cfg.data.max_seconds:
+        fail("data.min_seconds", f"need min_seconds < max_seconds, got {cfg.data.min_seconds}, "
+                                 f"{cfg.data.max_seconds}", "data.max_seconds")
     if abs(sum(cfg.schedule.phase_ratio) - 1.0) > 1e-6:
         fail("schedule.phase_ratio", f"must sum to 1, got {list(cfg.schedule.phase_ratio)}")
     if cfg.data.shard_command and not cfg.data.shard_command.startswith("pipe:"):
@@ -383,31 +577,27 @@ def validate(cfg: Config, source: str = "config") -> None:
         fail("deepspeed.extra", f"{owned} are derived from this config; set them through its own keys")
     if cfg.checkpoint.best_metric and cfg.checkpoint.best_metric not in cfg.data.dev_shards:
         fail("checkpoint.best_metric", f"'{cfg.checkpoint.best_metric}' is not a key of data.dev_shards "
-                                       f"{sorted(cfg.data.dev_shards)}")
-    if cfg.trainer.inject.rank < 0:
-        fail("trainer.inject.rank", "must be >= 0")
+                                       f"{sorted(cfg.data.dev_shards)}", "data.dev_shards")
 
 
 def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Build the run config: defaults, then the YAML file at ``path``, then ``key=value`` overrides."""
     merged: DictConfig = OmegaConf.structured(Config)
+    file_keys: frozenset[str] = frozenset()
     if path is not None:
         if not Path(path).is_file():
             raise ConfigError(f"config file not found: {path}")
-        loaded = OmegaConf.load(Path(path))
-        if not isinstance(loaded, DictConfig):
-            raise ConfigError(f"{path}: top level must be a mapping")
-        merged = _merge(merged, loaded, str(path))
-    bad = [item for item in overrides if "=" not in item]
-    if bad:
-        raise ConfigError(f"overrides must look like key=value, got {bad}")
-    merged = _merge(merged, OmegaConf.from_dotlist(list(overrides)), "command-line overrides")
+        loaded = _load_yaml(Path(path))
+        file_keys = frozenset(".".join(p) for p, _ in _paths(OmegaConf.to_container(loaded, resolve=False)))
+        merged = _merge(merged, loaded, f"from {path}")
+    merged = _merge(merged, _parse_overrides(overrides), "from the command line")
     try:
         cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except OmegaConfBaseException as err:  # e.g. ${oc.env:VAR} with VAR unset
         raise ConfigError(f"cannot resolve '{err.full_key}': {err.msg}") from None
     setattr(cfg, "written_as", _interpolations(OmegaConf.to_container(merged, resolve=False)))  # noqa: B010 (ClassVar)
-    validate(cfg, str(path) if path is not None else "defaults")
+    validate(cfg, Sources(None if path is None else str(path), file_keys,
+                          frozenset(item.partition("=")[0] for item in overrides)))
     return cfg
 
 

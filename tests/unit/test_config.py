@@ -1,13 +1,16 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import operator
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from w2v_dist.config import _SECTIONS, Config, ConfigError, field_docs, load_config, save_config
+from w2v_dist.config import _BOUNDS, _CHOICES, _SECTIONS, Config, ConfigError, field_docs, load_config, save_config
 from w2v_dist.engine import deepspeed_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -58,6 +61,99 @@ def test_bad_values_fail_at_load_naming_the_key(override: str, key: str) -> None
         load_config(None, [override])
 
 
+@pytest.mark.parametrize("override, message", [
+    ("trainer.collective_timeout_minutes=0", "'trainer.collective_timeout_minutes' from the command line: must be > 0, "
+                                             "got 0.0"),
+    ("trainer.collective_timeout_minutes=-1", "'trainer.collective_timeout_minutes' from the command line: must be > "
+                                              "0, got -1.0"),
+    ("optim.lr=inf", "'optim.lr' from the command line: every number must be finite, got inf"),
+    ("optim.lr=nan", "'optim.lr' from the command line: every number must be finite, got nan"),
+    ("data.prefetch_factor=0", "'data.prefetch_factor' from the command line: must be > 0, got 0"),
+    ("optim.betas=[2,3]", "'optim.betas' from the command line: every value must be in [0, 1), got [2.0, 3.0]"),
+    ("optim.eps=0", "'optim.eps' from the command line: must be > 0"),
+    ("trainer.seed=-1", "'trainer.seed' from the command line: must be in [0, 4294967295]"),
+    ("schedule.phase_ratio=[0.5,0.5]", "'schedule.phase_ratio' from the command line: TupleConfig length 2 does not "
+                                       "match type hint length 3; expected tuple[float, float, float] (tri_stage: "
+                                       "fractions of trainer.max_steps"),
+    ("trainer.max_steps=many", "'trainer.max_steps' from the command line: Value 'many' of type 'str' could not be "
+                               "converted to Integer; expected int"),
+    ("data.dev_shards={a: x", "cannot parse the value of 'data.dev_shards' from the command line ('{a: x'): did not "
+                              "find expected ',' or '}'"),
+    ("data.max_seconds=0.3", "'data.min_seconds' (its default) and 'data.max_seconds' from the command line: need "
+                             "min_seconds < max_seconds, got 0.5, 0.3"),
+])
+def test_bad_values_name_the_key_its_source_and_what_is_expected(override: str, message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_each_value_is_blamed_on_its_own_source(tmp_path: Path) -> None:
+    path = tmp_path / "run.yaml"
+    path.write_text("optim:\n  lr: .inf\ndata:\n  max_seconds: 20.0\n")
+    with pytest.raises(ConfigError, match=f"bad value for 'optim.lr' from {path}: every number must be finite"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="bad value for 'optim.lr' from the command line: must be > 0"):
+        load_config(path, ["optim.lr=0"])
+    with pytest.raises(ConfigError, match="bad value for 'trainer.max_steps' from the command line"):
+        load_config(path, ["optim.lr=1e-4", "trainer.max_steps=0"])
+    with pytest.raises(ConfigError, match=f"'data.min_seconds' from the command line and 'data.max_seconds' from "
+                                          f"{path}: need min_seconds < max_seconds"):
+        load_config(path, ["optim.lr=1e-4", "data.min_seconds=30"])
+
+
+def test_a_yaml_syntax_error_names_file_line_and_column(tmp_path: Path) -> None:
+    path = tmp_path / "broken.yaml"
+    path.write_text("trainer:\n  max_steps: 7\n  seed: [1\noptim:\n  lr: 0.1\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value).startswith(f"{path}:4:6: YAML syntax error: did not find expected ',' or ']' (while "
+                                     "parsing a flow sequence that starts at 3:9)"), err.value
+
+
+def _numeric_keys(cls: type = Config, prefix: str = "") -> dict[str, str]:
+    """Every key whose type holds a number (int or float, alone or in a list, tuple or dict), with its type."""
+    found = {}
+    for f in dataclasses.fields(cls):
+        if isinstance(f.type, str) and f.type in _SECTIONS:
+            found |= _numeric_keys(_SECTIONS[f.type], f"{prefix}{f.name}.")
+        elif re.search(r"\b(int|float)\b", str(f.type)):
+            found[f"{prefix}{f.name}"] = str(f.type)
+    return found
+
+
+def test_every_numeric_key_has_a_range() -> None:
+    unchecked = sorted(set(_numeric_keys()) - set(_BOUNDS) - set(_CHOICES))
+    assert not unchecked, f"give these keys bounds in w2v_dist/config.py (_BOUNDS): {unchecked}"
+
+
+def _with(default: object, element: object) -> str:
+    """An override value shaped like ``default`` (a scalar, a list, a tuple or a dict) holding ``element``."""
+    if isinstance(default, dict):
+        return f"{{/data/x: {element}}}"
+    if isinstance(default, (list, tuple)):
+        return str([element, *list(default)[1:]])
+    return str(element)
+
+
+@pytest.mark.parametrize("key", sorted(_BOUNDS))
+def test_every_range_refuses_what_lies_outside_it(key: str) -> None:
+    bounds, default = _BOUNDS[key], operator.attrgetter(key)(Config())
+    outside = [bounds.low if bounds.open_low else bounds.low - 1, bounds.high if bounds.open_high else bounds.high + 1]
+    for value in [v for v in outside if math.isfinite(v)]:
+        value = int(value) if "float" not in _numeric_keys()[key] else value
+        with pytest.raises(ConfigError, match=f"bad value for '{re.escape(key)}' from the command line: "):
+            load_config(None, [f"{key}={_with(default, value)}"])
+
+
+@pytest.mark.parametrize("key", sorted(k for k, kind in _numeric_keys().items() if "float" in kind))
+def test_every_float_must_be_finite(key: str) -> None:
+    default = operator.attrgetter(key)(Config())
+    for value in ("nan", "inf", "-inf"):
+        with pytest.raises(ConfigError, match=f"'{re.escape(key)}' from the command line: every number must be finite"):
+            load_config(None, [f"{key}={_with(default, value)}"])
+
+
 def test_required_key_names_exist() -> None:
     cfg = load_config(None, ["output_dir=o", "data.train_shards=t", "data.dev_shards={d: x}",
                              "model.name_or_path=m", "trainer.max_steps=1", "trainer.eval_every=1",
@@ -91,7 +187,7 @@ def test_a_mix_is_checked_at_load() -> None:
     assert load_config(None, ["data.train_mix={/d/a: 0.5, /d/b: 1.0}"]).data.train_mix == {"/d/a": 0.5, "/d/b": 1.0}
     with pytest.raises(ConfigError, match="train_shards or data.train_mix, not both"):
         load_config(None, ["data.train_shards=/d/a", "data.train_mix={/d/b: 1.0}"])
-    with pytest.raises(ConfigError, match=r"fraction of /d/b must be in \(0, 1\], got 2.0"):
+    with pytest.raises(ConfigError, match=r"every value must be in \(0, 1\], got {'/d/b': 2.0}"):
         load_config(None, ["data.train_mix={/d/b: 2.0}"])
     with pytest.raises(ConfigError, match="shard_command"):
         load_config(None, ["data.train_mix={/d/b: 1.0}", "data.shard_command=pipe:cat {shard}"])
