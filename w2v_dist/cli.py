@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from w2v_dist.config import ConfigError, config_reference, load_config, to_yaml
+from w2v_dist.inputs import InputError, input_problems
 from w2v_dist.redact import redact
 
 T = TypeVar("T")
@@ -45,10 +46,14 @@ def run_train(args: argparse.Namespace) -> int:
         return _fail("config error", err)
     if args.dump_config:
         print(to_yaml(cfg), end="")
-        return 0
+        problems = input_problems(cfg)
+        return _fail("input error", InputError(problems)) if problems else 0
     from w2v_dist.trainer import train
 
-    train(cfg, args.local_rank)
+    try:
+        train(cfg, args.local_rank)
+    except InputError as err:  # found on every rank before the process group (w2v_dist.run.build_run)
+        return _fail("input error", err)
     return 0
 
 

@@ -21,6 +21,7 @@ from w2v_dist.data.plan import BatchPolicy, StreamLayout
 from w2v_dist.data.shard_reader import RetryPolicy
 from w2v_dist.data.text import TextPolicy
 from w2v_dist.engine import DTYPES, Engine, accelerator_name, check_accelerator, init_distributed
+from w2v_dist.inputs import check_inputs
 from w2v_dist.logging import setup_console
 from w2v_dist.model import load_model, load_processor, parameter_counts
 from w2v_dist.preflight import preflight, worst_case
@@ -99,6 +100,7 @@ def load_train_set(data: DataConfig) -> tuple[ShardSet, dict[str, int] | None]:
 
 def build_run(cfg: Config, local_rank: int | None = None) -> Run:
     check_accelerator(cfg.deepspeed.precision)
+    check_inputs(cfg)  # every rank, before the process group: one line per missing or unusable input
     world, device = start_process(cfg.trainer.collective_timeout_minutes, local_rank)
     check_output_dir(Path(cfg.output_dir))
     dist.register_ranks(Path(cfg.output_dir) / RANKS_DIR, world)  # output_dir shared by every node, or stop here

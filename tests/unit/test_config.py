@@ -206,8 +206,9 @@ def test_extra_may_not_redefine_owned_keys() -> None:
 
 
 def test_dump_config_cli_prints_resolved_yaml() -> None:
+    # It prints the config whether or not its data exists here (tests/unit/test_inputs.py: it exits 2 if not).
     out = subprocess.run([sys.executable, "train.py", "--config", "configs/debug.yaml", "--dump-config",
-                          "trainer.max_steps=3"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+                          "trainer.max_steps=3"], cwd=REPO, capture_output=True, text=True).stdout
     assert "max_steps: 3" in out and "train_shards: work/demo/shards/train-clean-100" in out
 
 
