@@ -75,7 +75,7 @@ def _init_model(args: argparse.Namespace) -> int:
 
 def _shard(args: argparse.Namespace) -> int:
     from w2v_dist.data.text import TextPolicy
-    from w2v_dist.prep.shards import ShardOptions, shard_corpus
+    from w2v_dist.prep.shards import NothingAccepted, ShardOptions, shard_corpus
     from w2v_dist.prep.sources import librispeech_sources, manifest_sources
 
     if bool(args.librispeech) == bool(args.manifest):
@@ -89,7 +89,7 @@ def _shard(args: argparse.Namespace) -> int:
                     text=_options(TextPolicy, args))
     try:
         index = shard_corpus(sources, args.out, opts, described)
-    except FileExistsError as err:
+    except (FileExistsError, NothingAccepted) as err:
         return _fail("shard", err, 1)
     totals = index["totals"]
     verb = "would write" if args.dry_run else "wrote"

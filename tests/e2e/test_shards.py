@@ -120,6 +120,28 @@ def test_cli_shard_dry_run_writes_nothing(corpus: Path, tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()
 
 
+def test_cli_shard_fails_when_nothing_is_accepted_and_names_the_commonest_reason(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from w2v_dist.cli import main
+
+    tone = np.sin(np.arange(16_000) * 0.05).astype(np.float32)
+    lines = []
+    for key, text in (("a", "ROOM 101"), ("b", "FLOOR 2"), ("c", "ПРИВЕТ")):
+        sf.write(tmp_path / f"{key}.flac", tone, 16_000)
+        lines.append(f"{key}.flac\t{text}\n")
+    (tmp_path / "m.tsv").write_text("".join(lines))
+    args = ["shard", "--manifest", str(tmp_path / "m.tsv"), "--out", str(tmp_path / "out"), "--workers", "1"]
+    assert main(args) == 1
+    error = capsys.readouterr().err
+    assert error.startswith("shard: nothing written: all 3 inputs were rejected; the commonest reason (3 of 3): "
+                            "characters outside the vocabulary: '01' (e.g. a); --digits keep accepts digits"), error
+    assert "--alphabet any accepts the letters of every script" in error
+    assert not (tmp_path / "out" / "index.json").exists() and len((tmp_path / "out" / "rejects.jsonl").read_text()
+                                                                   .splitlines()) == 3
+    assert main([*args, "--digits", "keep", "--alphabet", "any"]) == 0  # the options named accept them all
+    assert "3 inputs = 3 written + 0 rejected" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("kind", ["tsv", "jsonl"])
 def test_manifest_route_shards_any_corpus(corpus: Path, tmp_path: Path, kind: str) -> None:
     from w2v_dist.prep.sources import manifest_sources

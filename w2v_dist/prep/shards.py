@@ -6,12 +6,15 @@ reject has a line in ``rejects.jsonl``.
 
 from __future__ import annotations
 
+import ast
 import io
 import json
 import os
 import random
+import re
 import stat
 import time
+import unicodedata
 from collections import Counter
 from concurrent.futures import Executor
 from dataclasses import asdict, dataclass, field
@@ -252,6 +255,45 @@ def reject_rare_characters(accepted: list[Probed], min_count: int, rejects: list
     return kept
 
 
+class NothingAccepted(ValueError):
+    """Every input was rejected (or there were none): no shard, index or vocabulary is written."""
+
+
+def write_rejects(rejects: list[Reject], out_dir: Path) -> None:
+    with open(out_dir / "rejects.jsonl", "w") as handle:
+        for r in sorted(rejects, key=lambda r: r.key):
+            handle.write(json.dumps(asdict(r)) + "\n")
+
+
+def reason_kind(reason: str) -> str:
+    """A reject reason without its particulars (characters, numbers, decoder messages), to count alike reasons."""
+    return re.sub(r"\d+(\.\d+)?", "N", re.split(r"[:(\['\"]", reason, maxsplit=1)[0]).strip()
+
+
+def nothing_accepted(rejects: list[Reject], opts: ShardOptions) -> str:
+    """Why no input was accepted: the commonest kind of reason, with an example, and the option that accepts
+    such inputs where one does."""
+    if not rejects:
+        return "no inputs were found"
+    kinds = Counter(reason_kind(r.reason) for r in rejects)
+    kind, count = kinds.most_common(1)[0]
+    example = next(r for r in rejects if reason_kind(r.reason) == kind)
+    text = (f"all {len(rejects)} inputs were rejected; the commonest reason ({count} of {len(rejects)}): "
+            f"{example.reason} (e.g. {example.key})")
+    if kind == "characters outside the vocabulary":
+        chars = "".join(ast.literal_eval(r.reason.partition(": ")[2]) for r in rejects if reason_kind(r.reason) == kind)
+        categories = {unicodedata.category(c)[0] if unicodedata.category(c) != "Nd" else "Nd" for c in chars}
+        hints = [hint for category, hint in (
+            ("Nd", "--digits keep accepts digits (their spoken form is ambiguous: better, write numbers as words)"),
+            ("L", "--alphabet any accepts the letters of every script"),
+            ("M", "--alphabet any accepts combining marks"),
+            ("P", "--punctuation keep transcribes punctuation")) if category in categories]
+        text += "".join(f"; {hint}" for hint in dict.fromkeys(hints))
+    elif kind.startswith("duration"):
+        text += f"; --min-seconds and --max-seconds set the range (now {opts.min_seconds}, {opts.max_seconds})"
+    return text
+
+
 def shard_corpus(sources: list[Source], out: str | Path, opts: ShardOptions, described: dict[str, object]
                  ) -> dict[str, Any]:
     """Probe, pack and write ``sources`` into ``out``; return the index (also written unless dry-run)."""
@@ -269,6 +311,11 @@ def shard_corpus(sources: list[Source], out: str | Path, opts: ShardOptions, des
         with tqdm(total=len(sources), desc="probe", unit="utt", disable=None) as bar:
             _probe_all(pool, sources, opts, accepted, rejects, bar)
         accepted = reject_rare_characters(accepted, opts.min_char_count, rejects)
+        if not accepted:
+            if not opts.dry_run:
+                write_rejects(rejects, out_dir)
+            raise NothingAccepted(f"nothing {'would be ' * opts.dry_run}written: {nothing_accepted(rejects, opts)}"
+                                  + ("" if opts.dry_run or not rejects else f"; see {out_dir / 'rejects.jsonl'}"))
         groups = plan_shards(accepted, opts)
         jobs = [(out_dir / SHARD_PATTERN.format(i), group) for i, group in enumerate(groups)]
         entries: list[dict[str, Any]]
@@ -289,9 +336,7 @@ def shard_corpus(sources: list[Source], out: str | Path, opts: ShardOptions, des
              "duration_histogram": histogram(seconds)}
     assert index["totals"]["inputs"] == len(accepted) + len(rejects)
     if not opts.dry_run:
-        with open(out_dir / "rejects.jsonl", "w") as handle:
-            for r in sorted(rejects, key=lambda r: r.key):
-                handle.write(json.dumps(asdict(r)) + "\n")
+        write_rejects(rejects, out_dir)
         write_vocab(build_vocab(p.text for p in accepted), out_dir / "vocab.json")
         tmp = out_dir / (INDEX_NAME + ".partial")
         tmp.write_text(json.dumps(index, indent=1) + "\n")
