@@ -3,6 +3,8 @@ wav2vec2-conformer, UniSpeech, SEW), the fine-tuning knobs, and the seed script'
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import tempfile
 from pathlib import Path
@@ -186,6 +188,37 @@ def check_model(model: PreTrainedModel, processor: Wav2Vec2Processor) -> None:
         raise ModelCheckError("inputs_to_logits_ratio does not match the conv strides")
     log.info("pad_token_id %d agrees; inputs_to_logits_ratio %d; receptive field %d samples",
              tokenizer.pad_token_id, geometry.inputs_to_logits_ratio, geometry.receptive_field)
+
+
+ARCHITECTURE_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                       "hidden_act", "conv_dim", "conv_stride", "conv_kernel", "conv_bias", "feat_extract_norm",
+                       "feat_extract_activation", "num_conv_pos_embeddings", "num_conv_pos_embedding_groups",
+                       "do_stable_layer_norm", "position_embeddings_type", "add_adapter", "vocab_size")
+"""The config fields that shape the weights or the computation: two models that differ in one cannot share a
+checkpoint. A field a family lacks counts as absent; the recipe's knobs (dropout, masks, LayerDrop) may change."""
+
+
+def model_identity(name_or_path: str | Path, model: PreTrainedModel, processor: Wav2Vec2Processor) -> dict[str, str]:
+    """What a checkpoint records of the model it trains (``world.json``): ``model.name_or_path`` as configured,
+    the family, and short hashes of the :data:`ARCHITECTURE_FIELDS` and of the vocabulary."""
+    config = model.config
+    return {"name_or_path": str(name_or_path), "family": config.model_type,
+            "architecture": _digest({key: getattr(config, key, None) for key in ARCHITECTURE_FIELDS}),
+            "vocabulary": _digest(processor.tokenizer.get_vocab())}
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def identity_mismatch(saved: dict[str, str], current: dict[str, str]) -> list[str]:
+    """The parts of two :func:`model_identity` records that differ (empty: the same model)."""
+    return [key for key in ("name_or_path", "family", "architecture", "vocabulary") if saved.get(key) != current[key]]
+
+
+def describe_identity(identity: dict[str, str]) -> str:
+    return (f"{identity.get('name_or_path')} ({identity.get('family')}, architecture {identity.get('architecture')}, "
+            f"vocabulary {identity.get('vocabulary')})")
 
 
 def parameter_counts(model: torch.nn.Module) -> dict[str, int]:

@@ -23,7 +23,7 @@ from w2v_dist.data.text import TextPolicy
 from w2v_dist.engine import DTYPES, Engine, accelerator_name, check_accelerator, init_distributed
 from w2v_dist.inputs import check_inputs
 from w2v_dist.logging import setup_console
-from w2v_dist.model import load_model, load_processor, parameter_counts
+from w2v_dist.model import load_model, load_processor, model_identity, parameter_counts
 from w2v_dist.preflight import preflight, worst_case
 from w2v_dist.redact import redact
 from w2v_dist.scoring import scoring_batch_size, scoring_loader
@@ -115,8 +115,9 @@ def build_run(cfg: Config, local_rank: int | None = None) -> Run:
     policy = BatchPolicy(int(cfg.data.max_batch_seconds * sample_rate), cfg.data.max_batch_size,
                          cfg.data.bucket_window, cfg.data.shuffle_buffer, tuple(cfg.data.speed_perturb))
     checkpointer = Checkpointer(Path(cfg.output_dir), world, keep_last=cfg.checkpoint.keep_last,
-                                keep_best=cfg.checkpoint.keep_best)
-    resume_tag = checkpointer.resumable_tag() if cfg.checkpoint.resume else None
+                                keep_best=cfg.checkpoint.keep_best,
+                                model=model_identity(cfg.model.name_or_path, model, processor))
+    resume_tag = checkpointer.resume_tag() if cfg.checkpoint.resume else None  # refused before config.yaml is written
     saved = checkpointer.saved_world(resume_tag) if resume_tag else None
     max_workers = dist.loader_workers(cfg.data.num_workers)
     layout = data_layout(cfg, world.size, max_workers, saved)

@@ -203,6 +203,26 @@ def test_rollback_returns_to_the_last_checkpoint_then_gives_up(shard_dirs: dict,
     assert [r["rollback_from"] for r in metrics(out) if "rollback_from" in r] == [6]
 
 
+def test_resume_with_another_model_is_refused_before_anything_is_written(shard_dirs: dict, tiny_model: Path,
+                                                                         tmp_path: Path) -> None:
+    """Another model of the same family and shapes (another seed): DeepSpeed would load it without a word, and
+    the model card would name it as the base model."""
+    from w2v_dist.model import init_model
+
+    out, other = tmp_path / "run", init_model(tmp_path / "other", "tiny", seed=1)
+    common = {"trainer.eval_every": 0, "trainer.save_every": 2, "data.num_workers": 0, "schedule.steps": 4}
+    check(run_single(["--config", "configs/debug.yaml", *overrides(shard_dirs, tiny_model, out, **common,
+                                                                   **{"trainer.max_steps": 2})]))
+    before = {name: (out / name).read_bytes() for name in ("config.yaml", "metrics.jsonl", "checkpoints/latest")}
+    proc = run_single(["--config", "configs/debug.yaml", *overrides(shard_dirs, other, out, **common,
+                                                                    **{"trainer.max_steps": 4})])
+    assert proc.returncode != 0
+    assert f"it holds {tiny_model} (wav2vec2, architecture " in proc.stderr
+    assert f"but this run's model is {other} (wav2vec2, architecture " in proc.stderr
+    assert "they differ in name_or_path." in proc.stderr and "Traceback" not in proc.stderr
+    assert {name: (out / name).read_bytes() for name in before} == before
+
+
 def test_best_export_and_checkpoint_scores(shard_dirs: dict, tiny_model: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     check(run_single(["--config", "configs/debug.yaml", *overrides(

@@ -57,7 +57,7 @@ def test_resume_falls_back_from_a_torn_latest_to_the_newest_complete_tag(tmp_pat
     (ckpt.root / "latest").write_text("step_00000009")
     assert ckpt.missing("step_00000009") == ["part1.pt (rank 1: 1 bytes, 11 written)"]
     assert ckpt.resumable_tag() == "step_00000006"
-    assert "step_00000009 (named by latest) is incomplete: missing part1.pt (rank 1" in caplog.text
+    assert "step_00000009 (named by latest) is incomplete or damaged: part1.pt (rank 1" in caplog.text
     (torn / MANIFEST.format(rank=0)).unlink()
     (ckpt.root / "step_00000006" / "part0.pt").unlink()
     assert ckpt.missing("step_00000006") == ["part0.pt (rank 0)"]
