@@ -6,9 +6,12 @@ The process group itself is created by :func:`w2v_dist.engine.init_distributed` 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
+import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,8 +79,9 @@ def register_ranks(directory: Path, world: World) -> None:
     """Collective, at startup: every rank records where it runs (host, pid) in ``directory`` (``<output_dir>/.ranks``),
     and every rank must see every other rank's record of *this* launch. On a cluster where ``output_dir`` is not
     the same shared directory on all nodes, each node would write its own half of every checkpoint; this stops
-    the run before that, on all ranks, naming who cannot see whom. The records also let a survivor of a failed
-    collective name the host that was lost (:func:`lost_ranks`)."""
+    the run before that, on all ranks, naming who cannot see whom. Then each rank keeps its record fresh
+    (:func:`start_heartbeat`), which lets a survivor of a failed collective name the rank and host that did not
+    arrive (:func:`lost_ranks`)."""
     directory.mkdir(parents=True, exist_ok=True)
     launch = all_gather_objects(os.urandom(8).hex())[0]  # rank 0's: one token per launch, stale records never count
     write_record(directory, world, launch)
@@ -92,27 +96,70 @@ def register_ranks(directory: Path, world: World) -> None:
         raise SharedDirectoryError(f"output_dir is not the same shared directory on every node: {detail}. "
                                    f"Each rank wrote {directory}/rank<N>.json; put output_dir on a filesystem every "
                                    "node mounts (NFS, Lustre, GPFS...) at the same path")
+    start_heartbeat(directory, world, launch)
 
 
-def write_record(directory: Path, world: World, launch: str) -> None:
-    record = {"host": socket.gethostname(), "pid": os.getpid(), "launch": launch}
+def write_record(directory: Path, world: World, launch: str, where: str = "") -> None:
+    """This rank's record: where it runs (host, pid), the launch, the last update it finished and ``where`` its
+    main thread is (:func:`main_thread_location`). Replaced atomically: a reader never sees half of one."""
+    record = {"host": socket.gethostname(), "pid": os.getpid(), "launch": launch, "step": _step, "where": where}
     tmp = directory / f".rank{world.rank}.json.tmp"
     tmp.write_text(json.dumps(record))
     tmp.replace(directory / f"rank{world.rank}.json")
 
 
 HEARTBEAT_SECONDS = 5.0
-_last_beat = 0.0
+"""How often each rank's record is rewritten, by a thread of its own (:func:`start_heartbeat`)."""
+SILENT_SECONDS = 6 * HEARTBEAT_SECONDS
+"""A record older than this belongs to a process that has stopped (SIGSTOP, a frozen VM), died with its node, or
+cannot reach ``output_dir``; under it, NFS attribute caching (a few seconds for a file that changes) still counts
+as alive."""
+_step = 0
+_beating: threading.Event | None = None
 
 
-def heartbeat(directory: Path, world: World) -> None:
-    """This rank is alive: the record's mtime, touched at most every few seconds (called every step; on a shared
-    filesystem each touch is a round trip to the server, which the step need not wait for every time)."""
-    global _last_beat
-    now = time.monotonic()
-    if now - _last_beat >= HEARTBEAT_SECONDS:
-        os.utime(directory / f"rank{world.rank}.json")
-        _last_beat = now
+def heartbeat(step: int) -> None:
+    """This rank finished update ``step`` (called every step; no I/O: the heartbeat thread writes it down)."""
+    global _step
+    _step = step
+
+
+def start_heartbeat(directory: Path, world: World, launch: str) -> None:
+    """Rewrite this rank's record every :data:`HEARTBEAT_SECONDS` from a thread, until the process ends.
+
+    From a thread, not the training loop: a rank that waits in a collective for one that stalled, or runs a long
+    evaluation or save, still beats, while a stopped or dead process, or a lost node, goes quiet. The record also
+    says where the main thread is, which tells a rank stuck elsewhere (a stalled loader worker, a hung read) from
+    one waiting in the collective like the survivor (:func:`lost_ranks`)."""
+    global _beating
+    if _beating is not None:  # a second run in this process (tests): one thread, for the latest
+        _beating.set()
+    stop = _beating = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(HEARTBEAT_SECONDS):
+            with contextlib.suppress(OSError):  # a full or unreachable disk: the record ages, as it should
+                write_record(directory, world, launch, main_thread_location())
+
+    threading.Thread(target=beat, name="w2v-dist-heartbeat", daemon=True).start()
+
+
+_PACKAGE = Path(__file__).resolve().parent
+
+
+def main_thread_location() -> str:
+    """Where the main thread is: its innermost frame in w2v-dist, then (after ``<``) the innermost of all when that
+    is elsewhere (a collective, a read, a data loader), e.g. ``trainer.py:146 fit < dataloader.py:1290 _get_data``."""
+    frame = sys._current_frames().get(threading.main_thread().ident or 0)
+    own = inner = ""
+    while frame is not None:
+        where = f"{Path(frame.f_code.co_filename).name}:{frame.f_lineno} {frame.f_code.co_name}"
+        inner = inner or where
+        if _PACKAGE in Path(frame.f_code.co_filename).parents:
+            own = where
+            break
+        frame = frame.f_back
+    return own if own == inner else f"{own} < {inner}" if own else inner
 
 
 def _record(directory: Path, rank: int) -> dict[str, Any]:
@@ -122,23 +169,54 @@ def _record(directory: Path, rank: int) -> dict[str, Any]:
         return {}
 
 
-def lost_ranks(directory: Path, world: World) -> str:
-    """Which other ranks are gone, as far as this rank can tell: on this host by pid, on other hosts by the age of
-    their last heartbeat (the host is named either way)."""
-    gone, silent = [], []
+def _process_state(pid: int) -> str:
+    """A process on this host: ``exited`` (gone, or a zombie), ``stopped`` (SIGSTOP, a debugger), ``disk-sleep``
+    (blocked in I/O, e.g. a hung NFS read), or ``running`` (anything else)."""
+    try:
+        status = psutil.Process(pid).status()
+    except psutil.NoSuchProcess:
+        return "exited"
+    if status == psutil.STATUS_ZOMBIE:
+        return "exited"
+    return status if status in (psutil.STATUS_STOPPED, psutil.STATUS_TRACING_STOP, psutil.STATUS_DISK_SLEEP) \
+        else "running"
+
+
+def lost_ranks(directory: Path, world: World, shown: int = 4) -> str:
+    """Which other ranks did not arrive, as far as this rank can tell from their records, most likely first: those
+    that exited or are stopped (on this host, by pid), those whose heartbeat went quiet (any host), and those alive
+    but elsewhere than this rank (its main thread at another place, or at an earlier step). Ranks waiting where
+    this one waits are only counted. Every entry names the rank's host."""
+    mine = _record(directory, world.rank)
+    here = socket.gethostname()
     now = time.time()
+    found: list[tuple[int, float, str]] = []  # (how suspect: 0 = surely gone, ..., 4 = waiting too), age, text
     for rank in range(world.size):
         where = _record(directory, rank)
         if rank == world.rank or not where:
             continue
-        if where["host"] == socket.gethostname():
-            if not psutil.pid_exists(where["pid"]):
-                gone.append(f"{rank} on {where['host']} (pid {where['pid']})")
-        else:
-            silent.append((now - (directory / f"rank{rank}.json").stat().st_mtime, f"{rank} on host {where['host']}"))
-    parts = [f"rank {', '.join(gone)} exited" if gone else "",
-             ", ".join(f"rank {who}: last heartbeat {age:.0f} s ago" for age, who in sorted(silent, reverse=True))]
-    return "; ".join(p for p in parts if p) or "no other rank on this host has exited"
+        try:
+            age = now - (directory / f"rank{rank}.json").stat().st_mtime
+        except OSError:
+            continue
+        state = _process_state(where["pid"]) if where["host"] == here else "running"
+        if state == "exited":
+            found.append((0, age, f"rank {rank} on {where['host']} (pid {where['pid']}) exited"))
+            continue
+        who = f"rank {rank} on host {where['host']}" + (f" (pid {where['pid']}, {state})" if state != "running" else "")
+        step, location = where.get("step"), where.get("where")
+        detail = f"{who}: last heartbeat {age:.0f} s ago" + (f", at step {step}" if step is not None else "") + (
+            f" in {location}" if location else "")
+        behind = step is not None and step < mine.get("step", step)
+        elsewhere = bool(location and mine.get("where") and location != mine["where"])
+        level = 1 if state != "running" else 2 if age > SILENT_SECONDS else 3 if behind or elsewhere else 4
+        found.append((level, age, detail))
+    found.sort(key=lambda entry: (entry[0], -entry[1]))
+    waiting = [text for level, _, text in found if level == 4]
+    listed = [text for level, _, text in found if level < 4] or waiting  # nothing suspect: show who was waiting
+    more = len(found) - min(len(listed), shown)
+    text = "; ".join(listed[:shown]) + (f"; {more} more" if more > 0 else "")
+    return text or "no record of another rank"
 
 
 def is_initialized() -> bool:

@@ -32,6 +32,7 @@ from transformers import PreTrainedModel
 
 from w2v_dist.config import Config
 from w2v_dist.data.collate import CTCBatch
+from w2v_dist.faults import pause_point
 
 log = logging.getLogger("w2v_dist.engine")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -97,19 +98,39 @@ class CheckpointFiles:
 def init_distributed(timeout_minutes: float, local_rank: int) -> torch.device:
     """The one place that sets up a process: its device (made current), and the process group (NCCL on GPUs,
     gloo/ccl on CPU; one rank is a group of one) with a bounded collective timeout. Training and ``evaluate``
-    both start here."""
+    both start here.
+
+    The timeout bounds every collective, DeepSpeed's included: DeepSpeed builds its data-parallel groups with
+    ``torch.distributed.new_group(ranks)`` and no timeout, which torch fills in from its module default (30 min on
+    gloo, 10 on NCCL), not from the default group's. That default is made ours before any group exists. On NCCL
+    the watchdog enforces it (:func:`nccl_error_handling`)."""
     device = device_for(local_rank)
+    timeout = datetime.timedelta(minutes=timeout_minutes)
+    torch.distributed.distributed_c10d.default_pg_timeout = timeout
+    torch.distributed.distributed_c10d.default_pg_nccl_timeout = timeout
     if device.type == "cuda":
         torch.cuda.set_device(device)
+        nccl_error_handling()
     if device.type == "cpu":
         build_cpu_comm_op(timeout_minutes * 60)
     with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed prints "... op built successfully" on every rank
-        deepspeed.init_distributed(timeout=datetime.timedelta(minutes=timeout_minutes), verbose=False)
+        deepspeed.init_distributed(timeout=timeout, verbose=False)
     if device.type == "cpu":
         release_cpu_shm_buffer()
     atexit.unregister(destroy_process_group_at_exit)  # once per process, however often a test calls this
     atexit.register(destroy_process_group_at_exit)
     return device
+
+
+def nccl_error_handling() -> None:
+    """What a rank does when a NCCL collective fails or outlasts the timeout, unless the environment says otherwise
+    (``docs/cluster.md``). ``TORCH_NCCL_ASYNC_ERROR_HANDLING=1``: the watchdog thread aborts the communicators and
+    ends the process; torch's defaults change between versions (3, no clean-up, in torch 2.11) and launchers set
+    their own (torchelastic: 1), so it is set explicitly. ``TORCH_NCCL_BLOCKING_WAIT`` is left off: it would report a
+    timeout as a Python exception, so that ``trainer.train`` names the rank that did not arrive (as it does on
+    gloo), but every ``wait()`` then blocks the host until the collective is done, which costs the overlap of
+    communication with the backward pass; set it to 1 to trade that for the named rank."""
+    os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
 
 
 _collective_failed = False
@@ -360,6 +381,7 @@ class Engine:
         self.ds(input_values=torch.zeros(1, 16_000, device=self.device, dtype=self.dtype))
 
     def backward(self, loss: torch.Tensor) -> None:
+        pause_point("backward", self.ds.global_rank)  # mid-step: before DeepSpeed's gradient reduction
         self.ds.backward(loss)
 
     def update(self, skip: bool) -> UpdateOutcome:

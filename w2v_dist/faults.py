@@ -7,9 +7,10 @@ full disk) exactly there, the way a cluster would.
 Off unless ``W2V_DIST_PAUSE_AT`` is set, to ``<moment>[#<n>]:<rank>:<seconds>:<marker dir>``: the n-th time
 (default: the first) rank ``<rank>`` reaches ``<moment>`` it creates ``<marker dir>/<moment>.rank<rank>`` (so the
 test knows where it is) and sleeps ``<seconds>``, then goes on. Moments: ``started`` (loaders running, before
-the first step), ``step`` (an update just applied), ``eval`` (mid dev evaluation), ``save`` (after the rank's
-checkpoint files, before its commit manifest), ``export-final`` and ``export-best`` (the Hugging Face export
-written, not yet renamed into place).
+the first step), ``backward`` (mid-step: the step's first all-reduce and the forward done, before the backward
+and DeepSpeed's gradient reduction), ``step`` (an update just applied), ``eval`` (mid dev evaluation), ``save``
+(after the rank's checkpoint files, before its commit manifest), ``export-final`` and ``export-best`` (the Hugging
+Face export written, not yet renamed into place).
 """
 
 from __future__ import annotations

@@ -159,7 +159,7 @@ class Trainer:
                                  inf_grad=mine and step in inject.inf_grad_at_steps):
                 result = train_step(run.engine, micro, self.world.size, self.stop_signal.requested)
             state.step = step
-            dist.heartbeat(self.output / RANKS_DIR, self.world)
+            dist.heartbeat(step)
             pause_point("step", self.world.rank)
             self._account(result, micro)
             if cfg.logging.key_log:
@@ -365,6 +365,6 @@ def train(cfg: Config, local_rank: int | None = None) -> dict[str, SetScore]:
         mark_collective_failure()  # SystemExit leaves no trace the exit handler could see
         latest = run.checkpointer.resumable_tag()
         lost = dist.lost_ranks(Path(cfg.output_dir) / RANKS_DIR, run.world)
-        raise SystemExit(f"rank {run.world.rank}: {err}. Another rank has most likely died ({lost}; exit codes are in "
-                         f"the launcher's log). Relaunch the same command to resume from "
+        raise SystemExit(f"rank {run.world.rank}: {err}. Another rank has most likely died or stalled ({lost}; exit "
+                         f"codes are in the launcher's log). Relaunch the same command to resume from "
                          f"{latest or 'the beginning (no checkpoint yet)'}.") from err

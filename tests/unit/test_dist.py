@@ -2,14 +2,17 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
+from w2v_dist import dist
 from w2v_dist.dist import World, lost_ranks, write_record
 
 
@@ -23,6 +26,51 @@ def test_survivor_names_the_rank_that_exited(tmp_path: Path) -> None:
     message = lost_ranks(tmp_path, World(0, 0, 3))
     assert f"rank 1 on {socket.gethostname()} (pid {int(finished.stdout)}) exited" in message
     assert "rank 2 on host other-node: last heartbeat 40 s ago" in message
+
+
+def test_survivor_names_the_stalled_rank_first_then_ranks_that_are_elsewhere(tmp_path: Path) -> None:
+    """A survivor waiting in a collective: a stopped rank (SIGSTOP, as a hung GPU or NFS read looks), a rank alive
+    but elsewhere (its loader stalled), and a rank waiting in the same collective, which is only counted."""
+    host = socket.gethostname()
+    sleepers = [subprocess.Popen(["sleep", "60"]) for _ in range(3)]
+    try:
+        os.kill(sleepers[0].pid, signal.SIGSTOP)
+        deadline = time.monotonic() + 10
+        while psutil.Process(sleepers[0].pid).status() != psutil.STATUS_STOPPED and time.monotonic() < deadline:
+            time.sleep(0.01)
+        waiting = "engine.py:400 backward < distributed_c10d.py:2900 all_reduce"
+        records = [(os.getpid(), 3, waiting, 1), (sleepers[0].pid, 2, "faults.py:48 pause_point", 64),
+                   (sleepers[1].pid, 3, "trainer.py:140 fit < dataloader.py:1290 _get_data", 2),
+                   (sleepers[2].pid, 3, waiting, 1)]
+        for rank, (pid, step, where, age) in enumerate(records):
+            (tmp_path / f"rank{rank}.json").write_text(json.dumps(
+                {"host": host, "pid": pid, "launch": "L", "step": step, "where": where}))
+            os.utime(tmp_path / f"rank{rank}.json", (0, time.time() - age))
+        message = lost_ranks(tmp_path, World(0, 0, 4))
+    finally:
+        for sleeper in sleepers:
+            sleeper.kill()
+            sleeper.wait()
+    assert message.startswith(f"rank 1 on host {host} (pid {sleepers[0].pid}, stopped): last heartbeat 64 s ago, "
+                              "at step 2 in faults.py:48 pause_point; "), message
+    assert f"rank 2 on host {host}: last heartbeat 2 s ago, at step 3 in trainer.py:140 fit < dataloader.py" in message
+    assert "rank 3" not in message and message.endswith("; 1 more"), message
+
+
+def test_the_heartbeat_thread_records_the_step_and_where_the_main_thread_is(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(dist, "HEARTBEAT_SECONDS", 0.05)
+    dist.start_heartbeat(tmp_path, World(0, 0, 1), "L")
+    try:
+        dist.heartbeat(7)
+        time.sleep(0.5)
+        record = json.loads((tmp_path / "rank0.json").read_text())
+    finally:
+        assert dist._beating is not None
+        dist._beating.set()
+    assert record["step"] == 7 and record["launch"] == "L" and record["pid"] == os.getpid()
+    assert record["where"].startswith("test_dist.py:") and record["where"].endswith(
+        " test_the_heartbeat_thread_records_the_step_and_where_the_main_thread_is"), record
 
 
 def test_loader_workers_auto_splits_the_cores_between_local_ranks(monkeypatch: pytest.MonkeyPatch) -> None:
