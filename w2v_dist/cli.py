@@ -49,6 +49,7 @@ def run_train(args: argparse.Namespace) -> int:
         problems = input_problems(cfg)
         return _fail("input error", InputError(problems)) if problems else 0
     from w2v_dist.checkpoint import ResumeError
+    from w2v_dist.lock import OutputDirInUse
     from w2v_dist.trainer import train
 
     try:
@@ -56,6 +57,8 @@ def run_train(args: argparse.Namespace) -> int:
     except InputError as err:  # found on every rank before the process group (w2v_dist.run.build_run)
         return _fail("input error", err)
     except ResumeError as err:  # a checkpoint of another model, or none left to resume (w2v_dist.checkpoint)
+        return _fail("train", err, 1)
+    except OutputDirInUse as err:
         return _fail("train", err, 1)
     return 0
 

@@ -190,6 +190,11 @@ class TrainerConfig:
     weights and optimizer state and go on with the data that follows (the bad batches are not replayed)."""
     collective_timeout_minutes: float = 30.0
     """How long a collective waits for a rank that stopped answering before the run fails with an error."""
+    lock_stale_minutes: float = 5.0
+    """The lock that keeps a second run out of ``output_dir`` (``<output_dir>/.lock``, renewed every 30 s while the
+    run lives) is stale, and another run takes it over, this long after its last renewal: above NFS attribute
+    caching and clock skew between nodes. A holder that crashed on the same host, or an earlier run of the same
+    SLURM job (a requeue), is taken over at once."""
     max_rollbacks: int = 3
     """With ``on_divergence=rollback``: stop anyway after this many rollbacks."""
     inject: InjectConfig = field(default_factory=InjectConfig)
@@ -358,6 +363,7 @@ _BOUNDS: dict[str, Bounds] = {
     "trainer.seed": Bounds(0, 2**32 - 1, note="numpy's seed range"),
     "trainer.max_consecutive_bad_steps": _POSITIVE,
     "trainer.collective_timeout_minutes": _POSITIVE,
+    "trainer.lock_stale_minutes": _POSITIVE,
     "trainer.max_rollbacks": _NON_NEGATIVE,
     "checkpoint.keep_last": _POSITIVE,
     "checkpoint.keep_best": _NON_NEGATIVE,

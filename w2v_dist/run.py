@@ -22,6 +22,7 @@ from w2v_dist.data.shard_reader import RetryPolicy
 from w2v_dist.data.text import TextPolicy
 from w2v_dist.engine import DTYPES, Engine, accelerator_name, check_accelerator, init_distributed
 from w2v_dist.inputs import check_inputs
+from w2v_dist.lock import OutputDirLock
 from w2v_dist.logging import setup_console
 from w2v_dist.model import load_model, load_processor, model_identity, parameter_counts
 from w2v_dist.preflight import preflight, worst_case
@@ -65,11 +66,16 @@ def check_output_dir(path: Path) -> None:
         raise PermissionError(f"output_dir {path} is not writable")
 
 
-def start_process(timeout_minutes: float, local_rank: int | None = None) -> tuple[dist.World, torch.device]:
+def start_process(timeout_minutes: float, local_rank: int | None = None, lock: OutputDirLock | None = None
+                  ) -> tuple[dist.World, torch.device]:
     """Every entry point that runs on ranks starts here: the world from the launcher's environment (or one
-    process), the console, and the process group and device (:func:`~w2v_dist.engine.init_distributed`)."""
+    process), the console, and the process group and device (:func:`~w2v_dist.engine.init_distributed`). With
+    ``lock`` (training), the run's claim on its output_dir is settled first (:meth:`OutputDirLock.acquire`): a run
+    that may not write there stops before it writes anything or any rank waits for it in the process group."""
     world = dist.world_from_env(local_rank)
     setup_console(world.rank)
+    if lock is not None:
+        lock.acquire(world)
     return world, init_distributed(timeout_minutes, world.local_rank)
 
 
@@ -101,7 +107,8 @@ def load_train_set(data: DataConfig) -> tuple[ShardSet, dict[str, int] | None]:
 def build_run(cfg: Config, local_rank: int | None = None) -> Run:
     check_accelerator(cfg.deepspeed.precision)
     check_inputs(cfg)  # every rank, before the process group: one line per missing or unusable input
-    world, device = start_process(cfg.trainer.collective_timeout_minutes, local_rank)
+    lock = OutputDirLock(Path(cfg.output_dir), cfg.trainer.lock_stale_minutes * 60)  # held until the process exits
+    world, device = start_process(cfg.trainer.collective_timeout_minutes, local_rank, lock)
     check_output_dir(Path(cfg.output_dir))
     dist.register_ranks(Path(cfg.output_dir) / RANKS_DIR, world)  # output_dir shared by every node, or stop here
     set_seed(cfg.trainer.seed)
