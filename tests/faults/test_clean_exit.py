@@ -43,7 +43,7 @@ def test_after_a_collective_failure_the_trainer_leaves_the_group_alone(tmp_path:
     ranks = [subprocess.Popen([sys.executable, WORKER, "collective-failure", str(tmp_path)], cwd=REPO, text=True,
                               env=ENV | rendezvous | {"RANK": str(rank), "LOCAL_RANK": str(rank)},
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE) for rank in (0, 1)]
-    (stdout, stderr), _ = (rank.communicate(timeout=300) for rank in ranks)
-    assert ranks[1].returncode == -signal.SIGKILL
+    (stdout, stderr), (_, stderr_1) = (rank.communicate(timeout=300) for rank in ranks)
+    assert ranks[1].returncode == -signal.SIGKILL, stderr_1[-3000:]
     assert ranks[0].returncode in FAILED and "Another rank has most likely died" in stderr, stderr[-3000:]
     assert "process group at exit: alive" in stdout
