@@ -7,6 +7,7 @@ import http.server
 import itertools
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -16,6 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
 from transformers import Wav2Vec2Processor
 
 from w2v_dist.data.audio import EncoderGeometry
@@ -197,3 +199,25 @@ def wandb_artifacts(out: Path) -> list[dict]:
 
 def check(proc: subprocess.CompletedProcess[str]) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+
+
+@contextmanager
+def small_filesystem(mount: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` (e.g. ``24m``) mounted at ``mount`` for the block: a disk that can be filled. Needs root
+    (or CAP_SYS_ADMIN); the test is skipped without it, which fails under CI (``tests/conftest.py``)."""
+    mount.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def fill_disk(directory: Path, leave: int) -> Path:
+    """Fill the file system holding ``directory`` up to ``leave`` free bytes; the filler file, to delete."""
+    filler = directory / "filler"
+    with open(filler, "wb") as handle:
+        handle.write(b"\0" * max(0, shutil.disk_usage(directory).free - leave))
+    return filler

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoModelForCTC, PreTrainedModel, Wav2Vec2Processor
 
 from w2v_dist.config import Config, load_config, to_yaml
@@ -28,6 +29,10 @@ from w2v_dist.model_card import model_card
 
 log = logging.getLogger("w2v_dist.export")
 ZERO0_MODEL_STATES = "mp_rank_00_model_states.pt"
+
+
+class ExportWriteError(OSError):
+    """An export that could not be written (full disk, quota, I/O error); nothing was left under its name."""
 
 
 class ModelSourceError(ValueError):
@@ -160,15 +165,21 @@ def write_export(model: PreTrainedModel, processor: Wav2Vec2Processor, out_dir: 
         return False
     tmp = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
-    config = copy.deepcopy(model.config)
-    config.dtype = "float32"  # save_pretrained records a 16-bit module's dtype; the weights written are fp32
-    if (layer_drop := getattr(model, "layer_drop", None)) is not None:
-        config.layerdrop = layer_drop.probability  # the model's own is 0: w2v_dist.layerdrop draws it instead
-    config.save_pretrained(tmp)
-    processor.save_pretrained(tmp)
-    if card:
-        (tmp / "README.md").write_text(card)
+    try:
+        model.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
+        config = copy.deepcopy(model.config)
+        config.dtype = "float32"  # save_pretrained records a 16-bit module's dtype; the weights written are fp32
+        if (layer_drop := getattr(model, "layer_drop", None)) is not None:
+            config.layerdrop = layer_drop.probability  # the model's own is 0: w2v_dist.layerdrop draws it instead
+        config.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        if card:
+            (tmp / "README.md").write_text(card)
+    except (OSError, SafetensorError) as err:  # safetensors reports a full disk as a SafetensorError, naming no path
+        from w2v_dist.checkpoint import write_failure  # imports DeepSpeed: only now
+
+        shutil.rmtree(tmp, ignore_errors=True)  # its space back; a previous export under out_dir is untouched
+        raise ExportWriteError(f"writing {out_dir}: {write_failure(err, out_dir.parent)}") from err
     pause_point(f"export-{out_dir.name}", 0)
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)

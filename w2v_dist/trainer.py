@@ -7,7 +7,7 @@ import logging
 import math
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +22,12 @@ from w2v_dist.data.collate import CTCBatch
 from w2v_dist.data.loader import start_workers
 from w2v_dist.decoding import GreedyDecoder
 from w2v_dist.engine import Engine, UpdateOutcome, mark_collective_failure
+from w2v_dist.export import ExportWriteError
 from w2v_dist.faults import injected_faults, pause_point
 from w2v_dist.flops import COUNTED_FAMILIES, peak_tflops, step_flops
 from w2v_dist.layerdrop import SharedLayerDrop
 from w2v_dist.logging import MainLogger, RunLogger
+from w2v_dist.metrics import ErrorCounts
 from w2v_dist.model_card import model_card
 from w2v_dist.preemption import REQUEUE_FILE, StopSignal, request_requeue
 from w2v_dist.run import RANKS_DIR, Run, build_run
@@ -109,6 +111,10 @@ class RunState:
     """Training on a mix (``data.train_mix``): utterances trained on per shard set, summed over all ranks."""
     best_wer: float | None = None
     rollbacks: int = 0
+    last_eval_step: int = 0
+    last_eval_counts: dict[str, dict[str, int]] = field(default_factory=dict)
+    """The error counts of each dev set at the last evaluation (at ``last_eval_step``): a relaunch that finds the
+    run at ``max_steps`` evaluates nothing, and its model card shows these."""
 
     def state_dict(self) -> dict[str, Any]:
         return {key: dict(value) if isinstance(value, Counter) else value for key, value in vars(self).items()}
@@ -297,6 +303,8 @@ class Trainer:
                             pad_forward=engine.dummy_forward, after_batch=lambda: pause_point("eval", rank))
             results[dev.name] = scorer.score(dev.name, dev.loader, dev.indexed)
         engine.train()
+        self.state.last_eval_step = self.state.step
+        self.state.last_eval_counts = {name: asdict(score.counts) for name, score in results.items()}
         record: dict[str, Any] = {"step": self.state.step}
         for name, score in results.items():
             counts = score.counts
@@ -335,13 +343,19 @@ class Trainer:
         self.logger.saved("checkpoint", directory, self.state.step, ["latest", f"step-{self.state.step}"], score)
 
     def _card(self, export: str, results: dict[str, SetScore]) -> str:
+        counts = {name: score.counts for name, score in results.items()}
+        if not counts and self.state.last_eval_step == self.state.step:  # nothing evaluated since the checkpoint
+            counts = {name: ErrorCounts(**saved) for name, saved in self.state.last_eval_counts.items()}
         return model_card(name=f"{self.output.name}-{export}", base_model=self.cfg.model.name_or_path,
-                          step=self.state.step, config_yaml=to_yaml(self.cfg),
-                          results={name: score.counts for name, score in results.items()})
+                          step=self.state.step, config_yaml=to_yaml(self.cfg), results=counts)
 
     def _export(self, results: dict[str, SetScore]) -> None:
-        finite = export_hf(self.run.engine, self.run.processor, self.output / "final", self.world.is_main,
-                           self._card("final", results))
+        try:
+            finite = export_hf(self.run.engine, self.run.processor, self.output / "final", self.world.is_main,
+                               self._card("final", results))
+        except ExportWriteError as err:
+            raise ExportWriteError(f"{err}; checkpoints/latest still names {self.checkpointer.latest_tag()}: free "
+                                   "space and relaunch the same command to export it") from err
         if finite:
             self.logger.saved("model", self.output / "final", self.state.step, ["final"], self._wer(results))
         if self.world.is_main:
