@@ -333,8 +333,8 @@ class Checkpointer:
 
 def export_hf(engine: Engine, processor: Wav2Vec2Processor, out_dir: Path, is_main: bool, card: str = "") -> bool:
     """Collective: gather the full fp32 weights (every rank), write the export on rank 0
-    (:func:`w2v_dist.export.write_export`); whether the weights were finite."""
+    (:func:`w2v_dist.export.write_export`); whether it was written (on every rank: refused when the weights, or
+    the logits of a probe batch, are not finite)."""
     state = engine.full_state_dict()
-    finite = write_export(engine.module, processor, out_dir, state, card) if is_main else True
-    dist.barrier()
-    return finite
+    written = write_export(engine.module, processor, out_dir, state, card) if is_main else True
+    return bool(dist.all_gather_objects(written)[0])

@@ -18,6 +18,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from transformers import AutoModelForCTC, PreTrainedModel, Wav2Vec2Processor
@@ -157,7 +158,8 @@ def write_export(model: PreTrainedModel, processor: Wav2Vec2Processor, out_dir: 
     """The one Hugging Face export writer (training's final/ and best/, ``w2v-dist export``): ``save_pretrained``
     safetensors in fp32 (``state`` when given, else the model's own weights), the processor and the model card
     (README.md, :mod:`w2v_dist.model_card`), written beside ``out_dir`` and renamed into place, so a crash never
-    leaves a half-written export under the real name. Refuses NaN or Inf weights (returns False; writes nothing)."""
+    leaves a half-written export under the real name. Refuses NaN or Inf weights, and finite weights whose logits
+    on a probe batch are not (:func:`nonfinite_logits`): returns False, leaves nothing written."""
     weights = {k: v.float() if v.is_floating_point() else v for k, v in (state or model.state_dict()).items()}
     bad = [name for name, t in weights.items() if t.is_floating_point() and not torch.isfinite(t).all()]
     if bad:
@@ -180,11 +182,29 @@ def write_export(model: PreTrainedModel, processor: Wav2Vec2Processor, out_dir: 
 
         shutil.rmtree(tmp, ignore_errors=True)  # its space back; a previous export under out_dir is untouched
         raise ExportWriteError(f"writing {out_dir}: {write_failure(err, out_dir.parent)}") from err
+    if bad_logits := nonfinite_logits(tmp, processor):
+        shutil.rmtree(tmp, ignore_errors=True)
+        log.error("not exporting %s: its weights are finite, but %d of its logits on a probe batch (a second of "
+                  "silence and one of noise) are NaN or Inf", out_dir, bad_logits)
+        return False
     pause_point(f"export-{out_dir.name}", 0)
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)
     log.info("exported Hugging Face model to %s", out_dir)
     return True
+
+
+def nonfinite_logits(directory: Path, processor: Wav2Vec2Processor) -> int:
+    """How many logits of the export written in ``directory`` are NaN or Inf on a probe batch: a second of silence
+    and a second of noise, through the export's own feature extractor. Weights can be finite and still overflow
+    (a diverged run's). Loads what was written, as a user would; the global RNGs are left as they were."""
+    extractor = processor.feature_extractor
+    rate = extractor.sampling_rate
+    audio = [np.zeros(rate, np.float32), 0.1 * np.random.default_rng(0).standard_normal(rate, np.float32)]
+    with torch.random.fork_rng(devices=[]), torch.inference_mode():
+        model = AutoModelForCTC.from_pretrained(directory, dtype=torch.float32).eval()
+        logits = model(**extractor(audio, sampling_rate=rate, return_tensors="pt")).logits
+    return int((~torch.isfinite(logits)).sum())
 
 
 def export_checkpoint(source: str | Path, out_dir: str | Path, tag: str | None = None,
@@ -200,5 +220,6 @@ def export_checkpoint(source: str | Path, out_dir: str | Path, tag: str | None =
     card = model_card(name=out.name, base_model=cfg.model.name_or_path, step=int(ref.tag.rpartition("_")[2] or 0),
                       config_yaml=to_yaml(cfg), results={})
     if not write_export(model, processor, out, card=card):
-        raise ValueError(f"{ref.directory}: weights contain NaN or Inf; not exporting")
+        raise ValueError(f"{ref.directory}: the weights, or the logits on a probe batch, are NaN or Inf; not "
+                         "exporting")
     return out

@@ -1,6 +1,7 @@
 """``w2v-dist report RUN_DIR``: PNG plots and a markdown summary from a run's ``metrics.jsonl``.
 
-Record shapes (see :mod:`w2v_dist.trainer`): train lines carry ``loss``; eval lines ``dev/<set>/wer``;
+Record shapes (see :mod:`w2v_dist.trainer`): train lines carry ``loss`` (``null`` for a skipped update, whose
+``skipped_cause`` says why: plotted as a mark, never as a loss value); eval lines ``dev/<set>/wer``;
 rollback lines ``rollback_from``; the last line of a finished run is ``{"final": {...}}``. Non-finite numbers
 were written as ``null``. After a rollback the same steps are logged again: the later record of a step wins,
 which is the trajectory the final weights actually followed.
@@ -36,6 +37,11 @@ class RunMetrics:
         rows = getattr(self, records)
         points = [(s, r[key]) for s, r in sorted(rows.items()) if isinstance(r.get(key), int | float)]
         return [s for s, _ in points], [float(v) for _, v in points]
+
+    @property
+    def skipped(self) -> list[tuple[int, str]]:
+        """(step, cause) of each logged update that was skipped."""
+        return [(s, r["skipped_cause"]) for s, r in sorted(self.train.items()) if r.get("skipped_cause")]
 
     @property
     def dev_sets(self) -> list[str]:
@@ -97,6 +103,9 @@ def plot_all(metrics: RunMetrics, out: Path) -> dict[str, Path]:
         ax.plot(steps, values, marker="." if len(steps) < 50 else None)
         if log_scale and values and min(values) > 0:
             ax.set_yscale("log")
+        if key == "loss" and metrics.skipped:  # at the foot of the axes: a skipped update has no loss
+            ax.plot([s for s, _ in metrics.skipped], [0.02] * len(metrics.skipped), "x", color="red",
+                    transform=ax.get_xaxis_transform(), label="skipped update (no loss)")
         plots[title] = _save(fig, ax, out / f"{key}.png")
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), dpi=100)
@@ -156,6 +165,9 @@ def summary_markdown(run_dir: Path, metrics: RunMetrics, plots: dict[str, Path],
     if rates:
         lines += [f"- throughput: median {statistics.median(rates):.1f} audio s/s; mean data-wait fraction "
                   f"{statistics.fmean(waits) if waits else float('nan'):.3f}"]
+    if metrics.skipped:
+        step, cause = metrics.skipped[-1]
+        lines += [f"- updates logged as skipped (no loss): {len(metrics.skipped)}, the last at step {step} ({cause})"]
     lines += [f"- skipped updates: {dict(last.get('skipped') or {}) or 'none'}",
               f"- loader skips: {dict(last.get('loader_skips') or {}) or 'none'}",
               f"- rollbacks: {len(metrics.rollbacks)}" + "".join(f" (step {b} → {a})" for b, a in metrics.rollbacks)]

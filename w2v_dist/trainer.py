@@ -38,7 +38,8 @@ log = logging.getLogger("w2v_dist.trainer")
 
 
 class DivergenceError(RuntimeError):
-    """Too many consecutive updates were skipped for non-finite losses or gradients."""
+    """Too many consecutive updates were skipped for non-finite losses or gradients, or the final model's weights
+    or outputs are not finite."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -137,6 +138,7 @@ class Trainer:
         self.unpooled_skips: Counter[str] = Counter()  # this rank's loader skips since the last pooling
         self.unpooled_sources: Counter[str] = Counter()  # and its utterances per mixed shard set
         self.last_eval: tuple[int, float] | None = None  # (step, WER on checkpoint.best_metric)
+        self.save_pending = False  # a save was deferred by skipped updates: it is made after the next applied one
         if run.resume_tag:
             client_state = self.checkpointer.resume(run.engine, run.resume_tag)
             if client_state is not None:
@@ -180,7 +182,8 @@ class Trainer:
                 return {}
             last = step == cfg.trainer.max_steps
             evaluating = last or bool(cfg.trainer.eval_every and step % cfg.trainer.eval_every == 0)
-            saving = last or bool(cfg.trainer.save_every and step % cfg.trainer.save_every == 0)
+            saving = last or bool(cfg.trainer.save_every and step % cfg.trainer.save_every == 0) or \
+                (self.save_pending and not state.consecutive_bad)
             if evaluating:
                 results = self._evaluate()
             if saving:
@@ -190,8 +193,10 @@ class Trainer:
             if (evaluating or saving) and not last and self._stop_requested_anywhere():
                 self._preempted(saved=saving)
                 return {}
-        self._export(results)
-        self.logger.close()
+        try:
+            self._export(results)
+        finally:
+            self.logger.close()
         return results
 
     def _stop_requested_anywhere(self) -> bool:
@@ -204,7 +209,9 @@ class Trainer:
         if self.world.is_main:
             reason = self.stop_signal.received or "a signal on another rank"
             path = request_requeue(self.output, self.state.step, reason)
-            log.warning("stopped at step %d (%s): checkpoint saved, %s written", self.state.step, reason, path)
+            saving = "checkpoint saved" if not self.save_pending else \
+                f"no checkpoint saved (updates skipped), the next launch resumes {self.checkpointer.latest_tag()}"
+            log.warning("stopped at step %d (%s): %s, %s written", self.state.step, reason, saving, path)
         self.logger.close()
 
     def _account(self, result: StepResult, micro: list[CTCBatch]) -> None:
@@ -240,11 +247,12 @@ class Trainer:
 
     def _rollback(self) -> None:
         """Back to the latest checkpoint's weights, optimizer and step; the data stream moves on past the bad
-        batches instead of replaying them."""
+        batches instead of replaying them. Saves wait while updates are skipped (:meth:`_save`), so the latest
+        checkpoint is the last one saved before the streak began."""
         client_state = self.checkpointer.resume(self.run.engine)
         assert client_state is not None
         bad_at, self.state.step = self.state.step, int(client_state["run"]["step"])
-        self.state.consecutive_bad = 0
+        self.state.consecutive_bad, self.save_pending = 0, False
         self.state.rollbacks += 1
         log.warning("rolled back from step %d to the checkpoint at step %d (rollback %d of %d)", bad_at,
                     self.state.step, self.state.rollbacks, self.cfg.trainer.max_rollbacks)
@@ -271,10 +279,15 @@ class Trainer:
         self._pool_loader_skips()
         state = self.state
         tflops = dist.all_reduce_sum([self.window_flops], self.run.engine.device)[0] / max(elapsed, 1e-9) / 1e12
-        record = {"step": state.step, "loss": result.loss_per_target, "lr": lr,
-                  "grad_norm": result.outcome.grad_norm, "epoch": state.utterances_seen / self.run.train_utterances,
-                  "audio_seconds_per_second": audio_rate, "data_wait_fraction": wait_fraction,
-                  "skipped": dict(state.skipped), "loader_skips": dict(state.loader_skips)}
+        # A skipped update is logged without a loss (skipped_cause says why): the step's sum zeroes a rank's
+        # non-finite loss, and the 0.0 it gave drew a loss curve that fell as the run diverged.
+        record: dict[str, Any] = {
+            "step": state.step, "loss": None if result.cause else result.loss_per_target, "lr": lr,
+            "grad_norm": result.outcome.grad_norm, "epoch": state.utterances_seen / self.run.train_utterances,
+            "audio_seconds_per_second": audio_rate, "data_wait_fraction": wait_fraction,
+            "skipped": dict(state.skipped), "loader_skips": dict(state.loader_skips)}
+        if result.cause:
+            record["skipped_cause"] = result.cause
         if state.utterances_by_set:
             record["utterances_by_set"] = dict(state.utterances_by_set)
         if self.run.engine.module.config.model_type in COUNTED_FAMILIES:
@@ -285,7 +298,8 @@ class Trainer:
         if torch.cuda.is_available():
             record["max_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
         self.logger.log(record)
-        self.logger.progress(state.step, {"loss": f"{result.loss_per_target:.3f}", "lr": f"{lr:.2e}",
+        loss = f"{result.loss_per_target:.3f}" if not result.cause else "skipped"
+        self.logger.progress(state.step, {"loss": loss, "lr": f"{lr:.2e}",
                                           "aud_s/s": f"{record['audio_seconds_per_second']:.0f}",
                                           **({"mfu": f"{record['mfu']:.1%}"} if "mfu" in record else {})})
 
@@ -335,6 +349,18 @@ class Trainer:
         return results[self.cfg.checkpoint.best_metric or next(iter(results))].counts.wer if results else None
 
     def _save(self) -> None:
+        """Commit a checkpoint, unless the last update was skipped (``consecutive_bad``): a checkpoint taken
+        during a streak of non-finite updates would be what a relaunch, or a rollback, resumes. The save then waits
+        for the next applied update (a streak ends) and is made right after it; ``latest`` keeps naming the last
+        checkpoint from before the streak."""
+        if self.state.consecutive_bad:
+            self.save_pending = True
+            if self.world.is_main:
+                log.warning("step %d: checkpoint not saved: the last %d update(s) were skipped; latest still names "
+                            "%s, saving after the next applied update", self.state.step, self.state.consecutive_bad,
+                            self.checkpointer.latest_tag())
+            return
+        self.save_pending = False
         self._pool_loader_skips()
         client_state = {"run": self.state.state_dict(), "loader": self.run.train_stream.state_dict(),
                         "config": to_yaml(self.cfg)}
@@ -363,6 +389,11 @@ class Trainer:
                        "loader_skips": dict(self.state.loader_skips),
                        **{f"dev/{n}/wer": r.counts.wer for n, r in results.items()}}
             self.logger.log({"final": summary})
+        if not finite:
+            raise DivergenceError(f"{self.output / 'final'} was not exported: the model's weights, or its logits on a "
+                                  f"probe batch, are NaN or Inf (skipped updates: {dict(self.state.skipped)}). "
+                                  f"checkpoints/latest names {self.checkpointer.latest_tag()}; lower optim.lr, or "
+                                  "check the data, and train again")
 
 
 def train(cfg: Config, local_rank: int | None = None) -> dict[str, SetScore]:

@@ -71,9 +71,12 @@ def test_nan_and_inf_on_one_rank_skip_the_update_on_all_ranks(shard_dirs: dict, 
                                                               tmp_path: Path) -> None:
     out = tmp_path / "run"
     proc = run_deepspeed(["--config", "configs/demo.yaml", *overrides(
-        shard_dirs, tiny_model, out, **{"trainer.inject.nan_loss_at_steps": "[2]", "data.max_seconds": 1.6,
+        shard_dirs, tiny_model, out, **{"trainer.inject.nan_loss_at_steps": "[3]", "data.max_seconds": 1.6,
                                         "trainer.inject.inf_grad_at_steps": "[4]", "trainer.inject.rank": 1})])
     check(proc)
+    # The save due at step 3 waits for an applied update: step 5 (keep_last 2).
+    assert "step 3: checkpoint not saved: the last 1 update(s) were skipped" in proc.stderr
+    assert sorted(p.name for p in (out / "checkpoints").glob("step_*")) == ["step_00000005", "step_00000006"]
     last = [r for r in metrics(out) if "loss" in r][-1]
     assert last["skipped"] == {"loss_nonfinite": 1, "grad_nonfinite": 1}
     index = json.loads((shard_dirs["train-clean-100"] / "index.json").read_text())
@@ -82,7 +85,7 @@ def test_nan_and_inf_on_one_rank_skip_the_update_on_all_ranks(shard_dirs: dict, 
     # every slot reports its epoch-0 filter counts with its first batch: pooled over ranks they cover the index
     assert 0 < too_long <= first["loader_skips"]["too_long"], (too_long, first["loader_skips"])
     bad = [json.loads(line) for line in (out / "bad_batches.jsonl").read_text().splitlines()]
-    assert [(b["step"], b["cause"]) for b in bad] == [(2, "loss_nonfinite"), (4, "grad_nonfinite")]
+    assert [(b["step"], b["cause"]) for b in bad] == [(3, "loss_nonfinite"), (4, "grad_nonfinite")]
     assert all(len(b["keys_by_rank"]) == 2 and all(b["keys_by_rank"]) for b in bad)
     weights = load_file(out / "final" / "model.safetensors")
     assert all(torch.isfinite(t).all() for t in weights.values())
@@ -191,16 +194,45 @@ def test_two_ranks_on_every_zero_stage_equal_one_rank_accumulating_the_same_batc
 
 def test_rollback_returns_to_the_last_checkpoint_then_gives_up(shard_dirs: dict, tiny_model: Path,
                                                                tmp_path: Path) -> None:
+    """A checkpoint due at every step: none is committed inside the streak (step 5), so the rollback lands on the
+    last one from before it."""
     out = tmp_path / "run"
     proc = run_single(["--config", "configs/debug.yaml", *overrides(
         shard_dirs, tiny_model, out, **{"trainer.inject.nan_loss_at_steps": "[5,6]", "trainer.max_steps": 10,
                                         "trainer.max_consecutive_bad_steps": 2, "trainer.on_divergence": "rollback",
-                                        "trainer.max_rollbacks": 1, "trainer.save_every": 4, "trainer.eval_every": 0,
+                                        "trainer.max_rollbacks": 1, "trainer.save_every": 1, "trainer.eval_every": 0,
                                         "data.num_workers": 0})])
     assert proc.returncode != 0
+    assert "step 5: checkpoint not saved: the last 1 update(s) were skipped; latest still names step_00000004" \
+        in proc.stderr
     assert "rolled back from step 6 to the checkpoint at step 4 (rollback 1 of 1)" in proc.stderr
     assert "2 consecutive updates had non-finite" in proc.stderr
     assert [r["rollback_from"] for r in metrics(out) if "rollback_from" in r] == [6]
+    assert (out / "checkpoints" / "latest").read_text() == "step_00000004"
+
+
+def test_a_diverged_run_commits_no_checkpoint_and_exports_nothing(shard_dirs: dict, tiny_model: Path,
+                                                                  tmp_path: Path) -> None:
+    """``optim.lr=1000`` with a checkpoint due at every step. The first update blows the weights up (finite, but
+    every later loss is NaN); the run ends before ``max_consecutive_bad_steps``. The feature encoder trains, as in
+    configs/demo.yaml: frozen, the weights stay small enough for finite logits."""
+    out = tmp_path / "run"
+    proc = run_single(["--config", "configs/debug.yaml", *overrides(
+        shard_dirs, tiny_model, out, **{"optim.lr": 1000, "model.freeze_feature_encoder": False,
+                                        "trainer.max_steps": 4, "trainer.save_every": 1, "trainer.eval_every": 0,
+                                        "data.num_workers": 0})])
+    assert proc.returncode != 0
+    train = [r for r in metrics(out) if "loss" in r]
+    assert [r["step"] for r in train] == [1, 2, 3, 4] and math.isfinite(train[0]["loss"])
+    assert all(r["loss"] is None and r["skipped_cause"] for r in train[1:]), train  # not 0.0
+    assert (out / "checkpoints" / "latest").read_text() == "step_00000001"
+    assert sorted(p.name for p in (out / "checkpoints").glob("step_*")) == ["step_00000001"]
+    assert "step 2: checkpoint not saved: the last 1 update(s) were skipped; latest still names step_00000001" \
+        in proc.stderr
+    assert "of its logits on a probe batch (a second of silence and one of noise) are NaN or Inf" in proc.stderr
+    assert f"{out / 'final'} was not exported" in proc.stderr
+    assert not (out / "final").exists() and not (out / "best").exists()
+    assert metrics(out)[-1]["final"]["exported"] is False
 
 
 def test_resume_with_another_model_is_refused_before_anything_is_written(shard_dirs: dict, tiny_model: Path,

@@ -5,15 +5,19 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from w2v_dist.report import read_metrics, write_report
+import pytest
+
+from w2v_dist.report import plot_all, read_metrics, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def train_line(step: int, skipped: dict[str, int], grad_norm: float | None = 1.0) -> dict:
-    return {"step": step, "loss": 10.0 / step, "lr": 1e-4 * min(step, 5) / 5, "grad_norm": grad_norm,
-            "epoch": step / 10, "audio_seconds_per_second": 100.0 + step, "data_wait_fraction": 0.05,
-            "skipped": skipped, "loader_skips": {"too_long": 2} if step >= 4 else {}}
+def train_line(step: int, skipped: dict[str, int], grad_norm: float | None = 1.0, cause: str | None = None) -> dict:
+    """A train record; ``cause``: the update was skipped, so it has no loss."""
+    return {"step": step, "loss": None if cause else 10.0 / step, "lr": 1e-4 * min(step, 5) / 5,
+            "grad_norm": grad_norm, "epoch": step / 10, "audio_seconds_per_second": 100.0 + step,
+            "data_wait_fraction": 0.05, "skipped": skipped, "loader_skips": {"too_long": 2} if step >= 4 else {},
+            **({"skipped_cause": cause} if cause else {})}
 
 
 def eval_line(step: int, wer_clean: float, wer_other: float | None) -> dict:
@@ -25,9 +29,12 @@ def eval_line(step: int, wer_clean: float, wer_other: float | None) -> dict:
 def write_run(run: Path) -> None:
     records = [train_line(s, {}) for s in range(1, 5)]
     records += [eval_line(4, 0.5, 0.7)]
-    records += [train_line(5, {"loss_nonfinite": 1}, grad_norm=None), train_line(6, {"loss_nonfinite": 2}, None)]
+    records += [train_line(5, {"loss_nonfinite": 1}, None, "loss_nonfinite"),
+                train_line(6, {"loss_nonfinite": 2}, None, "loss_nonfinite")]
     records += [{"step": 4, "rollback_from": 6, "rollbacks": 1}]
-    records += [train_line(s, {"loss_nonfinite": 2}) for s in range(5, 9)]  # steps 5-6 again, after the rollback
+    records += [train_line(s, {"loss_nonfinite": 2}) for s in range(5, 7)]  # steps 5-6 again, after the rollback
+    records += [train_line(7, {"loss_nonfinite": 2, "grad_nonfinite": 1}, None, "grad_nonfinite"),
+                train_line(8, {"loss_nonfinite": 2, "grad_nonfinite": 1})]
     records += [eval_line(8, 0.3, None), {"final": {"step": 8, "exported": True, "skipped": {"loss_nonfinite": 2}}}]
     run.mkdir(parents=True)
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records) + '{"step": 9, "lo')
@@ -41,6 +48,7 @@ def test_read_metrics_keeps_the_last_record_of_each_step_and_ignores_a_torn_line
     assert metrics.rollbacks == [(6, 4)] and metrics.final is not None
     assert metrics.dev_sets == ["dev-clean", "dev-other"]
     assert metrics.series("dev/dev-other/wer", "evals") == ([4], [0.7]), "null (NaN) values are not plotted"
+    assert metrics.skipped == [(7, "grad_nonfinite")] and 7 not in metrics.series("loss")[0]
 
 
 def test_report_writes_pngs_and_markdown(tmp_path: Path) -> None:
@@ -56,8 +64,26 @@ def test_report_writes_pngs_and_markdown(tmp_path: Path) -> None:
     assert "last step 8; finished" in text and "final export written: True" in text
     assert "| dev-clean | 0.3000 | 0.3000 (8) | 0.1000 | 50 |" in text
     assert "| dev-other | nan | 0.7000 (4) | 0.2000 | 40 |" in text  # the last evaluation's WER was null (NaN)
-    assert "{'loss_nonfinite': 2}" in text and "{'too_long': 2}" in text and "rollbacks: 1 (step 6 → 4)" in text
+    assert "{'loss_nonfinite': 2, 'grad_nonfinite': 1}" in text and "{'too_long': 2}" in text
+    assert "rollbacks: 1 (step 6 → 4)" in text and "loss: first 10.0000, last 1.2500, min 1.2500" in text
+    assert "updates logged as skipped (no loss): 1, the last at step 7 (grad_nonfinite)" in text
     assert all(f"]({p.name})" in text for p in pngs)
+
+
+def test_the_loss_plot_marks_skipped_updates_instead_of_plotting_a_loss(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    import matplotlib.pyplot as plt
+
+    figures, close = [], plt.close
+    monkeypatch.setattr(plt, "close", figures.append)  # kept open to be read
+    write_run(tmp_path / "run")
+    plot_all(read_metrics(tmp_path / "run" / "metrics.jsonl"), tmp_path)
+    ax = next(f.axes[0] for f in figures if f.axes[0].get_title().startswith("Training loss"))
+    lines = {line.get_label(): list(line.get_xdata()) for line in ax.get_lines()}
+    assert lines.pop("rollback") == [6, 6] and lines.pop("skipped update (no loss)") == [7]
+    assert list(lines.values()) == [[1, 2, 3, 4, 5, 6, 8]], "the loss curve has no point at the skipped step"
+    for figure in figures:
+        close(figure)
 
 
 def test_report_of_a_run_without_evaluations_or_metrics(tmp_path: Path) -> None:
