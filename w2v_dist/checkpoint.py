@@ -17,7 +17,7 @@ import torch
 from transformers import Wav2Vec2Processor
 
 from w2v_dist import dist
-from w2v_dist.engine import Engine, convert_to_universal, safe_load
+from w2v_dist.engine import Engine, UnsafeCheckpointError, convert_to_universal, safe_load
 from w2v_dist.export import write_export
 from w2v_dist.faults import pause_point
 from w2v_dist.model import describe_identity, identity_mismatch
@@ -28,7 +28,7 @@ WORLD_FILE = "world.json"
 FULL_DISK_BYTES = 64 * 2**20
 """A failed write with less free space than this is reported as a full disk."""
 UNIVERSAL_DIR = "universal"
-"""Inside a tag: the same checkpoint re-partitionable for any world size (made when a resume needs it)."""
+"""Inside a tag: the same checkpoint re-partitionable for any world size, rewritten by every resume that needs it."""
 MANIFEST = "commit_rank{rank}.json"
 """Each rank's record of the files it wrote into a tag: names relative to the tag, sizes in bytes, and each file's
 CRC-32 (:func:`file_crc32`; manifests written before checksums were recorded have sizes only)."""
@@ -304,8 +304,14 @@ class Checkpointer:
 
     def resume(self, engine: Engine, tag: str | None = None) -> dict[str, Any] | None:
         """Load ``tag`` (default: the newest complete checkpoint) into ``engine``; its client state, or ``None``
-        to start fresh. A checkpoint written by another world size is loaded through DeepSpeed's universal
-        format: ``<tag>/universal``, written by rank 0 (atomically, once per tag) while the others wait."""
+        to start fresh. Collective.
+
+        Nothing in the checkpoint is unpickled beyond tensors and DeepSpeed's few classes
+        (:data:`w2v_dist.engine.CHECKPOINT_CLASSES`): on the same world size DeepSpeed loads every file through
+        :func:`w2v_dist.engine.safe_load`; a checkpoint whose optimizer state was partitioned by another world
+        size goes through DeepSpeed's universal format, converted afresh at every such resume
+        (:meth:`_to_universal`).
+        """
         tag = tag or self.resume_tag()
         if tag is None:
             if self.tags():
@@ -316,10 +322,7 @@ class Checkpointer:
         if saved == self.world.size or not any(directory.glob("*optim_states.pt")):
             client_state = engine.load(self.root, tag)
         else:  # the optimizer state is partitioned by rank: re-partition it for this world size
-            if self.world.is_main and not (directory / UNIVERSAL_DIR).is_dir():
-                log.info("converting %s to DeepSpeed's universal format for %d ranks", directory, self.world.size)
-                convert_to_universal(directory, directory / UNIVERSAL_DIR)
-            dist.barrier()
+            self._to_universal(directory)
             client_state = engine.load(directory, UNIVERSAL_DIR, universal=True)
         if client_state is None:
             raise RuntimeError(f"checkpoint {directory} could not be loaded")
@@ -329,6 +332,31 @@ class Checkpointer:
         log.info("resumed from %s at step %s%s", directory, client_state["run"]["step"],
                  "" if saved == self.world.size else f" (written by {saved} ranks, now {self.world.size})")
         return client_state
+
+    def _to_universal(self, directory: Path) -> None:
+        """Collective: rank 0 writes ``<tag>/universal`` afresh while the others wait; all then load only that.
+
+        DeepSpeed's converter and its universal loader unpickle without restriction, so a ``universal/`` found on
+        disk is deleted, never loaded, and every file of the tag but our JSON records is first checked with the
+        allowlist (:func:`w2v_dist.engine.convert_to_universal`). A refusal (or any failure) on rank 0 is raised
+        on every rank, naming the file and the class: no rank is left waiting for a conversion that never comes.
+        """
+        failure: Exception | None = None
+        if self.world.is_main:
+            log.info("converting %s to DeepSpeed's universal format for %d ranks", directory, self.world.size)
+            records = {WORLD_FILE, *(p.name for p in directory.glob(MANIFEST.format(rank="*")))}
+            try:
+                convert_to_universal(directory, directory / UNIVERSAL_DIR, records)
+            except Exception as err:  # every rank must hear of it; rank 0 raises it below
+                failure = err
+        outcome = dist.all_gather_objects(None if failure is None else (type(failure).__name__, str(failure)))[0]
+        if failure is not None:
+            raise failure
+        if outcome is not None:
+            kind, message = outcome
+            error = UnsafeCheckpointError if kind == UnsafeCheckpointError.__name__ else RuntimeError
+            raise error(f"rank 0 could not convert {directory} to DeepSpeed's universal format: {message}")
+
 
 
 def export_hf(engine: Engine, processor: Wav2Vec2Processor, out_dir: Path, is_main: bool, card: str = "") -> bool:

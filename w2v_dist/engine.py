@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,8 @@ from w2v_dist.faults import pause_point
 log = logging.getLogger("w2v_dist.engine")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 NO_DECAY = ("bias", "layer_norm", "layernorm", "norm.weight", "masked_spec_embed")
+LATEST_UNIVERSAL = "latest_universal"
+"""What ``ds_to_universal`` writes beside its output folder: the folder's name (we always name it ourselves)."""
 
 
 CHECKPOINT_CLASSES = (fragment_address, LossScaler, DynamicLossScaler, ZeroStageEnum)
@@ -61,19 +64,29 @@ def safe_load(path: str | Path, map_location: Any = None) -> Any:
             "checkpoint directory; use a checkpoint you wrote, or start a new output_dir") from None
 
 
-def check_checkpoint_files(directory: Path) -> None:
-    """Refuse a tag directory any of whose ``.pt`` files would unpickle more than :data:`CHECKPOINT_CLASSES`,
-    before a tool that cannot load safely (DeepSpeed's ``zero_to_fp32``) opens it. Runs nothing from the files."""
-    for path in sorted(directory.glob("*.pt")):
-        safe_load(path, map_location="cpu")
+def check_checkpoint_files(files: Iterable[Path]) -> None:
+    """Refuse checkpoint files any of which would unpickle more than :data:`CHECKPOINT_CLASSES`
+    (:class:`UnsafeCheckpointError`, naming the file and the class), before a tool that cannot load safely
+    (DeepSpeed's ``zero_to_fp32`` and ``ds_to_universal``) opens them. Runs nothing from the files. A file that
+    ``torch.load`` cannot read at all is refused too: what it holds cannot be checked."""
+    for path in sorted(files):
+        try:
+            safe_load(path, map_location="cpu")
+        except (OSError, UnsafeCheckpointError):
+            raise
+        except Exception as err:  # torch reports a file that is no checkpoint in many ways (EOFError, IndexError...)
+            raise UnsafeCheckpointError(f"refusing to load {path}: it is not a checkpoint file torch can read "
+                                        f"({type(err).__name__}: {err}), so what it holds cannot be checked; "
+                                        "remove it, or start a new output_dir") from None
 
 
 def zero_checkpoint_weights(root: Path, tag: str) -> dict[str, torch.Tensor]:
     """Full fp32 weights of a ZeRO 1-3 checkpoint, its optimizer partitions gathered by DeepSpeed's
-    ``zero_to_fp32``, which unpickles with ``weights_only=False``: the files are checked first."""
+    ``zero_to_fp32``, which unpickles with ``weights_only=False``: the files it opens (the tag's top-level
+    ``*_model_states.pt`` and ``*_optim_states.pt``; it looks nowhere else) are checked first."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    check_checkpoint_files(root / tag)
+    check_checkpoint_files((root / tag).glob("*.pt"))
     return get_fp32_state_dict_from_zero_checkpoint(str(root), tag)
 
 
@@ -226,11 +239,23 @@ def check_accelerator(precision: str) -> None:
                            "use deepspeed.precision=fp16")
 
 
-def convert_to_universal(tag_dir: Path, target: Path) -> None:
-    """DeepSpeed's ``ds_to_universal`` on a tag written by any world size, into ``target`` (atomically). A fresh
-    interpreter: the converter forks worker pools, which a rank with running threads must not do itself."""
+def convert_to_universal(tag_dir: Path, target: Path, records: Collection[str] = ()) -> None:
+    """DeepSpeed's ``ds_to_universal`` on a tag written by any world size, into a fresh ``target`` (atomically).
+
+    Nothing from an earlier conversion is trusted: ``target`` as found on disk (and the converter's leftovers) is
+    deleted first, never loaded. The converter unpickles with ``weights_only=False`` every file it finds under
+    ``tag_dir``: it walks sub-directories and picks files by name prefix (``mp_rank_``, ``zero_pp_rank_``...),
+    whatever their suffix. So every file under ``tag_dir`` except ``records`` (paths relative to ``tag_dir`` that
+    no DeepSpeed tool opens: our JSON records) is checked first with :func:`check_checkpoint_files`. What the
+    converter then writes comes from checked files only, which is why DeepSpeed's universal loader, which opens
+    ``zero/**.pt`` with ``weights_only=False``, may load ``target`` straight after. A fresh interpreter: the
+    converter forks worker pools, which a rank with running threads must not do itself."""
     tmp = target.with_name(f".{target.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    latest = tmp.parent / LATEST_UNIVERSAL
+    for stale in (target, tmp, latest):
+        remove(stale)
+    check_checkpoint_files(Path(root, name) for root, _, names in os.walk(tag_dir) for name in names
+                           if Path(root, name).relative_to(tag_dir).as_posix() not in records)
     command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag_dir),
                "--output_folder", str(tmp), "--inject_missing_state", "--num_extract_workers", "2",
                "--num_merge_workers", "1"]
@@ -238,7 +263,16 @@ def convert_to_universal(tag_dir: Path, target: Path) -> None:
     if done.returncode != 0:
         raise RuntimeError(f"converting {tag_dir} to DeepSpeed's universal checkpoint failed "
                            f"(exit {done.returncode}):\n{done.stderr[-3000:]}")
+    latest.unlink(missing_ok=True)  # it names the temp folder, which is about to be renamed
     tmp.replace(target)
+
+
+def remove(path: Path) -> None:
+    """Delete a file, a link or a directory tree, if there is one."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def device_for(local_rank: int) -> torch.device:
