@@ -342,8 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--config", help=config_help)
     evaluate.add_argument("--batch-seconds", type=float, default=100.0, help="padded audio seconds per batch")
     evaluate.add_argument("--max-batch-size", type=int, default=64,
-                          help="utterances per batch; group-norm encoders without attention mask (wav2vec2-base: "
-                               "padding changes their outputs) always take 1, as in training's dev evaluation")
+                          help="utterances per batch; models whose outputs padding changes (wav2vec2-base, any "
+                               "model without attention mask: docs/evaluation.md) always take 1, as in training")
     evaluate.add_argument("--workers", type=int, default=1, help="DataLoader workers per rank")
     evaluate.add_argument("--decoder", choices=("greedy", "beam"), default="greedy")
     evaluate.add_argument("--lm", help="KenLM n-gram (.arpa or .bin) for --decoder beam")

@@ -34,7 +34,8 @@ class EvalOptions:
     config: str | None = None
     batch_seconds: float = 100.0
     max_batch_size: int = 64
-    """At most this many utterances per batch; group-norm encoders without an attention mask always take 1."""
+    """At most this many utterances per batch; models whose logits padding changes always take 1
+    (:func:`w2v_dist.scoring.scoring_batch_size`)."""
     workers: int = 1
     decoder: str = "greedy"
     lm: str | None = None
@@ -58,8 +59,8 @@ def evaluate_sets(opts: EvalOptions, world: dist.World, device: torch.device) ->
     model.to(device).eval()  # type: ignore[arg-type]  # transformers wraps .to in a decorator mypy misreads
     decoder = make_decoder(opts.decoder, processor.tokenizer, opts.lm, opts.beam_width, opts.alpha, opts.beta)
     geometry = EncoderGeometry.from_model_config(model.config)
-    batch_size = scoring_batch_size(getattr(model.config, "feat_extract_norm", "layer"),
-                                    bool(processor.feature_extractor.return_attention_mask), opts.max_batch_size)
+    batch_size = scoring_batch_size(model.config, bool(processor.feature_extractor.return_attention_mask),
+                                    opts.max_batch_size)
     start = time.perf_counter()
     summary: dict[str, Any] = {}
     all_rows: list[dict[str, Any]] = []

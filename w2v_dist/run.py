@@ -133,8 +133,8 @@ def build_run(cfg: Config, local_rank: int | None = None) -> Run:
     stream = TrainStream(train_set, policy, prep, rank=world.rank, world_size=world.size, layout=layout, retry=retry)
     train_loader = make_loader(stream, workers, cfg.data.prefetch_factor)
     dev_sets = []
-    batch_size = scoring_batch_size(getattr(model.config, "feat_extract_norm", "layer"),
-                                    bool(processor.feature_extractor.return_attention_mask), cfg.data.max_batch_size)
+    batch_size = scoring_batch_size(model.config, bool(processor.feature_extractor.return_attention_mask),
+                                    cfg.data.max_batch_size)
     for name, location in cfg.data.dev_shards.items():
         dev_set = load_shard_set(location, cfg.data.shard_command)
         check_shards_readable(dev_set)

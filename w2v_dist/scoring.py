@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from transformers import PretrainedConfig
 
 from w2v_dist import dist
 from w2v_dist.data.audio import EncoderGeometry
@@ -70,11 +71,20 @@ def normalized(text: str, policy: TextPolicy = LIBRISPEECH) -> str:
         return ""
 
 
-def scoring_batch_size(feat_extract_norm: str, return_attention_mask: bool, requested: int) -> int:
-    """Group-norm feature encoders (wav2vec2-base) without an attention mask normalise over padding too: padded
-    batches would change each utterance's logits, and the WER would depend on batch composition (on the number
-    of ranks, on training vs ``evaluate``). Such models are scored one utterance at a time."""
-    return 1 if feat_extract_norm == "group" and not return_attention_mask else requested
+PADDING_FREE = ("wav2vec2", "hubert", "wavlm", "unispeech", "unispeech-sat")
+"""Families whose logits do not depend on padding when their feature encoder is layer-normed and they get an
+attention mask. The others leak padding into real frames even then (data2vec-audio's stacked positional convs,
+the conformer's depthwise convs, SEW's pooling); ``tests/unit/test_padding.py`` measures every family."""
+
+
+def scoring_batch_size(config: PretrainedConfig, return_attention_mask: bool, requested: int) -> int:
+    """Padding must not change an utterance's logits, or the WER would depend on batch composition (on the number
+    of ranks, on training vs ``evaluate``). It does unless the model masks it everywhere: a group-norm feature
+    encoder (wav2vec2-base) normalises over the padding even with a mask, and without a mask the transformer
+    attends to it. Models that do not mask it everywhere are scored one utterance at a time."""
+    free = (config.model_type in PADDING_FREE and getattr(config, "feat_extract_norm", "layer") == "layer"
+            and return_attention_mask)
+    return requested if free else 1
 
 
 def scoring_loader(shards: ShardSet, prep: Preprocess, batch_seconds: float, max_batch_size: int,
