@@ -42,7 +42,7 @@ def test_family_trains_on_two_ranks_exports_and_transcribes(family: str, large_s
     assert type(trained).__name__ == MODEL_FOR_CTC_MAPPING_NAMES[family]
     assert not (loading["missing_keys"] or loading["unexpected_keys"] or loading["mismatched_keys"]), loading
     weights = trained.state_dict()
-    engine = torch.load(out / "checkpoints" / "step_00000002" / "mp_rank_00_model_states.pt", weights_only=False)
+    engine = torch.load(out / "checkpoints" / "step_00000002" / "mp_rank_00_model_states.pt", weights_only=True)
     assert weights.keys() == engine["module"].keys()
     assert all(torch.equal(weights[name], engine["module"][name]) for name in weights)
 
