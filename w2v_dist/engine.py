@@ -426,6 +426,10 @@ class Engine:
         self.ds.step()
         self.optimizer.skip_next = False
         self.grad_sums.clear()
+        if (stale := getattr(self.ds.optimizer, "grad_partitions_flat_buffer", None)) is not None:
+            # ZeRO-3 (DeepSpeed 0.19) writes a parameter's gradient partition only when a gradient arrives and never
+            # clears it: a layer LayerDrop skips next would get its last gradient applied again.
+            stale.zero_()
         applied = self.optimizer.applied > applied_before
         norm = self.ds.get_global_grad_norm()
         return UpdateOutcome(applied, float(norm) if norm is not None and applied else None,
