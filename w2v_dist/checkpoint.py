@@ -358,7 +358,6 @@ class Checkpointer:
             raise error(f"rank 0 could not convert {directory} to DeepSpeed's universal format: {message}")
 
 
-
 def export_hf(engine: Engine, processor: Wav2Vec2Processor, out_dir: Path, is_main: bool, card: str = "") -> bool:
     """Collective: gather the full fp32 weights (every rank), write the export on rank 0
     (:func:`w2v_dist.export.write_export`); whether it was written (on every rank: refused when the weights, or
