@@ -381,8 +381,9 @@ def test_a_mix_of_two_shard_sets_trains_counts_each_and_resumes_exactly(shard_di
     """``data.train_mix``: a quarter of one set and all of another per epoch; metrics.jsonl counts the utterances
     of each; 6 steps straight == 3 steps, stop, rerun (the per-epoch subsets are part of the exact resume)."""
     train, second = str(shard_dirs["train-clean-100"]), str(shard_dirs["dev-clean"])
-    common = {"data.train_shards": "''", "data.train_mix": f"{{{train}: 0.25, {second}: 1.0}}", "data.num_workers": 0,
-              "trainer.eval_every": 0, "trainer.save_every": 0}
+    # schedule.steps: the interrupted run's launches stop before the 6-step schedule ends.
+    common = {"schedule.steps": 6, "data.train_shards": "''", "data.train_mix": f"{{{train}: 0.25, {second}: 1.0}}",
+              "data.num_workers": 0, "trainer.eval_every": 0, "trainer.save_every": 0}
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
     check(run_single(["--config", "configs/debug.yaml", *overrides(shard_dirs, tiny_model, straight, **common,
                                                                    **{"trainer.max_steps": 6})]))
