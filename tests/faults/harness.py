@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -23,7 +24,9 @@ SCHEDULE = {"trainer.max_steps": STEPS, "trainer.eval_every": 3, "trainer.save_e
 """Saves at steps 2, 4, 6; dev evaluations at 3 and 6; one training loader worker per rank (dev sets are decoded
 in the rank)."""
 PAUSE_SECONDS = 4.0
-WAIT_SECONDS = 240.0
+WAIT_SECONDS = 600.0
+"""How long a job may take to reach a moment: only a hang waits this long, but a start-up (imports, DeepSpeed's
+op load) has taken over 4 minutes on a 2-core machine running several suites at once."""
 
 
 def job_args(shard_dirs: dict, model: Path, out: Path, **extra: object) -> list[str]:
@@ -58,7 +61,9 @@ class Job:
         while not condition():
             assert self.proc.poll() is None, f"the job ended before {what}:\n{self.output()[-4000:]}"
             if time.monotonic() > deadline:
-                raise AssertionError(f"timed out waiting for {what}\n--- stacks ---\n{python_stacks(self.proc.pid)}")
+                stacks = python_stacks(self.proc.pid)
+                self.kill()
+                raise AssertionError(f"timed out waiting for {what}\n--- stacks ---\n{stacks}")
             time.sleep(0.05)
 
     def wait_for_marker(self, moment: str, rank: int) -> None:
@@ -77,13 +82,17 @@ class Job:
 
     def rank(self, rank: int) -> psutil.Process:
         ranks = [p for p in self.ranks() if f"--local_rank={rank} " in _cmdline(p)]
-        assert len(ranks) == 1, ranks
+        if len(ranks) != 1:
+            self.kill()
+            raise AssertionError(f"expected one process of rank {rank}, found {ranks}")
         return ranks[0]
 
     def signal_all(self, sig: signal.Signals) -> int:
         """What SLURM does on scancel or a time limit: the signal to every process of the step."""
         targets = self.processes()
-        assert len(targets) >= 4, f"expected 2 ranks with at least one loader worker each, found {targets}"
+        if len(targets) < 4:
+            self.kill()
+            raise AssertionError(f"expected 2 ranks with at least one loader worker each, found {targets}")
         for process in targets:
             process.send_signal(sig)
         return len(targets)
@@ -95,9 +104,13 @@ class Job:
             raise AssertionError(f"the job did not end within {timeout} s\n--- stacks ---\n"
                                  f"{python_stacks(self.proc.pid)}\n--- log ---\n{self.output()[-6000:]}") from None
         finally:
-            if self.proc.poll() is None:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+            self.kill()
+
+    def kill(self) -> None:
+        """End whatever is left of the job (a failed test must not leave it training)."""
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
@@ -114,17 +127,33 @@ def _is_rank(process: psutil.Process | None) -> bool:
     return " --local_rank=" in _cmdline(process) and "deepspeed.launcher" not in _cmdline(process)
 
 
+def logged_losses(out: Path) -> list[tuple[int, float]]:
+    """``(step, loss)`` of every training line of ``metrics.jsonl`` in the order written (a relaunch appends)."""
+    return [(r["step"], r["loss"]) for r in metrics(out) if "loss" in r]
+
+
 def logged_steps(out: Path) -> list[int]:
-    return [r["step"] for r in metrics(out) if "loss" in r]
+    return [step for step, _ in logged_losses(out)]
 
 
-def assert_same_weights(reference: Path, out: Path) -> None:
+def assert_resumed_from(output: str, out: Path, step: int) -> None:
+    """The relaunch's log names exactly one resume, from ``out``'s checkpoint of ``step``."""
+    resumes = re.findall(r"resumed from (\S+) at step (\d+)", output)
+    assert resumes == [(str(out / "checkpoints" / f"step_{step:08d}"), str(step))], (resumes, output[-4000:])
+
+
+def assert_same_weights(reference: Path, out: Path, steps: list[int] | None = None) -> None:
+    """``out`` ends with ``reference``'s weights, and its ``metrics.jsonl`` logged exactly ``steps`` in that order
+    (default: 1 to ``STEPS`` once each; an interrupted run then its relaunch log a step twice where the relaunch
+    resumed before the last logged step), each with the uninterrupted run's loss at that step."""
     a, b = load_file(reference / "final" / "model.safetensors"), load_file(out / "final" / "model.safetensors")
     assert a.keys() == b.keys()
     for name in a:
         assert torch.allclose(a[name], b[name], rtol=0, atol=1e-6), name
-    losses = {r["step"]: r["loss"] for r in metrics(reference) if "loss" in r}
-    resumed = {r["step"]: r["loss"] for r in metrics(out) if "loss" in r}
-    assert sorted(resumed) == list(range(1, STEPS + 1))
-    for step, loss in resumed.items():
-        assert abs(loss - losses[step]) <= 1e-5 * abs(losses[step]), (step, loss, losses[step])
+    expected = dict(logged_losses(reference))
+    assert logged_steps(reference) == list(range(1, STEPS + 1)), logged_steps(reference)
+    logged = logged_losses(out)
+    wanted = list(range(1, STEPS + 1)) if steps is None else steps
+    assert [step for step, _ in logged] == wanted, f"logged steps {[step for step, _ in logged]}, expected {wanted}"
+    for step, loss in logged:
+        assert abs(loss - expected[step]) <= 1e-5 * abs(expected[step]), (step, loss, expected[step])

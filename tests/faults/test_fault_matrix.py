@@ -11,7 +11,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from harness import STEPS, Job, assert_same_weights, job_args, logged_steps, run_to_completion
+from harness import STEPS, Job, assert_resumed_from, assert_same_weights, job_args, logged_steps, run_to_completion
 from helpers import metrics
 
 from w2v_dist.checkpoint import MANIFEST, Checkpointer
@@ -35,6 +35,7 @@ def stopped_cleanly(job: Job, out: Path) -> int:
     assert "exited unexpectedly" not in output and "Traceback" not in output, output[-4000:]
     step = logged_steps(out)[-1]
     assert step < STEPS, "the run should have stopped early"
+    assert logged_steps(out) == list(range(1, step + 1))
     tag = f"step_{step:08d}"
     assert (out / "checkpoints" / "latest").read_text() == tag
     manifests = [json.loads((out / "checkpoints" / tag / MANIFEST.format(rank=r)).read_text()) for r in (0, 1)]
@@ -44,11 +45,14 @@ def stopped_cleanly(job: Job, out: Path) -> int:
     return step
 
 
-def relaunch_matches_reference(shard_dirs: dict, model: Path, out: Path, reference: Path) -> str:
+def relaunch_matches_reference(shard_dirs: dict, model: Path, out: Path, reference: Path, resumed_at: int) -> None:
+    """The same command again resumes from the checkpoint of step ``resumed_at``, logs the steps after it (after
+    those the interrupted run logged) with the uninterrupted run's losses, and ends with its weights."""
+    interrupted = logged_steps(out)
     proc = run_to_completion(shard_dirs, model, out)
+    assert_resumed_from(proc.stderr, out, resumed_at)
     assert not (out / "REQUEUE").exists()
-    assert_same_weights(reference, out)
-    return proc.stderr
+    assert_same_weights(reference, out, steps=[*interrupted, *range(resumed_at + 1, STEPS + 1)])
 
 
 SIGNAL_CELLS = [
@@ -84,7 +88,7 @@ def test_stop_signal_checkpoints_requeues_and_resumes_exactly(shard_dirs: dict, 
     # a signal during a step is read at the next step's all-reduce; during an evaluation or a save, right after it
     expected = {"started": 1, "step#1": 2, "step#2": 2, "step#4": 4, "eval": 3, "save": 2}[name]
     assert step == expected, (step, expected)
-    relaunch_matches_reference(shard_dirs, tiny_model, out, reference)
+    relaunch_matches_reference(shard_dirs, tiny_model, out, reference, resumed_at=step)
 
 
 def test_stop_signal_during_the_final_export_lets_the_run_finish(shard_dirs: dict, tiny_model: Path,
@@ -122,8 +126,7 @@ def test_a_killed_rank_fails_the_job_keeps_latest_complete_and_the_relaunch_resu
         assert checkpointer.missing("step_00000004"), "the torn save at step 4 must be recognised as incomplete"
     if moment == "export-final":
         assert latest == f"step_{STEPS:08d}" and not (out / "final").exists()
-    stderr = relaunch_matches_reference(shard_dirs, tiny_model, out, reference)
-    assert f"resumed from {out / 'checkpoints' / latest}" in stderr
+    relaunch_matches_reference(shard_dirs, tiny_model, out, reference, resumed_at=int(latest.removeprefix("step_")))
 
 
 @pytest.fixture
@@ -156,9 +159,7 @@ def test_a_full_disk_during_a_save_fails_clearly_and_the_relaunch_resumes(
     assert "No space left on device" in output and "latest still names step_00000002" in output, output[-4000:]
     assert (out / "checkpoints" / "latest").read_text() == "step_00000002"
     filler.unlink()
-    stderr = relaunch_matches_reference(shard_dirs, tiny_model, out, reference)
-    assert "resumed from" in stderr and "step_00000002" in stderr
-    assert [r["step"] for r in metrics(out) if "loss" in r][-1] == STEPS
+    relaunch_matches_reference(shard_dirs, tiny_model, out, reference, resumed_at=2)
 
 
 def test_remote_shards_cut_mid_transfer_change_nothing_but_the_retry_count(

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "slurm"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "faults"))
-from harness import SCHEDULE, assert_same_weights, run_to_completion  # noqa: E402
+from harness import SCHEDULE, assert_resumed_from, assert_same_weights, run_to_completion  # noqa: E402
 from helpers import REPO, overrides  # noqa: E402
 from slurmlib import SlurmCluster, start_cluster  # noqa: E402
 from test_slurm import assert_completed, job_env, metrics, read  # noqa: E402
@@ -87,8 +87,9 @@ def test_two_node_job_preempted_by_sigusr1_requeues_and_ends_with_the_uninterrup
     info = assert_completed(slurm_two_nodes, job, log)
     assert info["Restarts"] == "1", f"{info}\n{text[-6000:]}"
     stopped = re.search(r"stopped at step (\d+) \(SIGUSR1\)", text)
-    assert stopped and f"step_{int(stopped.group(1)):08d}" in text and "resumed from" in text, text[-6000:]
-    assert_same_weights(reference, out)
+    assert stopped, text[-6000:]
+    assert_resumed_from(text, out, int(stopped.group(1)))
+    assert_same_weights(reference, out)  # steps 1 to the stop, then the rest
 
 
 def test_a_job_requeued_onto_one_node_resumes_from_its_two_node_checkpoint(

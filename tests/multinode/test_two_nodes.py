@@ -18,7 +18,7 @@ import pytest
 from cluster import Node, can_make_namespaces
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "faults"))
-from harness import assert_same_weights, job_args, logged_steps, run_to_completion  # noqa: E402
+from harness import STEPS, assert_resumed_from, assert_same_weights, job_args, logged_steps, run_to_completion  # noqa: E402
 from helpers import REPO  # noqa: E402
 
 from w2v_dist.faults import PAUSE_ENV  # noqa: E402
@@ -80,10 +80,13 @@ class TwoNodeJob:
                     os.killpg(proc.pid, signal.SIGKILL)
                     proc.wait()
 
+    def log(self, index: int) -> str:
+        """Node ``index``'s whole log (its launcher's and its rank's output)."""
+        return (self.logs / f"node{index}.log").read_text(errors="replace")
+
     def output(self, index: int | None = None) -> str:
         chosen = range(len(self.nodes)) if index is None else [index]
-        return "\n".join(f"--- node{i} ---\n{(self.logs / f'node{i}.log').read_text(errors='replace')[-5000:]}"
-                         for i in chosen)
+        return "\n".join(f"--- node{i} ---\n{self.log(i)[-5000:]}" for i in chosen)
 
     def job_processes(self, node: Node) -> list[psutil.Process]:
         """The ranks on ``node`` and their loader workers: what SLURM signals, torchrun's agent excluded."""
@@ -144,8 +147,9 @@ def test_sigusr1_to_the_two_node_job_checkpoints_requeues_and_resumes(
     assert (out / "checkpoints" / "latest").read_text() == "step_00000003"
     resumed = TwoNodeJob(nodes, job_args(shard_dirs, tiny_model, out), tmp_path / "logs2")
     assert resumed.finish() == [0, 0], resumed.output()
-    assert "resumed from" in resumed.output(0) and not (out / "REQUEUE").exists()
-    assert_same_weights(reference, out)
+    assert_resumed_from(resumed.log(0), out, 3)
+    assert not (out / "REQUEUE").exists()
+    assert_same_weights(reference, out)  # steps 1 to 3, then 4 to STEPS
 
 
 def test_a_lost_node_is_named_by_the_survivor_and_the_same_command_resumes(
@@ -162,10 +166,11 @@ def test_a_lost_node_is_named_by_the_survivor_and_the_same_command_resumes(
     assert codes[0] != 0, job.output()
     survivor = job.output(0)
     assert "Another rank has most likely died" in survivor and "rank 1 on host w2vnode1" in survivor, survivor
+    interrupted = logged_steps(out)
     relaunched = TwoNodeJob(nodes, args, tmp_path / "logs2")
     assert relaunched.finish() == [0, 0], relaunched.output()
-    assert "step_00000002" in relaunched.output(0)
-    assert_same_weights(reference, out)
+    assert_resumed_from(relaunched.log(0), out, 2)
+    assert_same_weights(reference, out, steps=[*interrupted, *range(3, STEPS + 1)])
 
 
 def test_an_output_dir_that_is_not_shared_stops_every_node_at_startup(
@@ -181,6 +186,5 @@ def test_an_output_dir_that_is_not_shared_stops_every_node_at_startup(
     # The whole log: when node 0's torchrun (the rendezvous store) exits first, node 1's torchrun prints a trace
     # longer than output()'s tail after the rank's message.
     for index in (0, 1):
-        log = (job.logs / f"node{index}.log").read_text(errors="replace")
-        assert "output_dir is not the same shared directory on every node" in log, job.output()
+        assert "output_dir is not the same shared directory on every node" in job.log(index), job.output()
     assert not (out / "checkpoints").exists()
