@@ -2,7 +2,8 @@
 
 ``<output_dir>/.lock`` names its holder: host, pid (and the process's start time, so a recycled pid is not the
 holder), SLURM job id and restart count, the launch (shared by every rank of one launch) and when it was last
-renewed. Rank 0 takes it before the process group forms; its other ranks wait until it names their launch. A
+renewed. Rank 0 takes it before the process group forms, and every rank stops with its refusal once the group
+exists (a node that cannot see the lease has no shared output_dir: :func:`~w2v_dist.dist.register_ranks`). A
 thread renews it every :data:`RENEW_SECONDS` from then on (through the DeepSpeed op build, evaluations and saves,
 which no training step interrupts), and the process removes it when it exits, normally or with an error.
 
@@ -36,7 +37,7 @@ from pathlib import Path
 
 import psutil
 
-from w2v_dist.dist import World
+from w2v_dist.dist import World, all_gather_objects
 
 log = logging.getLogger("w2v_dist.lock")
 LEASE_FILE = ".lock"
@@ -130,7 +131,7 @@ def _alive(holder: Holder) -> bool:
 
 
 class OutputDirLock:
-    """The lease on ``directory`` for this process's run (:meth:`acquire`); stale after ``stale_seconds``."""
+    """The lease on ``directory`` for this process's run (:meth:`claim`, :meth:`agree`); stale after ``stale_seconds``."""
 
     def __init__(self, directory: Path, stale_seconds: float) -> None:
         self.path = directory / LEASE_FILE
@@ -139,13 +140,26 @@ class OutputDirLock:
         self.me: Holder | None = None
         self._stop = threading.Event()
 
-    def acquire(self, world: World) -> None:
-        """Rank 0 takes the lease (:meth:`take`), before the process group forms; every other rank waits until
-        the lease names its launch (:meth:`await_launch`). Either refuses with :class:`OutputDirInUse`."""
-        if world.is_main:
+    def claim(self, world: World) -> str | None:
+        """Before the process group forms: rank 0 takes the lease (:meth:`take`) and returns its refusal instead of
+        raising it (``None``: it holds the lease); every other rank returns ``None`` at once. A rank other than 0
+        does not look at the lease: on a node where output_dir is not the shared directory it never would see it,
+        and :func:`~w2v_dist.dist.register_ranks` stops that run with the reason."""
+        if not world.is_main:
+            return None
+        try:
             self.take()
-        else:
-            self.await_launch(world.rank)
+        except OutputDirInUse as err:
+            return str(err)
+        return None
+
+    @staticmethod
+    def agree(refusal: str | None) -> None:
+        """Collective, once the process group exists: every rank raises rank 0's refusal (:meth:`claim`), if any,
+        so that no rank of a refused run goes on or waits for the others."""
+        refusal = all_gather_objects(refusal)[0]
+        if refusal:
+            raise OutputDirInUse(refusal)
 
     def take(self) -> None:
         """Hold the lease from now until the process exits, renewed by a thread; or raise :class:`OutputDirInUse`
@@ -175,28 +189,6 @@ class OutputDirLock:
         self.me = me
         threading.Thread(target=self._keep, name="w2v-dist-lock", daemon=True).start()
         atexit.register(self.release)
-
-    def await_launch(self, rank: int) -> None:
-        """A rank other than 0: return once rank 0 of this launch holds the lease. Refuse as rank 0 will when a
-        live holder on this host has it (the same test on the same facts); otherwise give up after the stale bound
-        (rank 0 may be on another host, where it can see that a holder there is gone)."""
-        me = Holder.this_process()
-        deadline = time.monotonic() + self.stale_seconds
-        while True:
-            try:
-                lease = read_lease(self.path)
-            except ValueError:
-                lease = None
-            if lease is not None and lease.launch == me.launch:
-                return
-            if lease is not None and lease.host == me.host and takeover_reason(  # a lease about to go stale: wait
-                    lease, me, self.stale_seconds - 2 * self.renew_seconds) is None:
-                raise OutputDirInUse(f"rank {rank}: {self.refusal(lease)}")
-            if time.monotonic() > deadline:
-                held = f"; it is held by {lease.describe()}" if lease else ""
-                raise OutputDirInUse(f"rank {rank}: rank 0 of this launch did not take the lock of "
-                                     f"{self.path.parent} within {self.stale_seconds:.0f} s{held}")
-            time.sleep(0.5)
 
     def refusal(self, lease: Holder) -> str:
         return (f"output_dir {self.path.parent} is in use by another run: {lease.describe()}. Its lease ({self.path}) "

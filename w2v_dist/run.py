@@ -70,13 +70,16 @@ def start_process(timeout_minutes: float, local_rank: int | None = None, lock: O
                   ) -> tuple[dist.World, torch.device]:
     """Every entry point that runs on ranks starts here: the world from the launcher's environment (or one
     process), the console, and the process group and device (:func:`~w2v_dist.engine.init_distributed`). With
-    ``lock`` (training), the run's claim on its output_dir is settled first (:meth:`OutputDirLock.acquire`): a run
-    that may not write there stops before it writes anything or any rank waits for it in the process group."""
+    ``lock`` (training), rank 0 claims the output_dir before anything else (:meth:`OutputDirLock.claim`), and every
+    rank stops with its refusal as soon as the process group exists: a run that may not write there writes
+    nothing."""
     world = dist.world_from_env(local_rank)
     setup_console(world.rank)
+    refusal = lock.claim(world) if lock is not None else None
+    device = init_distributed(timeout_minutes, world.local_rank)
     if lock is not None:
-        lock.acquire(world)
-    return world, init_distributed(timeout_minutes, world.local_rank)
+        lock.agree(refusal)
+    return world, device
 
 
 def build_engine(cfg: Config, local_rank: int | None = None) -> tuple[dist.World, Engine, Wav2Vec2Processor]:

@@ -146,26 +146,25 @@ def test_a_lease_deleted_by_hand_is_taken_again(tmp_path: Path) -> None:
     lock.release()
 
 
-def test_other_ranks_wait_for_rank_0_of_their_launch(tmp_path: Path) -> None:
-    OutputDirLock(tmp_path, stale_seconds=300).acquire(World(0, 0, 2))
-    started = time.monotonic()
-    OutputDirLock(tmp_path, stale_seconds=300).acquire(World(1, 1, 2))  # the lease names this launch: at once
-    assert time.monotonic() - started < 2
+def test_rank_0_claims_the_lease_and_returns_its_refusal_other_ranks_never_touch_it(tmp_path: Path) -> None:
+    lock = OutputDirLock(tmp_path / "free", stale_seconds=300)
+    assert lock.claim(World(0, 0, 2)) is None and read_lease(tmp_path / "free" / LEASE_FILE) is not None
+    lock.release()
+    held_by(tmp_path / "busy")
+    refusal = OutputDirLock(tmp_path / "busy", stale_seconds=300).claim(World(0, 0, 2))
+    assert refusal is not None and refusal.startswith(f"output_dir {tmp_path / 'busy'} is in use by another run")
+    started = time.monotonic()  # rank 1 neither waits for the lease nor judges it: rank 0 decides for the launch
+    assert OutputDirLock(tmp_path / "busy", stale_seconds=300).claim(World(1, 1, 2)) is None
+    assert OutputDirLock(tmp_path / "nowhere", stale_seconds=300).claim(World(1, 1, 2)) is None
+    assert time.monotonic() - started < 1 and not (tmp_path / "nowhere").exists()
 
 
-def test_other_ranks_refuse_a_live_holder_on_their_host_without_waiting(tmp_path: Path) -> None:
-    held_by(tmp_path)
-    started = time.monotonic()
-    with pytest.raises(OutputDirInUse, match=f"rank 1: output_dir {tmp_path} is in use by another run"):
-        OutputDirLock(tmp_path, stale_seconds=300).acquire(World(1, 1, 2))
-    assert time.monotonic() - started < 2
-
-
-def test_other_ranks_give_up_when_rank_0_never_takes_it(tmp_path: Path) -> None:
-    pid, started = gone_pid()
-    held_by(tmp_path, pid=pid, started=started)  # rank 0 would take it over; here it never comes
-    with pytest.raises(OutputDirInUse, match="rank 2: rank 0 of this launch did not take the lock"):
-        OutputDirLock(tmp_path, stale_seconds=1.0).acquire(World(2, 0, 3))
+def test_every_rank_raises_rank_0s_refusal(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(lock_module, "all_gather_objects", lambda obj: ["output_dir x is in use", None])
+    with pytest.raises(OutputDirInUse, match="output_dir x is in use"):
+        OutputDirLock.agree(None)  # rank 1's own view: rank 0's refusal still stops it
+    monkeypatch.setattr(lock_module, "all_gather_objects", lambda obj: [None, None])
+    OutputDirLock.agree(None)
 
 
 def test_a_forked_child_does_not_release_its_parents_lease(tmp_path: Path) -> None:
