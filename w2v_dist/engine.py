@@ -422,6 +422,7 @@ class Engine:
         """End of an optimizer update (call after the last micro-batch's backward)."""
         assert self.ds.is_gradient_accumulation_boundary(), "update() must follow the last micro-batch"
         applied_before, skipped_before = self.optimizer.applied, self.ds.skipped_steps
+        own_norm = self._unclipped_grad_norm()
         self.optimizer.skip_next = skip
         self.ds.step()
         self.optimizer.skip_next = False
@@ -431,9 +432,20 @@ class Engine:
             # clears it: a layer LayerDrop skips next would get its last gradient applied again.
             stale.zero_()
         applied = self.optimizer.applied > applied_before
-        norm = self.ds.get_global_grad_norm()
+        norm = own_norm if own_norm is not None else self.ds.get_global_grad_norm()
         return UpdateOutcome(applied, float(norm) if norm is not None and applied else None,
                              engine_skipped=not skip and (not applied or self.ds.skipped_steps > skipped_before))
+
+    def _unclipped_grad_norm(self) -> torch.Tensor | None:
+        """The global gradient norm before clipping, where DeepSpeed keeps none: ZeRO-0 without a DeepSpeed
+        wrapper (fp32) clips the module's gradients and drops the norm, so metrics.jsonl had ``grad_norm: null``.
+        At the update boundary those gradients are already averaged across ranks (DeepSpeed's all-reduce in
+        backward), so the local norm is the global one, the same quantity the ZeRO and bf16/fp16 optimizers
+        report. ``None`` where DeepSpeed's optimizer computes it itself."""
+        if hasattr(self.ds.optimizer, "_global_grad_norm"):
+            return None
+        grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+        return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=self.device)
 
     def micro_step(self) -> None:
         """After a micro-batch that is not the last of its update (DeepSpeed counts the boundary)."""

@@ -79,10 +79,13 @@ def _figure(title: str, ylabel: str, rollbacks: list[tuple[int, int]]) -> tuple[
     return fig, ax
 
 
-def _save(fig: Any, ax: Any, path: Path) -> Path:
-    if not ax.has_data():
-        ax.text(0.5, 0.5, "no data in metrics.jsonl", ha="center", va="center", transform=ax.transAxes)
-    else:  # one legend for all axes of the figure (twin axes included), one entry per label
+def _save(fig: Any, ax: Any, path: Path, empty: str | None) -> Path:
+    """``empty``: why nothing was plotted (the figure says so), or ``None``. Judged by each plot from its series,
+    not by ``ax.has_data()``: an empty line, or a rollback marker, counts as data there, and an all-null series
+    (``grad_norm`` on ZeRO-0 before it was computed there) gave a blank plot that looked like a broken one."""
+    if empty:
+        ax.text(0.5, 0.5, empty, ha="center", va="center", transform=ax.transAxes)
+    if ax.has_data():  # one legend for all axes of the figure (twin axes included), one entry per label
         entries = {label: handle for a in fig.axes for handle, label in zip(*a.get_legend_handles_labels())}
         if entries:
             ax.legend(list(entries.values()), list(entries))
@@ -106,9 +109,10 @@ def plot_all(metrics: RunMetrics, out: Path) -> dict[str, Path]:
         if key == "loss" and metrics.skipped:  # at the foot of the axes: a skipped update has no loss
             ax.plot([s for s, _ in metrics.skipped], [0.02] * len(metrics.skipped), "x", color="red",
                     transform=ax.get_xaxis_transform(), label="skipped update (no loss)")
-        plots[title] = _save(fig, ax, out / f"{key}.png")
+        plots[title] = _save(fig, ax, out / f"{key}.png", None if steps else f"no {key} values in metrics.jsonl")
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), dpi=100)
+    evaluated = any(metrics.series(f"dev/{name}/wer", "evals")[0] for name in metrics.dev_sets)
     for ax, metric in zip(axes, ("wer", "cer")):
         ax.set_title(f"dev {metric.upper()} (greedy, during training)")
         ax.set_xlabel("step")
@@ -117,7 +121,8 @@ def plot_all(metrics: RunMetrics, out: Path) -> dict[str, Path]:
             ax.plot(*metrics.series(f"dev/{name}/{metric}", "evals"), marker="o", label=name)
         if ax.has_data():
             ax.legend()
-    plots["Dev WER / CER"] = _save(fig, axes[0], out / "dev_error_rates.png")
+    plots["Dev WER / CER"] = _save(fig, axes[0], out / "dev_error_rates.png",
+                                   None if evaluated else "no dev evaluation in metrics.jsonl")
 
     fig, ax = _figure("Throughput", "audio seconds per second (all ranks)", metrics.rollbacks)
     steps, values = metrics.series("audio_seconds_per_second")
@@ -128,7 +133,8 @@ def plot_all(metrics: RunMetrics, out: Path) -> dict[str, Path]:
         twin.plot(*waits, color="tab:orange", alpha=0.6, label="data-wait fraction")
         twin.set_ylabel("data-wait fraction")
         twin.set_ylim(0, 1)
-    plots["Throughput"] = _save(fig, ax, out / "throughput.png")
+    plots["Throughput"] = _save(fig, ax, out / "throughput.png",
+                                None if steps else "no audio_seconds_per_second values in metrics.jsonl")
 
     fig, ax = _figure("Skipped updates and loader skips (cumulative)", "count", metrics.rollbacks)
     drawn = False
@@ -141,7 +147,7 @@ def plot_all(metrics: RunMetrics, out: Path) -> dict[str, Path]:
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     if not drawn and steps:
         ax.step(steps, [0] * len(steps), where="post", label="nothing skipped")
-    plots["Skipped updates"] = _save(fig, ax, out / "skipped.png")
+    plots["Skipped updates"] = _save(fig, ax, out / "skipped.png", None if steps else "no train steps in metrics.jsonl")
     return plots
 
 

@@ -1,6 +1,6 @@
 """Run k updates on fixed batches: rank r of W takes micro-batch r of each global step (W=2, accum 1), or one
 rank takes both as accumulated micro-batches (W=1, accum 2). Saves the final weights from rank 0, and the layers
-LayerDrop skipped in each update.
+LayerDrop skipped in each update, and each update's grad norm (before clipping) as the engine reports it.
 
 The recipe's randomness is on (SpecAugment masks, activation dropout, LayerDrop, tri-stage lr); LayerDrop at 0.5
 rather than 0.1: the tiny model has 2 layers and the test 3 updates, and it needs updates that skip layers."""
@@ -41,7 +41,7 @@ def main(out: str, model_dir: str, dev_shards: str, steps: int, stage: int) -> N
     world, engine, _ = build_engine(cfg)
     batches = [b for b in make_loader(eval_stream(dev_shards, Path(model_dir), 0, 1), 0, 2) if len(b)]
     assert len(batches) >= 2 * steps, len(batches)
-    targets, skipped = [], []
+    targets, skipped, grad_norms = [], [], []
     for step in range(steps):
         pair = [dataclasses.replace(b, update=step, stream=s) for s, b in enumerate(batches[2 * step:2 * step + 2])]
         mine = pair if world.size == 1 else [pair[world.rank]]
@@ -50,11 +50,13 @@ def main(out: str, model_dir: str, dev_shards: str, steps: int, stage: int) -> N
         result = train_step(engine, mine, world.size)
         assert result.cause is None
         skipped.append(sorted(engine.module.layer_drop.skipped))
+        grad_norms.append(result.outcome.grad_norm)
     assert any(a != b for a, b in targets), "the test needs uneven target counts across ranks"
     state = engine.full_state_dict()
     if world.is_main:
         torch.save(state, out)
         Path(f"{out}.skipped.json").write_text(json.dumps(skipped))
+        Path(f"{out}.grad_norms.json").write_text(json.dumps(grad_norms))
 
 
 if __name__ == "__main__":

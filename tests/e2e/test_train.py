@@ -161,7 +161,9 @@ def test_torchrun_launch_with_two_cpu_ranks(shard_dirs: dict, tiny_model: Path, 
 def test_two_ranks_on_every_zero_stage_equal_one_rank_accumulating_the_same_batches(
         shard_dirs: dict, tiny_model: Path, tmp_path: Path) -> None:
     """Loss normalised by global target count, and randomness (masks, dropout, LayerDrop) drawn per update and
-    stream: 2 ranks x 1 micro-batch under ZeRO 0, 2 and partitioned 3 == 1 rank x 2 micro-batches (fp32)."""
+    stream: 2 ranks x 1 micro-batch under ZeRO 0, 2 and partitioned 3 == 1 rank x 2 micro-batches (fp32). The grad
+    norm each reports (DeepSpeed's own on ZeRO 2 and 3, ours on ZeRO 0, where DeepSpeed keeps none) is the same
+    finite number: the global norm before clipping (optim.grad_clip=0.5 clips these updates)."""
     import json
     import os
     import subprocess
@@ -182,6 +184,10 @@ def test_two_ranks_on_every_zero_stage_equal_one_rank_accumulating_the_same_batc
     skipped = {name: json.loads((tmp_path / f"{name}.skipped.json").read_text()) for name in runs}
     assert all(s == skipped["one"] for s in skipped.values()), skipped
     assert any(skipped["one"]) and not all(skipped["one"]), f"no update with and one without a skip: {skipped}"
+    norms = {name: json.loads((tmp_path / f"{name}.grad_norms.json").read_text()) for name in runs}
+    assert all(isinstance(n, float) and math.isfinite(n) and n > 0.5 for n in norms["zero0"]), norms
+    for name in runs:
+        assert norms[name] == pytest.approx(norms["zero2"], rel=1e-4), norms
     one = torch.load(tmp_path / "one", weights_only=True)
     initial = load_file(tiny_model / "model.safetensors")
     moved = [k for k in one if k in initial and not torch.equal(one[k], initial[k])]

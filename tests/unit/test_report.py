@@ -98,3 +98,22 @@ def test_report_of_a_run_without_evaluations_or_metrics(tmp_path: Path) -> None:
         assert "metrics.jsonl" in str(err)
     else:
         raise AssertionError("a directory without metrics.jsonl must be refused")
+
+
+def test_a_plot_without_values_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run whose grad_norm is null on every line (ZeRO-0 before the engine computed it) gets a grad-norm plot
+    that says it has no values, not a blank one; the plots with values carry no such note."""
+    import matplotlib.pyplot as plt
+
+    figures, close = [], plt.close
+    monkeypatch.setattr(plt, "close", figures.append)  # kept open to be read
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("".join(json.dumps(train_line(s, {}, None)) + "\n" for s in (1, 2)))
+    plot_all(read_metrics(run / "metrics.jsonl"), tmp_path)
+    notes = {f.axes[0].get_title(): [t.get_text() for t in f.axes[0].texts] for f in figures}
+    assert notes["Global gradient norm"] == ["no grad_norm values in metrics.jsonl"]
+    assert notes["Training loss (CTC per target token)"] == [] and notes["Learning rate"] == []
+    assert notes["dev WER (greedy, during training)"] == ["no dev evaluation in metrics.jsonl"]
+    for figure in figures:
+        close(figure)
