@@ -3,6 +3,10 @@ optional KenLM.
 
 Both decoders exclude the tokenizer's special tokens other than the blank (``<s>``, ``</s>``, ``<unk>``) from the
 search: no normalised transcript contains them, so emitting one can only be an error.
+
+With a KenLM binary, pyctcdecode cannot read the word list it scores partial words with (it reads it only from an
+ARPA file) and decodes worse without it, so the binary's unigrams come from a file ``build-lm`` writes beside it
+(``unigram_file``) or from an ARPA of the same name; where neither exists the decoder warns that it is degraded.
 """
 
 from __future__ import annotations
@@ -23,6 +27,42 @@ INSTALL_HINT = ("beam search needs pyctcdecode (and kenlm for --lm): `make setup
 
 class DecoderUnavailable(RuntimeError):
     """The optional beam-search packages are missing."""
+
+
+log = logging.getLogger(__name__)
+
+_NOISE = ("Found entries of length > 1 in alphabet",  # <s>/</s>: masked out in the search (BeamDecoder.banned)
+          "Only %s unigrams passed as vocabulary",  # any LM built from a small corpus
+          "Unigrams not provided and cannot be automatically")  # said by ``lm_unigrams``, naming the fix
+
+
+def _not_noise(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith(_NOISE)
+
+
+def unigram_file(lm_path: str | Path) -> Path:
+    """Where ``build-lm`` writes an LM's word list, one word a line: ``train.bin`` → ``train.unigrams.txt``."""
+    return Path(lm_path).with_suffix(".unigrams.txt")
+
+
+def lm_unigrams(lm_path: str | Path) -> list[str] | None:
+    """The words of a binary LM, from ``unigram_file`` or an ARPA file beside it; ``None`` for an ARPA LM (which
+    pyctcdecode reads itself) and, with a warning, where no word list is found."""
+    lm = Path(lm_path)
+    if lm.suffix == ".arpa":
+        return None
+    listed = unigram_file(lm)
+    if listed.is_file():
+        return [word for word in listed.read_text(encoding="utf-8").split("\n") if word]
+    arpa = lm.with_suffix(".arpa")
+    if arpa.is_file():
+        from pyctcdecode.language_model import load_unigram_set_from_arpa
+
+        return sorted(load_unigram_set_from_arpa(str(arpa)))
+    log.warning("decoding degraded: %s is not an ARPA file and neither %s nor %s lists its words; beam search "
+                "without the unigram list scores partial words worse (build-lm --binary writes %s)",
+                lm, listed.name, arpa.name, listed.name)
+    return None
 
 
 def banned_token_ids(tokenizer: Wav2Vec2CTCTokenizer) -> list[int]:
@@ -76,10 +116,13 @@ class BeamDecoder:
                 import kenlm  # type: ignore[import-not-found]  # noqa: F401
         except ImportError as err:
             raise DecoderUnavailable(INSTALL_HINT) from err
-        # The alphabet check warns about <s>/</s>; those columns are masked out below, so the warning is noise.
-        logging.getLogger("pyctcdecode").setLevel(logging.ERROR)
+        # Its other warnings (an LM's words the alphabet cannot spell, few known words) say decoding is degraded.
+        for name in ("pyctcdecode.alphabet", "pyctcdecode.decoder", "pyctcdecode.language_model"):
+            if _not_noise not in logging.getLogger(name).filters:
+                logging.getLogger(name).addFilter(_not_noise)
+        unigrams = lm_unigrams(lm_path) if lm_path else None
         self.decoder = build_ctcdecoder(beam_labels(tokenizer), kenlm_model_path=str(lm_path) if lm_path else None,
-                                        alpha=alpha, beta=beta)
+                                        unigrams=unigrams, alpha=alpha, beta=beta)
         self.banned = banned_token_ids(tokenizer)
         self.beam_width = beam_width
 

@@ -57,8 +57,24 @@ def arpa_counts(arpa: Path) -> dict[int, int]:
     return counts
 
 
+def arpa_unigrams(arpa: Path) -> list[str]:
+    """The words of an ARPA file's 1-gram section, as pyctcdecode reads them from an ARPA (entries with a back-off)."""
+    words, inside = [], False
+    with arpa.open(encoding="utf-8") as lines:
+        for line in lines:
+            line = line.strip()
+            if line == "\\1-grams:":
+                inside = True
+            elif line == "\\2-grams:":
+                break
+            elif inside and len(parts := line.split("\t")) == 3:
+                words.append(parts[1])
+    return words
+
+
 def build_lm(sentences: Iterable[str], arpa: Path, order: int = 4, binary: Path | None = None) -> dict[str, object]:
-    """Estimate an ``order``-gram LM with ``lmplz`` into ``arpa`` (and ``build_binary`` it into ``binary``).
+    """Estimate an ``order``-gram LM with ``lmplz`` into ``arpa`` (and ``build_binary`` it into ``binary``, with its
+    word list beside it: beam search needs it and cannot read it from a binary, ``w2v_dist.decoding.lm_unigrams``).
 
     ``--discount_fallback`` lets lmplz estimate small corpora (a dev-sized text), where its Kneser-Ney discounts
     cannot all be computed from count-of-counts; on a large corpus it changes nothing.
@@ -78,9 +94,12 @@ def build_lm(sentences: Iterable[str], arpa: Path, order: int = 4, binary: Path 
         _run([lm_tool("lmplz"), "-o", str(order), "--discount_fallback", "-S", "20%", "-T", tmp,
               "--text", str(corpus), "--arpa", str(arpa)])
     if binary is not None:
+        binary.parent.mkdir(parents=True, exist_ok=True)
         _run([lm_tool("build_binary"), str(arpa), str(binary)])
+        unigrams = binary.with_suffix(".unigrams.txt")  # w2v_dist.decoding.unigram_file, without pyctcdecode
+        unigrams.write_text("".join(f"{word}\n" for word in arpa_unigrams(arpa)), encoding="utf-8")
     return {"arpa": str(arpa), "sentences": count, "words": words, "ngrams": arpa_counts(arpa),
-            **({"binary": str(binary)} if binary is not None else {})}
+            **({"binary": str(binary), "unigrams": str(unigrams)} if binary is not None else {})}
 
 
 def _run(argv: list[str]) -> None:

@@ -5,6 +5,7 @@ Not skipped when KenLM is missing: `make setup` builds it, and a missing tool is
 from __future__ import annotations
 
 import json
+import logging
 import random
 from pathlib import Path
 
@@ -88,3 +89,34 @@ def test_beam_search_with_a_built_lm_beats_greedy_where_the_words_are_known(
     assert greedy > 0.2, greedy
     assert beam == pytest.approx(greedy), (beam, greedy)  # the search alone cannot know the words
     assert with_lm < greedy / 3, (with_lm, greedy)
+
+
+def test_binary_lm_decodes_as_its_arpa_with_the_word_list_build_lm_writes(
+        shard_dirs: dict, tiny_model: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """pyctcdecode reads the unigram list only from an ARPA file; ``build-lm --binary`` writes it beside the binary
+    and the decoder passes it on, so both forms of one LM give the same transcripts. Without any word list the
+    decoder warns (WARNING, not swallowed) that decoding is degraded."""
+    arpa, binary = tmp_path / "arpa" / "train.arpa", tmp_path / "bin" / "train.bin"
+    assert main(["build-lm", "--shards", str(shard_dirs["train-clean-100"]), "--order", "3",
+                 "--out", str(arpa), "--binary", str(binary)]) == 0
+    assert (tmp_path / "bin" / "train.unigrams.txt").is_file()
+    tokenizer = Wav2Vec2CTCTokenizer.from_pretrained(tiny_model)
+    references = list(shard_transcripts(str(shard_dirs["dev-clean"])))
+    # Half the letters wrong and a narrow beam: the partial-word scores the word list gives keep the right
+    # prefixes in the beam (with 32 beams this corpus decodes perfectly either way).
+    logits, frames = noisy_emissions(references, tokenizer, error_rate=0.5)
+
+    def wer(lm: Path) -> float:
+        return float(jiwer.wer(references, BeamDecoder(tokenizer, lm, beam_width=4, alpha=1.0, beta=0.5)(logits,
+                                                                                                        frames)))
+
+    with caplog.at_level(logging.WARNING):
+        from_arpa, from_binary = wer(arpa), wer(binary)
+    assert from_binary == from_arpa, (from_binary, from_arpa)
+    assert not [r for r in caplog.records if "degraded" in r.getMessage()]
+
+    (tmp_path / "bin" / "train.unigrams.txt").unlink()
+    with caplog.at_level(logging.WARNING):
+        without_words = wer(binary)
+    assert [r for r in caplog.records if "decoding degraded" in r.getMessage() and r.levelno == logging.WARNING]
+    assert without_words > from_arpa + 0.1, (without_words, from_arpa)  # what the word list is for
