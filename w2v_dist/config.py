@@ -114,6 +114,11 @@ class ModelConfig:
     """Let ``sdpa`` use cuDNN's attention kernels. cuDNN builds a graph for every new batch shape, and batches by
     seconds have a new shape at nearly every step, which made steps slower than PyTorch's flash kernels
     (measured in docs/performance.md). Worth trying only with fixed-shape batches."""
+    pos_conv: str = "hf"
+    """How the positional convolution is computed (``w2v_dist/pos_conv.py``; the same function and parameters):
+    ``hf`` (Hugging Face's module), ``fp32`` (in fp32 inside a bf16 model), ``channels_last`` (NHWC conv2d, no
+    transposes) or ``fft`` (FFT convolution in fp32). On GPUs the grouped kernel is ~30 % of a step; see
+    docs/performance.md for which is fastest where."""
     compile: bool = False
     """Compile the transformer layers with ``torch.compile(dynamic=True)`` (one graph for every batch shape);
     see docs/performance.md for when it pays off."""
@@ -282,6 +287,7 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
     "deepspeed.precision": ("bf16", "fp16", "fp32"),
     "deepspeed.zero_stage": (0, 1, 2, 3),
     "model.attention": ("sdpa", "eager"),
+    "model.pos_conv": ("hf", "fp32", "channels_last", "fft"),
 }
 
 

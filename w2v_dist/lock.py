@@ -131,7 +131,8 @@ def _alive(holder: Holder) -> bool:
 
 
 class OutputDirLock:
-    """The lease on ``directory`` for this process's run (:meth:`claim`, :meth:`agree`); stale after ``stale_seconds``."""
+    """The lease on ``directory`` for this process's run (:meth:`claim`, :meth:`agree`); stale after
+    ``stale_seconds``."""
 
     def __init__(self, directory: Path, stale_seconds: float) -> None:
         self.path = directory / LEASE_FILE

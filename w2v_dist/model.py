@@ -26,6 +26,7 @@ from w2v_dist.config import ModelConfig
 from w2v_dist.data.audio import EncoderGeometry
 from w2v_dist.data.text import WORD_DELIMITER, librispeech_vocab, write_vocab
 from w2v_dist.layerdrop import FIRST_DROPPABLE, SharedLayerDrop
+from w2v_dist.pos_conv import use_pos_conv
 
 log = logging.getLogger("w2v_dist.model")
 
@@ -126,6 +127,7 @@ def load_model(cfg: ModelConfig, processor: Wav2Vec2Processor) -> PreTrainedMode
         model.freeze_feature_encoder()  # type: ignore[operator]
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
+    use_pos_conv(model, cfg.pos_conv)
     layers = getattr(getattr(model, model.base_model_prefix).encoder, "layers", None)
     if cfg.layerdrop and hasattr(config, "layerdrop"):
         if not isinstance(layers, torch.nn.ModuleList):
