@@ -456,13 +456,25 @@ def _schema_key(key: str) -> str:
     return key
 
 
-def _expected(key: str) -> str:
-    """What a key takes: its type, and the first sentence of its docstring."""
+def _field(key: str) -> tuple[type, str]:
+    """The section class holding ``key`` (a schema key) and the key's declared type, as written."""
     cls: type = Config
     *sections, name = key.split(".")
     for section in sections:
         cls = _SECTIONS[next(f.type for f in fields(cls) if f.name == section)]  # type: ignore[index]
-    kind = next(f.type for f in fields(cls) if f.name == name)
+    return cls, str(next(f.type for f in fields(cls) if f.name == name))
+
+
+def dict_keys() -> list[str]:
+    """The keys whose value is a dict of the user's own entries (not a section of fixed keys): a command-line value
+    replaces such a dict whole, and ``~key.entry`` deletes one of its entries."""
+    return [key for key in all_keys() if _field(key)[1].startswith("dict[")]
+
+
+def _expected(key: str) -> str:
+    """What a key takes: its type, and the first sentence of its docstring."""
+    cls, kind = _field(key)
+    name = key.rpartition(".")[2]
     doc = re.split(r"(?<!e\.g)(?<!i\.e)\.(?:\s|$)", field_docs(cls).get(name, "").replace("\n", " "))[0]
     doc = doc.replace("``", "")
     return f"expected {kind}" + (f" ({doc if len(doc) <= 100 else doc[:99] + '…'})" if doc else "")
@@ -516,18 +528,44 @@ def _load_yaml(path: Path) -> DictConfig:
     return loaded
 
 
-def _parse_overrides(overrides: list[str] | tuple[str, ...]) -> DictConfig:
-    bad = [item for item in overrides if "=" not in item]
+def _delete(merged: DictConfig, key: str) -> None:
+    """``~key.entry``: remove one entry of a dict-valued key; ``~key``: all of them."""
+    owner = _schema_key(key)
+    if owner not in dict_keys():
+        raise ConfigError(f"cannot delete '{key}' from the command line: only the entries of {dict_keys()} can be "
+                          f"deleted (~data.dev_shards.dev-other); set other keys with key=value")
+    node = OmegaConf.select(merged, owner)
+    entry = key[len(owner) + 1:]
+    if entry and entry not in node:
+        raise ConfigError(f"cannot delete '{key}' from the command line: '{owner}' has no entry '{entry}' (it has "
+                          f"{sorted(node)})")
+    for name in [entry] if entry else list(node):
+        del node[name]  # entry by entry: replacing the node would drop its declared element type
+
+
+def _apply_overrides(merged: DictConfig, overrides: list[str] | tuple[str, ...]) -> DictConfig:
+    """Apply ``key=value`` and ``~key`` overrides in order. A value merges into a section, but replaces a dict-valued
+    key (``dict_keys``) whole: ``data.dev_shards={a: x}`` means exactly that set, not the file's sets and ``a``."""
+    bad = [item for item in overrides if ("=" in item) == item.startswith("~")]
     if bad:
-        raise ConfigError(f"overrides must look like key=value, got {bad}")
+        raise ConfigError(f"overrides must look like key=value (or ~key to delete an entry), got {bad}")
+    origin = "from the command line"
     for item in overrides:
+        if item.startswith("~"):
+            _delete(merged, item[1:])
+            continue
         key, _, value = item.partition("=")
         try:
-            OmegaConf.from_dotlist([item])
+            single = OmegaConf.from_dotlist([item])
         except yaml.YAMLError as err:
-            raise ConfigError(f"cannot parse the value of '{key}' from the command line ({value!r}): "
-                              f"{_yaml_problem(err)}") from None
-    return OmegaConf.from_dotlist(list(overrides))
+            raise ConfigError(f"cannot parse the value of '{key}' {origin} ({value!r}): {_yaml_problem(err)}") from None
+        owner = _schema_key(key)
+        if owner in dict_keys() and owner != key and OmegaConf.select(single, key) is None:
+            raise ConfigError(f"bad value for '{key}' {origin}: an entry cannot be null; to delete it write ~{key}")
+        if key in dict_keys() and isinstance(OmegaConf.select(single, key), DictConfig):
+            _delete(merged, key)
+        merged = _merge(merged, single, origin)
+    return merged
 
 
 def _elements(value: Any) -> list[Any]:
@@ -602,14 +640,14 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str]
         loaded = _load_yaml(Path(path))
         file_keys = frozenset(".".join(p) for p, _ in _paths(OmegaConf.to_container(loaded, resolve=False)))
         merged = _merge(merged, loaded, f"from {path}")
-    merged = _merge(merged, _parse_overrides(overrides), "from the command line")
+    merged = _apply_overrides(merged, overrides)
     try:
         cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except OmegaConfBaseException as err:  # e.g. ${oc.env:VAR} with VAR unset
         raise ConfigError(f"cannot resolve '{err.full_key}': {err.msg}") from None
     setattr(cfg, "written_as", _interpolations(OmegaConf.to_container(merged, resolve=False)))  # noqa: B010 (ClassVar)
     validate(cfg, Sources(None if path is None else str(path), file_keys,
-                          frozenset(item.partition("=")[0] for item in overrides)))
+                          frozenset(item.partition("=")[0].lstrip("~") for item in overrides)))
     return cfg
 
 
@@ -645,7 +683,11 @@ def config_reference() -> str:
     """Markdown reference of every key with its default and docstring (``docs/configuration.md``)."""
     lines = ["# Configuration reference", "",
              "Generated from the docstrings in `w2v_dist/config.py` (`w2v-dist config-docs > docs/configuration.md`).",
-             "A YAML file holds only changes from these defaults; `key=value` arguments override both.", ""]
+             "A YAML file holds only changes from these defaults; `key=value` arguments override both, in order.",
+             "A value merges into a section (`trainer={max_steps: 10}` changes one key) but replaces a dict-valued key",
+             f"whole ({', '.join(f'`{k}`' for k in dict_keys())}): `data.dev_shards={{mine: /x/dev}}` evaluates",
+             "only `mine`. `data.dev_shards.mine=/x/dev` adds one entry, `~data.dev_shards.dev-other` deletes one",
+             "and `~data.dev_shards` deletes them all.", ""]
 
     def section(cls: type, prefix: str, default: Any) -> None:
         docs = field_docs(cls)

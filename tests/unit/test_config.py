@@ -240,3 +240,46 @@ def test_values_from_the_environment_are_written_unresolved_and_secrets_redacted
     monkeypatch.delenv("W2V_TEST_SHARDS_TOKEN")
     with pytest.raises(ConfigError, match="W2V_TEST_SHARDS_TOKEN"):
         load_config(None, ["data.train_shards=${oc.env:W2V_TEST_SHARDS_TOKEN}"])
+
+
+def test_a_dict_given_on_the_command_line_replaces_the_files_dict() -> None:
+    """base.yaml names dev-clean and dev-other; pointing the recipe at one's own corpus must not keep them."""
+    cfg = load_config(REPO / "configs/base.yaml", ["data.dev_shards={mine: /x/dev}"])
+    assert cfg.data.dev_shards == {"mine": "/x/dev"}
+    cfg = load_config(REPO / "configs/base.yaml", ["data.dev_shards.mine=/x/dev"])  # one entry still adds one
+    assert cfg.data.dev_shards == {"dev-clean": "/data/shards/dev-clean", "dev-other": "/data/shards/dev-other",
+                                   "mine": "/x/dev"}
+    cfg = load_config(REPO / "configs/base.yaml", ["trainer={max_steps: 7}"])  # a section still merges
+    assert cfg.trainer.max_steps == 7 and cfg.trainer.log_every == load_config(REPO / "configs/base.yaml"
+                                                                                ).trainer.log_every
+
+
+def test_tilde_deletes_an_entry_or_every_entry_and_overrides_apply_in_order() -> None:
+    base = REPO / "configs/base.yaml"
+    assert load_config(base, ["~data.dev_shards.dev-other"]).data.dev_shards == {"dev-clean":
+                                                                                   "/data/shards/dev-clean"}
+    assert load_config(base, ["~data.dev_shards"]).data.dev_shards == {}
+    assert load_config(base, ["~data.dev_shards", "data.dev_shards.a=/a"]).data.dev_shards == {"a": "/a"}
+    assert load_config(base, ["data.dev_shards.a=/a", "~data.dev_shards.a"]).data.dev_shards["dev-other"]
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["data.dev_shards.dev-other=null"],
+     "bad value for 'data.dev_shards.dev-other' from the command line: an entry cannot be null; to delete it write "
+     "~data.dev_shards.dev-other"),
+    (["~data.dev_shards.nope"],
+     "cannot delete 'data.dev_shards.nope' from the command line: 'data.dev_shards' has no entry 'nope' (it has "
+     "['dev-clean', 'dev-other'])"),
+    (["~trainer.max_steps"], "cannot delete 'trainer.max_steps' from the command line: only the entries of "
+                             "['data.train_mix', 'data.dev_shards', 'deepspeed.extra'] can be deleted"),
+    (["~data.dev_shards=x"], "overrides must look like key=value (or ~key to delete an entry)"),
+    (["checkpoint.best_metric=dev-other", "~data.dev_shards.dev-other"],
+     "'dev-other' is not a key of data.dev_shards ['dev-clean']"),
+])
+def test_replace_and_delete_errors_are_one_line_without_omegaconf_internals(overrides: list[str],
+                                                                            message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(REPO / "configs/base.yaml", overrides)
+    text = str(err.value)
+    assert message in text and "\n" not in text
+    assert not re.search(r"full_key|object_type|omegaconf|Incompatible value", text, re.IGNORECASE), text
