@@ -117,6 +117,7 @@ def init_distributed(timeout_minutes: float, local_rank: int) -> torch.device:
     ``torch.distributed.new_group(ranks)`` and no timeout, which torch fills in from its module default (30 min on
     gloo, 10 on NCCL), not from the default group's. That default is made ours before any group exists. On NCCL
     the watchdog enforces it (:func:`nccl_error_handling`)."""
+    per_venv_extensions()
     device = device_for(local_rank)
     timeout = datetime.timedelta(minutes=timeout_minutes)
     torch.distributed.distributed_c10d.default_pg_timeout = timeout
@@ -169,6 +170,16 @@ def destroy_process_group_at_exit() -> None:
         torch.distributed.destroy_process_group()
 
 
+def per_venv_extensions() -> None:
+    """Keep torch's JIT-built ops (DeepSpeed's) in the virtual environment, unless ``TORCH_EXTENSIONS_DIR`` is set.
+    torch's default cache (``~/.cache/torch_extensions``) is shared by every checkout of the user: one built with
+    another torch or DeepSpeed makes the next launch rebuild (20-40 s), and then the other one. Outside a venv,
+    or where it is not writable, torch's default stays."""
+    if "TORCH_EXTENSIONS_DIR" in os.environ or sys.prefix == sys.base_prefix or not os.access(sys.prefix, os.W_OK):
+        return
+    os.environ["TORCH_EXTENSIONS_DIR"] = str(Path(sys.prefix) / "torch_extensions")
+
+
 def build_cpu_comm_op(timeout_s: float) -> None:
     """Build (or load) DeepSpeed's CPU shared-memory all-reduce op before ``init_distributed`` needs it.
 
@@ -185,6 +196,8 @@ def build_cpu_comm_op(timeout_s: float) -> None:
         return
     build_dir = Path(_get_build_directory(builder.name, verbose=False))
     guard = build_dir.parent / f".{builder.name}.w2v-dist.flock"
+    if not (build_dir / f"{builder.name}.so").is_file():  # INFO: said by rank 0 only (setup_console)
+        log.info("building DeepSpeed's %s op in %s (once per environment, 20-40 s)", builder.name, build_dir)
     deadline = time.monotonic() + timeout_s
     with open(guard, "a") as handle:
         while True:

@@ -38,3 +38,5 @@ def test_a_run_killed_during_the_op_build_does_not_hang_the_next_one(shard_dirs:
     check(second)
     assert f"removing {stale}, left by a DeepSpeed op build that was killed" in second.stderr
     assert not stale.exists()
+    # The build (20-40 s of silence otherwise) is announced, once, before it starts.
+    assert second.stderr.count("building DeepSpeed's deepspeed_shm_comm op in ") == 1

@@ -119,3 +119,18 @@ def test_fp16_on_the_cpu_is_refused_before_any_work(monkeypatch: pytest.MonkeyPa
     check_accelerator("fp32")
     with pytest.raises(RuntimeError, match="fp16 needs a GPU"):
         check_accelerator("fp16")
+
+
+def test_torch_extensions_are_kept_per_venv_unless_the_user_chose(monkeypatch: pytest.MonkeyPatch,
+                                                                   tmp_path: Path) -> None:
+    """Two checkouts (two venvs) must not rebuild each other's DeepSpeed op in torch's shared default cache."""
+    from w2v_dist.engine import per_venv_extensions
+
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+    monkeypatch.setattr(sys, "prefix", str(tmp_path / "venv-a"))
+    (tmp_path / "venv-a").mkdir()
+    per_venv_extensions()
+    assert os.environ["TORCH_EXTENSIONS_DIR"] == str(tmp_path / "venv-a" / "torch_extensions")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", "/chosen")
+    per_venv_extensions()
+    assert os.environ["TORCH_EXTENSIONS_DIR"] == "/chosen"
