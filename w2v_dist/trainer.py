@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 
 from w2v_dist import dist
 from w2v_dist.checkpoint import export_hf
@@ -31,7 +32,7 @@ from w2v_dist.metrics import ErrorCounts
 from w2v_dist.model_card import model_card
 from w2v_dist.preemption import REQUEUE_FILE, StopSignal, request_requeue
 from w2v_dist.run import RANKS_DIR, Run, build_run
-from w2v_dist.schedule import lr_at
+from w2v_dist.schedule import length_change, lr_at
 from w2v_dist.scoring import Scorer, SetScore, write_rows
 
 log = logging.getLogger("w2v_dist.trainer")
@@ -144,9 +145,17 @@ class Trainer:
             if client_state is not None:
                 self.state.load_state_dict(client_state["run"])
                 run.train_stream.load_state_dict(client_state["loader"])
+                self._check_schedule(client_state)
         self.logger = MainLogger(self.output, config=to_written(cfg), wandb_cfg=cfg.logging.wandb,
                                  total_steps=cfg.trainer.max_steps, start_step=self.state.step,
                                  progress_bar=cfg.logging.progress_bar) if self.world.is_main else RunLogger()
+
+    def _check_schedule(self, client_state: dict[str, Any]) -> None:
+        """Warn (rank 0) when the resumed run's schedule length differs from the checkpoint's."""
+        saved = yaml.safe_load(client_state.get("config") or "{}") or {}
+        change = length_change(saved, self.cfg.trainer.max_steps, self.cfg.schedule, self.state.step, self.cfg.optim.lr)
+        if change and self.world.is_main:
+            log.warning("resuming at step %d: %s", self.state.step, change)
 
     def fit(self) -> dict[str, SetScore]:
         cfg, state, run = self.cfg, self.state, self.run

@@ -108,3 +108,28 @@ def test_char_labeler_matches_the_tokenizer(tmp_path) -> None:
     assert labeler.vocab is not None
     for text in ["ABC", "A B C", "DEAF CAB'S", "ZZZ Q", ""]:
         assert labeler(text) == tokenizer(text).input_ids, text
+
+
+def test_a_resume_that_changes_the_schedule_length_says_how_to_keep_it() -> None:
+    """Extending trainer.max_steps on resume re-stretches the tri-stage schedule: the warning names both lengths,
+    the lr jump at the resumed step, and schedule.steps; a fixed schedule.steps, an unchanged length or a constant
+    schedule give none. The checkpoint's config is read as the trainer reads it (to_yaml, then YAML)."""
+    import yaml
+
+    from w2v_dist.config import load_config, to_yaml
+    from w2v_dist.schedule import length_change
+
+    def change(started: list[str], now: list[str]) -> str | None:
+        saved = yaml.safe_load(to_yaml(load_config(None, started)))
+        cfg = load_config(None, now)
+        return length_change(saved, cfg.trainer.max_steps, cfg.schedule, 3000, cfg.optim.lr)
+
+    message = change(["trainer.max_steps=4000", "optim.lr=1e-4"], ["trainer.max_steps=8000", "optim.lr=1e-4"])
+    assert message is not None
+    assert "spans 8,000 updates instead of the 4,000" in message and "schedule.steps=4000" in message
+    assert "at step 3,000 the lr goes from 2.24e-05 to 1.00e-04" in message
+    assert change(["trainer.max_steps=4000"], ["trainer.max_steps=8000", "schedule.steps=4000"]) is None
+    assert change(["trainer.max_steps=4000", "schedule.steps=8000"], ["trainer.max_steps=8000"]) is None
+    assert change(["trainer.max_steps=4000"], ["trainer.max_steps=4000"]) is None
+    assert change(["trainer.max_steps=4000", "schedule.name=constant"],
+                  ["trainer.max_steps=8000", "schedule.name=constant"]) is None
