@@ -59,5 +59,7 @@ lint: setup
 	$(BIN)/ruff check w2v_dist tests train.py
 	$(BIN)/mypy w2v_dist
 
+# Only what these targets wrote: `make demo`'s work/demo and the tools' caches. Not work/ as a whole, where
+# docs/evaluation.md keeps shards, nor .venv (`make setup` takes minutes; remove it by hand to start over).
 clean:
-	rm -rf work/ .pytest_cache
+	rm -rf work/demo .pytest_cache .mypy_cache .ruff_cache

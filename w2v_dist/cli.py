@@ -6,12 +6,14 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import fields
 from pathlib import Path
 from typing import Any, TypeVar
 
+from w2v_dist import __version__
 from w2v_dist.config import ConfigError, config_reference, load_config, to_yaml
+from w2v_dist.console import command_stdout, emit
 from w2v_dist.inputs import InputError, input_problems
 from w2v_dist.redact import redact
 
@@ -67,7 +69,7 @@ def _synth(args: argparse.Namespace) -> int:
     from w2v_dist.prep.synth import synthesize
 
     root = synthesize(args.out_dir, args.utterances, args.dev_utterances, args.seed, args.workers)
-    print(f"wrote LibriSpeech-layout corpus under {root}")
+    emit(f"wrote LibriSpeech-layout corpus under {root}")
     return 0
 
 
@@ -75,7 +77,7 @@ def _init_model(args: argparse.Namespace) -> int:
     from w2v_dist.model import init_model
 
     out = init_model(args.out_dir, args.size, args.seed, args.family)
-    print(f"wrote a randomly initialised {args.size} {args.family} CTC model to {out}")
+    emit(f"wrote a randomly initialised {args.size} {args.family} CTC model to {out}")
     return 0
 
 
@@ -86,11 +88,14 @@ def _shard(args: argparse.Namespace) -> int:
 
     if bool(args.librispeech) == bool(args.manifest):
         return _fail("shard", "give exactly one of --librispeech ROOT (with --subset) or --manifest FILE")
-    if args.librispeech:
-        subsets = args.subset or ["train-clean-100"]
-        sources, described = librispeech_sources(args.librispeech, subsets), {"subsets": subsets}
-    else:
-        sources, described = manifest_sources(args.manifest), {"manifest": Path(args.manifest).name}
+    try:
+        if args.librispeech:
+            subsets = args.subset or ["train-clean-100"]
+            sources, described = librispeech_sources(args.librispeech, subsets), {"subsets": subsets}
+        else:
+            sources, described = manifest_sources(args.manifest), {"manifest": Path(args.manifest).name}
+    except (OSError, ValueError) as err:  # a subset or manifest that is not there, a malformed manifest line
+        return _fail("shard", err)
     opts = _options(ShardOptions, args, shuffle_seed=None if args.shuffle_seed < 0 else args.shuffle_seed,
                     text=_options(TextPolicy, args))
     try:
@@ -99,7 +104,7 @@ def _shard(args: argparse.Namespace) -> int:
         return _fail("shard", err, 1)
     totals = index["totals"]
     verb = "would write" if args.dry_run else "wrote"
-    print(f"{totals['inputs']} inputs = {totals['written']} written + {totals['rejected']} rejected; {verb} "
+    emit(f"{totals['inputs']} inputs = {totals['written']} written + {totals['rejected']} rejected; {verb} "
           f"{totals['shards']} shards, {totals['hours']:.3f} h, {totals['bytes'] / 1e6:.1f} MB to {args.out} "
           f"in {index['elapsed_seconds']:.1f} s")
     return 0
@@ -120,12 +125,12 @@ def _verify(args: argparse.Namespace) -> int:
     from w2v_dist.prep.verify import verify_dir
 
     try:
-        result = verify_dir(args.dir, args.workers, on_shard=lambda report: print(report.line(), flush=True))
+        result = verify_dir(args.dir, args.workers, on_shard=lambda report: emit(report.line()))
     except ShardIndexError as err:
         return _fail("verify", err)
     for problem in result.problems:
-        print(f"problem: {problem}")
-    print(result.summary())
+        emit(f"problem: {problem}")
+    emit(result.summary())
     return 0 if result.ok else 1
 
 
@@ -138,14 +143,17 @@ def _demo(args: argparse.Namespace) -> int:
 def _transcribe(args: argparse.Namespace) -> int:
     from w2v_dist.inference import check_chunking, transcribe
 
+    missing = [f for f in args.files if not Path(f).is_file()]
+    if missing:
+        return _fail("transcribe", f"no such audio file: {', '.join(missing)}")
     try:
         check_chunking(args.chunk_seconds, args.overlap_seconds)
-    except ValueError as err:
+        for result in transcribe(args.model, args.files, args.chunk_seconds, args.overlap_seconds,
+                                 word_timestamps=args.json, config=args.config):
+            line = {"file": result.path, "text": result.text, "seconds": result.seconds, "words": result.words}
+            emit(json.dumps(line) if args.json else f"{result.path}\t{result.text}")
+    except (ValueError, OSError) as err:  # a model that is neither an export, a checkpoint nor a cached hub id
         return _fail("transcribe", err)
-    for result in transcribe(args.model, args.files, args.chunk_seconds, args.overlap_seconds,
-                             word_timestamps=args.json, config=args.config):
-        line = {"file": result.path, "text": result.text, "seconds": result.seconds, "words": result.words}
-        print(json.dumps(line) if args.json else f"{result.path}\t{result.text}", flush=True)
     return 0
 
 
@@ -173,7 +181,7 @@ def _build_lm(args: argparse.Namespace) -> int:
         summary = build_lm(sentences, Path(args.out), args.order, Path(args.binary) if args.binary else None)
     except (ValueError, OSError, RuntimeError) as err:  # no text, bad shard sets, missing tools, lmplz errors
         return _fail("build-lm", err)
-    print(json.dumps(summary))
+    emit(json.dumps(summary))
     return 0
 
 
@@ -181,7 +189,7 @@ def _report(args: argparse.Namespace) -> int:
     from w2v_dist.report import write_report
 
     try:
-        print(f"wrote {write_report(args.run_dir, args.out)}")
+        emit(f"wrote {write_report(args.run_dir, args.out)}")
     except FileNotFoundError as err:
         return _fail("report", err)
     return 0
@@ -191,7 +199,7 @@ def _export(args: argparse.Namespace) -> int:
     from w2v_dist.export import export_checkpoint
 
     try:
-        print(f"wrote {export_checkpoint(args.checkpoint, args.out, args.tag, args.config)}")
+        emit(f"wrote {export_checkpoint(args.checkpoint, args.out, args.tag, args.config)}")
     except (ValueError, OSError) as err:  # not a checkpoint, bad config, NaN weights, unreadable files
         return _fail("export", err)
     return 0
@@ -223,19 +231,49 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _config_docs(args: argparse.Namespace) -> int:
-    print(config_reference())
+    emit(config_reference())
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from w2v_dist.data.text import ALPHABETS, CASES, UNICODE_FORMS
-    from w2v_dist.model import FAMILIES
+class _HelpWithDefaults(argparse.HelpFormatter):
+    """Each option's one-line help, then its default where it has one (not for flags, or options without one)."""
 
-    parser = argparse.ArgumentParser(prog="w2v-dist", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (action.option_strings and default is not None and default is not False and default != argparse.SUPPRESS
+                and "%(default)" not in text):
+            text += " (default: %(default)s)"
+        return text
+
+
+class _Families:
+    """``init-model --family``'s choices, read from w2v_dist.model (which imports torch and transformers) only when
+    that option is parsed or its help shown: ``w2v-dist --help`` stays well under a second."""
+
+    def _names(self) -> tuple[str, ...]:
+        from w2v_dist.model import FAMILIES
+
+        return FAMILIES
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command line. Only light modules are imported here; each command imports what it needs."""
+    from w2v_dist.data.text import ALPHABETS, CASES, UNICODE_FORMS
+
+    parser = argparse.ArgumentParser(prog="w2v-dist", description="Fine-tune wav2vec 2.0 and its CTC kin across GPUs "
+                                     "and nodes: download, shard, train, evaluate, transcribe, export.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, func: Callable[[argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
-        subparser = sub.add_parser(name, help=help)
+        subparser = sub.add_parser(name, help=help, description=help, formatter_class=_HelpWithDefaults)
         subparser.set_defaults(func=func)
         return subparser
 
@@ -243,39 +281,42 @@ def build_parser() -> argparse.ArgumentParser:
                                 help="train (same as train.py; run it under deepspeed/torchrun for >1 rank)"))
 
     synth = command("synth", _synth, help="write a synthetic LibriSpeech-layout corpus with espeak-ng")
-    synth.add_argument("out_dir")
+    synth.add_argument("out_dir", help="where LibriSpeech/<subset>/ is written")
     synth.add_argument("--utterances", type=int, default=200, help="train-clean-100 utterances")
     synth.add_argument("--dev-utterances", type=int, default=None, help="dev-clean utterances (default N/8)")
-    synth.add_argument("--seed", type=int, default=0)
-    synth.add_argument("--workers", type=int, default=_CPUS)
+    synth.add_argument("--seed", type=int, default=0, help="seed of the sentences and voices drawn")
+    synth.add_argument("--workers", type=int, default=_CPUS, help="espeak-ng processes")
 
     init = command("init-model", _init_model, help="save a randomly initialised CTC model + processor")
-    init.add_argument("out_dir")
-    init.add_argument("--size", choices=("tiny", "base"), default="tiny")
-    init.add_argument("--seed", type=int, default=0)
-    init.add_argument("--family", choices=FAMILIES, default="wav2vec2", help="the model_type (AutoModelForCTC)")
+    init.add_argument("out_dir", help="directory to save the model and processor in")
+    init.add_argument("--size", choices=("tiny", "base"), default="tiny",
+                      help="tiny: a few layers for tests and demos; base: wav2vec2-base's geometry")
+    init.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    init.add_argument("--family", choices=_Families(), default="wav2vec2", metavar="FAMILY",
+                      help="the model_type (AutoModelForCTC): %(choices)s")
 
     shard = command("shard", _shard, help="write WebDataset shards + index.json + rejects.jsonl + vocab.json")
     shard.add_argument("--librispeech", help="LibriSpeech root (the LibriSpeech dir or its parent)")
     shard.add_argument("--subset", action="append", help="subset to shard (repeatable)")
     shard.add_argument("--manifest", help="TSV (path, transcript[, speaker]) or JSONL (path, text[, key, speaker])")
-    shard.add_argument("--out", required=True)
-    shard.add_argument("--shard-size-mb", type=float, default=256.0)
-    shard.add_argument("--workers", type=int, default=_CPUS)
-    shard.add_argument("--min-seconds", type=float, default=0.0)
-    shard.add_argument("--max-seconds", type=float, default=35.0)
-    shard.add_argument("--shuffle-seed", type=int, default=0, help="-1 keeps corpus order")
-    shard.add_argument("--sort-in-shards", action="store_true")
-    shard.add_argument("--overwrite", action="store_true")
-    shard.add_argument("--dry-run", action="store_true")
+    shard.add_argument("--out", required=True, help="shard directory to write (index.json goes there)")
+    shard.add_argument("--shard-size-mb", type=float, default=256.0, help="target size of each tar shard")
+    shard.add_argument("--workers", type=int, default=_CPUS, help="processes probing and reading the audio")
+    shard.add_argument("--min-seconds", type=float, default=0.0, help="reject utterances shorter than this")
+    shard.add_argument("--max-seconds", type=float, default=35.0, help="reject utterances longer than this")
+    shard.add_argument("--shuffle-seed", type=int, default=0, help="order of utterances across shards; -1 keeps "
+                                                                   "corpus order")
+    shard.add_argument("--sort-in-shards", action="store_true", help="sort each shard's utterances by duration")
+    shard.add_argument("--overwrite", action="store_true", help="replace an existing shard directory")
+    shard.add_argument("--dry-run", action="store_true", help="check and count everything, write nothing")
     shard.add_argument("--check-audio", choices=("full", "tail"), default="full",
                        help="full: decode every input; tail: header and last frame only (still catches truncation)")
     text = shard.add_argument_group("transcripts", "how transcripts are normalised (recorded in index.json and "
                                                    "used again when scoring); the defaults are LibriSpeech's")
     text.add_argument("--alphabet", choices=ALPHABETS, default="latin",
                       help="latin: A-Z and apostrophe; any: the letters and marks of every script")
-    text.add_argument("--case", choices=CASES, default="upper")
-    text.add_argument("--unicode", choices=UNICODE_FORMS, default="NFKC")
+    text.add_argument("--case", choices=CASES, default="upper", help="letter case transcripts are mapped to")
+    text.add_argument("--unicode", choices=UNICODE_FORMS, default="NFKC", help="Unicode normal form of transcripts")
     text.add_argument("--punctuation", choices=("strip", "keep"), default="strip",
                       help="strip sentence punctuation and quotes (dashes become spaces), or transcribe it")
     text.add_argument("--digits", choices=("reject", "keep"), default="reject",
@@ -285,11 +326,11 @@ def build_parser() -> argparse.ArgumentParser:
                            "transcripts rejected (named in rejects.jsonl)")
 
     demo = command("demo", _demo, help="synth corpus -> shards -> tiny model -> 2-rank DeepSpeed -> WER -> export")
-    demo.add_argument("--work-dir", default="work/demo")
-    demo.add_argument("--config", default="configs/demo.yaml")
+    demo.add_argument("--work-dir", default="work/demo", help="corpus, shards, model and run go here")
+    demo.add_argument("--config", default="configs/demo.yaml", help="the run's config")
     demo.add_argument("--utterances", type=int, default=480, help="synthetic train-clean-100 utterances")
     demo.add_argument("--dev-utterances", type=int, default=48, help="synthetic dev-clean utterances")
-    demo.add_argument("overrides", nargs="*")
+    demo.add_argument("overrides", nargs="*", help="key=value overrides of the run's config")
 
     dl = command("download", _download, help="download, MD5-check and safely extract LibriSpeech subsets")
     dl.add_argument("--subset", action="append", required=True, help="e.g. train-clean-100 (repeatable)")
@@ -304,7 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--workers", type=int, default=2, help="processes reading shards in parallel")
 
     bench = command("bench", _bench, help="benchmarks: one JSON line per measurement, ratios measured side by side")
-    bench.add_argument("what", choices=("loader", "shard", "step", "scaling", "gpu"))
+    bench.add_argument("what", choices=("loader", "shard", "step", "scaling", "gpu"), help="what to measure")
     bench.add_argument("--work-dir", default="work/bench", help="where the benchmark corpus and shards are kept")
     bench.add_argument("--utterances", type=int, default=300, help="size of the LibriSpeech-shaped corpus")
     bench.add_argument("--workers", type=int, default=2, help="loader workers (ours and the seed-style pipeline)")
@@ -332,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     transcribe.add_argument("--chunk-seconds", type=float, default=30.0, help="files longer than this are chunked")
     transcribe.add_argument("--overlap-seconds", type=float, default=2.0,
                             help="context each chunk shares with its neighbour on each side (dropped from output)")
-    transcribe.add_argument("files", nargs="+")
+    transcribe.add_argument("files", nargs="+", help="audio files")
 
     evaluate = command("evaluate", _evaluate, help="WER/CER on shard sets, per utterance (JSONL) and per set "
                                                    "(stdout); runs under deepspeed/torchrun too")
@@ -345,9 +386,10 @@ def build_parser() -> argparse.ArgumentParser:
                           help="utterances per batch; models whose outputs padding changes (wav2vec2-base, any "
                                "model without attention mask: docs/evaluation.md) always take 1, as in training")
     evaluate.add_argument("--workers", type=int, default=1, help="DataLoader workers per rank")
-    evaluate.add_argument("--decoder", choices=("greedy", "beam"), default="greedy")
+    evaluate.add_argument("--decoder", choices=("greedy", "beam"), default="greedy",
+                          help="greedy: best path; beam: pyctcdecode's prefix beam search (with --lm: shallow fusion)")
     evaluate.add_argument("--lm", help="KenLM n-gram (.arpa or .bin) for --decoder beam")
-    evaluate.add_argument("--beam-width", type=int, default=100)
+    evaluate.add_argument("--beam-width", type=int, default=100, help="beams kept by --decoder beam")
     evaluate.add_argument("--alpha", type=float, default=0.5, help="LM weight")
     evaluate.add_argument("--beta", type=float, default=1.0, help="word insertion bonus")
     evaluate.add_argument("--worst", type=int, default=10, help="list this many worst utterances on stderr")
@@ -369,11 +411,18 @@ def build_parser() -> argparse.ArgumentParser:
     export = command("export", _export, help="DeepSpeed checkpoint (any ZeRO stage) -> Hugging Face dir")
     export.add_argument("--checkpoint", required=True, help="RUN dir, RUN/checkpoints or a step_* dir")
     export.add_argument("--tag", help="checkpoint tag (default: latest)")
-    export.add_argument("--out", required=True)
+    export.add_argument("--out", required=True, help="Hugging Face directory to write")
     export.add_argument("--config", help="the run's config.yaml (default: next to the checkpoints/ dir)")
     return parser
 
 
+_OWN_CONSOLE = ("train", "demo")
+"""Commands whose stdout is a live console (logs, progress bar) rather than output that tools read."""
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.func(args))
+    if args.command in _OWN_CONSOLE:
+        return int(args.func(args))
+    with command_stdout():  # what libraries print (DeepSpeed's warnings among it) goes to stderr
+        return int(args.func(args))

@@ -6,7 +6,6 @@ WER this command reports for ``final/`` is the one in the run's metrics.jsonl at
 
 from __future__ import annotations
 
-import contextlib
 import json
 import sys
 import time
@@ -17,6 +16,7 @@ from typing import Any
 import torch
 
 from w2v_dist import dist
+from w2v_dist.console import emit
 from w2v_dist.data.audio import EncoderGeometry
 from w2v_dist.data.index import load_shard_set
 from w2v_dist.data.loader import make_preprocess
@@ -98,12 +98,10 @@ def report_worst(rows: list[dict[str, Any]], count: int) -> None:
 
 def evaluate_command(opts: EvalOptions, local_rank: int | None = None) -> int:
     """The command: ranks, process group and device set up as for training (:func:`w2v_dist.run.start_process`)."""
-    # DeepSpeed logs to stdout through a handler bound when it is imported; stdout carries only the summary.
-    with contextlib.redirect_stdout(sys.stderr):
-        from w2v_dist.run import start_process
+    from w2v_dist.run import start_process  # under the command's w2v_dist.console.command_stdout: stdout is ours
 
-        world, device = start_process(opts.collective_timeout_minutes, local_rank)
+    world, device = start_process(opts.collective_timeout_minutes, local_rank)
     summary = evaluate_sets(opts, world, device)
     if summary is not None:
-        print(json.dumps(summary), flush=True)
+        emit(json.dumps(summary))
     return 0

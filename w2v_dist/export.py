@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import re
 import shutil
 import sys
 import tempfile
@@ -56,6 +57,12 @@ class CheckpointRef:
 def is_hf_export(path: str | Path) -> bool:
     """A ``save_pretrained`` directory (what ``<output_dir>/final`` and ``w2v-dist export`` write)."""
     return (Path(path) / "config.json").is_file()
+
+
+def is_hub_id(source: str | Path) -> bool:
+    """``org/name`` naming no local path: a Hugging Face Hub model, loaded from the HF cache (``HF_HOME``) or,
+    unless ``HF_HUB_OFFLINE=1``, the hub; so a published model can be a baseline for ``evaluate``/``transcribe``."""
+    return not Path(source).exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", str(source)) is not None
 
 
 def find_checkpoint(path: str | Path, tag: str | None = None, config: str | Path | None = None) -> CheckpointRef:
@@ -145,11 +152,19 @@ def load_for_inference(source: str | Path, config: str | Path | None = None, tag
     """Model (eval mode, fp32, CPU) and processor from an HF export dir or any form of DeepSpeed checkpoint."""
     # DeepSpeed logs to stdout, from a handler bound at its import; callers keep stdout for results.
     with contextlib.redirect_stdout(sys.stderr):
-        if is_hf_export(source):
-            # fp32 whatever config.json's dtype says: a bf16 run's export records "bfloat16" there, and
-            # transformers 5 would load its fp32 weights rounded to bf16.
-            model = AutoModelForCTC.from_pretrained(source, dtype=torch.float32)
-            return model.eval(), Wav2Vec2Processor.from_pretrained(source)
+        if is_hf_export(source) or is_hub_id(source):
+            try:
+                # fp32 whatever config.json's dtype says: a bf16 run's export records "bfloat16" there, and
+                # transformers 5 would load its fp32 weights rounded to bf16.
+                model = AutoModelForCTC.from_pretrained(source, dtype=torch.float32)
+                return model.eval(), Wav2Vec2Processor.from_pretrained(source)
+            except OSError as err:
+                if not is_hub_id(source):
+                    raise
+                raise ModelSourceError(
+                    f"{source} is no local path, and as a Hugging Face Hub id it is neither in the HF cache nor "
+                    f"reachable ({str(err).splitlines()[0]}); on a node without network, download it where there is "
+                    f"one (`hf download {source}`, into the same HF_HOME) and set HF_HUB_OFFLINE=1") from None
         return model_from_checkpoint(find_checkpoint(source, tag, config))
 
 

@@ -12,6 +12,8 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
+from w2v_dist import console
+
 SR = 16_000
 T = TypeVar("T")
 
@@ -43,7 +45,7 @@ def interleaved_medians(trials: dict[str, Callable[[], float]], rounds: int, war
 def emit(record: dict[str, Any]) -> dict[str, Any]:
     """One JSON line per measurement on stdout; the summary also as a short table on stderr (stdout stays
     machine-readable)."""
-    print(json.dumps(record), flush=True)
+    console.emit(json.dumps(record))  # the real stdout: libraries' prints go to stderr (w2v_dist.console)
     if record.get("measure") == "summary":
         print(summary_table(record), file=sys.stderr, flush=True)
     return record

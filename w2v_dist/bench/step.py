@@ -89,7 +89,8 @@ def data_wait(out: Path, shards: Path, model_dir: Path, steps: int, overrides: l
            *overrides]
     rendezvous = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")  # this process's group's
     env = {k: v for k, v in os.environ.items() if k not in rendezvous}
-    subprocess.run(cmd, check=True, capture_output=quiet, cwd=REPO, env=env)
+    subprocess.run(cmd, check=True, cwd=REPO, env=env, stdout=subprocess.PIPE if quiet else 2,
+                   stderr=subprocess.PIPE if quiet else None)  # its output to fd 2: our stdout is the JSON lines
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     windows = [r for r in records if "data_wait_fraction" in r][1:]
     return {key: statistics.mean(r[key] for r in windows) for key in keys}

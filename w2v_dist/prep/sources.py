@@ -43,7 +43,10 @@ def librispeech_sources(root: str | Path, subsets: list[str]) -> list[Source]:
     for subset in subsets:
         subset_dir = base / subset
         if not subset_dir.is_dir():
-            raise FileNotFoundError(f"subset '{subset}' not found under {base}")
+            found = sorted(entry.name for entry in base.iterdir() if entry.is_dir()) if base.is_dir() else []
+            where = f"under {base}, which holds {', '.join(found)}" if found else (
+                f"under {base}, which holds no subsets" if base.is_dir() else f"under {base}, which does not exist")
+            raise FileNotFoundError(f"subset '{subset}' not found {where}")
         texts: dict[str, str] = {}
         audio: dict[str, str] = {}  # key -> path relative to base
         # os.scandir, not Path.glob: a million-file corpus is listed in seconds instead of a minute.
