@@ -221,3 +221,16 @@ def fill_disk(directory: Path, leave: int) -> Path:
     with open(filler, "wb") as handle:
         handle.write(b"\0" * max(0, shutil.disk_usage(directory).free - leave))
     return filler
+
+
+def hub_cache(home: Path, repo_id: str, files: Path) -> Path:
+    """``home`` (an ``HF_HOME``) holding hub model ``repo_id`` with the files of ``files``, laid out as
+    ``huggingface_hub`` writes its cache (``hub/models--org--name/refs/main`` naming a snapshot): what
+    ``w2v-dist fetch-model`` leaves, made without a network. Returns the snapshot directory."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = home / "hub" / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / commit
+    shutil.copytree(files, snapshot)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    return snapshot

@@ -51,6 +51,7 @@ def run_train(args: argparse.Namespace) -> int:
         problems = input_problems(cfg)
         return _fail("input error", InputError(problems)) if problems else 0
     from w2v_dist.checkpoint import ResumeError
+    from w2v_dist.hub import ModelUnavailable
     from w2v_dist.lock import OutputDirInUse
     from w2v_dist.trainer import train
 
@@ -62,6 +63,8 @@ def run_train(args: argparse.Namespace) -> int:
         return _fail("train", err, 1)
     except OutputDirInUse as err:
         return _fail("train", err, 1)
+    except ModelUnavailable as err:  # said once, by rank 0 (w2v_dist.hub.resolve)
+        return _fail("train", err, 1) if str(err) else 1
     return 0
 
 
@@ -235,6 +238,19 @@ def _config_docs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fetch_model(args: argparse.Namespace) -> int:
+    from w2v_dist.hub import ModelUnavailable, fetch
+
+    os.environ["HF_HOME"] = str(Path(args.cache).resolve())  # named by its messages
+    try:
+        path = fetch(args.name, Path(args.cache) / "hub")
+    except ModelUnavailable as err:
+        return _fail("fetch-model", err, 1)
+    emit(str(path))  # stdout is the output (w2v_dist.console): the path, for scripts
+    print(f"on every node: export HF_HOME={Path(args.cache).resolve()} HF_HUB_OFFLINE=1", file=sys.stderr)
+    return 0
+
+
 class _HelpWithDefaults(argparse.HelpFormatter):
     """Each option's one-line help, then its default where it has one (not for flags, or options without one)."""
 
@@ -362,6 +378,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="gpu: stop the largest-batch probe at this many seconds of worst-case audio")
 
     command("config-docs", _config_docs, help="print the configuration reference (markdown)")
+
+    fetch = command("fetch-model", _fetch_model, help="download a hub model into a cache compute nodes can read "
+                    "offline (prints its local path)")
+    fetch.add_argument("name", help="hub id, e.g. facebook/wav2vec2-base")
+    fetch.add_argument("--cache", required=True, help="the cache's root: HF_HOME=DIR on every node")
 
     model_help = "HF export dir (e.g. RUN/final) or DeepSpeed checkpoint: RUN dir, RUN/checkpoints or a step_* dir"
     config_help = "the run's config.yaml when --model is a checkpoint outside its run dir"

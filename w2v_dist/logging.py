@@ -31,6 +31,8 @@ def setup_console(rank: int) -> None:
                         format=f"[%(asctime)s rank{rank} %(name)s] %(message)s", datefmt="%H:%M:%S", force=True)
     for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "httpx", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if rank != 0:  # the hub's warnings (unauthenticated requests, a retry) once per run, not once per node
+        logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
     for handler in logging.getLogger().handlers:
         handler.addFilter(RedactingFilter())
     quiet_expected_noise()

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import Wav2Vec2Processor, set_seed
 
-from w2v_dist import dist
+from w2v_dist import dist, hub
 from w2v_dist.checkpoint import Checkpointer
 from w2v_dist.config import Config, DataConfig
 from w2v_dist.data.audio import EncoderGeometry
@@ -85,8 +85,9 @@ def start_process(timeout_minutes: float, local_rank: int | None = None, lock: O
 def build_engine(cfg: Config, local_rank: int | None = None) -> tuple[dist.World, Engine, Wav2Vec2Processor]:
     """A started process with ``cfg.model`` loaded into a ready engine: what benchmarks and tests train with."""
     world, device = start_process(cfg.trainer.collective_timeout_minutes, local_rank)
-    processor = load_processor(cfg.model, None)
-    return world, Engine(cfg, load_model(cfg.model, processor), device), processor
+    model_cfg = replace(cfg.model, name_or_path=hub.resolve(cfg.model.name_or_path, world.local_rank, world.is_main))
+    processor = load_processor(model_cfg, None)
+    return world, Engine(cfg, load_model(model_cfg, processor), device), processor
 
 
 def load_train_set(data: DataConfig) -> tuple[ShardSet, dict[str, int] | None]:
@@ -110,15 +111,17 @@ def load_train_set(data: DataConfig) -> tuple[ShardSet, dict[str, int] | None]:
 def build_run(cfg: Config, local_rank: int | None = None) -> Run:
     check_accelerator(cfg.deepspeed.precision)
     check_inputs(cfg)  # every rank, before the process group: one line per missing or unusable input
+    hub.prefetch(cfg.model.name_or_path, dist.world_from_env(local_rank).local_rank)
     lock = OutputDirLock(Path(cfg.output_dir), cfg.trainer.lock_stale_minutes * 60)  # held until the process exits
     world, device = start_process(cfg.trainer.collective_timeout_minutes, local_rank, lock)
+    model_cfg = replace(cfg.model, name_or_path=hub.resolve(cfg.model.name_or_path, world.local_rank, world.is_main))
     check_output_dir(Path(cfg.output_dir))
     dist.register_ranks(Path(cfg.output_dir) / RANKS_DIR, world)  # output_dir shared by every node, or stop here
     set_seed(cfg.trainer.seed)
     train_set, vocabulary = load_train_set(cfg.data)
     check_shards_readable(train_set)
-    processor = load_processor(cfg.model, vocabulary)
-    model = load_model(cfg.model, processor)
+    processor = load_processor(model_cfg, vocabulary)
+    model = load_model(model_cfg, processor)
     sample_rate = train_set.sample_rate
     prep = make_preprocess(processor, EncoderGeometry.from_model_config(model.config), sample_rate,
                            cfg.data.min_seconds, cfg.data.max_seconds)
