@@ -223,6 +223,11 @@ def is_initialized() -> bool:
     return torch_dist.is_available() and torch_dist.is_initialized()
 
 
+def rank_and_size() -> tuple[int, int]:
+    """This process's rank and the world size (0 and 1 without a process group)."""
+    return (torch_dist.get_rank(), torch_dist.get_world_size()) if is_initialized() else (0, 1)
+
+
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     """Sum a few numbers over all ranks in one collective (float64, exact for counts)."""
     return all_reduce_sum_async(values, device).tolist()

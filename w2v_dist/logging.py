@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import sys
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from w2v_dist.config import WandbConfig
 from w2v_dist.redact import redact, redact_values
 
 SECRET_MARKERS = ("KEY", "TOKEN", "SECRET", "PASSWORD")
+console = logging.getLogger("w2v_dist.progress")
 
 
 def setup_console(rank: int) -> None:
@@ -35,7 +37,70 @@ def setup_console(rank: int) -> None:
         logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
     for handler in logging.getLogger().handlers:
         handler.addFilter(RedactingFilter())
+        if isinstance(handler, logging.StreamHandler):
+            handler.setStream(BarSafeStderr())  # type: ignore[arg-type]
     quiet_expected_noise()
+
+
+def on_terminal() -> bool:
+    """Whether the console is a terminal: progress bars there, plain lines in files and pipes (SLURM, ``| tee``),
+    where a bar's ``\r`` redraws pile up on one line and log lines were glued onto it."""
+    return sys.stderr.isatty()
+
+
+class BarSafeStderr:
+    """The console handler's stream: a log line goes out through ``tqdm.write``, which lifts any progress bar off
+    the line first and redraws it below, so a line is never glued onto a bar. Looks ``sys.stderr`` up at each write
+    (pytest and ``command_stdout`` swap it)."""
+
+    def write(self, text: str) -> None:
+        tqdm.write(text, file=sys.stderr, end="")
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
+class Progress:
+    """A long loop's progress on rank 0: a bar on a terminal, else a plain line at the start and every
+    ``every_s`` seconds. Other ranks show nothing."""
+
+    def __init__(self, what: str, total: int, unit: str, *, show: bool, every_s: float = 30.0) -> None:
+        self.what, self.total, self.unit, self.every_s = what, total, unit, every_s
+        self.done, self.start, self.said = 0, time.monotonic(), time.monotonic()
+        self.bar = tqdm(total=total, desc=what, unit=unit, leave=False, dynamic_ncols=True) \
+            if show and on_terminal() else None
+        self.lines = show and self.bar is None
+        if self.lines:
+            console.info("%s: %s %s", what, f"{total:,}", unit)
+
+    def update(self, n: int) -> None:
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+        elif self.lines and time.monotonic() - self.said >= self.every_s:
+            self.said = time.monotonic()
+            console.info("%s: %s of %s %s, %.0f s", self.what, f"{self.done:,}", f"{self.total:,}", self.unit,
+                         self.said - self.start)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def step_line(record: dict[str, Any], eta_s: float) -> str:
+    """The plain line a train step is logged with where there is no bar: what the bar would show, and more."""
+    loss = f"{record['loss']:.4f}" if isinstance(record.get("loss"), float) \
+        else f"skipped ({record.get('skipped_cause')})"
+    norm = record.get("grad_norm")
+    return (f"step {record['step']:,}: loss {loss}, lr {record['lr']:.3e}, grad norm "
+            f"{'-' if norm is None else f'{norm:.3g}'}, {record['audio_seconds_per_second']:,.0f} audio-s/s, "
+            f"ETA {format_seconds(eta_s)}")
+
+
+def format_seconds(seconds: float) -> str:
+    minutes, secs = divmod(int(max(seconds, 0.0)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}"
 
 
 EXPECTED_NOISE = {
@@ -91,7 +156,8 @@ class RunLogger:
 
     def log(self, record: dict[str, Any]) -> None: ...
 
-    def progress(self, step: int, postfix: dict[str, Any]) -> None: ...
+    def progress(self, step: int, postfix: dict[str, Any], line: str) -> None:
+        """Step ``step`` was logged: ``postfix`` for a progress bar, ``line`` where there is none."""
 
     def table(self, name: str, columns: list[str], rows: list[list[Any]], step: int) -> None: ...
 
@@ -108,7 +174,7 @@ class MainLogger(RunLogger):
                  start_step: int, progress_bar: bool) -> None:
         self.file = (output_dir / "metrics.jsonl").open("a")
         self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
-                        disable=not progress_bar)
+                        disable=not (progress_bar and on_terminal()))
         self.wandb: Any = None
         self.log_checkpoints = wandb_cfg.log_checkpoints
         if wandb_cfg.mode != "disabled":
@@ -130,7 +196,10 @@ class MainLogger(RunLogger):
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in clean.items() if isinstance(v, int | float)}, step=record.get("step"))
 
-    def progress(self, step: int, postfix: dict[str, Any]) -> None:
+    def progress(self, step: int, postfix: dict[str, Any], line: str) -> None:
+        if self.bar.disable:
+            console.info("%s", line)
+            return
         self.bar.n = step
         self.bar.set_postfix(postfix, refresh=False)
         self.bar.refresh()

@@ -30,7 +30,7 @@ from w2v_dist.data.plan import BatchPolicy
 from w2v_dist.data.shard_reader import RetryPolicy
 from w2v_dist.data.text import LIBRISPEECH, TextPolicy, TranscriptError
 from w2v_dist.decoding import CTCDecoder
-from w2v_dist.logging import finite_or_none
+from w2v_dist.logging import Progress, finite_or_none
 from w2v_dist.metrics import ErrorCounts
 
 log = logging.getLogger("w2v_dist.scoring")
@@ -117,6 +117,9 @@ class Scorer:
         rows: list[dict[str, Any]] = []
         unscored: list[tuple[str, str]] = []
         forwards = 0
+        rank, size = dist.rank_and_size()  # rank 0 shows its stripe's progress, about 1/size of the set
+        progress = Progress(f"scoring {name}", -(-indexed // size), "utterances" + (" (rank 0's share)" if size > 1
+                                                                                    else ""), show=rank == 0)
         for batch in loader:
             unscored.extend(batch.dropped)
             if len(batch):
@@ -124,7 +127,9 @@ class Scorer:
             elif self.pad_forward:
                 self.pad_forward()
             forwards += 1
+            progress.update(len(batch) + len(batch.dropped))
             self.after_batch()
+        progress.close()
         if self.pad_forward:
             most = int(dist.all_reduce_max([forwards], self.device)[0])
             for _ in range(most - forwards):

@@ -27,7 +27,7 @@ from w2v_dist.export import ExportWriteError
 from w2v_dist.faults import injected_faults, pause_point
 from w2v_dist.flops import COUNTED_FAMILIES, peak_tflops, step_flops
 from w2v_dist.layerdrop import SharedLayerDrop
-from w2v_dist.logging import MainLogger, RunLogger
+from w2v_dist.logging import MainLogger, RunLogger, step_line
 from w2v_dist.metrics import ErrorCounts
 from w2v_dist.model_card import model_card
 from w2v_dist.preemption import REQUEUE_FILE, StopSignal, request_requeue
@@ -146,6 +146,7 @@ class Trainer:
                 self.state.load_state_dict(client_state["run"])
                 run.train_stream.load_state_dict(client_state["loader"])
                 self._check_schedule(client_state)
+        self.logged_step = self.state.step  # the last step logged: the ETA's pace is measured since then
         self.logger = MainLogger(self.output, config=to_written(cfg), wandb_cfg=cfg.logging.wandb,
                                  total_steps=cfg.trainer.max_steps, start_step=self.state.step,
                                  progress_bar=cfg.logging.progress_bar) if self.world.is_main else RunLogger()
@@ -308,9 +309,12 @@ class Trainer:
             record["max_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
         self.logger.log(record)
         loss = f"{result.loss_per_target:.3f}" if not result.cause else "skipped"
+        steps, self.logged_step = max(state.step - self.logged_step, 1), state.step
+        eta = (self.cfg.trainer.max_steps - state.step) * elapsed / steps  # at this window's pace, evaluations aside
         self.logger.progress(state.step, {"loss": loss, "lr": f"{lr:.2e}",
                                           "aud_s/s": f"{record['audio_seconds_per_second']:.0f}",
-                                          **({"mfu": f"{record['mfu']:.1%}"} if "mfu" in record else {})})
+                                          **({"mfu": f"{record['mfu']:.1%}"} if "mfu" in record else {})},
+                             step_line(record, eta))
 
     def _evaluate(self) -> dict[str, SetScore]:
         """Collective: score every dev set (:mod:`w2v_dist.scoring`, as ``w2v-dist evaluate`` does), log it, and
