@@ -237,7 +237,9 @@ class LoggingConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
     """Weights & Biases settings; only rank 0 ever initialises wandb."""
     progress_bar: bool = True
-    """Show a tqdm bar on rank 0."""
+    """Show a tqdm bar on rank 0 when the console is a terminal. Outside one (a log file, a pipe), or with this
+    false, rank 0 logs one plain line per ``trainer.log_every`` steps instead: step, loss, lr, grad norm,
+    audio-s/s, ETA."""
     sample_transcripts: int = 3
     """Number of (reference, hypothesis) pairs logged per dev set at each evaluation."""
     key_log: bool = False
