@@ -60,22 +60,27 @@ def fetch(name: str, cache_dir: str | Path | None = None) -> Path:
                 "HF_HOME=DIR on every node") from None
     try:  # one bounded request, no retries: the hub answers within seconds or not at all
         HfApi().repo_info(name, timeout=constants.HF_HUB_ETAG_TIMEOUT)
+    except HfHubHTTPError as err:
+        status = err.response.status_code if err.response is not None else 500
+        if status < 500:  # not found, gated, no token: the cache would not help
+            raise ModelUnavailable(f"model {name} is no local directory, and the hub says: "
+                                   f"{str(err).splitlines()[0]} (a private or gated model needs HF_TOKEN)") from None
+        unreachable: Exception = err  # the hub is down
     except (httpx2.TransportError, OSError) as err:
-        try:
-            path = Path(snapshot_download(name, cache_dir=cache, ignore_patterns=IGNORED, local_files_only=True))
-        except LocalEntryNotFoundError:
-            raise ModelUnavailable(
-                f"model {name}: the hub ({constants.ENDPOINT}) is unreachable from {socket.gethostname()} "
-                f"({type(err).__name__}: {err}) and the model is not in the cache under HF_HOME={cache_home()}. "
-                f"Run 'w2v-dist fetch-model {name} --cache DIR' where the hub is reachable, then set HF_HOME=DIR "
-                "and HF_HUB_OFFLINE=1 on every node") from None
-        log.warning("the hub (%s) is unreachable (%s); using the cached %s (set HF_HUB_OFFLINE=1 to skip the "
-                    "check)", constants.ENDPOINT, type(err).__name__, name)
-        return path
-    except HfHubHTTPError as err:  # not found, gated, no token
-        raise ModelUnavailable(f"model {name}: {str(err).splitlines()[0]} (a private or gated model needs "
-                               "HF_TOKEN)") from None
-    return Path(snapshot_download(name, cache_dir=cache, ignore_patterns=IGNORED))
+        unreachable = err
+    else:
+        return Path(snapshot_download(name, cache_dir=cache, ignore_patterns=IGNORED))
+    try:
+        path = Path(snapshot_download(name, cache_dir=cache, ignore_patterns=IGNORED, local_files_only=True))
+    except LocalEntryNotFoundError:
+        raise ModelUnavailable(
+            f"model {name}: the hub ({constants.ENDPOINT}) is unreachable from {socket.gethostname()} "
+            f"({type(unreachable).__name__}: {str(unreachable).splitlines()[0] if str(unreachable) else ''}) and "
+            f"the model is not in the cache under HF_HOME={cache_home()}. Run 'w2v-dist fetch-model {name} --cache "
+            "DIR' where the hub is reachable, then set HF_HOME=DIR and HF_HUB_OFFLINE=1 on every node") from None
+    log.warning("the hub (%s) is unreachable (%s); using the cached %s (set HF_HUB_OFFLINE=1 to skip the check)",
+                constants.ENDPOINT, type(unreachable).__name__, name)
+    return path
 
 
 _fetched: dict[str, str] = {}

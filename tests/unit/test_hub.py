@@ -131,3 +131,33 @@ def test_only_local_rank_0_asks_the_hub_the_others_take_its_snapshot(monkeypatch
     assert str(quiet.value) == ""
     with pytest.raises(ModelUnavailable, match="the hub is unreachable"):
         hub.resolve(REPO_ID, local_rank=1, is_main=True)
+
+
+def test_a_model_the_hub_does_not_have_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A mistyped id or a missing local directory (``runs/x/final``) that the hub answers 404 for."""
+    import http.server
+    import threading
+
+    class NotFound(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            body = b'{"error": "Repository not found"}'
+            self.send_response(404)
+            self.send_header("X-Error-Code", "RepoNotFound")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *_: object) -> None: ...
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotFound)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}")
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        with pytest.raises(ModelUnavailable) as caught:
+            fetch("runs/final", tmp_path / "hub")
+    finally:
+        server.shutdown()
+    message = str(caught.value)
+    assert message.startswith("model runs/final is no local directory, and the hub says: ") and "\n" not in message
+    assert "HF_TOKEN" in message
