@@ -49,12 +49,16 @@ def on_terminal() -> bool:
 
 
 class BarSafeStderr:
-    """The console handler's stream: a log line goes out through ``tqdm.write``, which lifts any progress bar off
-    the line first and redraws it below, so a line is never glued onto a bar. Looks ``sys.stderr`` up at each write
-    (pytest and ``command_stdout`` swap it)."""
+    """The console handler's stream: while a progress bar is shown, a log line goes out through ``tqdm.write``,
+    which lifts the bar off the line first and redraws it below, so a line is never glued onto a bar. Without
+    tqdm's lock (``nolock``): that is a multiprocessing lock, shared with forked loader workers, which one killed
+    while writing would leave held. Looks ``sys.stderr`` up at each write (pytest and ``command_stdout`` swap it)."""
 
     def write(self, text: str) -> None:
-        tqdm.write(text, file=sys.stderr, end="")
+        if getattr(tqdm, "_instances", None):
+            tqdm.write(text, file=sys.stderr, end="", nolock=True)
+        else:
+            sys.stderr.write(text)
 
     def flush(self) -> None:
         sys.stderr.flush()
