@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 
 FIRST_DROPPABLE = {"wavlm": 1}
@@ -34,8 +35,7 @@ class SharedLayerDrop:
     def draw(self, seed: int, update: int) -> frozenset[int]:
         """Skip each layer in ``update`` with ``probability``, drawn from a generator of its own (the global RNG
         stays as the data stream's seeding left it)."""
-        generator = torch.Generator().manual_seed(hash((seed, update)) & 0x7FFFFFFF)
-        draws = torch.rand(self.count, generator=generator).tolist()
+        draws = np.random.default_rng(hash((seed, update)) & 0x7FFFFFFF).random(self.count)  # numpy: no tensor read
         self.skipped = frozenset(i for i, d in enumerate(draws) if i >= self.first_droppable and d < self.probability)
         return self.skipped
 

@@ -27,6 +27,7 @@ from w2v_dist.data.audio import EncoderGeometry
 from w2v_dist.data.text import WORD_DELIMITER, librispeech_vocab, write_vocab
 from w2v_dist.layerdrop import FIRST_DROPPABLE, SharedLayerDrop
 from w2v_dist.pos_conv import use_pos_conv
+from w2v_dist.spec_augment import use_sync_free_masking
 
 log = logging.getLogger("w2v_dist.model")
 
@@ -128,6 +129,7 @@ def load_model(cfg: ModelConfig, processor: Wav2Vec2Processor) -> PreTrainedMode
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     use_pos_conv(model, cfg.pos_conv)
+    use_sync_free_masking(model)
     layers = getattr(getattr(model, model.base_model_prefix).encoder, "layers", None)
     if cfg.layerdrop and hasattr(config, "layerdrop"):
         if not isinstance(layers, torch.nn.ModuleList):

@@ -62,7 +62,7 @@ def train_step(engine: Engine, micro_batches: list[CTCBatch], world_size: int, s
     """One optimizer update. Every rank runs the same collectives whatever its data, so none can hang."""
     local = [sum(b.targets for b in micro_batches), sum(len(b) for b in micro_batches),
              sum(b.seconds for b in micro_batches)]
-    counts = dist.all_reduce_sum_async(local, engine.device)  # read with the flags below: one host sync per step
+    counts = dist.all_reduce_sum_async(local, engine.device)  # read with the flags below
     scale = world_size * len(micro_batches) / counts[0].clamp(min=1.0)  # DeepSpeed averages ranks, micro-batches
     loss_sum = torch.zeros((), device=engine.device)
     for index, batch in enumerate(micro_batches):
@@ -74,8 +74,8 @@ def train_step(engine: Engine, micro_batches: list[CTCBatch], world_size: int, s
             engine.micro_step()
     flags = torch.stack([loss_sum.double(), (~torch.isfinite(loss_sum)).double(), engine.grad_nonfinite().double(),
                          torch.tensor(float(stop_requested), dtype=torch.float64, device=engine.device)])
-    total, loss_bad, grad_bad, stop = dist.all_reduce_tensor(flags.nan_to_num(0.0)).tolist()
-    targets, utterances, seconds = counts.tolist()
+    reduced = torch.cat([dist.all_reduce_tensor(flags.nan_to_num(0.0)), counts])
+    total, loss_bad, grad_bad, stop, targets, utterances, seconds = reduced.tolist()  # the step's one host read
     cause = "loss_nonfinite" if loss_bad else "grad_nonfinite" if grad_bad else None
     outcome = engine.update(skip=cause is not None)
     if cause is None and outcome.engine_skipped:

@@ -163,7 +163,8 @@ def test_two_ranks_on_every_zero_stage_equal_one_rank_accumulating_the_same_batc
     """Loss normalised by global target count, and randomness (masks, dropout, LayerDrop) drawn per update and
     stream: 2 ranks x 1 micro-batch under ZeRO 0, 2 and partitioned 3 == 1 rank x 2 micro-batches (fp32). The grad
     norm each reports (DeepSpeed's own on ZeRO 2 and 3, ours on ZeRO 0, where DeepSpeed keeps none) is the same
-    finite number: the global norm before clipping (optim.grad_clip=0.5 clips these updates)."""
+    finite number: the global norm before clipping (optim.grad_clip=0.5 clips these updates). Each run's last
+    update reads the device once outside the optimizer's update: the step's one read of its flags and counts."""
     import json
     import os
     import subprocess
@@ -184,6 +185,8 @@ def test_two_ranks_on_every_zero_stage_equal_one_rank_accumulating_the_same_batc
     skipped = {name: json.loads((tmp_path / f"{name}.skipped.json").read_text()) for name in runs}
     assert all(s == skipped["one"] for s in skipped.values()), skipped
     assert any(skipped["one"]) and not all(skipped["one"]), f"no update with and one without a skip: {skipped}"
+    syncs = {name: json.loads((tmp_path / f"{name}.syncs.json").read_text()) for name in runs}
+    assert all(sum(counted.values()) <= 1 for counted in syncs.values()), f"host syncs outside the optimizer: {syncs}"
     norms = {name: json.loads((tmp_path / f"{name}.grad_norms.json").read_text()) for name in runs}
     assert all(isinstance(n, float) and math.isfinite(n) and n > 0.5 for n in norms["zero0"]), norms
     for name in runs:

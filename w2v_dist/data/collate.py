@@ -45,6 +45,23 @@ class CTCBatch:
     """Training: its data stream (:class:`~w2v_dist.data.plan.StreamLayout`); seeds its dropout and masks."""
     epoch: int = -1
     """Training: the epoch of its slot's plan it comes from."""
+    sample_lengths: tuple[int, ...] = field(init=False)
+    """``input_lengths`` as host integers."""
+    target_lengths: tuple[int, ...] = field(init=False)
+    """Each utterance's label count, as host integers."""
+    flat_targets: torch.Tensor = field(init=False)
+    """The labels without their padding, concatenated: what the CTC loss takes."""
+
+    def __post_init__(self) -> None:
+        """The lengths and targets the loss needs, computed where the batch is made (a loader worker) with numpy:
+        read in the train step from a device tensor, each would be a host sync (``w2v_dist/ctc.py``)."""
+        labels = self.labels.numpy()
+        real = labels >= 0
+        object.__setattr__(self, "sample_lengths", tuple(int(n) for n in self.input_lengths.numpy()))
+        object.__setattr__(self, "target_lengths", tuple(int(n) for n in real.sum(axis=1))
+                           if labels.shape[:1] == (len(self.keys),)
+                           else (0,) * len(self.keys))  # a batch without labels (bench loader)
+        object.__setattr__(self, "flat_targets", torch.from_numpy(np.ascontiguousarray(labels[real])))
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -52,7 +69,7 @@ class CTCBatch:
     @property
     def targets(self) -> int:
         """CTC target tokens in the batch."""
-        return int((self.labels >= 0).sum())
+        return sum(self.target_lengths)
 
     def model_inputs(self, device: torch.device | str, with_labels: bool = True) -> dict[str, torch.Tensor]:
         """``*ForCTC``'s keyword arguments on ``device``, the waveforms normalised there when asked."""
