@@ -351,9 +351,12 @@ def build_parser() -> argparse.ArgumentParser:
     dl = command("download", _download, help="download, MD5-check and safely extract LibriSpeech subsets")
     dl.add_argument("--subset", action="append", required=True, help="e.g. train-clean-100 (repeatable)")
     dl.add_argument("--root", required=True, help="where LibriSpeech/<subset>/ is extracted (archives go here too)")
-    dl.add_argument("--mirror", default=None,
-                    help="base URL holding <subset>.tar.gz (default: https://www.openslr.org/resources/12)")
-    dl.add_argument("--checksums", help="md5sum-style file (<md5>  <subset>.tar.gz) overriding the built-in table")
+    dl.add_argument("--mirror", default=os.environ.get("LIBRISPEECH_MIRROR"),
+                    help="base URL holding <subset>.tar.gz (http(s):// or file://; $LIBRISPEECH_MIRROR; without "
+                         "either: https://www.openslr.org/resources/12)")
+    dl.add_argument("--checksums", default=os.environ.get("LIBRISPEECH_CHECKSUMS"),
+                    help="md5sum-style file (<md5>  <subset>.tar.gz) overriding the built-in table "
+                         "($LIBRISPEECH_CHECKSUMS)")
     dl.add_argument("--keep-archive", action="store_true", help="keep <subset>.tar.gz after extraction")
 
     verify = command("verify", _verify, help="re-read a shard directory and check it against its index.json")

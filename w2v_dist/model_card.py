@@ -1,5 +1,8 @@
 """The README.md of every export (final/, best/, ``w2v-dist export``): Hugging Face model-card metadata with the dev
-WER/CER as model-index results, how to load the model, and the training config it came from."""
+WER/CER as model-index results, how to load the model, and the training config it came from.
+
+Its example reads the audio with soundfile (a dependency of transformers' audio extras and of this project) and
+passes an array: a file name makes the pipeline decode with ffmpeg, which a fresh set-up does not have."""
 
 from __future__ import annotations
 
@@ -48,13 +51,16 @@ Every dev utterance is scored (greedy decoding; WER = summed word edits / summed
 ## Use
 
 ```python
+import soundfile as sf
 from transformers import pipeline
 
 asr = pipeline("automatic-speech-recognition", model="path/to/this/directory")
-print(asr("audio.flac")["text"])
+audio, rate = sf.read("audio.flac", dtype="float32")  # 16 kHz mono, as in training; any soundfile format
+print(asr({{"raw": audio, "sampling_rate": rate}})["text"])
 ```
 
 or `w2v-dist transcribe --model path/to/this/directory audio.flac`, `w2v-dist evaluate --model ... --shards ...`.
+The example passes an array: given a file name, the pipeline decodes it with ffmpeg, which it does not install.
 
 ## Training config
 
