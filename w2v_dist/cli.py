@@ -117,7 +117,7 @@ def _download(args: argparse.Namespace) -> int:
     from w2v_dist.prep.download import DownloadError, download
 
     try:
-        download(args.subset, args.root, args.mirror, args.checksums, args.keep_archive)
+        download(args.subset, args.root, args.mirror, args.checksums, args.keep_archive, log=emit)
     except DownloadError as err:
         return _fail("download failed", err, 1)
     return 0
