@@ -49,6 +49,11 @@ class DataConfig:
     """Look-ahead window (utterances) sorted by duration before packing batches; larger pads less."""
     shuffle_buffer: int = 2000
     """Shuffle buffer size in utterances after shard interleave; bounds worker memory."""
+    shape_quantum_frames: int = 0
+    """Pad every training batch to one of a few shapes: lengths whose frame count is a multiple of this (32 frames
+    = 0.64 s for wav2vec2), each with one row count (``w2v_dist/data/shapes.py``). Otherwise nearly every step
+    has a new shape, and a GPU plans its kernels (and ``torch.compile`` specialises) anew. 0: each batch padded
+    to its longest utterance."""
     min_seconds: float = 0.5
     """Utterances shorter than this are skipped at load time (counted)."""
     max_seconds: float = 35.0
@@ -330,6 +335,7 @@ _BOUNDS: dict[str, Bounds] = {
     "data.max_batch_size": _POSITIVE,
     "data.bucket_window": _POSITIVE,
     "data.shuffle_buffer": _POSITIVE,
+    "data.shape_quantum_frames": _NON_NEGATIVE,
     "data.min_seconds": _NON_NEGATIVE,
     "data.max_seconds": _POSITIVE,
     "data.num_workers": Bounds(-1, note="-1: one per core less one"),

@@ -20,11 +20,11 @@ from w2v_dist.data.collate import CTCBatch
 
 
 def logit_lengths(batch: CTCBatch, config: PretrainedConfig, frames: int) -> tuple[int, ...]:
-    """The frames of each utterance the loss aligns, as Hugging Face counts them: the real samples' frames with
-    an attention mask, else the whole padded row's ``frames`` (base models are trained without a mask: their
-    padding is zeros after normalisation)."""
+    """The frames of each row the loss aligns, as Hugging Face counts them: the real samples' frames with an
+    attention mask, else the whole padded row's ``frames`` (base models are trained without a mask: their padding
+    is zeros after normalisation). An empty row of a grid shape has none: it adds nothing to the loss."""
     if batch.attention_mask is None:
-        return (frames,) * len(batch)
+        return tuple(frames if samples else 0 for samples in batch.sample_lengths)
     geometry = EncoderGeometry.from_model_config(config)
     lengths = [geometry.frames(n) for n in batch.sample_lengths]
     if getattr(config, "add_adapter", False):  # each adapter layer: a kernel-1 convolution with its stride

@@ -30,12 +30,15 @@ class WorstCase:
 
 def worst_case(shards: ShardSet, policy: BatchPolicy, keep: Filter) -> WorstCase:
     """The largest micro-batch the plan can form: the longest kept utterance (at any speed perturbation's
-    length), as many as the budget allows."""
+    length; on a shape grid, its grid length), as many as the budget allows."""
     speeds = policy.speeds or (1.0,)
     kept = [perturbed for shard in shards.utterances for u in shard for speed in speeds
             if keep(perturbed := replace(u, num_samples=perturbed_samples(u.num_samples, speed, shards.sample_rate)))
             is None]
     longest = max(u.num_samples for u in kept)
+    if policy.grid is not None:  # padded to its grid length, with that length's rows
+        longest = policy.grid.length(longest)
+        return WorstCase(policy.grid.rows(longest), longest, max(u.label_length for u in kept))
     count = max(1, min(policy.max_batch_size, policy.max_batch_samples // longest))
     return WorstCase(count, longest, max(u.label_length for u in kept))
 

@@ -18,6 +18,7 @@ from w2v_dist.data.audio import EncoderGeometry
 from w2v_dist.data.index import ShardSet, is_remote, load_shard_set, mix_shard_sets, read_vocab
 from w2v_dist.data.loader import TrainStream, make_loader, make_preprocess
 from w2v_dist.data.plan import BatchPolicy, StreamLayout
+from w2v_dist.data.shapes import ShapeGrid
 from w2v_dist.data.shard_reader import RetryPolicy
 from w2v_dist.data.text import TextPolicy
 from w2v_dist.engine import DTYPES, Engine, accelerator_name, check_accelerator, init_distributed
@@ -123,10 +124,13 @@ def build_run(cfg: Config, local_rank: int | None = None) -> Run:
     processor = load_processor(model_cfg, vocabulary)
     model = load_model(model_cfg, processor)
     sample_rate = train_set.sample_rate
-    prep = make_preprocess(processor, EncoderGeometry.from_model_config(model.config), sample_rate,
-                           cfg.data.min_seconds, cfg.data.max_seconds)
-    policy = BatchPolicy(int(cfg.data.max_batch_seconds * sample_rate), cfg.data.max_batch_size,
-                         cfg.data.bucket_window, cfg.data.shuffle_buffer, tuple(cfg.data.speed_perturb))
+    geometry = EncoderGeometry.from_model_config(model.config)
+    prep = make_preprocess(processor, geometry, sample_rate, cfg.data.min_seconds, cfg.data.max_seconds)
+    budget = int(cfg.data.max_batch_seconds * sample_rate)
+    grid = (ShapeGrid.for_encoder(cfg.data.shape_quantum_frames, geometry, budget, cfg.data.max_batch_size)
+            if cfg.data.shape_quantum_frames else None)
+    policy = BatchPolicy(budget, cfg.data.max_batch_size, cfg.data.bucket_window, cfg.data.shuffle_buffer,
+                         tuple(cfg.data.speed_perturb), grid)
     checkpointer = Checkpointer(Path(cfg.output_dir), world, keep_last=cfg.checkpoint.keep_last,
                                 keep_best=cfg.checkpoint.keep_best,
                                 model=model_identity(cfg.model.name_or_path, model, processor))

@@ -140,6 +140,7 @@ class Trainer:
         self.unpooled_sources: Counter[str] = Counter()  # and its utterances per mixed shard set
         self.last_eval: tuple[int, float] | None = None  # (step, WER on checkpoint.best_metric)
         self.save_pending = False  # a save was deferred by skipped updates: it is made after the next applied one
+        self.shapes: dict[int, set[tuple[int, ...]]] = {}  # this rank's micro-batch shapes, by epoch of their plan
         if run.resume_tag:
             client_state = self.checkpointer.resume(run.engine, run.resume_tag)
             if client_state is not None:
@@ -229,9 +230,10 @@ class Trainer:
         for batch in micro:
             self.unpooled_skips.update(batch.skips)
             self.unpooled_sources.update(batch.sources)
+            self.shapes.setdefault(batch.epoch, set()).add(tuple(batch.input_values.shape))
         state.seconds_seen += result.seconds
         state.utterances_seen += result.utterances
-        flops = step_flops(self.run.engine.module.config, [n for b in micro for n in b.input_lengths.tolist()],
+        flops = step_flops(self.run.engine.module.config, [n for b in micro for n in b.sample_lengths if n],
                            self.cfg.model.freeze_feature_encoder, self.cfg.model.layerdrop)
         self.window_flops += flops or 0.0
         if result.cause is None:
@@ -295,7 +297,9 @@ class Trainer:
             "step": state.step, "loss": None if result.cause else result.loss_per_target, "lr": lr,
             "grad_norm": result.outcome.grad_norm, "epoch": state.utterances_seen / self.run.train_utterances,
             "audio_seconds_per_second": audio_rate, "data_wait_fraction": wait_fraction,
-            "skipped": dict(state.skipped), "loader_skips": dict(state.loader_skips)}
+            "skipped": dict(state.skipped), "loader_skips": dict(state.loader_skips),
+            "batch_shapes": len(set().union(*self.shapes.values())),
+            "epoch_batch_shapes": len(self.shapes[max(self.shapes)]) if self.shapes else 0}
         if result.cause:
             record["skipped_cause"] = result.cause
         if state.utterances_by_set:

@@ -218,3 +218,40 @@ def test_speed_perturbed_batches_are_the_resampled_audio_at_the_planned_lengths(
     resumed.load_state_dict({**resumed.state_dict(), "update": 5})
     assert [list(b.input_lengths) for b in take_batches(resumed, 1, 4)] == \
         [list(b.input_lengths) for b in batches[5:9]]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_grid_shapes_from_real_shards_with_empty_rows_and_exact_resume(shard_dirs: dict, tiny_model: Path,
+                                                                       workers: int) -> None:
+    """24 updates of a grid-shaped stream (data.shape_quantum_frames=32), in shared-memory buffers with 2 workers:
+    every batch has its grid shape, its empty rows are silence without labels, at most 12 shapes occur where free
+    batches have many more, and a resume replays the same batches."""
+    from dataclasses import replace
+
+    from w2v_dist.data.audio import EncoderGeometry
+    from w2v_dist.data.shapes import ShapeGrid
+
+    location = str(shard_dirs["train-clean-100"])
+    grid = ShapeGrid.for_encoder(32, EncoderGeometry(), 8 * 16_000, 4)
+
+    def stream() -> object:
+        made = train_stream(location, tiny_model, workers=workers)
+        made.policy = replace(made.policy, grid=grid)
+        return made
+
+    batches = take_batches(stream(), workers, 24)
+    for batch in batches:
+        rows, length = batch.input_values.shape
+        assert (rows, length) == (grid.rows(grid.length(max(batch.sample_lengths))), grid.length(
+            max(batch.sample_lengths)))
+        assert len(batch) <= rows and batch.sample_lengths[len(batch):] == (0,) * (rows - len(batch))
+        assert not batch.input_values[len(batch):].any() and batch.target_lengths[len(batch):] == (0,) * (
+            rows - len(batch))
+    shapes = {tuple(b.input_values.shape) for b in batches}
+    free = {tuple(b.input_values.shape) for b in take_batches(train_stream(location, tiny_model, workers=workers),
+                                                               workers, 24)}
+    assert len(shapes) <= 12 < len(free), (len(shapes), len(free))
+    assert any(len(b) < b.input_values.shape[0] for b in batches)  # the test meets empty rows
+    resumed = stream()
+    resumed.load_state_dict({**resumed.state_dict(), "update": 7})
+    assert keys(take_batches(resumed, workers, 17)) == keys(batches)[7:]

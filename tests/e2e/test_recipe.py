@@ -47,6 +47,7 @@ def test_the_base_recipe_trains_on_two_ranks_evaluates_saves_and_resumes_on_one(
     losses = [r["loss"] for r in records if "loss" in r]
     assert [r["step"] for r in records if "loss" in r] == list(range(1, 13))
     assert all(math.isfinite(loss) for loss in losses) and not any(r.get("skipped") for r in records)
+    assert all(1 <= r["epoch_batch_shapes"] <= r["batch_shapes"] for r in records if "loss" in r)  # grid shapes
     evals = [r for r in records if "dev/dev-clean/wer" in r]
     assert [r["step"] for r in evals] == [6, 12] and all("dev/dev-other/wer" in r for r in evals)
     assert (out / "checkpoints" / "latest").read_text() == "step_00000012"

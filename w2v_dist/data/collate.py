@@ -18,12 +18,13 @@ class CTCBatch:
     """One batch of utterances, as every consumer sees it."""
 
     input_values: torch.Tensor
-    """``[batch, samples]`` float32 waveforms, zero-padded, *not yet* normalised (:meth:`model_inputs` does it
-    on the device when ``normalize`` is set)."""
+    """``[rows, samples]`` float32 waveforms, zero-padded, *not yet* normalised (:meth:`model_inputs` does it
+    on the device when ``normalize`` is set). The utterances are the first ``len(batch)`` rows; a batch padded to
+    a grid shape has empty rows after them (length 0, no labels)."""
     input_lengths: torch.Tensor
-    """``[batch]`` real sample counts."""
+    """``[rows]`` real sample counts."""
     labels: torch.Tensor
-    """``[batch, longest label]`` token ids, padded with :data:`LABEL_PAD`."""
+    """``[rows, longest label]`` token ids, padded with :data:`LABEL_PAD`."""
     keys: tuple[str, ...]
     texts: tuple[str, ...]
     """The normalised reference transcripts."""
@@ -58,9 +59,9 @@ class CTCBatch:
         labels = self.labels.numpy()
         real = labels >= 0
         object.__setattr__(self, "sample_lengths", tuple(int(n) for n in self.input_lengths.numpy()))
+        rows = len(self.sample_lengths)
         object.__setattr__(self, "target_lengths", tuple(int(n) for n in real.sum(axis=1))
-                           if labels.shape[:1] == (len(self.keys),)
-                           else (0,) * len(self.keys))  # a batch without labels (bench loader)
+                           if labels.shape[:1] == (rows,) else (0,) * rows)  # a batch without labels (bench loader)
         object.__setattr__(self, "flat_targets", torch.from_numpy(np.ascontiguousarray(labels[real])))
 
     def __len__(self) -> int:
@@ -96,14 +97,16 @@ class CTCCollator:
                  keys: list[str], texts: list[str], **reports: Any) -> CTCBatch:
         """The batch from raw waveforms already decoded into their zero-padded rows (the loader decodes straight
         into them: no copy). ``reports``: :class:`CTCBatch`'s ``skips``, ``sources`` and ``dropped``."""
-        label_values = np.full((len(labels), max(map(len, labels), default=0)), LABEL_PAD, dtype=np.int64)
+        values = torch.as_tensor(input_values)
+        rows = values.shape[0]  # more than the utterances when a grid shape has empty rows (w2v_dist.data.shapes)
+        label_values = np.full((rows, max(map(len, labels), default=0)), LABEL_PAD, dtype=np.int64)
         for row, label in enumerate(labels):
             label_values[row, :len(label)] = label
-        input_lengths = torch.tensor(lengths, dtype=torch.long)
-        values = torch.as_tensor(input_values)
+        input_lengths = torch.tensor(lengths + [0] * (rows - len(lengths)), dtype=torch.long)
         mask = None
         if self.return_attention_mask:  # built only when asked: it is as large as the batch itself
             mask = (torch.arange(values.shape[1])[None, :] < input_lengths[:, None]).long()
+            mask[len(lengths):] = 1  # an empty row attends to its silence: a row masked whole would be NaN
         return CTCBatch(input_values=values, input_lengths=input_lengths, labels=torch.from_numpy(label_values),
                         keys=tuple(keys), texts=tuple(texts), seconds=sum(lengths) / self.sample_rate,
                         normalize=self.normalize, attention_mask=mask, **reports)

@@ -132,12 +132,14 @@ class _Stream(IterableDataset):  # type: ignore[type-arg]
                       ) -> CTCBatch:
         """Decode a planned batch into one zero-padded buffer; a missing or bad sample is skipped (counted, and
         named in the batch's ``dropped``)."""
-        width = max((u.num_samples for u in batch), default=0)
+        grid = self.policy.grid
+        longest = max((u.num_samples for u in batch), default=0)
+        rows, width = grid.shape(batch) if grid and batch else (len(batch), longest)
         if get_worker_info() is None:
-            buffer, slot = torch.from_numpy(np.zeros((len(batch), width), dtype=np.float32)), -1
+            buffer, slot = torch.from_numpy(np.zeros((rows, width), dtype=np.float32)), -1
         else:
             self.pool = self.pool or BufferPool(self.policy.max_batch_samples)
-            buffer, slot = self.pool.take(len(batch), width)
+            buffer, slot = self.pool.take(rows, width)
         values: np.ndarray = buffer.numpy()
         lengths: list[int] = []
         labels: list[list[int]] = []
@@ -167,7 +169,8 @@ class _Stream(IterableDataset):  # type: ignore[type-arg]
             texts.append(text)
         for index, length in enumerate(lengths):  # a reused buffer (or a skipped sample) left data in the padding
             values[index, length:] = 0.0
-        if len(keys) < len(batch):  # rare: drop the unused rows and any padding only a skipped sample needed
+        values[len(keys):] = 0.0  # a grid shape's empty rows (and a skipped sample's)
+        if len(keys) < len(batch) and not grid:  # rare: drop unused rows and padding only a skipped sample needed
             buffer = buffer[:len(keys), :max(lengths, default=0)].clone()
             if self.pool:
                 self.pool.release(slot)
@@ -284,7 +287,8 @@ class TrainStream(_Stream):
         mix = {redact(part): fraction for part, fraction in zip(self.shards.parts, self.shards.fractions)}
         return {"data.train_mix": mix,
                 "data.max_batch_seconds/max_batch_size/bucket_window/shuffle_buffer/speed_perturb":
-                    json.loads(json.dumps(asdict(self.policy))),
+                    json.loads(json.dumps({k: v for k, v in asdict(self.policy).items() if k != "grid"})),
+                "data.shape_quantum_frames": self.policy.grid.quantum_frames if self.policy.grid else 0,
                 "data.min_seconds/max_seconds": [self.prep.min_samples, self.prep.max_samples],
                 "the training shards' contents": self.shards.contents_digest}
 

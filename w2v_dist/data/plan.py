@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 
 from w2v_dist.data.audio import perturbed_samples
 from w2v_dist.data.index import Utterance
+from w2v_dist.data.shapes import ShapeGrid, pack_on_grid
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,9 @@ class BatchPolicy:
     shuffle_buffer: int
     speeds: tuple[float, ...] = ()
     """Training: speed perturbation factors, one drawn per utterance and epoch (:func:`speed_perturbation`)."""
+    grid: ShapeGrid | None = None
+    """Training: pad every batch to one of a few shapes (:mod:`w2v_dist.data.shapes`); ``None``: to its longest
+    utterance, as many utterances as the budget allows."""
 
 
 @dataclass(frozen=True)
@@ -177,6 +181,8 @@ def plan_batches(pieces: Sequence[Piece], utterances: Sequence[Sequence[Utteranc
             else:
                 skips[reason] += 1
     stream = iter(shuffled(kept, policy.shuffle_buffer, rng) if rng else kept)
+    if policy.grid is not None:
+        return pack_on_grid(stream, policy.grid, policy.bucket_window, rng), skips
     batches: list[Batch] = []
     while window := list(itertools.islice(stream, policy.bucket_window)):
         packed = pack(window, policy)
@@ -203,10 +209,11 @@ def speed_perturbation(speeds: Sequence[float], seed: int, epoch: int, sample_ra
     return perturb
 
 
-def padding_fraction(batches: Iterable[Batch]) -> float:
-    """Padded samples / all samples in the batches (0 = no padding)."""
+def padding_fraction(batches: Iterable[Batch], grid: ShapeGrid | None = None) -> float:
+    """Padded samples / all samples in the batches (0 = no padding), empty rows of a ``grid`` shape included."""
     real = padded = 0
     for batch in batches:
         real += sum(u.num_samples for u in batch)
-        padded += max(u.num_samples for u in batch) * len(batch)
+        rows, length = grid.shape(batch) if grid else (len(batch), max(u.num_samples for u in batch))
+        padded += rows * length
     return 1.0 - real / padded if padded else 0.0
