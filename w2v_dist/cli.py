@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 from w2v_dist import __version__
 from w2v_dist.config import ConfigError, config_reference, load_config, to_yaml
-from w2v_dist.console import command_stdout, emit
+from w2v_dist.console import command_stdout, emit, quiet_model_loading
 from w2v_dist.inputs import InputError, input_problems
 from w2v_dist.redact import redact
 
@@ -226,10 +226,13 @@ def _bench(args: argparse.Namespace) -> int:
 
         scaling_benchmark(Path(args.work_dir), args.steps, args.batch_seconds)
     elif args.what == "gpu":
-        from w2v_dist.bench.gpu import gpu_benchmark
+        from w2v_dist.bench.gpu import BenchmarkUnavailable, gpu_benchmark
 
         sweep = [float(s) for s in args.sweep.split(",")]
-        gpu_benchmark(Path(args.work_dir), sweep, args.steps, args.warmup, args.probe_limit, args.quick)
+        try:
+            gpu_benchmark(Path(args.work_dir), sweep, args.steps, args.warmup, args.probe_limit, args.quick)
+        except BenchmarkUnavailable as err:
+            return _fail("bench gpu", err)
     return 0
 
 
@@ -440,6 +443,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_QUIET_LOADS = ("export", "transcribe", "evaluate")
+"""Commands that load models without transformers' per-load bars and report (:func:`quiet_model_loading`)."""
 _OWN_CONSOLE = ("train", "demo")
 """Commands whose stdout is a live console (logs, progress bar) rather than output that tools read."""
 
@@ -449,4 +454,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in _OWN_CONSOLE:
         return int(args.func(args))
     with command_stdout():  # what libraries print (DeepSpeed's warnings among it) goes to stderr
+        if args.command in _QUIET_LOADS:
+            with quiet_model_loading():
+                return int(args.func(args))
         return int(args.func(args))

@@ -30,3 +30,21 @@ def command_stdout() -> Iterator[None]:
 def emit(text: str, end: str = "\n") -> None:
     """Part of the command's output, flushed at once (a pipe's reader sees each line as it is written)."""
     print(text, end=end, file=_outputs[-1] if _outputs else sys.stdout, flush=True)
+
+
+@contextlib.contextmanager
+def quiet_model_loading() -> Iterator[None]:
+    """transformers' per-load "Loading weights" bars and its load report, off while a command runs that loads
+    models it checks itself (``export``: our own checkpoint, whose report lists SpecAugment's embedding as
+    unexpected whenever the export's config has no masks; ``transcribe``, ``evaluate``)."""
+    from transformers.utils import logging as hf_logging
+
+    bars, level = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+        hf_logging.set_verbosity(level)

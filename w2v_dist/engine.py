@@ -88,7 +88,9 @@ def zero_checkpoint_weights(root: Path, tag: str) -> dict[str, torch.Tensor]:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     check_checkpoint_files((root / tag).glob("*.pt"))
-    return get_fp32_state_dict_from_zero_checkpoint(str(root), tag)
+    chatter = io.StringIO()  # its prints and shard bars narrate a conversion that either works or raises
+    with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
+        return get_fp32_state_dict_from_zero_checkpoint(str(root), tag)
 
 
 class CheckpointFiles:

@@ -23,6 +23,8 @@ def test_bench_loader_prints_one_json_line_per_measurement(tmp_path: Path) -> No
     summary = records["summary"]
     assert 0 < summary["fraction_of_raw_decode"] and 0 <= summary["padding_fraction"] < 1
     assert records["padding"]["ours"] < records["padding"]["random_same_size"]
+    assert 0 < summary["batch_shapes_per_epoch_bounded_16"] < summary["batch_shapes_per_epoch"] / 10
+    assert records["padding"]["bounded_16_planned_train_clean_100_scale"] < 0.06
     assert records["resume_skip"]["samples_skipped"] > 0
     assert "fraction_of_raw_decode" in proc.stderr.split("summary\n", 1)[1]  # the short table
 
@@ -34,6 +36,7 @@ def test_bench_shard_compares_with_a_raw_copy(tmp_path: Path) -> None:
     records = {r["measure"]: r for r in map(json.loads, proc.stdout.splitlines())}
     assert records["summary"]["fraction_of_raw_copy"] > 0 and records["shard"]["audio_hours_per_second"] > 0
     assert records["summary"]["speedup_over_one_worker"] > 0
+    assert records["summary"]["copy_workers"] == records["summary"]["workers"] == records["raw_copy"]["workers"]
 
 
 GPU_STEP_SCRIPT = """
@@ -47,21 +50,29 @@ from w2v_dist.run import start_process
 start_process(30.0)
 model = init_model(Path(sys.argv[1]) / "model", "tiny")
 batches = planned_batches(6.0, 3, 32)
-for trial in (Trial("ours"), Trial("bare", bare=True)):
-    measure_variant(trial, model, batches, 1, {"datasheet": None, "measured": 1.0})
+bounded = planned_batches(6.0, 3, 32, shape_quantum=16)
+for trial, data in ((Trial("ours"), batches), (Trial("bare", bare=True), batches),
+                    (Trial("bounded", shape_quantum=16), bounded)):
+    measure_variant(trial, model, data, 1, {"datasheet": None, "measured": 1.0})
+print(json.dumps({"shapes": [list(b.input_values.shape) for b in bounded],
+                  "utterances": [len(b) for b in bounded]}), file=sys.stderr)
 """
 
 
 def test_bench_gpu_variants_run_on_the_cpu_too(tmp_path: Path) -> None:
-    """CI has no GPU: the timed step (ours and the bare loop) still runs end to end and reports its fields."""
+    """CI has no GPU: the timed step (ours, the bare loop with the engine's numerics, and bounded shapes) still
+    runs end to end and reports its fields, host syncs counted on the CPU among them."""
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "RANK": "0",
            "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
     proc = subprocess.run([sys.executable, "-c", GPU_STEP_SCRIPT, str(tmp_path)], capture_output=True, text=True,
                           timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    assert [r["variant"] for r in records] == ["ours", "bare"]
+    assert [r["variant"] for r in records] == ["ours", "bare", "bounded"]
     for record in records:
         assert record["audio_seconds_per_second"] > 0 and record["steps"] == 2
         assert record["tflops"] > 0 and 0 < record["mfu_measured"] < 1
         assert record["top_host_ops_ms_per_step"] and record["graphs_compiled_while_timed"] == 0
+        assert record["host_syncs_counted"] >= 1  # the guard's one read, at least (the optimizer's are counted too)
+    shapes = json.loads(proc.stderr.strip().splitlines()[-1])
+    assert all((s[1] - 80) % (16 * 320) == 0 for s in shapes["shapes"])  # grid lengths: 16-frame multiples

@@ -43,6 +43,7 @@ def test_transcribe_json_is_json_lines_on_stdout_from_a_cached_hub_id(hf_home: P
     lines = proc.stdout.splitlines()
     assert [json.loads(line)["file"] for line in lines] == files  # every line is JSON (the `python -c` check)
     assert "accelerator" in proc.stderr.lower()  # DeepSpeed did warn: on stderr
+    assert "Loading weights" not in proc.stderr  # transformers' per-load bar is off
 
 
 def test_evaluate_accepts_a_cached_hub_id_offline(hf_home: Path, shard_dirs: dict, tmp_path: Path) -> None:

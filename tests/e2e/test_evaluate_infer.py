@@ -180,7 +180,9 @@ def test_report_writes_readable_pngs_and_a_summary(run_dir: Path, tmp_path: Path
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [0, 2])
 def test_export_from_checkpoint_matches_the_runs_own_export(stage: int, run_dir: Path, shard_dirs: dict,
-                                                            tiny_model: Path, corpus: Path, tmp_path: Path) -> None:
+                                                            tiny_model: Path, corpus: Path, tmp_path: Path,
+                                                            capfd: pytest.CaptureFixture[str]) -> None:
+    """...and says only what it wrote: no load report, bars or DeepSpeed conversion narrative."""
     from transformers import Wav2Vec2ForCTC, Wav2Vec2Processor
 
     from w2v_dist.cli import main
@@ -192,7 +194,12 @@ def test_export_from_checkpoint_matches_the_runs_own_export(stage: int, run_dir:
         check(run_single(["--config", "configs/debug.yaml", *overrides(
             shard_dirs, tiny_model, run, **{"trainer.max_steps": 3, "trainer.save_every": 3, "trainer.eval_every": 0,
                                             "data.num_workers": 0})]))
+    capfd.readouterr()
     assert main(["export", "--checkpoint", str(run), "--out", str(tmp_path / "exported")]) == 0
+    said = capfd.readouterr()
+    assert said.out == f"wrote {tmp_path / 'exported'}\n"
+    assert not any(noise in said.err for noise in ("LOAD REPORT", "Loading weights", "Writing model shards",
+                                                    "zero checkpoint", "Loading checkpoint shards")), said.err
     processor = Wav2Vec2Processor.from_pretrained(tmp_path / "exported")
     inputs = processor(sf.read(dev_flacs(corpus)[0], dtype="float32")[0], sampling_rate=16_000, return_tensors="pt")
     with torch.no_grad():

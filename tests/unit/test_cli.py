@@ -129,3 +129,45 @@ def test_bench_stdout_holds_only_its_json_lines(monkeypatch: pytest.MonkeyPatch,
     captured = capsys.readouterr()
     assert captured.out == '{"measure": "summary", "x": 1}\n'
     assert "a library's warning on stdout" in captured.err
+
+
+def test_bench_gpu_refuses_on_a_machine_without_one_naming_what_it_needs(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch,
+                                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a CPU machine, whatever this one has
+    assert main(["bench", "gpu", "--quick", "--work-dir", str(tmp_path)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "Traceback" not in captured.err
+    assert captured.err.strip().splitlines()[-1].startswith("bench gpu: bench gpu measures a CUDA GPU and this "
+                                                            "machine has none")
+    assert not any(tmp_path.iterdir())  # refused before preparing anything
+
+
+def test_bench_gpu_quick_covers_every_candidate_and_recommends_the_fastest_of_ours() -> None:
+    from w2v_dist.bench.gpu import trials, variants_table
+    from w2v_dist.config import _CHOICES
+
+    quick = trials(quick=True)
+    overrides = {o for t in quick for o in t.overrides}
+    assert {f"model.pos_conv={k}" for k in _CHOICES["model.pos_conv"] if k != "hf"} <= overrides
+    assert {t.shape_quantum for t in quick} == {0, 16} and any(t.bare for t in quick)
+    assert {"model.compile=true" in t.overrides for t in quick if not t.bare} == {True, False}
+
+    def result(trial_index: int, rate: float) -> dict:
+        trial = quick[trial_index]
+        return {"variant": trial.name, "trial": {"overrides": list(trial.overrides), "bare": trial.bare,
+                                                 "static_shapes": False, "shape_quantum": trial.shape_quantum},
+                "audio_seconds_per_second": rate, "mfu_datasheet": rate / 1e5, "host_syncs_counted": 1}
+
+    bounded = next(i for i, t in enumerate(quick) if t.shape_quantum and "model.compile=true" in t.overrides)
+    bare = next(i for i, t in enumerate(quick) if t.bare)
+    table = variants_table([result(0, 4000.0), result(bounded, 6000.0), result(bare, 9000.0),
+                            {"variant": "broken", "error": "OutOfMemoryError()"}], 0.01)
+    lines = table.splitlines()
+    assert lines[0].split() == ["variant", "audio-s/s", "MFU", "syncs", "data", "wait"]
+    assert "6000" in lines[2] and "6.0%" in lines[2] and lines[2].endswith("0.010")
+    assert "broken" in lines[4] and "failed: OutOfMemoryError()" in lines[4]
+    assert lines[-1] == (f"recommended default: {quick[bounded].name} (model.compile=true "
+                         "data.shape_quantum_frames=16)")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import gc
 import os
 import random
+import sys
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -29,35 +30,50 @@ from w2v_dist.bench.corpus import CHARS_PER_SECOND, librispeech_like_seconds, pr
 from w2v_dist.bench.gpu_step import Trial, build_step, measure_variant
 from w2v_dist.bench.output import SR, elapsed, emit, interleaved_medians
 from w2v_dist.bench.step import data_wait
+from w2v_dist.data.audio import EncoderGeometry
 from w2v_dist.data.collate import LABEL_PAD, CTCBatch
 from w2v_dist.data.index import Utterance
 from w2v_dist.data.plan import BatchPolicy, pack
+from w2v_dist.data.shapes import ShapeGrid, pack_on_grid
 from w2v_dist.flops import peak_tflops
 
 LONGEST_SECONDS = 35.0
 
 
-def planned_batches(batch_seconds: float, count: int, vocab_size: int, seed: int = 0) -> list[CTCBatch]:
-    """``count`` batches packed by padded seconds from a train-clean-100-like stream, on pinned CPU memory."""
+class BenchmarkUnavailable(RuntimeError):
+    """What the benchmark needs is not on this machine."""
+
+
+def planned_batches(batch_seconds: float, count: int, vocab_size: int, seed: int = 0, shape_quantum: int = 0
+                    ) -> list[CTCBatch]:
+    """``count`` batches packed by padded seconds from a train-clean-100-like stream, on pinned CPU memory; with
+    ``shape_quantum``, on the grid of ``data.shape_quantum_frames`` (:mod:`w2v_dist.data.shapes`)."""
     rng = np.random.default_rng(seed)
     utts = [Utterance(0, i, f"u{i}", int(s * SR), int(s * CHARS_PER_SECOND))
             for i, s in enumerate(librispeech_like_seconds(max(4000, int(count * batch_seconds / 12)), rng))]
-    policy = BatchPolicy(int(batch_seconds * SR), 4096, 512, 0)
-    plans = [b for start in range(0, len(utts), 512) for b in pack(utts[start:start + 512], policy)]
+    grid = ShapeGrid.for_encoder(shape_quantum, EncoderGeometry(), int(batch_seconds * SR), 4096) \
+        if shape_quantum else None
+    policy = BatchPolicy(int(batch_seconds * SR), 4096, 512, 0, grid=grid)
+    plans = pack_on_grid(iter(utts), grid, 512, None) if grid else \
+        [b for start in range(0, len(utts), 512) for b in pack(utts[start:start + 512], policy)]
     random.Random(seed).shuffle(plans)
-    return [to_batch(plan, vocab_size) for plan in plans[:count]]
+    return [to_batch(plan, vocab_size, grid) for plan in plans[:count]]
 
 
-def to_batch(plan: list[Utterance], vocab_size: int) -> CTCBatch:
-    width, label_width = max(u.num_samples for u in plan), max(u.label_length for u in plan)
-    audio = torch.randn(len(plan), width)
-    labels = torch.randint(4, vocab_size, (len(plan), label_width))
+def to_batch(plan: list[Utterance], vocab_size: int, grid: ShapeGrid | None = None) -> CTCBatch:
+    rows, width = grid.shape(plan) if grid else (len(plan), max(u.num_samples for u in plan))
+    label_width = max(u.label_length for u in plan)
+    audio = torch.randn(rows, width)
+    audio[len(plan):] = 0.0  # a grid shape's empty rows
+    labels = torch.randint(4, vocab_size, (rows, label_width))
+    labels[len(plan):] = LABEL_PAD
     for row, utt in enumerate(plan):
         audio[row, utt.num_samples:] = 0.0
         labels[row, utt.label_length:] = LABEL_PAD
     if torch.cuda.is_available():  # as the loader hands them over
         audio, labels = audio.pin_memory(), labels.pin_memory()
-    return CTCBatch(input_values=audio, input_lengths=torch.tensor([u.num_samples for u in plan]), labels=labels,
+    lengths = [u.num_samples for u in plan] + [0] * (rows - len(plan))
+    return CTCBatch(input_values=audio, input_lengths=torch.tensor(lengths), labels=labels,
                     keys=tuple(u.key for u in plan), texts=("",) * len(plan),
                     seconds=sum(u.num_samples for u in plan) / SR, normalize=False)
 
@@ -121,9 +137,14 @@ def gpu_data_wait(work_dir: Path, model_dir: Path, batch_seconds: float, steps: 
 
 
 def trials(quick: bool) -> list[Trial]:
-    """The variants timed at the largest batch size; ``quick`` keeps the candidates for the default."""
+    """The variants timed at the largest batch size. ``quick``: what a default is chosen from, in a few minutes
+    (every ``model.pos_conv``, bounded vs free shapes, compile on and off, and the bare loop)."""
     compiled, cudnn = ("model.compile=true",), ("model.cudnn_attention=true",)
     candidates = [Trial("flash", ()), Trial("flash+compile", compiled),
+                  *(Trial(f"flash+compile, pos_conv={kernel}", (*compiled, f"model.pos_conv={kernel}"))
+                    for kernel in ("fp32", "channels_last", "fft")),
+                  Trial("flash, bounded shapes", shape_quantum=16),
+                  Trial("flash+compile, bounded shapes", compiled, shape_quantum=16),
                   Trial("bare PyTorch, flash+compile", compiled, bare=True)]
     if quick:
         return candidates
@@ -132,11 +153,34 @@ def trials(quick: bool) -> list[Trial]:
             Trial("flash+compile, ZeRO-0", compiled + ("deepspeed.zero_stage=0",)), *candidates]
 
 
+def variants_table(results: list[dict[str, Any]], data_wait_fraction: float | None) -> str:
+    """One line per variant (audio-s/s, MFU, host syncs, data wait) and the recommended default: the fastest of
+    ours (not the bare loop, not a static-shape diagnostic), as the overrides that select it."""
+    timed = [r for r in results if "error" not in r]
+    wait = "n/a" if data_wait_fraction is None else f"{data_wait_fraction:.3f}"
+    lines = [f"{'variant':<40} {'audio-s/s':>10} {'MFU':>6} {'syncs':>6} {'data wait':>9}"]
+    for r in timed:
+        mfu = r.get("mfu_datasheet")
+        lines.append(f"{r['variant'][:40]:<40} {r['audio_seconds_per_second']:>10.0f} "
+                     f"{'n/a' if mfu is None else f'{mfu:.1%}':>6} {r['host_syncs_counted']:>6} {wait:>9}")
+    lines += [f"{r['variant'][:40]:<40} failed: {r['error'][:60]}" for r in results if "error" in r]
+    ours = [r for r in timed if not r["trial"]["bare"] and not r["trial"]["static_shapes"]]
+    if ours:
+        best = max(ours, key=lambda r: r["audio_seconds_per_second"])
+        chosen = [*best["trial"]["overrides"], f"data.shape_quantum_frames={best['trial']['shape_quantum']}"]
+        lines.append(f"recommended default: {best['variant']} ({' '.join(chosen)})")
+    return "\n".join(lines)
+
+
 def gpu_benchmark(work_dir: Path, batch_seconds: list[float], steps: int, warmup: int, probe_limit: float,
         quick: bool = False) -> dict[str, Any]:
     """All measurements; ``quick`` times only the candidate variants (no data-wait run, sweep or memory probe)."""
     from w2v_dist.run import start_process
 
+    if not torch.cuda.is_available():
+        raise BenchmarkUnavailable("bench gpu measures a CUDA GPU and this machine has none (torch.cuda.is_available() "
+                                   "is false): run it where `nvidia-smi` lists a GPU, with a CUDA build of torch; "
+                                   "`bench step` measures the same step on a CPU")
     start_process(30.0)
     torch._logging.set_logs(recompiles=True)  # a recompilation prints its reason
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -151,7 +195,8 @@ def gpu_benchmark(work_dir: Path, batch_seconds: list[float], steps: int, warmup
     vocab = int(Wav2Vec2Config.from_pretrained(model_dir).vocab_size or 0)
     sweep = [] if quick else [(Trial("flash+compile", ("model.compile=true",)), s) for s in batch_seconds[:-1]]
     results = [attempt("gpu_variant", partial(measure_variant, trial, model_dir,
-                                              planned_batches(seconds, warmup + steps, vocab), warmup, peaks))
+                                              planned_batches(seconds, warmup + steps, vocab,
+                                                              shape_quantum=trial.shape_quantum), warmup, peaks))
                for trial, seconds in sweep + [(trial, batch_seconds[-1]) for trial in trials(quick)]]
     ours = [r for r in results if "error" not in r and not r["trial"]["bare"] and not r["trial"]["static_shapes"]]
     best = max(ours, key=lambda r: r["audio_seconds_per_second"])
@@ -167,6 +212,9 @@ def gpu_benchmark(work_dir: Path, batch_seconds: list[float], steps: int, warmup
                                                                          **adamw_ms(94_000_000)}))
     memory = skipped if quick else attempt("gpu_memory", lambda: emit({"measure": "gpu_memory", **largest_batch(
         model_dir, Trial(**best["trial"]), batch_seconds[-1], probe_limit)}))
+    measured_wait = wait.get("data_wait_fraction")
+    print(variants_table(results, measured_wait if isinstance(measured_wait, float) else None), file=sys.stderr,
+          flush=True)
     return emit({"measure": "summary", "device": device, "best_variant": best["variant"],
                  "batch_seconds": best["batch_seconds"], "audio_seconds_per_second": best["audio_seconds_per_second"],
                  "transformer_mfu": best.get("transformer_mfu_datasheet"), "mfu": best.get("mfu_datasheet"),

@@ -18,6 +18,7 @@ import torch
 from w2v_dist.bench.output import SR, elapsed, emit
 from w2v_dist.data.collate import CTCBatch
 from w2v_dist.flops import batch_flops
+from w2v_dist.host_syncs import HostSyncCounter
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -33,14 +34,16 @@ class Trial:
     static_shapes: bool = False
     """Diagnostic: repeat one batch, so nothing depends on a new shape."""
     bare: bool = False
-    """A bare PyTorch loop (autocast bf16, fused AdamW, clipping) instead of our engine and train_step."""
+    """A bare PyTorch loop with the engine's numerics (:class:`~w2v_dist.bench.step.BareLoop`) instead of our
+    engine and train_step."""
+    shape_quantum: int = 0
+    """Pad the batches to the grid of ``data.shape_quantum_frames`` (0: each to its longest utterance)."""
 
 
 def build_step(model_dir: Path, trial: Trial) -> tuple[Callable[[CTCBatch], object], Any]:
     """The step function a trial times; each call returns when the GPU has finished the step."""
-    from w2v_dist.bench.step import bare_step
+    from w2v_dist.bench.step import BareLoop
     from w2v_dist.config import load_config
-    from w2v_dist.engine import param_groups
     from w2v_dist.model import load_model, load_processor
     from w2v_dist.run import build_engine
     from w2v_dist.trainer import train_step
@@ -51,16 +54,14 @@ def build_step(model_dir: Path, trial: Trial) -> tuple[Callable[[CTCBatch], obje
         _, engine, _ = build_engine(cfg)
         # train_step ends in a host read of the guard flags: the step is complete
         return lambda batch: train_step(engine, [batch], 1), engine.module.config
-    model = load_model(cfg.model, load_processor(cfg.model, None))
-    model.to(DEVICE).train()  # type: ignore[arg-type]
-    optimizer = torch.optim.AdamW(param_groups(model, 0.0), lr=cfg.optim.lr, fused=True)
+    bare = BareLoop(load_model(cfg.model, load_processor(cfg.model, None)), cfg, DEVICE)
 
     def step(batch: CTCBatch) -> None:
-        bare_step(model, optimizer, batch, cfg.optim.grad_clip, DEVICE, autocast=True)
+        bare.step(batch)
         if CUDA:
             torch.cuda.synchronize()
 
-    return step, model.config
+    return step, bare.model.config
 
 
 def measure_variant(trial: Trial, model_dir: Path, batches: list[CTCBatch], warmup: int,
@@ -79,7 +80,7 @@ def measure_variant(trial: Trial, model_dir: Path, batches: list[CTCBatch], warm
     anatomy = step_anatomy(step, measured[:3])
     seconds = sum(b.seconds for b in measured)
     wall = sum(step_times)
-    flops = batch_flops(config, [n for b in measured for n in b.input_lengths.tolist()])
+    flops = batch_flops(config, [n for b in measured for n in b.sample_lengths if n])  # real rows only
     record = {"measure": "gpu_variant", "variant": trial.name, "trial": asdict(trial),
               "batch_seconds": statistics.mean(b.input_values.numel() / SR for b in measured),
               "steps": len(measured), "step_s_median": statistics.median(step_times),
@@ -99,8 +100,8 @@ def measure_variant(trial: Trial, model_dir: Path, batches: list[CTCBatch], warm
 
 
 def step_anatomy(step: Callable[[CTCBatch], object], batches: list[CTCBatch]) -> dict[str, Any]:
-    """Host syncs per step (CUDA sync debug mode), the fraction of wall time the GPU runs kernels, and where the
-    GPU and the host spend a step."""
+    """Host syncs per step (CUDA's sync debug mode, and :class:`HostSyncCounter`), the fraction of wall time the
+    GPU runs kernels, and where the GPU and the host spend a step."""
     from torch.profiler import ProfilerActivity, profile
 
     if CUDA:
@@ -111,6 +112,8 @@ def step_anatomy(step: Callable[[CTCBatch], object], batches: list[CTCBatch]) ->
     if CUDA:
         torch.cuda.set_sync_debug_mode(0)
     sites = sorted({f"{Path(w.filename).name}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)})
+    with HostSyncCounter() as counted:  # the same reads counted by operator, on any device (optimizer included)
+        step(batches[-1])
     activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if CUDA else [ProfilerActivity.CPU]
     with profile(activities=activities) as prof:
         wall_us = elapsed(step, batches) * 1e6  # each step returns when the GPU has finished it
@@ -125,6 +128,7 @@ def step_anatomy(step: Callable[[CTCBatch], object], batches: list[CTCBatch]) ->
     top = sorted(by_name.items(), key=lambda item: -item[1])[:8]
     host = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:10]
     return {"host_syncs_per_step": sum("synchroniz" in str(w.message) for w in caught), "host_sync_sites": sites,
+            "host_syncs_counted": counted.total, "host_syncs_counted_by_op": dict(counted.by_op),
             "top_kernels_ms_per_step": {name: round(us / 1e3 / len(batches), 3) for name, us in top},
             "top_host_ops_ms_per_step": {e.key[:60]: round(e.self_cpu_time_total / 1e3 / len(batches), 3)
                                          for e in host},

@@ -15,6 +15,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ from w2v_dist.data.collate import CTCBatch
 from w2v_dist.data.index import ShardSet, Utterance, load_shard_set
 from w2v_dist.data.loader import Preprocess, TrainStream, make_loader, make_preprocess
 from w2v_dist.data.plan import BatchPolicy, StreamLayout, assign_pieces, epoch_rng, padding_fraction, plan_batches
+from w2v_dist.data.shapes import ShapeGrid
 from w2v_dist.prep.sources import librispeech_sources
 
 Metadata = tuple[float, int, int, int]
@@ -55,11 +57,17 @@ def padding(batches: list[Metadata]) -> float:
     return 1 - sum(b[1] for b in batches) / sum(b[2] for b in batches)
 
 
-def timed_batches(batches: Iterator[CTCBatch], audio_seconds: float) -> tuple[float, list[Metadata]]:
-    """Audio-seconds per second over batches until ``audio_seconds`` of real audio went by (first batch
-    excluded: worker start-up is not throughput); returns the batches' metadata."""
-    kept = [_metadata(next(batches))]
+def timed_batches(batches: Iterator[CTCBatch], audio_seconds: float, whole: bool = False
+                  ) -> tuple[float, list[Metadata]]:
+    """Audio-seconds per second over batches until ``audio_seconds`` of real audio went by, and the batches'
+    metadata. The first batch is excluded (worker start-up is not throughput) unless ``whole``: an epoch timed
+    from its first shard read on, which is how two pipelines reading different files compare fairly."""
     start, seen = time.perf_counter(), 0.0
+    kept = [_metadata(next(batches))]
+    if whole:
+        seen = kept[0][0]
+    else:
+        start = time.perf_counter()
     for batch in batches:
         kept.append(_metadata(batch))
         seen += kept[-1][0]
@@ -138,10 +146,12 @@ def loader_benchmark(work_dir: Path, utterances: int, workers: int) -> dict[str,
     ours = emit({"measure": "ours", "workers": workers, "audio_seconds_per_second": ours_rate,
                  "per_worker": ours_rate / max(workers, 1), "worker_uss_mb": uss,
                  "shuffle_buffer": policy.shuffle_buffer, "bucket_window": policy.bucket_window})
-    single_rate, _ = timed_batches(iter(make_loader(stream(shard_set, policy, prep, 0), 0, 2)), total_seconds / 2)
+    single_rate, _ = timed_batches(iter(make_loader(stream(shard_set, policy, prep, 0), 0, 2)), total_seconds,
+                                   whole=True)
     emit({"measure": "ours_in_process", "workers": 0, "audio_seconds_per_second": single_rate,
           "fraction_of_raw_decode": single_rate / raw["audio_seconds_per_second_per_core"],
-          "note": "one core, no worker processes: the pipeline's own cost next to bare decoding"})
+          "note": "one core, no worker processes, one whole epoch with its shard reads: the pipeline's own cost "
+                  "next to bare decoding of bytes already in memory"})
     texts = {s.key: s.text for s in librispeech_sources(corpus, ["train-clean-100"])}
     items = [(str(f), str(texts[f.stem])) for f in files]
     local_files = seed_style_loader(items, processor, workers, lambda p: Path(p).read_bytes())
@@ -153,9 +163,14 @@ def loader_benchmark(work_dir: Path, utterances: int, workers: int) -> dict[str,
     mean_size = int(round(np.mean([b[3] for b in ours_batches])))
     order = np.random.default_rng(0).permutation(len(utts))
     random_batches = [[utts[i] for i in order[j:j + mean_size]] for j in range(0, len(utts), mean_size)]
+    planned, planned_shapes = planned_padding(policy)
+    grid = ShapeGrid.for_encoder(16, EncoderGeometry(), policy.max_batch_samples, policy.max_batch_size)
+    bounded, bounded_shapes = planned_padding(replace(policy, grid=grid))
     pad = emit({"measure": "padding", "ours": padding(ours_batches),
                 "random_same_size": padding_fraction(random_batches), "seed_style_batch2": padding(seed_batches),
-                "mean_batch_size": mean_size, "ours_planned_train_clean_100_scale": planned_padding(policy)})
+                "mean_batch_size": mean_size, "ours_planned_train_clean_100_scale": planned,
+                "ours_planned_shapes_per_epoch": planned_shapes, "bounded_16_planned_train_clean_100_scale": bounded,
+                "bounded_16_planned_shapes_per_epoch": bounded_shapes})
 
     skip = emit({"measure": "resume_skip", **resume_skip_rate(shard_set, policy, prep)})
     http = http_comparison(work_dir, policy, prep, items, processor, workers, total_seconds)
@@ -163,20 +178,24 @@ def loader_benchmark(work_dir: Path, utterances: int, workers: int) -> dict[str,
                  raw["audio_seconds_per_second_per_core"], "fraction_of_raw_decode_in_process":
                  single_rate / raw["audio_seconds_per_second_per_core"], "padding_fraction": pad["ours"],
                  "padding_fraction_train_clean_100_scale": pad["ours_planned_train_clean_100_scale"],
+                 "batch_shapes_per_epoch": planned_shapes, "batch_shapes_per_epoch_bounded_16": bounded_shapes,
                  "ours_over_seed_style": ours_rate / seed_rate, "resume_skip_samples_per_second":
                  skip["samples_per_second"], "http_shards_over_per_file": http["shards_over_per_file"],
                  "worker_uss_mb": uss, "torch_threads": torch.get_num_threads()})
 
 
-def planned_padding(policy: BatchPolicy, utterances: int = 28_539, shards: int = 24) -> float:
-    """Padding of one epoch's plan on a train-clean-100-sized index (metadata only: bucketing works on lengths)."""
+def planned_padding(policy: BatchPolicy, utterances: int = 28_539, shards: int = 24) -> tuple[float, int]:
+    """Padding of one epoch's plan on a train-clean-100-sized index (metadata only: bucketing works on lengths),
+    and its distinct batch shapes."""
     lengths = (librispeech_like_seconds(utterances, np.random.default_rng(1)) * SR).astype(int)
     per_shard = [[Utterance(s, p, f"{s}-{p}", int(n), 200) for p, n in enumerate(lengths[s::shards])]
                  for s in range(shards)]
     seconds = [sum(u.num_samples for u in shard) / SR for shard in per_shard]
     batches = [b for slot, pieces in enumerate(assign_pieces(seconds, [len(s) for s in per_shard], 16, 1, 0))
                for b in plan_batches(pieces, per_shard, policy, lambda u: None, epoch_rng(1, 0, slot))[0]]
-    return padding_fraction(batches)
+    grid = policy.grid
+    shapes = {grid.shape(b) if grid else (len(b), max(u.num_samples for u in b)) for b in batches}
+    return padding_fraction(batches, grid), len(shapes)
 
 
 def resume_skip_rate(shard_set: ShardSet, policy: BatchPolicy, prep: Preprocess) -> dict[str, float]:
@@ -191,16 +210,18 @@ def resume_skip_rate(shard_set: ShardSet, policy: BatchPolicy, prep: Preprocess)
 
 def http_comparison(work_dir: Path, policy: BatchPolicy, prep: Preprocess, items: list[tuple[str, str]],
                     processor: Any, workers: int, total_seconds: float) -> dict[str, float]:
-    """Shards streamed over loopback HTTP vs one HTTP request per FLAC (object storage's shape)."""
+    """Shards streamed over loopback HTTP vs one HTTP request per FLAC (object storage's shape): one whole epoch
+    each, from the first request on."""
     server = subprocess.Popen([sys.executable, "-u", "-m", "http.server", "0", "--bind", "127.0.0.1",
                                "-d", str(work_dir)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         port = int(server.stdout.readline().split("port ")[1].split()[0])  # type: ignore[union-attr]
         base = f"http://127.0.0.1:{port}"
         remote = stream(load_shard_set(f"{base}/shards"), policy, prep, workers)
-        shards_rate, _ = timed_batches(iter(make_loader(remote, workers, 4)), total_seconds / 2)
+        shards_rate, _ = timed_batches(iter(make_loader(remote, workers, 4)), total_seconds, whole=True)
         urls = [(f"{base}/{Path(p).relative_to(work_dir)}", t) for p, t in items]
-        files_rate, _ = timed_batches(seed_style_loader(urls, processor, workers, http_get), total_seconds / 2)
+        files_rate, _ = timed_batches(seed_style_loader(urls, processor, workers, http_get), total_seconds,
+                                      whole=True)
     finally:
         server.terminate()
         server.wait()

@@ -21,21 +21,49 @@ import torch
 
 from w2v_dist.bench.corpus import prepare_shards, prepared_model
 from w2v_dist.bench.output import SR, elapsed, emit, interleaved_medians
+from w2v_dist.config import Config
+from w2v_dist.ctc import ctc_loss_sum
 from w2v_dist.data.collate import CTCBatch
 from w2v_dist.dist import loader_workers
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def bare_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: CTCBatch, clip: float,
-              device: str = "cpu", autocast: bool = False) -> None:
-    """The seed script's step: forward (in bf16 under ``autocast``), mean-per-target loss, backward, clip, AdamW."""
-    with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
-        loss = model(**batch.model_inputs(device)).loss
-    (loss.float() / batch.targets).backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+class BareLoop:
+    """The seed script's step in plain PyTorch, with the engine's numerics: the same CTC loss per global target
+    (``w2v_dist/ctc.py``), clipping and AdamW (fused on a GPU), and under bf16 what DeepSpeed's bf16 optimizer
+    does: bf16 weights and gradients, fp32 master weights that AdamW updates and that are copied back. A baseline
+    doing other work (fp32 weights under autocast, transformers' loss with its host reads) would flatter or
+    shame the engine for the wrong reasons."""
+
+    def __init__(self, model: torch.nn.Module, cfg: Config, device: str) -> None:
+        self.model, self.device, self.clip = model, device, cfg.optim.grad_clip
+        self.dtype = torch.bfloat16 if cfg.deepspeed.precision == "bf16" else torch.float32
+        model.to(device=device, dtype=self.dtype).train()
+        self.trained: list[torch.Tensor] = [p for p in model.parameters() if p.requires_grad]
+        self.masters = [p.detach().float().clone() for p in self.trained] if self.dtype != torch.float32 \
+            else self.trained
+        beta1, beta2 = cfg.optim.betas
+        self.optimizer = torch.optim.AdamW(self.masters, lr=cfg.optim.lr, betas=(beta1, beta2),
+                                           eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay,
+                                           fused=device == "cuda")
+
+    def step(self, batch: CTCBatch) -> None:
+        inputs = batch.model_inputs(self.device, with_labels=False)
+        inputs["input_values"] = inputs["input_values"].to(self.dtype)
+        loss = ctc_loss_sum(self.model(**inputs).logits, batch, self.model.config)  # type: ignore[arg-type]
+        (loss / max(batch.targets, 1)).backward()
+        if self.masters is not self.trained:
+            for master, param in zip(self.masters, self.trained):
+                master.grad = param.grad.float() if param.grad is not None else None
+                param.grad = None
+        if self.clip:
+            torch.nn.utils.clip_grad_norm_(self.masters, self.clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.masters is not self.trained:
+            with torch.no_grad():
+                torch._foreach_copy_(self.trained, self.masters)
 
 
 def fixed_batches(shards: Path, model_dir: Path, count: int, batch_seconds: float) -> list[CTCBatch]:
@@ -66,9 +94,8 @@ def overhead(work_dir: Path, size: str, batch_seconds: float, rounds: int, steps
     cfg = load_config(None, [f"model.name_or_path={model_dir}", "model.mask_time_prob=0", "model.layerdrop=0",
                              "optim.grad_clip=1.0", "schedule.name=constant"])
     _, engine, processor = build_engine(cfg)
-    bare_model = load_model(cfg.model, processor).train()  # the same weights, from the same files
-    bare_opt = torch.optim.AdamW([p for p in bare_model.parameters() if p.requires_grad], lr=cfg.optim.lr)
-    bare_run = partial(elapsed, partial(bare_step, bare_model, bare_opt, clip=cfg.optim.grad_clip), batches)
+    loop = BareLoop(load_model(cfg.model, processor), cfg, "cpu")  # the same weights, from the same files
+    bare_run = partial(elapsed, loop.step, batches)
     engine_run = partial(elapsed, lambda batch: train_step(engine, [batch], 1), batches)
     medians = interleaved_medians({"bare": bare_run, "engine": engine_run}, rounds, warmup=1)  # round 0 warms up
     bare, ours = medians["bare"] / len(batches), medians["engine"] / len(batches)
