@@ -362,9 +362,16 @@ class GuardedAdamW(torch.optim.AdamW):
 @dataclass
 class UpdateOutcome:
     applied: bool
-    grad_norm: float | None
+    norm: torch.Tensor | float | None
+    """The gradient norm before clipping, as the optimizer left it (a device tensor is read only when asked:
+    :attr:`grad_norm`, at log steps); ``None`` when the update was not applied."""
     engine_skipped: bool
     """DeepSpeed skipped the update itself (fp16 loss-scale overflow, or a ZeRO overflow check)."""
+
+    @property
+    def grad_norm(self) -> float | None:
+        """:attr:`norm` as a number: a host read of the device, so the trainer asks only when it logs."""
+        return None if self.norm is None else float(self.norm)
 
 
 class Engine:
@@ -449,7 +456,7 @@ class Engine:
             stale.zero_()
         applied = self.optimizer.applied > applied_before
         norm = own_norm if own_norm is not None else self.ds.get_global_grad_norm()
-        return UpdateOutcome(applied, float(norm) if norm is not None and applied else None,
+        return UpdateOutcome(applied, norm if applied else None,
                              engine_skipped=not skip and (not applied or self.ds.skipped_steps > skipped_before))
 
     def _unclipped_grad_norm(self) -> torch.Tensor | None:

@@ -132,3 +132,15 @@ def test_the_counter_counts_reads_and_data_dependent_shapes_and_can_pause() -> N
     assert syncs.by_op == {"aten._local_scalar_dense.default": 2, "Tensor.tolist": 1, "aten.index.Tensor": 1,
                            "aten.nonzero.default": 1}, syncs.by_op
     assert torch.Tensor.tolist is not None and values.tolist() == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
+
+
+def test_an_update_reads_its_gradient_norm_only_when_it_is_logged() -> None:
+    from w2v_dist.engine import UpdateOutcome
+
+    with HostSyncCounter() as syncs:
+        outcome = UpdateOutcome(True, torch.tensor(2.5), engine_skipped=False)
+        skipped = UpdateOutcome(False, None, engine_skipped=False)
+    assert syncs.total == 0
+    with HostSyncCounter() as syncs:
+        assert outcome.grad_norm == 2.5 and skipped.grad_norm is None
+    assert syncs.total == 1
