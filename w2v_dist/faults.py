@@ -46,15 +46,16 @@ def pause_point(moment: str, rank: int) -> None:
 
 @contextmanager
 def injected_faults(model: torch.nn.Module, nan_loss: bool, inf_grad: bool) -> Iterator[None]:
-    """While open, every forward of ``model`` returns a NaN loss (``nan_loss``) and/or logits whose gradient is
-    infinite (``inf_grad``): what the NaN/Inf guard must catch (``trainer.inject``)."""
+    """While open, every training forward of ``model`` returns NaN logits, so a NaN loss (``nan_loss``), and/or
+    logits whose gradient is infinite (``inf_grad``): what the NaN/Inf guard must catch (``trainer.inject``). The
+    loss is computed outside the model (``w2v_dist/ctc.py``), from the logits."""
     if not (nan_loss or inf_grad):
         yield
         return
 
     def corrupt(module: torch.nn.Module, args: Any, output: Any) -> Any:
-        if nan_loss and output.loss is not None:
-            output.loss = output.loss * math.nan
+        if nan_loss and module.training:
+            output.logits = output.logits * math.nan
         if inf_grad and output.logits.requires_grad:
             output.logits.register_hook(lambda grad: grad * math.inf)
         return output
