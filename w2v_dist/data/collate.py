@@ -3,6 +3,7 @@ waveforms, CTC labels and what the run reports about them; and its model inputs 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,19 +51,22 @@ class CTCBatch:
     """``input_lengths`` as host integers."""
     target_lengths: tuple[int, ...] = field(init=False)
     """Each utterance's label count, as host integers."""
-    flat_targets: torch.Tensor = field(init=False)
-    """The labels without their padding, concatenated: what the CTC loss takes."""
 
     def __post_init__(self) -> None:
-        """The lengths and targets the loss needs, computed where the batch is made (a loader worker) with numpy:
-        read in the train step from a device tensor, each would be a host sync (``w2v_dist/ctc.py``)."""
-        labels = self.labels.numpy()
-        real = labels >= 0
+        """The lengths the loss needs, computed where the batch is made (a loader worker) with numpy: read in the
+        train step from a device tensor, each would be a host sync (``w2v_dist/ctc.py``)."""
+        real = self.labels.numpy() >= 0
         object.__setattr__(self, "sample_lengths", tuple(int(n) for n in self.input_lengths.numpy()))
         rows = len(self.sample_lengths)
         object.__setattr__(self, "target_lengths", tuple(int(n) for n in real.sum(axis=1))
-                           if labels.shape[:1] == (rows,) else (0,) * rows)  # a batch without labels (bench loader)
-        object.__setattr__(self, "flat_targets", torch.from_numpy(np.ascontiguousarray(labels[real])))
+                           if real.shape[:1] == (rows,) else (0,) * rows)  # a batch without labels (bench loader)
+
+    @functools.cached_property
+    def flat_targets(self) -> torch.Tensor:
+        """The labels without their padding, concatenated: what the CTC loss takes. Made with numpy on the host,
+        where the batch is used: a tensor more in the batch a worker sends would cost a shared-memory segment."""
+        labels = self.labels.numpy()
+        return torch.from_numpy(np.ascontiguousarray(labels[labels >= 0]))
 
     def __len__(self) -> int:
         return len(self.keys)
