@@ -15,6 +15,7 @@ from w2v_dist.data.audio import EncoderGeometry
 from w2v_dist.data.index import ShardIndexError, ShardSet, Utterance, mix_shard_sets
 from w2v_dist.data.loader import Preprocess, TrainStream
 from w2v_dist.data.plan import BatchPolicy, StreamLayout, epoch_sample
+from w2v_dist.data.shapes import ShapeGrid
 
 POLICY = BatchPolicy(max_batch_samples=30 * SR, max_batch_size=4, bucket_window=8, shuffle_buffer=6)
 Micro = tuple[int, tuple[str, ...]]
@@ -167,6 +168,9 @@ def test_a_changed_mix_resumes_with_a_warning(caplog: pytest.LogCaptureFixture) 
     (lambda s: setattr(s, "policy", replace(POLICY, shuffle_buffer=3)), "data.max_batch_seconds/max_batch_size"),
     (lambda s: setattr(s, "prep", replace(s.prep, max_samples=10 * SR)), "data.min_seconds/max_seconds"),
     (lambda s: setattr(s, "shards", as_shard_set(make_shards([4, 5], seed=9))), "the training shards' contents"),
+    (lambda s: setattr(s, "policy", replace(POLICY, grid=ShapeGrid.for_encoder(16, EncoderGeometry(),
+                                                                              POLICY.max_batch_samples, 4))),
+     "data.shape_quantum_frames"),
 ])
 def test_a_resume_onto_other_batches_says_which_input_changed(change, named: str,
                                                                caplog: pytest.LogCaptureFixture) -> None:
@@ -181,3 +185,16 @@ def test_a_resume_onto_other_batches_says_which_input_changed(change, named: str
     after.load_state_dict(before.state_dict())
     assert after.update == 7 and f"{named}" in caplog.text and "changed since the checkpoint" in caplog.text
     assert caplog.text.count("changed since the checkpoint") == 1, "one warning, naming only what changed"
+
+
+def test_a_checkpoint_from_before_bounded_shapes_had_free_length_batches(caplog: pytest.LogCaptureFixture) -> None:
+    layout = StreamLayout(1, 1, seed=3)
+    saved = stream_for(make_shards([4, 5]), layout, 0, 1, 7).state_dict()
+    del saved["plan_inputs"]["data.shape_quantum_frames"]  # what an older version wrote
+    free = stream_for(make_shards([4, 5]), layout, 0, 1, 0)
+    free.load_state_dict(saved)
+    assert "changed since the checkpoint" not in caplog.text
+    bounded = stream_for(make_shards([4, 5]), layout, 0, 1, 0)
+    bounded.policy = replace(POLICY, grid=ShapeGrid.for_encoder(16, EncoderGeometry(), POLICY.max_batch_samples, 4))
+    bounded.load_state_dict(saved)
+    assert "data.shape_quantum_frames changed since the checkpoint" in caplog.text

@@ -298,6 +298,8 @@ class TrainStream(_Stream):
             raise ValueError(f"cannot resume the data position exactly: the checkpoint's {saved} differs from this "
                              f"run's {self.layout}")
         before = state.get("plan_inputs", {"data.train_mix": state.get("mix", {})})
+        if "plan_inputs" in state:  # saved before bounded shapes existed: its batches were free-length
+            before = {"data.shape_quantum_frames": 0, **before}
         changed = [name for name, value in self.plan_inputs().items() if name in before and before[name] != value]
         if changed:  # a smaller batch after an OOM, a curriculum's new mix: on purpose, so go on, but say so
             log.warning("%s changed since the checkpoint: from here the batches are not those of an uninterrupted "
