@@ -69,17 +69,24 @@ def test_the_batch_carries_host_lengths_and_targets() -> None:
     assert data.flat_targets.tolist() == [t for row in data.labels.tolist() for t in row if t >= 0]
 
 
+def masked_pair(masked: bool, **masks: object) -> tuple[PreTrainedModel, PreTrainedModel, CTCBatch,
+                                                          dict[str, torch.Tensor]]:
+    """transformers' model in training mode with SpecAugment ``masks``, its copy masking without a host sync, a
+    batch (with an attention mask when ``masked``) and its model inputs."""
+    reference = tiny_model(layerdrop=0.0, **masks).train()
+    model = copy.deepcopy(reference)
+    assert use_sync_free_masking(model)
+    data = batch(masked)
+    return reference, model, data, data.model_inputs("cpu", with_labels=False)
+
+
 @pytest.mark.parametrize("masked", [False, True])
 def test_forward_loss_and_backward_read_nothing_from_the_device(masked: bool) -> None:
     """As training loads the model: transformers' LayerDrop off (w2v_dist.layerdrop draws on the host), SpecAugment
     on. With an attention mask (large-style models) transformers itself reads twice: whether SDPA may skip the
     mask, and the mask's row sums that SpecAugment's draw takes."""
-    model = tiny_model(layerdrop=0.0, mask_time_prob=0.3, mask_time_length=2, mask_feature_prob=0.2,
-                       mask_feature_length=4).train()
-    reference = copy.deepcopy(model)
-    assert use_sync_free_masking(model)
-    data = batch(masked)
-    inputs = data.model_inputs("cpu", with_labels=False)
+    reference, model, data, inputs = masked_pair(masked, mask_time_prob=0.3, mask_time_length=2,
+                                                 mask_feature_prob=0.2, mask_feature_length=4)
     with HostSyncCounter() as ours:
         ctc_loss_sum(model(**inputs).logits, data, model.config).backward()
     assert ours.by_op == ({"aten._local_scalar_dense.default": 1, "Tensor.tolist": 1} if masked else {}), ours.by_op
@@ -91,12 +98,8 @@ def test_forward_loss_and_backward_read_nothing_from_the_device(masked: bool) ->
 
 @pytest.mark.parametrize("masked", [False, True])
 def test_spec_augment_draws_the_same_masks_and_trains_the_same(masked: bool) -> None:
-    reference = tiny_model(layerdrop=0.0, mask_time_prob=0.4, mask_time_length=3, mask_feature_prob=0.3,
-                           mask_feature_length=8).train()
-    model = copy.deepcopy(reference)
-    assert use_sync_free_masking(model)
-    data = batch(masked)
-    inputs = data.model_inputs("cpu", with_labels=False)
+    reference, model, data, inputs = masked_pair(masked, mask_time_prob=0.4, mask_time_length=3,
+                                                 mask_feature_prob=0.3, mask_feature_length=8)
     results = []
     for candidate in (reference, model):
         np.random.seed(3)  # the masks' draws (numpy, as in transformers)
