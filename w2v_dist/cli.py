@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable, Iterator
 from dataclasses import fields
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 from w2v_dist import __version__
 from w2v_dist.config import ConfigError, config_reference, load_config, to_yaml
@@ -447,6 +447,21 @@ _QUIET_LOADS = ("export", "transcribe", "evaluate")
 """Commands that load models without transformers' per-load bars and report (:func:`quiet_model_loading`)."""
 _OWN_CONSOLE = ("train", "demo")
 """Commands whose stdout is a live console (logs, progress bar) rather than output that tools read."""
+
+
+def run() -> NoReturn:
+    """The ``w2v-dist`` console command."""
+    exit_with(main())
+
+
+def exit_with(code: int) -> NoReturn:
+    """End the process with ``code`` as a rank must, when it started a process group
+    (:func:`w2v_dist.dist.end_process`)."""
+    if "torch.distributed" not in sys.modules:  # no process group, and no need to import torch to know it
+        sys.exit(code)
+    from w2v_dist.dist import end_process
+
+    end_process(code)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,7 +6,9 @@ The process group itself is created by :func:`w2v_dist.engine.init_distributed` 
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import ctypes
 import json
 import os
 import socket
@@ -15,7 +17,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import psutil
 import torch
@@ -59,6 +61,28 @@ def world_from_env(local_rank_arg: int | None = None) -> World:
                                "or launch/slurm/train.sbatch")
         env["MASTER_PORT"] = str(free_port())
     return World(rank, local, size)
+
+
+def end_process(exit_code: int) -> NoReturn:
+    """End this process with ``exit_code``. Where a process group was started, exit handlers run as usual (the
+    group's destruction, wandb's, logging's flush, the reaping of loader workers), and then the process ends
+    without the interpreter's shutdown.
+
+    Why: gloo's worker threads live as long as their process group, and DeepSpeed keeps its groups (every ZeRO-3
+    parameter holds one) until the interpreter's final garbage collection. A worker thread that finishes a
+    collective frees the tensors it held, and a tensor that Python created (``param.data`` in ZeRO-3's gathers)
+    takes the GIL to go. During shutdown, taking the GIL ends the thread, and C++ aborts the process ("terminate
+    called without an active exception", exit -6): a rank that finished its run, reported failed to the launcher
+    and to SLURM. Seen on the rank that leaves first after a ZeRO-3 export; the thread's release lags the
+    collective's end, so no barrier can order it."""
+    if not (torch_dist.is_available() and torch_dist.is_initialized()):
+        sys.exit(exit_code)
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):  # a closed or broken pipe: nothing left to save
+            stream.flush()
+    ctypes.CDLL(None).fflush(None)  # what C and C++ libraries buffered on stdout
+    os._exit(exit_code)
 
 
 _PEER_FAILURE_MARKERS = ("gloo", "NCCL", "Connection closed", "Connection reset", "timed out", "Timed out")

@@ -76,3 +76,4 @@ def main(out: str, model_dir: str, dev_shards: str, steps: int, stage: int) -> N
 if __name__ == "__main__":
     args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
     main(args[0], args[1], args[2], int(args[3]), int(args[4]))
+    dist.end_process(0)  # as w2v-dist's entry points end: a ZeRO-3 rank can abort in the interpreter's shutdown

@@ -66,3 +66,4 @@ if __name__ == "__main__":
     collectives(world)
     if sys.argv[1:] == ["raise"]:
         raise RuntimeError("a rank that fails")
+    dist.end_process(0)  # as w2v-dist's entry points end
