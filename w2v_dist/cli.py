@@ -225,6 +225,15 @@ def _bench(args: argparse.Namespace) -> int:
         from w2v_dist.bench.scaling import scaling_benchmark
 
         scaling_benchmark(Path(args.work_dir), args.steps, args.batch_seconds)
+    elif args.what == "plan":
+        from w2v_dist.bench.plan import plan_benchmark
+
+        try:
+            cfg = load_config(args.config, [])
+        except ConfigError as err:
+            return _fail("config error", err)
+        plan_benchmark(cfg, args.hours, args.ranks, args.workers, args.mix, args.speed_perturb, args.audio_s_per_gpu,
+                       args.resume_updates, args.epochs)
     elif args.what == "gpu":
         from w2v_dist.bench.gpu import BenchmarkUnavailable, gpu_benchmark
 
@@ -367,7 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--workers", type=int, default=2, help="processes reading shards in parallel")
 
     bench = command("bench", _bench, help="benchmarks: one JSON line per measurement, ratios measured side by side")
-    bench.add_argument("what", choices=("loader", "shard", "step", "scaling", "gpu"), help="what to measure")
+    bench.add_argument("what", choices=("loader", "shard", "step", "scaling", "gpu", "plan"), help="what to measure")
     bench.add_argument("--work-dir", default="work/bench", help="where the benchmark corpus and shards are kept")
     bench.add_argument("--utterances", type=int, default=300, help="size of the LibriSpeech-shaped corpus")
     bench.add_argument("--workers", type=int, default=2, help="loader workers (ours and the seed-style pipeline)")
@@ -382,6 +391,15 @@ def build_parser() -> argparse.ArgumentParser:
                        help="gpu: time only the candidate variants (no data-wait run, sweep or memory probe)")
     bench.add_argument("--probe-limit", type=float, default=20_000.0,
                        help="gpu: stop the largest-batch probe at this many seconds of worst-case audio")
+    bench.add_argument("--hours", type=float, default=960.0, help="plan: hours of the synthetic corpus")
+    bench.add_argument("--ranks", type=int, default=512, help="plan: ranks (one data stream each)")
+    bench.add_argument("--config", help="plan: the recipe whose data settings to plan with (default: the defaults)")
+    bench.add_argument("--mix", action="store_true", help="plan: the corpus as a mix of three parts (1, 0.5, 0.25)")
+    bench.add_argument("--speed-perturb", action="store_true", help="plan: speed perturbation 0.9/1.0/1.1")
+    bench.add_argument("--audio-s-per-gpu", type=float, default=11_200.0,
+                       help="plan: training speed an epoch's length is reckoned at (audio seconds per GPU second)")
+    bench.add_argument("--resume-updates", type=int, default=10_000, help="plan: the update a resume starts at")
+    bench.add_argument("--epochs", type=int, default=3, help="plan: epochs of updates over which reads are counted")
 
     command("config-docs", _config_docs, help="print the configuration reference (markdown)")
 

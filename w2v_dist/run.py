@@ -22,7 +22,7 @@ from w2v_dist.data.shapes import ShapeGrid
 from w2v_dist.data.shard_reader import RetryPolicy
 from w2v_dist.data.text import TextPolicy
 from w2v_dist.engine import DTYPES, Engine, accelerator_name, check_accelerator, init_distributed
-from w2v_dist.inputs import check_inputs
+from w2v_dist.inputs import InputError, check_inputs
 from w2v_dist.lock import OutputDirLock
 from w2v_dist.logging import setup_console
 from w2v_dist.model import load_model, load_processor, model_identity, parameter_counts
@@ -141,6 +141,8 @@ def build_run(cfg: Config, local_rank: int | None = None) -> Run:
     workers = layout.workers(world.size, max_workers)
     retry = RetryPolicy(cfg.data.remote_attempts, cfg.data.remote_backoff_seconds)
     stream = TrainStream(train_set, policy, prep, rank=world.rank, world_size=world.size, layout=layout, retry=retry)
+    if problem := stream.layout_problem():  # the same on every rank: all stop with it
+        raise InputError([problem])
     train_loader = make_loader(stream, workers, cfg.data.prefetch_factor)
     dev_sets = []
     batch_size = scoring_batch_size(model.config, bool(processor.feature_extractor.return_attention_mask),

@@ -198,3 +198,14 @@ def test_a_checkpoint_from_before_bounded_shapes_had_free_length_batches(caplog:
     bounded.policy = replace(POLICY, grid=ShapeGrid.for_encoder(16, EncoderGeometry(), POLICY.max_batch_samples, 4))
     bounded.load_state_dict(saved)
     assert "data.shape_quantum_frames changed since the checkpoint" in caplog.text
+
+
+def test_a_layout_with_more_slots_than_utterances_is_refused_with_its_numbers() -> None:
+    """100 h on 4,096 ranks x 8 workers would leave thousands of slots nothing to read, and the run would stop after
+    three empty epochs: the startup refuses it, naming the counts (``run.build_run`` raises it as an input error)."""
+    shards = make_shards([3, 2, 2])
+    assert stream_for(shards, StreamLayout(7, 1, 0), 0, 1, 0).layout_problem() is None
+    problem = stream_for(shards, StreamLayout(4, 2, 0), 0, 2, 0).layout_problem()
+    assert problem == ("data: 8 data slots (4 streams x 2 readers) but 7 training utterances per epoch, so 1 slot "
+                       "would read nothing: use fewer slots (trainer.update_seconds or trainer.grad_accum, "
+                       "data.stream_readers or data.num_workers, fewer ranks) or more data")

@@ -9,7 +9,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from w2v_dist.data.index import Utterance
-from w2v_dist.data.plan import BatchPolicy, assign_pieces, epoch_rng, pack, padding_fraction, plan_batches
+from w2v_dist.data.plan import (
+    BatchPolicy,
+    Piece,
+    assign_pieces,
+    epoch_rng,
+    pack,
+    padding_fraction,
+    piece_strides,
+    plan_batches,
+)
 
 SR = 16_000
 
@@ -47,6 +56,48 @@ def test_every_sample_once_per_epoch_over_all_slots(world: int, workers: int, si
         planned.update(u.key for b in batches for u in b)
         assert all(len(b) <= 8 and (len(b) == 1 or max(u.num_samples for u in b) * len(b) <= 60 * SR) for b in batches)
     assert planned == Counter(u.key for s in shards for u in s)
+
+
+def reference_strides(shard_sizes: list[int], slots: int) -> list[int]:
+    """The definition :func:`piece_strides` computes with a heap: cut the shard with the most utterances per piece
+    (the first such) until there are as many pieces as slots."""
+    strides = [1] * len(shard_sizes)
+    while sum(strides) < slots:
+        splittable = [s for s, size in enumerate(shard_sizes) if strides[s] < size]
+        if not splittable:
+            break
+        strides[max(splittable, key=lambda s: shard_sizes[s] / strides[s])] += 1
+    return strides
+
+
+def reference_assignment(seconds: list[float], sizes: list[int], slots: int, seed: int, epoch: int
+                         ) -> list[list[Piece]]:
+    """The definition :func:`assign_pieces` computes with a heap: each piece, longest first, to the slot with the
+    fewest seconds, then the fewest pieces, then the lowest index."""
+    pieces = [Piece(shard, stride, offset) for shard, stride in enumerate(reference_strides(sizes, slots))
+              for offset in range(stride)]
+    epoch_rng(seed, epoch).shuffle(pieces)
+    pieces.sort(key=lambda p: -seconds[p.shard] / p.stride)
+    load = [0.0] * slots
+    assigned: list[list[Piece]] = [[] for _ in range(slots)]
+    for piece in pieces:
+        slot = min(range(slots), key=lambda s: (load[s], len(assigned[s]), s))
+        assigned[slot].append(piece)
+        load[slot] += seconds[piece.shard] / piece.stride
+    for slot_pieces in assigned:
+        epoch_rng(seed, epoch, len(slot_pieces)).shuffle(slot_pieces)
+    return assigned
+
+
+@settings(max_examples=200, deadline=None)
+@given(sizes=st.lists(st.integers(1, 40), min_size=1, max_size=30), slots=st.integers(1, 200),
+       tied=st.booleans(), epoch=st.integers(0, 3))
+def test_the_heap_plan_is_the_plan_of_its_definition(sizes: list[int], slots: int, tied: bool, epoch: int) -> None:
+    """Planning costs O(pieces log slots) rather than pieces x slots, and plans exactly what it planned before: a
+    run resumes into the same batches. Ties (equal seconds, equal sizes) are where the two orders could part."""
+    seconds = [1.5 * (size if not tied else 4) for size in sizes]
+    assert piece_strides(sizes, slots) == reference_strides(sizes, slots)
+    assert assign_pieces(seconds, sizes, slots, 7, epoch) == reference_assignment(seconds, sizes, slots, 7, epoch)
 
 
 def test_seconds_are_balanced_across_slots() -> None:

@@ -202,16 +202,39 @@ class TrainStream(_Stream):
         self.update = 0
         """Updates already taken: where the stream starts (the trainer keeps it at its step)."""
         self._sampled: dict[int, tuple[tuple[Utterance, ...], ...]] = {}
+        self._assigned: dict[int, list[list[Piece]]] = {}
 
     def plan(self, slot: int, epoch: int) -> tuple[list[Batch], list[Piece], Counter[str]]:
-        layout, shards = self.layout, self.shards
+        layout = self.layout
         utterances = self.epoch_utterances(epoch)
-        pieces = assign_pieces(shards.epoch_seconds, [len(u) for u in utterances], layout.slots, layout.seed,
-                               epoch)[slot]
+        pieces = self.epoch_pieces(epoch)[slot]
         batches, skips = plan_batches(pieces, utterances, self.policy, self.prep.skip_reason,
                                       epoch_rng(layout.seed, epoch, slot), speed_perturbation(
                                           self.policy.speeds, layout.seed, epoch, self.shards.sample_rate))
         return batches, pieces, skips
+
+    def epoch_pieces(self, epoch: int) -> list[list[Piece]]:
+        """Every slot's pieces of ``epoch``: planned once per epoch for all the slots a worker reads, not once per
+        slot (:func:`assign_pieces`)."""
+        if epoch not in self._assigned:
+            if len(self._assigned) >= 4:  # a worker's slots are at most an epoch apart
+                self._assigned.pop(min(self._assigned))
+            self._assigned[epoch] = assign_pieces(self.shards.epoch_seconds,
+                                                  [len(u) for u in self.epoch_utterances(epoch)],
+                                                  self.layout.slots, self.layout.seed, epoch)
+        return self._assigned[epoch]
+
+    def layout_problem(self) -> str | None:
+        """Why this layout cannot train, said at startup: slots that an epoch gives nothing to read (more slots than
+        utterances per epoch), which would otherwise stop the run after :data:`MAX_EMPTY_EPOCHS` empty epochs."""
+        starved = sum(not pieces for pieces in self.epoch_pieces(0))
+        if not starved:
+            return None
+        layout, slots = self.layout, "slot" if starved == 1 else "slots"
+        return (f"data: {layout.slots:,} data slots ({layout.streams:,} streams x {layout.readers:,} readers) but "
+                f"{sum(map(len, self.epoch_utterances(0))):,} training utterances per epoch, so {starved:,} {slots} "
+                "would read nothing: use fewer slots (trainer.update_seconds or trainer.grad_accum, "
+                "data.stream_readers or data.num_workers, fewer ranks) or more data")
 
     def epoch_utterances(self, epoch: int) -> tuple[tuple[Utterance, ...], ...]:
         """Per shard, what ``epoch`` reads: every utterance, or for a mix its fraction of each part."""

@@ -1,0 +1,183 @@
+"""``w2v-dist bench plan``: what the data plan costs at a cluster's scale, on a synthetic index with no audio.
+
+The corpus is LibriSpeech-shaped (12.3 s per utterance on average, shards of about 256 MB of FLAC, the default of
+``w2v-dist shard``); the layout is one data stream per rank (grad_accum 1) read by ``--workers`` slots each, so a
+rank's loader worker reads one slot. Everything timed is the project's own code (:mod:`w2v_dist.data.index`,
+:mod:`w2v_dist.data.plan`, :class:`~w2v_dist.data.loader.TrainStream`, :mod:`w2v_dist.preflight`), run once
+(these runs take minutes, not milliseconds), as CPU time of this process: the machine is shared.
+"""
+
+from __future__ import annotations
+
+import gc
+import itertools
+import json
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+
+from w2v_dist.bench.output import emit
+from w2v_dist.config import Config
+from w2v_dist.data.audio import EncoderGeometry
+from w2v_dist.data.index import ShardSet, load_shard_set, mix_shard_sets
+from w2v_dist.data.loader import Preprocess, TrainStream
+from w2v_dist.data.plan import BatchPolicy, StreamLayout, padding_fraction
+from w2v_dist.data.shapes import ShapeGrid
+from w2v_dist.preflight import worst_case
+
+SR = 16_000
+MEAN_SECONDS = 12.3
+"""LibriSpeech 960 h's mean utterance length."""
+FLAC_BYTES_PER_SECOND = 18_300  # LibriSpeech: 6.62 GB / 100.6 h
+SHARD_BYTES = 256e6  # w2v-dist shard's default --shard-size-mb
+MIX_FRACTIONS = (1.0, 0.5, 0.25)
+"""``--mix``: the corpus as three equal parts read at these fractions per epoch."""
+T = TypeVar("T")
+
+
+def cpu_timed(work: Callable[[], T]) -> tuple[T, float]:
+    """What ``work()`` returns and the CPU seconds it took (single-threaded code, on a shared machine)."""
+    start = time.process_time()
+    return work(), time.process_time() - start
+
+
+def synthetic_index(hours: float, seed: int) -> dict[str, Any]:
+    """An ``index.json`` body as ``w2v-dist shard`` writes it: lengths drawn 1-12 / 12-16.5 / 16.5-35 s uniformly
+    (32/63/5 %, mean 12.3 s), in random order, as many per shard as 256 MB of FLAC holds on average."""
+    rng = np.random.default_rng(seed)
+    count = round(hours * 3600 / MEAN_SECONDS)
+    kind = rng.random(count)
+    seconds = np.where(kind < 0.32, rng.uniform(1.0, 12.0, count),
+                       np.where(kind < 0.95, rng.uniform(12.0, 16.5, count), rng.uniform(16.5, 35.0, count)))
+    samples = (seconds * SR).astype(np.int64)
+    per_shard = int(SHARD_BYTES / FLAC_BYTES_PER_SECOND / MEAN_SECONDS)
+    shards = []
+    for number, start in enumerate(range(0, count, per_shard)):
+        end = min(start + per_shard, count)
+        rows = [[f"{seed}-{i // 120}-{i % 120:04d}", int(samples[i]), int(samples[i] * 14.6 / SR)]
+                for i in range(start, end)]
+        shards.append({"name": f"shard-{number:06d}.tar", "samples": len(rows), "utterances": rows,
+                       "seconds": round(int(samples[start:end].sum()) / SR, 3)})
+    return {"format": "w2v-dist-shards", "version": 1, "sample_rate": SR, "shards": shards,
+            "text_policy": {"alphabet": "latin", "case": "upper", "unicode": "NFKC", "punctuation": "strip",
+                            "digits": "reject"}}
+
+
+def write_indexes(root: Path, hours: float, mix: bool) -> list[str]:
+    """One index directory, or three (a mix's parts); the index dicts are dropped before anything is measured."""
+    parts = len(MIX_FRACTIONS) if mix else 1
+    locations = []
+    for part in range(parts):
+        location = root / f"part{part}"
+        location.mkdir(parents=True)
+        (location / "index.json").write_text(json.dumps(synthetic_index(hours / parts, seed=part)))
+        locations.append(str(location))
+    gc.collect()
+    return locations
+
+
+def load_train_set(locations: list[str]) -> ShardSet:
+    """What a rank loads at start: the index, or the mix of the parts' indexes (``run.load_train_set``)."""
+    if len(locations) == 1:
+        return load_shard_set(locations[0])
+    sets = {location: load_shard_set(location) for location in locations}
+    return mix_shard_sets(sets, dict(zip(locations, MIX_FRACTIONS)))
+
+
+def recipe_policy(cfg: Config, speed_perturb: bool) -> tuple[BatchPolicy, Preprocess]:
+    data = cfg.data
+    budget = int(data.max_batch_seconds * SR)
+    grid = (ShapeGrid.for_encoder(data.shape_quantum_frames, EncoderGeometry(), budget, data.max_batch_size)
+            if data.shape_quantum_frames else None)
+    speeds = tuple(data.speed_perturb) or ((0.9, 1.0, 1.1) if speed_perturb else ())
+    policy = BatchPolicy(budget, data.max_batch_size, data.bucket_window, data.shuffle_buffer, speeds, grid)
+    # Only the length filters matter at plan speed: no labeler, no collator.
+    prep = Preprocess(labels=None, collator=None, geometry=EncoderGeometry(),  # type: ignore[arg-type]
+                      min_samples=int(data.min_seconds * SR), max_samples=int(data.max_seconds * SR))
+    return policy, prep
+
+
+def utterance_bytes(shards: ShardSet, sample: int = 10_000) -> float:
+    """What a rank holds per utterance of the index: the ``Utterance`` object, its key and its integers (small ones
+    are shared by Python), and its slot in the shard's tuple; the mean over a sample of them."""
+    every = max(1, shards.total_samples // sample)
+    picked = list(itertools.islice(itertools.chain.from_iterable(shards.utterances), 0, None, every))
+    sizes = [sys.getsizeof(utt) + (sys.getsizeof(vars(utt)) if hasattr(utt, "__dict__") else 0)
+             + sys.getsizeof(utt.key) + 8
+             + sum(sys.getsizeof(value) for value in (utt.num_samples, utt.label_length, utt.position)
+                   if not -5 <= value <= 256) for utt in picked]
+    return sum(sizes) / len(sizes)
+
+
+def read_counts(stream: TrainStream, updates: int) -> np.ndarray:
+    """How often each utterance is read in ``updates`` updates: every slot's batches, as the run takes them."""
+    offsets = np.cumsum([0, *map(len, stream.shards.utterances)])
+    reads = np.zeros(offsets[-1], dtype=np.int32)
+    readers = stream.layout.readers
+    for slot in range(stream.layout.slots):
+        batches = len(range(slot % readers, updates, readers))  # the updates that take this slot
+        for _, (_, batch) in zip(range(batches), stream.planned(slot, 0)):
+            for utt in batch:
+                reads[offsets[utt.shard] + utt.position] += 1
+    return reads
+
+
+def plan_benchmark(cfg: Config, hours: float, ranks: int, workers: int, mix: bool, speed_perturb: bool,
+                   audio_s_per_gpu: float, resume_updates: int, epochs: int) -> dict[str, Any]:
+    policy, prep = recipe_policy(cfg, speed_perturb)
+    layout = StreamLayout(ranks, workers, cfg.trainer.seed)
+
+    def stream_of(shards: ShardSet, update: int = 0) -> TrainStream:
+        stream = TrainStream(shards, policy, prep, rank=0, world_size=ranks, layout=layout)
+        stream.update = update
+        return stream
+
+    with tempfile.TemporaryDirectory(prefix="w2v-dist-bench-plan-") as tmp:
+        locations = write_indexes(Path(tmp), hours, mix)
+        shards, load_s = cpu_timed(lambda: load_train_set(locations))
+    utterances = shards.total_samples
+    _, digest_s = cpu_timed(lambda: shards.contents_digest)
+    _, worst_s = cpu_timed(lambda: worst_case(shards, policy, prep.skip_reason))
+    problem, check_s = cpu_timed(lambda: stream_of(shards).layout_problem())
+    record: dict[str, Any] = {
+        "measure": "plan", "hours": round(shards.total_seconds / 3600, 1), "ranks": ranks, "workers": workers,
+        "slots": layout.slots, "shards": len(shards.urls), "utterances": utterances, "mix": mix,
+        "speeds": list(policy.speeds), "shape_quantum_frames": cfg.data.shape_quantum_frames,
+        "index_bytes_per_utt": round(utterance_bytes(shards), 1),
+        "rank_start_s": round(load_s + digest_s + worst_s + check_s, 3),
+        "rank_start_parts_s": {"load_index": round(load_s, 3), "contents_digest": round(digest_s, 3),
+                               "preflight_worst_case": round(worst_s, 3), "first_epoch_assignment": round(check_s, 3)},
+        "refused": problem}
+    if problem:
+        return emit(record)
+    # A worker's planning for one epoch (epoch 1, nothing cached): every slot's pieces, then its own slot's batches.
+    worker_slot = layout.slot(0, 0)
+    _, plan_s = cpu_timed(lambda: stream_of(shards).plan(worker_slot, 1))
+    epoch_seconds = sum(shards.epoch_seconds)
+    epoch_s = epoch_seconds / (ranks * audio_s_per_gpu)
+    # One pass over every slot's first epoch: batches, padding, and the bytes a reader streams (a strided piece, or
+    # a mix's fraction, streams the whole tar) against the bytes it keeps.
+    stream = stream_of(shards)
+    first_epoch = [batch for slot in range(layout.slots) for batch in stream.plan(slot, 0)[0]]
+    streamed = sum(shards.seconds[piece.shard] for pieces in stream.epoch_pieces(0) for piece in pieces)
+    kept = sum(utt.num_samples for batch in first_epoch for utt in batch) / SR
+    updates = epochs * len(first_epoch) // layout.streams
+    reads, reads_s = cpu_timed(lambda: read_counts(stream_of(shards), updates))
+    resumed = stream_of(shards, resume_updates)
+    _, resume_s = cpu_timed(lambda: next(resumed.items(0, workers, resumed.planned)))
+    record |= {
+        "plan_s_per_worker_epoch": round(plan_s, 4), "epoch_s": round(epoch_s, 3),
+        "plan_share_of_epoch": round(plan_s / epoch_s, 4), "audio_s_per_gpu": audio_s_per_gpu,
+        "padding": round(padding_fraction(first_epoch, policy.grid), 4),
+        "read_amplification": round(streamed / max(kept, 1e-9), 3),
+        "updates_per_epoch": round(len(first_epoch) / layout.streams, 1), "read_updates": updates,
+        "reads_min": int(reads.min()), "reads_max": int(reads.max()),
+        "reads_share_at_min": round(float(np.mean(reads == reads.min())), 4),
+        "reads_share_at_max": round(float(np.mean(reads == reads.max())), 4),
+        "resume_updates": resume_updates, "resume_s": round(resume_s, 3), "reads_pass_s": round(reads_s, 1)}
+    return emit(record)
