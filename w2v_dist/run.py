@@ -156,7 +156,7 @@ def build_run(cfg: Config, local_rank: int | None = None) -> Run:
         dev_sets.append(DevSet(name, dev_set.total_samples, dev_set.sample_rate, dev_set.text_policy, scoring_loader(
             dev_set, prep, cfg.data.max_batch_seconds, batch_size, world, workers=0, retry=retry)))
     if cfg.trainer.preflight:
-        preflight(model, device, DTYPES[cfg.deepspeed.precision], worst_case(train_set, policy, prep.skip_reason))
+        preflight(model, device, DTYPES[cfg.deepspeed.precision], worst_case(train_set, policy, prep))
     engine = Engine(cfg, model, device, grad_accum=stream.per_rank)
     if world.is_main:
         _announce(cfg, world, train_set, model, layout, workers, max_workers, saved)

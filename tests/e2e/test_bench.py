@@ -29,6 +29,29 @@ def test_bench_loader_prints_one_json_line_per_measurement(tmp_path: Path) -> No
     assert "fraction_of_raw_decode" in proc.stderr.split("summary\n", 1)[1]  # the short table
 
 
+def bench_plan(*args: str) -> dict:
+    proc = subprocess.run([sys.executable, "-m", "w2v_dist", "bench", "plan", "--resume-updates", "40", *args],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (record,) = map(json.loads, proc.stdout.splitlines())
+    return record
+
+
+def test_bench_plan_measures_the_plan_and_refuses_what_the_run_would_refuse() -> None:
+    """Whole shards per slot stream nothing twice; strided pieces stream their whole tar for a share of it. Reads
+    are counted over the updates of 3 epochs: on two shards of equal counts, every utterance 2 to 4 times (on
+    unequal shards the slot with fewer seconds laps the other: the unevenness the bench is there to show)."""
+    whole = bench_plan("--hours", "7.77", "--ranks", "2", "--workers", "1", "--config", "configs/base.yaml")
+    assert (whole["shards"], whole["slots"], whole["read_amplification"]) == (2, 2, 1.0)
+    assert 2 <= whole["reads_min"] <= whole["reads_max"] <= 4 and whole["refused"] is None
+    assert 0 < whole["plan_s_per_worker_epoch"] and 0 <= whole["padding"] < 0.2 and whole["resume_s"] > 0
+    assert whole["index_bytes_per_utt"] > 100 and whole["rank_start_s"] > 0
+    strided = bench_plan("--hours", "5", "--ranks", "4", "--workers", "2", "--mix", "--speed-perturb")
+    assert strided["slots"] == 8 and strided["read_amplification"] > 2 and strided["speeds"] == [0.9, 1.0, 1.1]
+    refused = bench_plan("--hours", "0.05", "--ranks", "8", "--workers", "4")
+    assert refused["refused"].startswith("data: 32 data slots (8 streams x 4 readers) but 15 training utterances")
+
+
 def test_bench_shard_compares_with_a_raw_copy(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "w2v_dist", "bench", "shard", "--utterances", "12",
                            "--work-dir", str(tmp_path)], capture_output=True, text=True, timeout=600)

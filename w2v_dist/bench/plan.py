@@ -142,7 +142,7 @@ def plan_benchmark(cfg: Config, hours: float, ranks: int, workers: int, mix: boo
         shards, load_s = cpu_timed(lambda: load_train_set(locations))
     utterances = shards.total_samples
     _, digest_s = cpu_timed(lambda: shards.contents_digest)
-    _, worst_s = cpu_timed(lambda: worst_case(shards, policy, prep.skip_reason))
+    _, worst_s = cpu_timed(lambda: worst_case(shards, policy, prep))
     problem, check_s = cpu_timed(lambda: stream_of(shards).layout_problem())
     record: dict[str, Any] = {
         "measure": "plan", "hours": round(shards.total_seconds / 3600, 1), "ranks": ranks, "workers": workers,

@@ -52,6 +52,13 @@ class EncoderGeometry:
                 return 0
         return length
 
+    def frames_of(self, num_samples: np.ndarray) -> np.ndarray:
+        """:meth:`frames` of many lengths at once (a length that reaches 0 stays at or below it, layer by layer)."""
+        length = num_samples
+        for kernel, stride in zip(self.kernels, self.strides):
+            length = (length - kernel) // stride + 1
+        return np.maximum(length, 0)
+
     @classmethod
     def from_model_config(cls, config: object) -> EncoderGeometry:
         return cls(tuple(config.conv_kernel), tuple(config.conv_stride))  # type: ignore[attr-defined]
@@ -85,6 +92,13 @@ def perturbed_samples(num_samples: int, speed: float, sample_rate: int) -> int:
     """Length after :func:`speed_perturb`, exactly as torchaudio's resampler computes it."""
     source, target = speed_rates(speed, sample_rate)
     return int(math.ceil(target * num_samples / source))
+
+
+def perturbed_samples_of(num_samples: np.ndarray, speed: float, sample_rate: int) -> np.ndarray:
+    """:func:`perturbed_samples` of many lengths at once, to the sample (the products stay far below 2**53, so the
+    float division rounds as Python's does)."""
+    source, target = speed_rates(speed, sample_rate)
+    return np.ceil(target * num_samples / source).astype(np.int64)
 
 
 def speed_perturb(audio: np.ndarray, speed: float, sample_rate: int) -> np.ndarray:

@@ -74,6 +74,13 @@ class Preprocess:
             return "ctc_infeasible"
         return None
 
+    def kept(self, num_samples: np.ndarray, label_length: np.ndarray) -> np.ndarray:
+        """Whether :meth:`skip_reason` keeps each utterance, for arrays of lengths at once."""
+        if not self.filtered:
+            return np.ones(len(num_samples), dtype=bool)
+        return ((label_length > 0) & (num_samples >= max(self.min_samples, self.geometry.receptive_field))
+                & (num_samples <= self.max_samples) & (self.geometry.frames_of(num_samples) >= label_length))
+
     def decode_into(self, members: dict[str, bytes], row: np.ndarray, sample_rate: int, utt: Utterance
                     ) -> tuple[list[int], str]:
         """Decode one sample straight into its batch row (already zero-padded to the batch width); return its
