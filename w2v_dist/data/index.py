@@ -26,9 +26,10 @@ class ShardIndexError(ValueError):
     """An index that cannot be used, with the location it came from."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Utterance:
-    """What the loader plans batches with, read from the index without touching audio."""
+    """What the loader plans batches with, read from the index without touching audio. Slots: a rank holds one per
+    utterance of the corpus (no per-object dict: 302 -> 206 B each in `bench plan`)."""
 
     shard: int
     position: int
