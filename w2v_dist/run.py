@@ -15,7 +15,7 @@ from w2v_dist import dist, hub
 from w2v_dist.checkpoint import Checkpointer
 from w2v_dist.config import Config, DataConfig
 from w2v_dist.data.audio import EncoderGeometry
-from w2v_dist.data.index import ShardSet, freeze_for_the_run, is_remote, load_shard_set, mix_shard_sets, read_vocab
+from w2v_dist.data.index import ShardSet, is_remote, load_shard_set, mix_shard_sets, read_vocab
 from w2v_dist.data.loader import TrainStream, make_loader, make_preprocess
 from w2v_dist.data.plan import BatchPolicy, StreamLayout
 from w2v_dist.data.shapes import ShapeGrid
@@ -143,7 +143,6 @@ def build_run(cfg: Config, local_rank: int | None = None) -> Run:
     stream = TrainStream(train_set, policy, prep, rank=world.rank, world_size=world.size, layout=layout, retry=retry)
     if problem := stream.layout_problem():  # the same on every rank: all stop with it
         raise InputError([problem])
-    freeze_for_the_run()  # before the loader forks its workers
     train_loader = make_loader(stream, workers, cfg.data.prefetch_factor)
     dev_sets = []
     batch_size = scoring_batch_size(model.config, bool(processor.feature_extractor.return_attention_mask),

@@ -24,7 +24,7 @@ import numpy as np
 from w2v_dist.bench.output import emit
 from w2v_dist.config import Config
 from w2v_dist.data.audio import EncoderGeometry
-from w2v_dist.data.index import ShardSet, freeze_for_the_run, load_shard_set, mix_shard_sets
+from w2v_dist.data.index import ShardSet, load_shard_set, mix_shard_sets
 from w2v_dist.data.loader import Preprocess, TrainStream
 from w2v_dist.data.plan import BatchPolicy, StreamLayout, padding_fraction
 from w2v_dist.data.shapes import ShapeGrid
@@ -140,7 +140,6 @@ def plan_benchmark(cfg: Config, hours: float, ranks: int, workers: int, mix: boo
     with tempfile.TemporaryDirectory(prefix="w2v-dist-bench-plan-") as tmp:
         locations = write_indexes(Path(tmp), hours, mix)
         shards, load_s = cpu_timed(lambda: load_train_set(locations))
-    freeze_for_the_run()  # as run.build_run does
     utterances = shards.total_samples
     _, digest_s = cpu_timed(lambda: shards.contents_digest)
     _, worst_s = cpu_timed(lambda: worst_case(shards, policy, prep))

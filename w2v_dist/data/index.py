@@ -8,7 +8,6 @@ separators, no ``..``, no URL schemes and no ``pipe:``. Commands only ever come 
 from __future__ import annotations
 
 import functools
-import gc
 import hashlib
 import json
 import re
@@ -153,16 +152,6 @@ def load_shard_set(location: str, shard_command: str = "", max_samples: int = 0)
         raise ShardIndexError(f"{redact(location)}: the index lists no utterances")
     return ShardSet(location, tuple(urls), tuple(seconds), tuple(utterances), int(index["sample_rate"]),
                     TextPolicy.from_index(index))
-
-
-def freeze_for_the_run() -> None:
-    """Move every object alive now (the index's utterances above all: one per utterance of the corpus) out of the
-    garbage collector's reach for the rest of the process. A full collection no longer walks them (0.8 s at
-    10,000 h, inside a loader worker's planning in ``bench plan``), and a forked loader worker's collections no
-    longer write to every one of them (which copies the index page by page into each worker). Garbage is collected
-    first, so none is kept."""
-    gc.collect()
-    gc.freeze()
 
 
 def mix_shard_sets(sets: dict[str, ShardSet], fractions: dict[str, float]) -> ShardSet:
