@@ -41,7 +41,10 @@ T = TypeVar("T")
 
 
 def cpu_timed(work: Callable[[], T]) -> tuple[T, float]:
-    """What ``work()`` returns and the CPU seconds it took (single-threaded code, on a shared machine)."""
+    """What ``work()`` returns and the CPU seconds it took (single-threaded code, on a shared machine), after a
+    garbage collection: one that the work's allocations happen to trigger would walk the whole index (``full_gc_s``,
+    reported on its own) and swamp what is measured."""
+    gc.collect()
     start = time.process_time()
     return work(), time.process_time() - start
 
@@ -141,6 +144,7 @@ def plan_benchmark(cfg: Config, hours: float, ranks: int, workers: int, mix: boo
         locations = write_indexes(Path(tmp), hours, mix)
         shards, load_s = cpu_timed(lambda: load_train_set(locations))
     utterances = shards.total_samples
+    _, full_gc_s = cpu_timed(gc.collect)
     _, digest_s = cpu_timed(lambda: shards.contents_digest)
     _, worst_s = cpu_timed(lambda: worst_case(shards, policy, prep))
     problem, check_s = cpu_timed(lambda: stream_of(shards).layout_problem())
@@ -148,7 +152,7 @@ def plan_benchmark(cfg: Config, hours: float, ranks: int, workers: int, mix: boo
         "measure": "plan", "hours": round(shards.total_seconds / 3600, 1), "ranks": ranks, "workers": workers,
         "slots": layout.slots, "shards": len(shards.urls), "utterances": utterances, "mix": mix,
         "speeds": list(policy.speeds), "shape_quantum_frames": cfg.data.shape_quantum_frames,
-        "index_bytes_per_utt": round(utterance_bytes(shards), 1),
+        "index_bytes_per_utt": round(utterance_bytes(shards), 1), "full_gc_s": round(full_gc_s, 3),
         "rank_start_s": round(load_s + digest_s + worst_s + check_s, 3),
         "rank_start_parts_s": {"load_index": round(load_s, 3), "contents_digest": round(digest_s, 3),
                                "preflight_worst_case": round(worst_s, 3), "first_epoch_assignment": round(check_s, 3)},
