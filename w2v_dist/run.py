@@ -91,6 +91,15 @@ def build_engine(cfg: Config, local_rank: int | None = None) -> tuple[dist.World
     return world, Engine(cfg, load_model(model_cfg, processor), device), processor
 
 
+def batch_policy(data: DataConfig, geometry: EncoderGeometry, sample_rate: int) -> BatchPolicy:
+    """How training batches are made from ``data``'s settings (:class:`~w2v_dist.data.plan.BatchPolicy`)."""
+    budget = int(data.max_batch_seconds * sample_rate)
+    grid = (ShapeGrid.for_encoder(data.shape_quantum_frames, geometry, budget, data.max_batch_size)
+            if data.shape_quantum_frames else None)
+    return BatchPolicy(budget, data.max_batch_size, data.bucket_window, data.shuffle_buffer,
+                       tuple(data.speed_perturb), grid)
+
+
 def load_train_set(data: DataConfig) -> tuple[ShardSet, dict[str, int] | None]:
     """The training shard set, or the mix of ``data.train_mix`` (whose sets must share one vocabulary), and its
     vocabulary (:func:`~w2v_dist.data.index.read_vocab`)."""
@@ -126,11 +135,7 @@ def build_run(cfg: Config, local_rank: int | None = None) -> Run:
     sample_rate = train_set.sample_rate
     geometry = EncoderGeometry.from_model_config(model.config)
     prep = make_preprocess(processor, geometry, sample_rate, cfg.data.min_seconds, cfg.data.max_seconds)
-    budget = int(cfg.data.max_batch_seconds * sample_rate)
-    grid = (ShapeGrid.for_encoder(cfg.data.shape_quantum_frames, geometry, budget, cfg.data.max_batch_size)
-            if cfg.data.shape_quantum_frames else None)
-    policy = BatchPolicy(budget, cfg.data.max_batch_size, cfg.data.bucket_window, cfg.data.shuffle_buffer,
-                         tuple(cfg.data.speed_perturb), grid)
+    policy = batch_policy(cfg.data, geometry, sample_rate)
     checkpointer = Checkpointer(Path(cfg.output_dir), world, keep_last=cfg.checkpoint.keep_last,
                                 keep_best=cfg.checkpoint.keep_best,
                                 model=model_identity(cfg.model.name_or_path, model, processor))

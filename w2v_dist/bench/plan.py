@@ -16,19 +16,20 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
 
 from w2v_dist.bench.output import emit
-from w2v_dist.config import Config
+from w2v_dist.config import Config, DataConfig
 from w2v_dist.data.audio import EncoderGeometry
-from w2v_dist.data.index import ShardSet, load_shard_set, mix_shard_sets
+from w2v_dist.data.index import ShardSet
 from w2v_dist.data.loader import Preprocess, TrainStream
 from w2v_dist.data.plan import BatchPolicy, StreamLayout, padding_fraction
-from w2v_dist.data.shapes import ShapeGrid
 from w2v_dist.preflight import worst_case
+from w2v_dist.run import batch_policy, load_train_set
 
 SR = 16_000
 MEAN_SECONDS = 12.3
@@ -84,25 +85,14 @@ def write_indexes(root: Path, hours: float, mix: bool) -> list[str]:
     return locations
 
 
-def load_train_set(locations: list[str]) -> ShardSet:
-    """What a rank loads at start: the index, or the mix of the parts' indexes (``run.load_train_set``)."""
-    if len(locations) == 1:
-        return load_shard_set(locations[0])
-    sets = {location: load_shard_set(location) for location in locations}
-    return mix_shard_sets(sets, dict(zip(locations, MIX_FRACTIONS)))
-
-
-def recipe_policy(cfg: Config, speed_perturb: bool) -> tuple[BatchPolicy, Preprocess]:
-    data = cfg.data
-    budget = int(data.max_batch_seconds * SR)
-    grid = (ShapeGrid.for_encoder(data.shape_quantum_frames, EncoderGeometry(), budget, data.max_batch_size)
-            if data.shape_quantum_frames else None)
-    speeds = tuple(data.speed_perturb) or ((0.9, 1.0, 1.1) if speed_perturb else ())
-    policy = BatchPolicy(budget, data.max_batch_size, data.bucket_window, data.shuffle_buffer, speeds, grid)
-    # Only the length filters matter at plan speed: no labeler, no collator.
+def recipe_policy(data: DataConfig, speed_perturb: bool) -> tuple[BatchPolicy, Preprocess]:
+    """The run's batch policy for ``data`` (with speed perturbation 0.9/1.0/1.1 if asked and none is set), and its
+    filters: at plan speed only the lengths matter (no labeler, no collator)."""
+    if speed_perturb and not data.speed_perturb:
+        data = replace(data, speed_perturb=[0.9, 1.0, 1.1])
     prep = Preprocess(labels=None, collator=None, geometry=EncoderGeometry(),  # type: ignore[arg-type]
                       min_samples=int(data.min_seconds * SR), max_samples=int(data.max_seconds * SR))
-    return policy, prep
+    return batch_policy(data, EncoderGeometry(), SR), prep
 
 
 def utterance_bytes(shards: ShardSet, sample: int = 10_000) -> float:
@@ -132,7 +122,7 @@ def read_counts(stream: TrainStream, updates: int) -> np.ndarray:
 
 def plan_benchmark(cfg: Config, hours: float, ranks: int, workers: int, mix: bool, speed_perturb: bool,
                    audio_s_per_gpu: float, resume_updates: int, epochs: int) -> dict[str, Any]:
-    policy, prep = recipe_policy(cfg, speed_perturb)
+    policy, prep = recipe_policy(cfg.data, speed_perturb)
     layout = StreamLayout(ranks, workers, cfg.trainer.seed)
 
     def stream_of(shards: ShardSet, update: int = 0) -> TrainStream:
@@ -142,7 +132,9 @@ def plan_benchmark(cfg: Config, hours: float, ranks: int, workers: int, mix: boo
 
     with tempfile.TemporaryDirectory(prefix="w2v-dist-bench-plan-") as tmp:
         locations = write_indexes(Path(tmp), hours, mix)
-        shards, load_s = cpu_timed(lambda: load_train_set(locations))
+        data = (replace(cfg.data, train_mix=dict(zip(locations, MIX_FRACTIONS))) if mix else
+                replace(cfg.data, train_shards=locations[0]))
+        (shards, _), load_s = cpu_timed(lambda: load_train_set(data))
     utterances = shards.total_samples
     _, full_gc_s = cpu_timed(gc.collect)
     _, digest_s = cpu_timed(lambda: shards.contents_digest)

@@ -197,6 +197,16 @@ def _worker() -> tuple[int, int]:
     return (info.id, info.num_workers) if info else (0, 1)
 
 
+def recent_epochs(cache: dict[int, T], epoch: int, make: Callable[[], T]) -> T:
+    """``cache[epoch]``, made on first use; the 4 most recent epochs are kept (a worker's slots are at most an
+    epoch apart)."""
+    if epoch not in cache:
+        if len(cache) >= 4:
+            cache.pop(min(cache))
+        cache[epoch] = make()
+    return cache[epoch]
+
+
 class TrainStream(_Stream):
     """Endless, deterministic, resumable training batches for one rank: the micro-batches of update after update
     (:class:`StreamLayout`), from update ``self.update`` on."""
@@ -223,13 +233,9 @@ class TrainStream(_Stream):
     def epoch_pieces(self, epoch: int) -> list[list[Piece]]:
         """Every slot's pieces of ``epoch``: planned once per epoch for all the slots a worker reads, not once per
         slot (:func:`assign_pieces`)."""
-        if epoch not in self._assigned:
-            if len(self._assigned) >= 4:  # a worker's slots are at most an epoch apart
-                self._assigned.pop(min(self._assigned))
-            self._assigned[epoch] = assign_pieces(self.shards.epoch_seconds,
-                                                  [len(u) for u in self.epoch_utterances(epoch)],
-                                                  self.layout.slots, self.layout.seed, epoch)
-        return self._assigned[epoch]
+        return recent_epochs(self._assigned, epoch, lambda: assign_pieces(
+            self.shards.epoch_seconds, [len(u) for u in self.epoch_utterances(epoch)], self.layout.slots,
+            self.layout.seed, epoch))
 
     def layout_problem(self) -> str | None:
         """Why this layout cannot train, said at startup: slots that an epoch gives nothing to read (more slots than
@@ -247,12 +253,9 @@ class TrainStream(_Stream):
         """Per shard, what ``epoch`` reads: every utterance, or for a mix its fraction of each part."""
         if not self.shards.parts:
             return self.shards.utterances
-        if epoch not in self._sampled:
-            if len(self._sampled) >= 4:  # a worker's slots are at most an epoch apart
-                self._sampled.pop(min(self._sampled))
-            self._sampled[epoch] = tuple(epoch_sample(u, self.shards.shard_fraction(s), self.layout.seed, epoch, s)
-                                         for s, u in enumerate(self.shards.utterances))
-        return self._sampled[epoch]
+        return recent_epochs(self._sampled, epoch, lambda: tuple(
+            epoch_sample(u, self.shards.shard_fraction(s), self.layout.seed, epoch, s)
+            for s, u in enumerate(self.shards.utterances)))
 
     def schedule(self, worker: int, workers: int) -> Iterator[tuple[int, int, int]]:
         """``(update, stream, slot)`` of each micro-batch this worker makes, in the order the rank takes them:
