@@ -50,7 +50,7 @@ def run_train(args: argparse.Namespace) -> int:
         print(to_yaml(cfg), end="")
         problems = input_problems(cfg)
         return _fail("input error", InputError(problems)) if problems else 0
-    from w2v_dist.checkpoint import ResumeError
+    from w2v_dist.checkpoint.commit import ResumeError
     from w2v_dist.hub import ModelUnavailable
     from w2v_dist.lock import OutputDirInUse
     from w2v_dist.trainer import train
@@ -59,7 +59,7 @@ def run_train(args: argparse.Namespace) -> int:
         train(cfg, args.local_rank)
     except InputError as err:  # found on every rank before the process group (w2v_dist.run.build_run)
         return _fail("input error", err)
-    except ResumeError as err:  # a checkpoint of another model, or none left to resume (w2v_dist.checkpoint)
+    except ResumeError as err:  # a checkpoint of another model, or none left to resume (w2v_dist.checkpoint.commit)
         return _fail("train", err, 1)
     except OutputDirInUse as err:
         return _fail("train", err, 1)

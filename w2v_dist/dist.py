@@ -1,6 +1,6 @@
 """Rank, world size and the few collectives the trainer needs. World size 1 takes the same code path.
 
-The process group itself is created by :func:`w2v_dist.engine.init_distributed` (DeepSpeed's
+The process group itself is created by :func:`w2v_dist.process.init_distributed` (DeepSpeed's
 ``init_distributed``); this module reads the launcher's environment and wraps ``torch.distributed``.
 """
 

@@ -67,7 +67,7 @@ def is_hub_id(source: str | Path) -> bool:
 
 def find_checkpoint(path: str | Path, tag: str | None = None, config: str | Path | None = None) -> CheckpointRef:
     """Resolve a run dir, a ``checkpoints/`` dir or a tag dir to (root, tag, config.yaml)."""
-    from w2v_dist.checkpoint import TAG_PREFIX, missing_parts  # imports DeepSpeed: only on the checkpoint path
+    from w2v_dist.checkpoint.commit import TAG_PREFIX, missing_parts  # imports DeepSpeed: only on the checkpoint path
 
     path = Path(path)
     if (path / "checkpoints").is_dir():
@@ -80,7 +80,7 @@ def find_checkpoint(path: str | Path, tag: str | None = None, config: str | Path
         raise ModelSourceError(f"{path} is neither a Hugging Face export (no config.json) nor a DeepSpeed "
                                "checkpoint (a run's output_dir, its checkpoints/ dir, or a step_XXXXXXXX dir)")
     if tag is None:
-        latest = root / "latest"  # moved only once a save is complete (w2v_dist.checkpoint)
+        latest = root / "latest"  # moved only once a save is complete (w2v_dist.checkpoint.commit)
         complete = sorted(p.name for p in root.glob(f"{TAG_PREFIX}*") if p.is_dir() and not missing_parts(p))
         if not latest.is_file() and not complete:
             raise ModelSourceError(f"{root} holds no complete checkpoint")
@@ -94,7 +94,7 @@ def find_checkpoint(path: str | Path, tag: str | None = None, config: str | Path
 
 
 def _load_states(path: Path) -> dict:
-    from w2v_dist.engine import safe_load  # imports DeepSpeed: only on the checkpoint path
+    from w2v_dist.checkpoint.files import safe_load  # imports DeepSpeed: only on the checkpoint path
 
     return safe_load(path, map_location="cpu")
 
@@ -119,7 +119,7 @@ def checkpoint_state_dict(ref: CheckpointRef) -> dict[str, torch.Tensor]:
     """Full fp32 weights of a checkpoint, ZeRO partitions gathered."""
     directory = ref.directory
     if any(directory.glob("*_optim_states.pt")):
-        from w2v_dist.engine import zero_checkpoint_weights
+        from w2v_dist.checkpoint.files import zero_checkpoint_weights
 
         return zero_checkpoint_weights(ref.root, ref.tag)  # its progress print()s: callers redirect stdout
     states = directory / ZERO0_MODEL_STATES
@@ -193,7 +193,7 @@ def write_export(model: PreTrainedModel, processor: Wav2Vec2Processor, out_dir: 
         if card:
             (tmp / "README.md").write_text(card)
     except (OSError, SafetensorError) as err:  # safetensors reports a full disk as a SafetensorError, naming no path
-        from w2v_dist.checkpoint import write_failure  # imports DeepSpeed: only now
+        from w2v_dist.checkpoint.commit import write_failure  # imports DeepSpeed: only now
 
         shutil.rmtree(tmp, ignore_errors=True)  # its space back; a previous export under out_dir is untouched
         raise ExportWriteError(f"writing {out_dir}: {write_failure(err, out_dir.parent)}") from err

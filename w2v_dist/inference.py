@@ -39,8 +39,8 @@ def transcribe(model: str | Path, files: list[str], chunk_seconds: float = 30.0,
     """One :class:`Transcript` per file, in order; ``model``: an HF export dir or a DeepSpeed checkpoint."""
     from transformers import pipeline
 
-    from w2v_dist.engine import device_for
     from w2v_dist.export import load_for_inference
+    from w2v_dist.process import device_for
 
     check_chunking(chunk_seconds, overlap_seconds)
     network, processor = load_for_inference(model, config)

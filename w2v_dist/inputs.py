@@ -72,7 +72,7 @@ def resume_problems(cfg: Config) -> list[str]:
     resume (the run would only export that checkpoint again, under the name of a shorter run)."""
     if not cfg.checkpoint.resume or not (Path(cfg.output_dir) / "checkpoints").is_dir():
         return []
-    from w2v_dist.checkpoint import Checkpointer  # imports DeepSpeed: only when there is a checkpoint
+    from w2v_dist.checkpoint.commit import Checkpointer  # imports DeepSpeed: only when there is a checkpoint
     from w2v_dist.dist import World
 
     checkpointer = Checkpointer(Path(cfg.output_dir), World(0, 0, 1), keep_last=1)

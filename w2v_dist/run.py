@@ -12,7 +12,7 @@ import torch
 from transformers import Wav2Vec2Processor, set_seed
 
 from w2v_dist import dist, hub
-from w2v_dist.checkpoint import Checkpointer
+from w2v_dist.checkpoint.commit import Checkpointer
 from w2v_dist.config import Config, DataConfig
 from w2v_dist.data.audio import EncoderGeometry
 from w2v_dist.data.index import ShardSet, is_remote, load_shard_set, mix_shard_sets, read_vocab
@@ -21,12 +21,13 @@ from w2v_dist.data.plan import BatchPolicy, StreamLayout
 from w2v_dist.data.shapes import ShapeGrid
 from w2v_dist.data.shard_reader import RetryPolicy
 from w2v_dist.data.text import TextPolicy
-from w2v_dist.engine import DTYPES, Engine, accelerator_name, check_accelerator, init_distributed
+from w2v_dist.engine import DTYPES, Engine
 from w2v_dist.inputs import InputError, check_inputs
 from w2v_dist.lock import OutputDirLock
 from w2v_dist.logging import setup_console
 from w2v_dist.model import load_model, load_processor, model_identity, parameter_counts
 from w2v_dist.preflight import preflight, worst_case
+from w2v_dist.process import accelerator_name, check_accelerator, init_distributed
 from w2v_dist.redact import redact
 from w2v_dist.scoring import scoring_batch_size, scoring_loader
 
@@ -70,7 +71,7 @@ def check_output_dir(path: Path) -> None:
 def start_process(timeout_minutes: float, local_rank: int | None = None, lock: OutputDirLock | None = None
                   ) -> tuple[dist.World, torch.device]:
     """Every entry point that runs on ranks starts here: the world from the launcher's environment (or one
-    process), the console, and the process group and device (:func:`~w2v_dist.engine.init_distributed`). With
+    process), the console, and the process group and device (:func:`~w2v_dist.process.init_distributed`). With
     ``lock`` (training), rank 0 claims the output_dir before anything else (:meth:`OutputDirLock.claim`), and every
     rank stops with its refusal as soon as the process group exists: a run that may not write there writes
     nothing."""

@@ -16,13 +16,13 @@ import torch
 import yaml
 
 from w2v_dist import dist
-from w2v_dist.checkpoint import export_hf
+from w2v_dist.checkpoint.commit import export_hf
 from w2v_dist.config import Config, save_config, to_written, to_yaml
 from w2v_dist.data.audio import EncoderGeometry
 from w2v_dist.data.collate import CTCBatch
 from w2v_dist.data.loader import start_workers
 from w2v_dist.decoding import GreedyDecoder
-from w2v_dist.engine import Engine, UpdateOutcome, mark_collective_failure
+from w2v_dist.engine import Engine, UpdateOutcome
 from w2v_dist.export import ExportWriteError
 from w2v_dist.faults import injected_faults, pause_point
 from w2v_dist.flops import COUNTED_FAMILIES, peak_tflops, step_flops
@@ -31,6 +31,7 @@ from w2v_dist.logging import MainLogger, RunLogger, step_line
 from w2v_dist.metrics import ErrorCounts
 from w2v_dist.model_card import model_card
 from w2v_dist.preemption import REQUEUE_FILE, StopSignal, request_requeue
+from w2v_dist.process import mark_collective_failure
 from w2v_dist.run import RANKS_DIR, Run, build_run
 from w2v_dist.schedule import length_change, lr_at
 from w2v_dist.scoring import Scorer, SetScore, write_rows

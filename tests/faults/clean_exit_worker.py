@@ -36,7 +36,7 @@ def fail_in_a_collective(output_dir: str) -> None:
     killed after the first ones, rank 0's next collective fails, and ``train()`` ends rank 0 as it ends a real
     run, with ``SystemExit``."""
     from w2v_dist import trainer
-    from w2v_dist.checkpoint import Checkpointer
+    from w2v_dist.checkpoint.commit import Checkpointer
     from w2v_dist.config import load_config
 
     def build_run(cfg: Any, local_rank: int | None) -> Any:

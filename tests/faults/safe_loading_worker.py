@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from w2v_dist import dist
-from w2v_dist.checkpoint import Checkpointer
+from w2v_dist.checkpoint.commit import Checkpointer
 
 
 class StandInEngine:

@@ -14,7 +14,7 @@ import pytest
 from harness import STEPS, Job, assert_resumed_from, assert_same_weights, job_args, logged_steps, run_to_completion
 from helpers import metrics
 
-from w2v_dist.checkpoint import MANIFEST, Checkpointer
+from w2v_dist.checkpoint.commit import MANIFEST, Checkpointer
 from w2v_dist.dist import World
 
 pytestmark = pytest.mark.slow

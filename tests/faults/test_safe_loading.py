@@ -21,8 +21,8 @@ import torch
 from helpers import REPO, check, free_port, overrides, run_deepspeed, run_single
 
 from w2v_dist import dist
-from w2v_dist.checkpoint import Checkpointer, rng_state
-from w2v_dist.engine import UnsafeCheckpointError, check_checkpoint_files, convert_to_universal, safe_load
+from w2v_dist.checkpoint.commit import Checkpointer, rng_state
+from w2v_dist.checkpoint.files import UnsafeCheckpointError, check_checkpoint_files, convert_to_universal, safe_load
 
 TAG = "step_00000002"
 OPTIM = "zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"

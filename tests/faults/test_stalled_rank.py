@@ -25,8 +25,8 @@ ENV = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
 @pytest.fixture(scope="module")
 def comm_op_built() -> None:
     """DeepSpeed's CPU all-reduce op built (or loaded) before a job whose ranks would wait for a build in progress
-    only as long as their 1-minute collective timeout (``engine.build_cpu_comm_op``)."""
-    subprocess.run([sys.executable, "-c", "from w2v_dist.engine import build_cpu_comm_op; build_cpu_comm_op(1800)"],
+    only as long as their 1-minute collective timeout (``process.build_cpu_comm_op``)."""
+    subprocess.run([sys.executable, "-c", "from w2v_dist.process import build_cpu_comm_op; build_cpu_comm_op(1800)"],
                    cwd=REPO, env=ENV, check=True, timeout=1900)
 
 

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from w2v_dist import dist
-from w2v_dist.checkpoint import MANIFEST, WORLD_FILE, Checkpointer, IncompleteCheckpointError
+from w2v_dist.checkpoint.commit import MANIFEST, WORLD_FILE, Checkpointer, IncompleteCheckpointError
 from w2v_dist.dist import World
 
 STATE: dict[str, Any] = {"loader": None}

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from w2v_dist.checkpoint import MANIFEST, WORLD_FILE, Checkpointer, ResumeError
+from w2v_dist.checkpoint.commit import MANIFEST, WORLD_FILE, Checkpointer, ResumeError
 from w2v_dist.dist import World
 
 MODEL_FILE = "mp_rank_00_model_states.pt"

@@ -3,7 +3,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from w2v_dist.checkpoint import MANIFEST, WORLD_FILE, Checkpointer
+from w2v_dist.checkpoint.commit import MANIFEST, WORLD_FILE, Checkpointer
 from w2v_dist.dist import World
 
 

@@ -107,7 +107,7 @@ def test_console_setup_turns_off_tqdms_monitor_thread() -> None:
 def test_fp16_on_the_cpu_is_refused_before_any_work(monkeypatch: pytest.MonkeyPatch) -> None:
     import deepspeed
 
-    from w2v_dist.engine import check_accelerator
+    from w2v_dist.process import check_accelerator
 
     class CPU:
         def device_name(self) -> str:
@@ -124,7 +124,7 @@ def test_fp16_on_the_cpu_is_refused_before_any_work(monkeypatch: pytest.MonkeyPa
 def test_torch_extensions_are_kept_per_venv_unless_the_user_chose(monkeypatch: pytest.MonkeyPatch,
                                                                    tmp_path: Path) -> None:
     """Two checkouts (two venvs) must not rebuild each other's DeepSpeed op in torch's shared default cache."""
-    from w2v_dist.engine import per_venv_extensions
+    from w2v_dist.process import per_venv_extensions
 
     monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
     monkeypatch.setattr(sys, "prefix", str(tmp_path / "venv-a"))

@@ -17,7 +17,8 @@ import torch
 from transformers import Wav2Vec2Processor
 
 from w2v_dist import dist
-from w2v_dist.engine import Engine, UnsafeCheckpointError, convert_to_universal, safe_load
+from w2v_dist.checkpoint.files import UnsafeCheckpointError, convert_to_universal, safe_load
+from w2v_dist.engine import Engine
 from w2v_dist.export import write_export
 from w2v_dist.faults import pause_point
 from w2v_dist.model import describe_identity, identity_mismatch
@@ -307,9 +308,9 @@ class Checkpointer:
         to start fresh. Collective.
 
         Nothing in the checkpoint is unpickled beyond tensors and DeepSpeed's few classes
-        (:data:`w2v_dist.engine.CHECKPOINT_CLASSES`): on the same world size DeepSpeed loads every file through
-        :func:`w2v_dist.engine.safe_load`; a checkpoint whose optimizer state was partitioned by another world
-        size goes through DeepSpeed's universal format, converted afresh at every such resume
+        (:data:`~w2v_dist.checkpoint.files.CHECKPOINT_CLASSES`): on the same world size DeepSpeed loads every file
+        through :func:`~w2v_dist.checkpoint.files.safe_load`; a checkpoint whose optimizer state was partitioned by
+        another world size goes through DeepSpeed's universal format, converted afresh at every such resume
         (:meth:`_to_universal`).
         """
         tag = tag or self.resume_tag()
@@ -338,8 +339,8 @@ class Checkpointer:
 
         DeepSpeed's converter and its universal loader unpickle without restriction, so a ``universal/`` found on
         disk is deleted, never loaded, and every file of the tag but our JSON records is first checked with the
-        allowlist (:func:`w2v_dist.engine.convert_to_universal`). A refusal (or any failure) on rank 0 is raised
-        on every rank, naming the file and the class: no rank is left waiting for a conversion that never comes.
+        allowlist (:func:`w2v_dist.checkpoint.files.convert_to_universal`). A refusal (or any failure) on rank 0 is
+        raised on every rank, naming the file and the class: no rank is left waiting for a conversion that never comes.
         """
         failure: Exception | None = None
         if self.world.is_main:

@@ -1,0 +1,1 @@
+"""Everything a run saves: the commit protocol, retention, resume, and the files DeepSpeed writes."""
