@@ -56,8 +56,8 @@ test: setup
 	  if [ $$code -eq 5 ]; then echo "pytest collected no tests"; fi; exit $$code
 
 lint: setup
-	$(BIN)/ruff check w2v_dist tests train.py
-	$(BIN)/mypy w2v_dist
+	$(BIN)/ruff check w2v_dist benchmarks tests train.py
+	$(BIN)/mypy w2v_dist benchmarks
 
 # Only what these targets wrote: `make demo`'s work/demo and the tools' caches. Not work/ as a whole, where
 # docs/evaluation.md keeps shards, nor .venv (`make setup` takes minutes; remove it by hand to start over).

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import fields
 from pathlib import Path
+from types import ModuleType
 from typing import Any, NoReturn, TypeVar
 
 from w2v_dist import __version__
@@ -50,7 +52,7 @@ def run_train(args: argparse.Namespace) -> int:
         print(to_yaml(cfg), end="")
         problems = input_problems(cfg)
         return _fail("input error", InputError(problems)) if problems else 0
-    from w2v_dist.checkpoint.commit import ResumeError
+    from w2v_dist.checkpoint.resume import ResumeError
     from w2v_dist.hub import ModelUnavailable
     from w2v_dist.lock import OutputDirInUse
     from w2v_dist.trainer import train
@@ -59,7 +61,7 @@ def run_train(args: argparse.Namespace) -> int:
         train(cfg, args.local_rank)
     except InputError as err:  # found on every rank before the process group (w2v_dist.run.build_run)
         return _fail("input error", err)
-    except ResumeError as err:  # a checkpoint of another model, or none left to resume (w2v_dist.checkpoint.commit)
+    except ResumeError as err:  # another model's checkpoint, or none left (w2v_dist.checkpoint.resume)
         return _fail("train", err, 1)
     except OutputDirInUse as err:
         return _fail("train", err, 1)
@@ -208,39 +210,44 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _benchmark(name: str) -> ModuleType:
+    """``benchmarks.<name>`` of the source checkout this package runs from. The benchmarks are no part of
+    the installed package: they sit next to ``w2v_dist/`` in a clone (``pip install -e .``, ``make
+    setup``), whose root an editable install does not put on the path."""
+    root = Path(__file__).resolve().parents[1]
+    if not (root / "benchmarks" / "__init__.py").is_file():
+        raise FileNotFoundError(f"'w2v-dist bench' needs a source checkout: no benchmarks/ next to "
+                                f"{root / 'w2v_dist'} (clone the repository and 'pip install -e .' there)")
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    return importlib.import_module(f"benchmarks.{name}")
+
+
 def _bench(args: argparse.Namespace) -> int:
+    try:
+        bench = _benchmark(args.what)
+    except FileNotFoundError as err:
+        return _fail("bench", err)
     if args.what == "loader":
-        from w2v_dist.bench.loader import loader_benchmark
-
-        loader_benchmark(Path(args.work_dir) / "loader", args.utterances, args.workers)
+        bench.loader_benchmark(Path(args.work_dir) / "loader", args.utterances, args.workers)
     elif args.what == "step":
-        from w2v_dist.bench.step import step_benchmark
-
-        step_benchmark(Path(args.work_dir), args.size, args.batch_seconds, args.rounds, args.steps)
+        bench.step_benchmark(Path(args.work_dir), args.size, args.batch_seconds, args.rounds, args.steps)
     elif args.what == "shard":
-        from w2v_dist.bench.shard import shard_benchmark
-
-        shard_benchmark(Path(args.work_dir) / "loader", args.utterances, args.workers)
+        bench.shard_benchmark(Path(args.work_dir) / "loader", args.utterances, args.workers)
     elif args.what == "scaling":
-        from w2v_dist.bench.scaling import scaling_benchmark
-
-        scaling_benchmark(Path(args.work_dir), args.steps, args.batch_seconds)
+        bench.scaling_benchmark(Path(args.work_dir), args.steps, args.batch_seconds)
     elif args.what == "plan":
-        from w2v_dist.bench.plan import plan_benchmark
-
         try:
             cfg = load_config(args.config, [])
         except ConfigError as err:
             return _fail("config error", err)
-        plan_benchmark(cfg, args.hours, args.ranks, args.workers, args.mix, args.speed_perturb, args.audio_s_per_gpu,
-                       args.resume_updates, args.epochs)
+        bench.plan_benchmark(cfg, args.hours, args.ranks, args.workers, args.mix, args.speed_perturb,
+                             args.audio_s_per_gpu, args.resume_updates, args.epochs)
     elif args.what == "gpu":
-        from w2v_dist.bench.gpu import BenchmarkUnavailable, gpu_benchmark
-
         sweep = [float(s) for s in args.sweep.split(",")]
         try:
-            gpu_benchmark(Path(args.work_dir), sweep, args.steps, args.warmup, args.probe_limit, args.quick)
-        except BenchmarkUnavailable as err:
+            bench.gpu_benchmark(Path(args.work_dir), sweep, args.steps, args.warmup, args.probe_limit, args.quick)
+        except bench.BenchmarkUnavailable as err:
             return _fail("bench gpu", err)
     return 0
 
@@ -474,10 +481,10 @@ def run() -> NoReturn:
 
 def exit_with(code: int) -> NoReturn:
     """End the process with ``code`` as a rank must, when it started a process group
-    (:func:`w2v_dist.dist.end_process`)."""
-    if "torch.distributed" not in sys.modules:  # no process group, and no need to import torch to know it
+    (:func:`w2v_dist.process.end_process`)."""
+    if "w2v_dist.process" not in sys.modules:  # only process.py starts a group; no need to import DeepSpeed
         sys.exit(code)
-    from w2v_dist.dist import end_process
+    from w2v_dist.process import end_process
 
     end_process(code)
 

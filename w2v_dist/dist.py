@@ -1,14 +1,13 @@
-"""Rank, world size and the few collectives the trainer needs. World size 1 takes the same code path.
+"""Rank, world size and the few collectives the trainer needs; each rank's record of where it runs, its
+heartbeat, and who did not arrive when a collective fails. World size 1 takes the same code path.
 
-The process group itself is created by :func:`w2v_dist.process.init_distributed` (DeepSpeed's
-``init_distributed``); this module reads the launcher's environment and wraps ``torch.distributed``.
+A rank's process, its world read from the launcher's environment and its process group are started by
+:func:`w2v_dist.process.start_process`; this module wraps ``torch.distributed`` once the group exists.
 """
 
 from __future__ import annotations
 
-import atexit
 import contextlib
-import ctypes
 import json
 import os
 import socket
@@ -17,7 +16,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import psutil
 import torch
@@ -26,6 +25,8 @@ import torch.distributed as torch_dist
 
 @dataclass(frozen=True)
 class World:
+    """This rank's place in its launch (:func:`w2v_dist.process.world_from_env` reads it)."""
+
     rank: int
     local_rank: int
     size: int
@@ -36,61 +37,18 @@ class World:
 
 
 def free_port() -> int:
+    """A TCP port free on this host now: the rendezvous of ranks launched here."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-def world_from_env(local_rank_arg: int | None = None) -> World:
-    """Ranks from torchrun/deepspeed (RANK, WORLD_SIZE, LOCAL_RANK) or SLURM (SLURM_PROCID...); else one process.
-
-    Missing rendezvous variables are filled in so that the same code runs with no launcher at all.
-    """
-    env = os.environ
-    if "RANK" not in env and "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
-        env["RANK"], env["WORLD_SIZE"] = env["SLURM_PROCID"], env["SLURM_NTASKS"]
-        env.setdefault("LOCAL_RANK", env.get("SLURM_LOCALID", "0"))
-    rank = int(env.setdefault("RANK", "0"))
-    size = int(env.setdefault("WORLD_SIZE", "1"))
-    local = int(env.get("LOCAL_RANK", local_rank_arg if local_rank_arg is not None else 0))
-    env["LOCAL_RANK"] = str(local)
-    env.setdefault("MASTER_ADDR", "127.0.0.1")
-    if "MASTER_PORT" not in env:
-        if size > 1:
-            raise RuntimeError("WORLD_SIZE > 1 but MASTER_PORT is not set; start ranks with deepspeed, torchrun "
-                               "or launch/slurm/train.sbatch")
-        env["MASTER_PORT"] = str(free_port())
-    return World(rank, local, size)
-
-
-def end_process(exit_code: int) -> NoReturn:
-    """End this process with ``exit_code``. Where a process group was started, exit handlers run as usual (the
-    group's destruction, wandb's, logging's flush, the reaping of loader workers), and then the process ends
-    without the interpreter's shutdown.
-
-    Why: gloo's worker threads live as long as their process group, and DeepSpeed keeps its groups (every ZeRO-3
-    parameter holds one) until the interpreter's final garbage collection. A worker thread that finishes a
-    collective frees the tensors it held, and a tensor that Python created (``param.data`` in ZeRO-3's gathers)
-    takes the GIL to go. During shutdown, taking the GIL ends the thread, and C++ aborts the process ("terminate
-    called without an active exception", exit -6): a rank that finished its run, reported failed to the launcher
-    and to SLURM. Seen on the rank that leaves first after a ZeRO-3 export; the thread's release lags the
-    collective's end, so no barrier can order it."""
-    if not (torch_dist.is_available() and torch_dist.is_initialized()):
-        sys.exit(exit_code)
-    atexit._run_exitfuncs()
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):  # a closed or broken pipe: nothing left to save
-            stream.flush()
-    ctypes.CDLL(None).fflush(None)  # what C and C++ libraries buffered on stdout
-    os._exit(exit_code)
 
 
 _PEER_FAILURE_MARKERS = ("gloo", "NCCL", "Connection closed", "Connection reset", "timed out", "Timed out")
 
 
 def is_collective_failure(err: BaseException) -> bool:
-    """True for what torch.distributed raises when a peer vanishes or a collective times out (gloo raises plain
-    RuntimeErrors carrying its source path)."""
+    """True for what torch.distributed raises when a peer vanishes or a collective times out (gloo raises
+    plain RuntimeErrors carrying its source path)."""
     return isinstance(err, torch_dist.DistError) or (
         isinstance(err, RuntimeError) and any(marker in str(err) for marker in _PEER_FAILURE_MARKERS))
 
@@ -100,14 +58,15 @@ class SharedDirectoryError(RuntimeError):
 
 
 def register_ranks(directory: Path, world: World) -> None:
-    """Collective, at startup: every rank records where it runs (host, pid) in ``directory`` (``<output_dir>/.ranks``),
-    and every rank must see every other rank's record of *this* launch. On a cluster where ``output_dir`` is not
-    the same shared directory on all nodes, each node would write its own half of every checkpoint; this stops
-    the run before that, on all ranks, naming who cannot see whom. Then each rank keeps its record fresh
-    (:func:`start_heartbeat`), which lets a survivor of a failed collective name the rank and host that did not
-    arrive (:func:`lost_ranks`)."""
+    """Collective, at startup: every rank records where it runs (host, pid) in ``directory``
+    (``<output_dir>/.ranks``), and every rank must see every other rank's record of *this* launch. On a
+    cluster where ``output_dir`` is not the same shared directory on all nodes, each node would write its own
+    half of every checkpoint; this stops the run before that, on all ranks, naming who cannot see whom. Then
+    each rank keeps its record fresh (:func:`start_heartbeat`), which lets a survivor of a failed collective
+    name the rank and host that did not arrive (:func:`lost_ranks`)."""
     directory.mkdir(parents=True, exist_ok=True)
-    launch = all_gather_objects(os.urandom(8).hex())[0]  # rank 0's: one token per launch, stale records never count
+    # rank 0's: one token per launch, stale records never count
+    launch = all_gather_objects(os.urandom(8).hex())[0]
     write_record(directory, world, launch)
     barrier()
     unseen = [rank for rank in range(world.size) if _record(directory, rank).get("launch") != launch]
@@ -116,17 +75,21 @@ def register_ranks(directory: Path, world: World) -> None:
     if blind:
         hosts = {rank: host for rank, (host, _) in enumerate(views)}
         detail = "; ".join(f"rank {rank} on {host} cannot see the records of ranks {missing} "
-                           f"(on {sorted({hosts[m] for m in missing})})" for rank, (host, missing) in blind.items())
-        raise SharedDirectoryError(f"output_dir is not the same shared directory on every node: {detail}. "
-                                   f"Each rank wrote {directory}/rank<N>.json; put output_dir on a filesystem every "
-                                   "node mounts (NFS, Lustre, GPFS...) at the same path")
+                           f"(on {sorted({hosts[m] for m in missing})})"
+                           for rank, (host, missing) in blind.items())
+        raise SharedDirectoryError(
+            f"output_dir is not the same shared directory on every node: {detail}. Each rank wrote "
+            f"{directory}/rank<N>.json; put output_dir on a filesystem every node mounts (NFS, Lustre, "
+            "GPFS...) at the same path")
     start_heartbeat(directory, world, launch)
 
 
 def write_record(directory: Path, world: World, launch: str, where: str = "") -> None:
-    """This rank's record: where it runs (host, pid), the launch, the last update it finished and ``where`` its
-    main thread is (:func:`main_thread_location`). Replaced atomically: a reader never sees half of one."""
-    record = {"host": socket.gethostname(), "pid": os.getpid(), "launch": launch, "step": _step, "where": where}
+    """This rank's record: where it runs (host, pid), the launch, the last update it finished and ``where``
+    its main thread is (:func:`main_thread_location`). Replaced atomically: a reader never sees half a
+    record."""
+    record = {"host": socket.gethostname(), "pid": os.getpid(), "launch": launch, "step": _step,
+              "where": where}
     tmp = directory / f".rank{world.rank}.json.tmp"
     tmp.write_text(json.dumps(record))
     tmp.replace(directory / f"rank{world.rank}.json")
@@ -135,15 +98,15 @@ def write_record(directory: Path, world: World, launch: str, where: str = "") ->
 HEARTBEAT_SECONDS = 5.0
 """How often each rank's record is rewritten, by a thread of its own (:func:`start_heartbeat`)."""
 SILENT_SECONDS = 6 * HEARTBEAT_SECONDS
-"""A record older than this belongs to a process that has stopped (SIGSTOP, a frozen VM), died with its node, or
-cannot reach ``output_dir``; under it, NFS attribute caching (a few seconds for a file that changes) still counts
-as alive."""
+"""A record older than this belongs to a process that has stopped (SIGSTOP, a frozen VM), died with its node,
+or cannot reach ``output_dir``; under it, NFS attribute caching (a few seconds for a file that changes) still
+counts as alive."""
 _step = 0
 _beating: threading.Event | None = None
 
 
 def heartbeat(step: int) -> None:
-    """This rank finished update ``step`` (called every step; no I/O: the heartbeat thread writes it down)."""
+    """This rank finished update ``step`` (called every step; no I/O: the heartbeat thread writes it)."""
     global _step
     _step = step
 
@@ -151,10 +114,10 @@ def heartbeat(step: int) -> None:
 def start_heartbeat(directory: Path, world: World, launch: str) -> None:
     """Rewrite this rank's record every :data:`HEARTBEAT_SECONDS` from a thread, until the process ends.
 
-    From a thread, not the training loop: a rank that waits in a collective for one that stalled, or runs a long
-    evaluation or save, still beats, while a stopped or dead process, or a lost node, goes quiet. The record also
-    says where the main thread is, which tells a rank stuck elsewhere (a stalled loader worker, a hung read) from
-    one waiting in the collective like the survivor (:func:`lost_ranks`)."""
+    From a thread, not the training loop: a rank that waits in a collective for one that stalled, or runs a
+    long evaluation or save, still beats, while a stopped or dead process, or a lost node, goes quiet. The
+    record also says where the main thread is, which tells a rank stuck elsewhere (a stalled loader worker, a
+    hung read) from one waiting in the collective like the survivor (:func:`lost_ranks`)."""
     global _beating
     if _beating is not None:  # a second run in this process (tests): one thread, for the latest
         _beating.set()
@@ -172,8 +135,9 @@ _PACKAGE = Path(__file__).resolve().parent
 
 
 def main_thread_location() -> str:
-    """Where the main thread is: its innermost frame in w2v-dist, then (after ``<``) the innermost of all when that
-    is elsewhere (a collective, a read, a data loader), e.g. ``trainer.py:146 fit < dataloader.py:1290 _get_data``."""
+    """Where the main thread is: its innermost frame in w2v-dist, then (after ``<``) the innermost of all
+    when that is elsewhere (a collective, a read, a data loader), e.g.
+    ``trainer.py:146 fit < dataloader.py:1290 _get_data``."""
     frame = sys._current_frames().get(threading.main_thread().ident or 0)
     own = inner = ""
     while frame is not None:
@@ -194,27 +158,28 @@ def _record(directory: Path, rank: int) -> dict[str, Any]:
 
 
 def _process_state(pid: int) -> str:
-    """A process on this host: ``exited`` (gone, or a zombie), ``stopped`` (SIGSTOP, a debugger), ``disk-sleep``
-    (blocked in I/O, e.g. a hung NFS read), or ``running`` (anything else)."""
+    """A process on this host: ``exited`` (gone, or a zombie), ``stopped`` (SIGSTOP, a debugger),
+    ``disk-sleep`` (blocked in I/O, e.g. a hung NFS read), or ``running`` (anything else)."""
     try:
         status = psutil.Process(pid).status()
     except psutil.NoSuchProcess:
         return "exited"
     if status == psutil.STATUS_ZOMBIE:
         return "exited"
-    return status if status in (psutil.STATUS_STOPPED, psutil.STATUS_TRACING_STOP, psutil.STATUS_DISK_SLEEP) \
-        else "running"
+    kept = (psutil.STATUS_STOPPED, psutil.STATUS_TRACING_STOP, psutil.STATUS_DISK_SLEEP)
+    return status if status in kept else "running"
 
 
 def lost_ranks(directory: Path, world: World, shown: int = 4) -> str:
-    """Which other ranks did not arrive, as far as this rank can tell from their records, most likely first: those
-    that exited or are stopped (on this host, by pid), those whose heartbeat went quiet (any host), and those alive
-    but elsewhere than this rank (its main thread at another place, or at an earlier step). Ranks waiting where
-    this one waits are only counted. Every entry names the rank's host."""
+    """Which other ranks did not arrive, as far as this rank can tell from their records, most likely first:
+    those that exited or are stopped (on this host, by pid), those whose heartbeat went quiet (any host), and
+    those alive but elsewhere than this rank (its main thread at another place, or at an earlier step). Ranks
+    waiting where this one waits are only counted. Every entry names the rank's host."""
     mine = _record(directory, world.rank)
     here = socket.gethostname()
     now = time.time()
-    found: list[tuple[int, float, str]] = []  # (how suspect: 0 = surely gone, ..., 4 = waiting too), age, text
+    # (how suspect: 0 = surely gone, ..., 4 = waiting too), age, text
+    found: list[tuple[int, float, str]] = []
     for rank in range(world.size):
         where = _record(directory, rank)
         if rank == world.rank or not where:
@@ -227,17 +192,19 @@ def lost_ranks(directory: Path, world: World, shown: int = 4) -> str:
         if state == "exited":
             found.append((0, age, f"rank {rank} on {where['host']} (pid {where['pid']}) exited"))
             continue
-        who = f"rank {rank} on host {where['host']}" + (f" (pid {where['pid']}, {state})" if state != "running" else "")
+        who = f"rank {rank} on host {where['host']}" + (
+            f" (pid {where['pid']}, {state})" if state != "running" else "")
         step, location = where.get("step"), where.get("where")
-        detail = f"{who}: last heartbeat {age:.0f} s ago" + (f", at step {step}" if step is not None else "") + (
-            f" in {location}" if location else "")
+        detail = f"{who}: last heartbeat {age:.0f} s ago" + (
+            f", at step {step}" if step is not None else "") + (f" in {location}" if location else "")
         behind = step is not None and step < mine.get("step", step)
         elsewhere = bool(location and mine.get("where") and location != mine["where"])
         level = 1 if state != "running" else 2 if age > SILENT_SECONDS else 3 if behind or elsewhere else 4
         found.append((level, age, detail))
     found.sort(key=lambda entry: (entry[0], -entry[1]))
     waiting = [text for level, _, text in found if level == 4]
-    listed = [text for level, _, text in found if level < 4] or waiting  # nothing suspect: show who was waiting
+    # nothing suspect: show who was waiting
+    listed = [text for level, _, text in found if level < 4] or waiting
     more = len(found) - min(len(listed), shown)
     text = "; ".join(listed[:shown]) + (f"; {more} more" if more > 0 else "")
     return text or "no record of another rank"
@@ -264,14 +231,16 @@ def all_reduce_sum_async(values: list[float], device: torch.device) -> torch.Ten
 
 def all_reduce_tensor(tensor: torch.Tensor, op: torch_dist.ReduceOp.RedOpType = torch_dist.ReduceOp.SUM
                       ) -> torch.Tensor:
-    """Reduce ``tensor`` (sum by default) over all ranks in place (a no-op without a process group); return it."""
+    """Reduce ``tensor`` (sum by default) over all ranks in place (a no-op without a process group), and
+    return it."""
     if is_initialized():
         torch_dist.all_reduce(tensor, op=op)
     return tensor
 
 
 def all_reduce_max(values: list[float], device: torch.device) -> list[float]:
-    return all_reduce_tensor(torch.tensor(values, dtype=torch.float64, device=device), torch_dist.ReduceOp.MAX).tolist()
+    maxima = torch.tensor(values, dtype=torch.float64, device=device)
+    return all_reduce_tensor(maxima, torch_dist.ReduceOp.MAX).tolist()
 
 
 def all_gather_objects(obj: Any) -> list[Any]:
@@ -288,8 +257,8 @@ def barrier() -> None:
 
 
 def loader_workers(requested: int) -> int:
-    """``data.num_workers``, with -1 resolved from the cores this rank may use (its affinity, shared between the
-    node's ranks when a launcher gives every rank all of them)."""
+    """``data.num_workers``, with -1 resolved from the cores this rank may use (its affinity, shared between
+    the node's ranks when a launcher gives every rank all of them)."""
     if requested >= 0:
         return requested
     cores = len(os.sched_getaffinity(0))

@@ -1,7 +1,7 @@
 """The DeepSpeed engine: configuration, the guarded optimizer, forward/backward/step, checkpoint I/O.
 
-With :mod:`w2v_dist.process` (a rank's start) and :mod:`w2v_dist.checkpoint.files` (DeepSpeed's files), the only
-module that imports deepspeed.
+With :mod:`w2v_dist.process` (a rank's start) and :mod:`w2v_dist.checkpoint.files` (DeepSpeed's files), the
+only module that imports deepspeed.
 """
 
 from __future__ import annotations
@@ -38,8 +38,8 @@ def deepspeed_config(cfg: Config, grad_accum: int | None = None) -> dict[str, An
         "train_micro_batch_size_per_gpu": 1,
         "gradient_accumulation_steps": grad_accum or cfg.trainer.grad_accum,
         "gradient_clipping": cfg.optim.grad_clip,
-        # Our guard (trainer.train_step) checks every update for NaN/Inf before it is applied, on all ranks at
-        # once; DeepSpeed's own bf16 check would add a per-partition scan and a host sync to every step.
+        # Our guard (trainer.train_step) checks every update for NaN/Inf before it is applied, on all ranks
+        # at once; DeepSpeed's own bf16 check would add a per-partition scan and a host sync to every step.
         "bf16": {"enabled": precision == "bf16", "check_grad_overflow": False},
         "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16,
                  "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1},
@@ -108,13 +108,15 @@ class UpdateOutcome:
 class Engine:
     """A DeepSpeed engine around a CTC model (``PreTrainedModel`` or kin) with the NaN/Inf guard's hooks."""
 
-    def __init__(self, cfg: Config, model: PreTrainedModel, device: torch.device, *, grad_accum: int | None = None
-                 ) -> None:
-        """``device``: what :func:`init_distributed` returned; ``grad_accum``: see :func:`deepspeed_config`."""
+    def __init__(self, cfg: Config, model: PreTrainedModel, device: torch.device, *,
+                 grad_accum: int | None = None) -> None:
+        """``device``: what :func:`w2v_dist.process.start_process` returned; ``grad_accum``: see
+        :func:`deepspeed_config`."""
         self.cfg = cfg
         self.device = device
         self.optimizer = GuardedAdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
-                                      betas=tuple(cfg.optim.betas), eps=cfg.optim.eps, fused=device.type == "cuda")
+                                      betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
+                                      fused=device.type == "cuda")
         self.dtype = DTYPES[cfg.deepspeed.precision]
         self.ds_config = deepspeed_config(cfg, grad_accum)
         self.frozen_fp32 = {name: p.detach().float().cpu().clone() for name, p in model.named_parameters()
@@ -132,9 +134,9 @@ class Engine:
                     param.register_hook(self._watch_grad)
 
     def _watch_grad(self, grad: torch.Tensor) -> torch.Tensor:
-        # One reduction kernel per gradient: a NaN or Inf anywhere makes its sum non-finite (isfinite().all() took
-        # six kernels per parameter). A finite gradient whose sum overflows float32 (entries near 1e32) also counts
-        # as bad: such an update is garbage anyway.
+        # One reduction kernel per gradient: a NaN or Inf anywhere makes its sum non-finite (isfinite().all()
+        # took six kernels per parameter). A finite gradient whose sum overflows float32 (entries near 1e32)
+        # also counts as bad: such an update is garbage anyway.
         self.grad_sums.append(grad.sum(dtype=torch.float32))
         return grad
 
@@ -158,10 +160,12 @@ class Engine:
             zero = sum((p.sum() * 0.0 for p in self.module.parameters() if p.requires_grad),
                        torch.zeros((), device=self.device))
             return zero, torch.zeros(0, device=self.device)
-        inputs = batch.model_inputs(self.device, with_labels=False)  # the loss is ours: no host sync (ctc.py)
+        # the loss is ours: no host sync (ctc.py)
+        inputs = batch.model_inputs(self.device, with_labels=False)
         inputs["input_values"] = inputs["input_values"].to(self.dtype)
         logits = self.ds(**inputs).logits
-        loss = ctc_loss_sum(logits, batch, self.module.config) if with_labels else torch.zeros((), device=self.device)
+        loss = ctc_loss_sum(logits, batch, self.module.config) if with_labels \
+            else torch.zeros((), device=self.device)
         return loss, logits
 
     def dummy_forward(self) -> None:
@@ -182,20 +186,20 @@ class Engine:
         self.optimizer.skip_next = False
         self.grad_sums.clear()
         if (stale := getattr(self.ds.optimizer, "grad_partitions_flat_buffer", None)) is not None:
-            # ZeRO-3 (DeepSpeed 0.19) writes a parameter's gradient partition only when a gradient arrives and never
-            # clears it: a layer LayerDrop skips next would get its last gradient applied again.
+            # ZeRO-3 (DeepSpeed 0.19) writes a parameter's gradient partition only when a gradient arrives
+            # and never clears it: a layer LayerDrop skips next would get its last gradient applied again.
             stale.zero_()
         applied = self.optimizer.applied > applied_before
         norm = own_norm if own_norm is not None else self.ds.get_global_grad_norm()
-        return UpdateOutcome(applied, norm if applied else None,
-                             engine_skipped=not skip and (not applied or self.ds.skipped_steps > skipped_before))
+        engine_skipped = not skip and (not applied or self.ds.skipped_steps > skipped_before)
+        return UpdateOutcome(applied, norm if applied else None, engine_skipped=engine_skipped)
 
     def _unclipped_grad_norm(self) -> torch.Tensor | None:
         """The global gradient norm before clipping, where DeepSpeed keeps none: ZeRO-0 without a DeepSpeed
-        wrapper (fp32) clips the module's gradients and drops the norm, so metrics.jsonl had ``grad_norm: null``.
-        At the update boundary those gradients are already averaged across ranks (DeepSpeed's all-reduce in
-        backward), so the local norm is the global one, the same quantity the ZeRO and bf16/fp16 optimizers
-        report. ``None`` where DeepSpeed's optimizer computes it itself."""
+        wrapper (fp32) clips the module's gradients and drops the norm, so metrics.jsonl had
+        ``grad_norm: null``. At the update boundary those gradients are already averaged across ranks
+        (DeepSpeed's all-reduce in backward), so the local norm is the global one, the same quantity the ZeRO
+        and bf16/fp16 optimizers report. ``None`` where DeepSpeed's optimizer computes it itself."""
         if hasattr(self.ds.optimizer, "_global_grad_norm"):
             return None
         grads = [p.grad for p in self.module.parameters() if p.grad is not None]
@@ -211,26 +215,32 @@ class Engine:
             group["lr"] = 0.0 if encoder_frozen and group.get("part") == "encoder" else lr
 
     def save(self, directory: Path, tag: str, client_state: dict[str, Any]) -> list[Path]:
-        """Every rank must call this (DeepSpeed#2993: rank-0-only saves hang). Returns the files this rank wrote.
+        """Every rank must call this (DeepSpeed#2993: rank-0-only saves hang). Returns the files this
+        rank wrote.
 
-        ``latest`` is not written here: DeepSpeed writes it on rank 0 before its closing barrier, while other
-        ranks may still be writing; :class:`w2v_dist.checkpoint.Checkpointer` commits it once all ranks are done.
+        ``latest`` is not written here: DeepSpeed writes it on rank 0 before its closing barrier, while
+        other ranks may still be writing; :class:`w2v_dist.checkpoint.commit.Checkpointer` commits it once
+        all ranks are done.
         """
         self.checkpoint_files.written = []
         self.ds.save_checkpoint(str(directory), tag=tag, client_state=client_state, save_latest=False)
         return list(self.checkpoint_files.written)
 
-    def load(self, directory: Path, tag: str | None = None, universal: bool = False) -> dict[str, Any] | None:
-        """Load ``directory/tag``; ``universal``: a tag in DeepSpeed's universal format (:func:`convert_to_universal`),
-        whose optimizer state is re-partitioned for this world size."""
-        self.ds._config.load_universal_checkpoint = universal  # read by load_checkpoint and the ZeRO optimizers
+    def load(self, directory: Path, tag: str | None = None, universal: bool = False
+             ) -> dict[str, Any] | None:
+        """Load ``directory/tag``; ``universal``: a tag in DeepSpeed's universal format
+        (:func:`w2v_dist.checkpoint.files.convert_to_universal`), whose optimizer state is re-partitioned
+        for this world size."""
+        # read by load_checkpoint and the ZeRO optimizers
+        self.ds._config.load_universal_checkpoint = universal
         try:
             path, client_state = self.ds.load_checkpoint(str(directory), tag=tag, load_module_strict=True)
         finally:
             self.ds._config.load_universal_checkpoint = False
         # ZeRO-3's universal load (DeepSpeed 0.19) gives every group the settings of group 0 (no weight decay
-        # anywhere, the head treated as encoder) and one shared step counter, which AdamW then advances once per
-        # group and update (wrong bias correction). Each group gets its own back; the lr is set every step.
+        # anywhere, the head treated as encoder) and one shared step counter, which AdamW then advances once
+        # per group and update (wrong bias correction). Each group gets its own settings back; the lr is
+        # set every step.
         for group, settings in zip(self.optimizer.param_groups, self.group_settings):
             group.update(settings)
         for state in self.optimizer.state.values():
@@ -239,9 +249,9 @@ class Engine:
         return client_state if path is not None else None
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """Full fp32 weights for export: trainable ones from the optimiser's fp32 master copy under bf16/fp16,
-        frozen ones as they were loaded (the module itself holds only 16-bit copies). ZeRO-3 shards are gathered,
-        so every rank must call this; only rank 0's result is complete."""
+        """Full fp32 weights for export: trainable ones from the optimiser's fp32 master copy under
+        bf16/fp16, frozen ones as they were loaded (the module itself holds only 16-bit copies). ZeRO-3
+        shards are gathered, so every rank must call this; only rank 0's result is complete."""
         module = self.module
         if self.cfg.deepspeed.zero_stage == 3:
             state = self.ds._zero3_consolidated_16bit_state_dict() or {}

@@ -97,8 +97,10 @@ def report_worst(rows: list[dict[str, Any]], count: int) -> None:
 
 
 def evaluate_command(opts: EvalOptions, local_rank: int | None = None) -> int:
-    """The command: ranks, process group and device set up as for training (:func:`w2v_dist.run.start_process`)."""
-    from w2v_dist.run import start_process  # under the command's w2v_dist.console.command_stdout: stdout is ours
+    """The command: ranks, process group and device set up as for training
+    (:func:`w2v_dist.process.start_process`)."""
+    # imported under the command's w2v_dist.console.command_stdout: stdout is ours
+    from w2v_dist.process import start_process
 
     world, device = start_process(opts.collective_timeout_minutes, local_rank)
     summary = evaluate_sets(opts, world, device)

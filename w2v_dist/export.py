@@ -1,10 +1,12 @@
-"""Models for inference from a Hugging Face export *or* a DeepSpeed checkpoint, and checkpoint → HF conversion.
+"""The Hugging Face export: models for inference from an export *or* a DeepSpeed checkpoint, the one export
+writer, the collective export of a training run, and checkpoint → HF conversion.
 
-A checkpoint can be named by the run's ``output_dir``, its ``checkpoints/`` directory, or one tag directory
-(``checkpoints/step_00001000``). ZeRO 1-3 checkpoints hold the fp32 master weights in per-rank
-``*_optim_states.pt`` partitions, which DeepSpeed's ``zero_to_fp32`` gathers; a ZeRO-0 checkpoint has no such
-partitions, and its full weights are the ``module`` entry of ``mp_rank_00_model_states.pt``. The architecture and
-processor come from the run's ``config.yaml`` (``model.name_or_path``), exactly as the run built them.
+A checkpoint can be named by the run's ``output_dir``, its ``checkpoints/`` directory, or one tag
+directory (``checkpoints/step_00001000``). ZeRO 1-3 checkpoints hold the fp32 master weights in per-rank
+``*_optim_states.pt`` partitions, which DeepSpeed's ``zero_to_fp32`` gathers; a ZeRO-0 checkpoint has no
+such partitions, and its full weights are the ``module`` entry of ``mp_rank_00_model_states.pt``. The
+architecture and processor come from the run's ``config.yaml`` (``model.name_or_path``), exactly as the
+run built them.
 """
 
 from __future__ import annotations
@@ -18,16 +20,23 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from safetensors import SafetensorError
 from transformers import AutoModelForCTC, PreTrainedModel, Wav2Vec2Processor
 
+from w2v_dist import dist
+from w2v_dist.checkpoint.saved import SavedRun
+from w2v_dist.checkpoint.tags import LATEST, TAG_PREFIX, lost_latest, resumable_tag
 from w2v_dist.config import Config, load_config, to_yaml
-from w2v_dist.data.index import read_vocab
 from w2v_dist.faults import pause_point
+from w2v_dist.inputs import train_vocabulary
 from w2v_dist.model_card import model_card
+
+if TYPE_CHECKING:
+    from w2v_dist.engine import Engine
 
 log = logging.getLogger("w2v_dist.export")
 ZERO0_MODEL_STATES = "mp_rank_00_model_states.pt"
@@ -38,7 +47,8 @@ class ExportWriteError(OSError):
 
 
 class ModelSourceError(ValueError):
-    """A ``--model``/``--checkpoint`` path that is neither a Hugging Face export nor a DeepSpeed checkpoint."""
+    """A ``--model``/``--checkpoint`` path that is neither a Hugging Face export nor a DeepSpeed
+    checkpoint."""
 
 
 @dataclass(frozen=True)
@@ -60,31 +70,32 @@ def is_hf_export(path: str | Path) -> bool:
 
 
 def is_hub_id(source: str | Path) -> bool:
-    """``org/name`` naming no local path: a Hugging Face Hub model, loaded from the HF cache (``HF_HOME``) or,
-    unless ``HF_HUB_OFFLINE=1``, the hub; so a published model can be a baseline for ``evaluate``/``transcribe``."""
+    """``org/name`` naming no local path: a Hugging Face Hub model, loaded from the HF cache (``HF_HOME``)
+    or, unless ``HF_HUB_OFFLINE=1``, the hub; so a published model can be a baseline for
+    ``evaluate``/``transcribe``."""
     return not Path(source).exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", str(source)) is not None
 
 
 def find_checkpoint(path: str | Path, tag: str | None = None, config: str | Path | None = None) -> CheckpointRef:
-    """Resolve a run dir, a ``checkpoints/`` dir or a tag dir to (root, tag, config.yaml)."""
-    from w2v_dist.checkpoint.commit import TAG_PREFIX, missing_parts  # imports DeepSpeed: only on the checkpoint path
-
+    """Resolve a run dir, a ``checkpoints/`` dir or a tag dir to (root, tag, config.yaml). Without a tag:
+    the one resume would take (:func:`~w2v_dist.checkpoint.tags.resumable_tag`, checksums verified), never
+    a torn or damaged ``latest``."""
     path = Path(path)
     if (path / "checkpoints").is_dir():
         root = path / "checkpoints"
     elif any(path.glob("*model_states.pt")):
         root, tag = path.parent, tag or path.name
-    elif (path / "latest").is_file() or any(path.glob(f"{TAG_PREFIX}*")):
+    elif (path / LATEST).is_file() or any(path.glob(f"{TAG_PREFIX}*")):
         root = path
     else:
         raise ModelSourceError(f"{path} is neither a Hugging Face export (no config.json) nor a DeepSpeed "
                                "checkpoint (a run's output_dir, its checkpoints/ dir, or a step_XXXXXXXX dir)")
     if tag is None:
-        latest = root / "latest"  # moved only once a save is complete (w2v_dist.checkpoint.commit)
-        complete = sorted(p.name for p in root.glob(f"{TAG_PREFIX}*") if p.is_dir() and not missing_parts(p))
-        if not latest.is_file() and not complete:
-            raise ModelSourceError(f"{root} holds no complete checkpoint")
-        tag = latest.read_text().strip() if latest.is_file() else complete[-1]
+        tag = resumable_tag(root, verify=True)
+        if tag is None:
+            lost = lost_latest(root, verify=True)
+            raise ModelSourceError(f"{lost}; name an older tag with --tag if one is left" if lost else
+                                   f"{root} holds no complete checkpoint")
     if not (root / tag).is_dir():
         raise ModelSourceError(f"checkpoint tag {tag!r} not found under {root}")
     run_config = Path(config) if config else root.parent / "config.yaml"
@@ -106,7 +117,7 @@ def checkpoint_config(ref: CheckpointRef) -> Config:
     states = sorted(ref.directory.glob("*model_states.pt"))
     if not states:
         raise ModelSourceError(f"{ref.directory} has no model states file")
-    embedded = _load_states(states[0]).get("config")
+    embedded = SavedRun.read(ref.directory).with_client_state(_load_states(states[0])).config
     if not embedded:
         raise ModelSourceError(f"no config.yaml next to {ref.root} and none stored in the checkpoint; use --config")
     with tempfile.NamedTemporaryFile("w", suffix=".yaml") as handle:
@@ -130,18 +141,18 @@ def checkpoint_state_dict(ref: CheckpointRef) -> dict[str, torch.Tensor]:
 
 
 def model_from_checkpoint(ref: CheckpointRef) -> tuple[PreTrainedModel, Wav2Vec2Processor]:
-    """The run's architecture and processor (built as the trainer built them) with the checkpoint's weights."""
+    """The run's architecture and processor (built as the trainer built them) with the checkpoint's
+    weights."""
     from w2v_dist.model import load_model, load_processor
 
     cfg = checkpoint_config(ref)
-    first = next(iter(cfg.data.train_mix), cfg.data.train_shards)
-    processor = load_processor(cfg.model, read_vocab(first) if first else None)
+    processor = load_processor(cfg.model, train_vocabulary(cfg.data))
     model = load_model(cfg.model, processor).float()  # fp32 inference whatever dtype name_or_path records
     state = checkpoint_state_dict(ref)
     if cfg.deepspeed.precision != "fp32":
-        # A 16-bit run's checkpoint holds frozen weights only as 16-bit copies (the optimiser has no fp32 master
-        # for them). They never changed, so the fp32 values just loaded from model.name_or_path are the exact
-        # ones; the run's own export writes the same (Engine.full_state_dict).
+        # A 16-bit run's checkpoint holds frozen weights only as 16-bit copies (the optimiser has no fp32
+        # master for them). They never changed, so the fp32 values just loaded from model.name_or_path are
+        # the exact ones; the run's own export writes the same (Engine.full_state_dict).
         state |= {name: p.detach().clone() for name, p in model.named_parameters() if not p.requires_grad}
     model.load_state_dict(state, strict=True)
     return model.eval(), processor
@@ -149,7 +160,8 @@ def model_from_checkpoint(ref: CheckpointRef) -> tuple[PreTrainedModel, Wav2Vec2
 
 def load_for_inference(source: str | Path, config: str | Path | None = None, tag: str | None = None
                        ) -> tuple[PreTrainedModel, Wav2Vec2Processor]:
-    """Model (eval mode, fp32, CPU) and processor from an HF export dir or any form of DeepSpeed checkpoint."""
+    """Model (eval mode, fp32, CPU) and processor from an HF export dir or any form of DeepSpeed
+    checkpoint."""
     # DeepSpeed logs to stdout, from a handler bound at its import; callers keep stdout for results.
     with contextlib.redirect_stdout(sys.stderr):
         if is_hf_export(source) or is_hub_id(source):
@@ -170,11 +182,12 @@ def load_for_inference(source: str | Path, config: str | Path | None = None, tag
 
 def write_export(model: PreTrainedModel, processor: Wav2Vec2Processor, out_dir: Path,
                  state: dict[str, torch.Tensor] | None = None, card: str = "") -> bool:
-    """The one Hugging Face export writer (training's final/ and best/, ``w2v-dist export``): ``save_pretrained``
-    safetensors in fp32 (``state`` when given, else the model's own weights), the processor and the model card
-    (README.md, :mod:`w2v_dist.model_card`), written beside ``out_dir`` and renamed into place, so a crash never
-    leaves a half-written export under the real name. Refuses NaN or Inf weights, and finite weights whose logits
-    on a probe batch are not (:func:`nonfinite_logits`): returns False, leaves nothing written."""
+    """The one Hugging Face export writer (training's final/ and best/, ``w2v-dist export``):
+    ``save_pretrained`` safetensors in fp32 (``state`` when given, else the model's own weights), the
+    processor and the model card (README.md, :mod:`w2v_dist.model_card`), written beside ``out_dir`` and
+    renamed into place, so a crash never leaves a half-written export under the real name. Refuses NaN or
+    Inf weights, and finite weights whose logits on a probe batch are not (:func:`nonfinite_logits`):
+    returns False, leaves nothing written."""
     weights = {k: v.float() if v.is_floating_point() else v for k, v in (state or model.state_dict()).items()}
     bad = [name for name, t in weights.items() if t.is_floating_point() and not torch.isfinite(t).all()]
     if bad:
@@ -209,10 +222,21 @@ def write_export(model: PreTrainedModel, processor: Wav2Vec2Processor, out_dir: 
     return True
 
 
+def export_hf(engine: Engine, processor: Wav2Vec2Processor, out_dir: Path, is_main: bool, card: str = ""
+              ) -> bool:
+    """Collective: gather the full fp32 weights (every rank), write the export on rank 0
+    (:func:`write_export`); whether it was written (on every rank: refused when the weights, or the logits
+    of a probe batch, are not finite)."""
+    state = engine.full_state_dict()
+    written = write_export(engine.module, processor, out_dir, state, card) if is_main else True
+    return bool(dist.all_gather_objects(written)[0])
+
+
 def nonfinite_logits(directory: Path, processor: Wav2Vec2Processor) -> int:
-    """How many logits of the export written in ``directory`` are NaN or Inf on a probe batch: a second of silence
-    and a second of noise, through the export's own feature extractor. Weights can be finite and still overflow
-    (a diverged run's). Loads what was written, as a user would; the global RNGs are left as they were."""
+    """How many logits of the export written in ``directory`` are NaN or Inf on a probe batch: a second of
+    silence and a second of noise, through the export's own feature extractor. Weights can be finite and
+    still overflow (a diverged run's). Loads what was written, as a user would; the global RNGs are left
+    as they were."""
     extractor = processor.feature_extractor
     rate = extractor.sampling_rate
     audio = [np.zeros(rate, np.float32), 0.1 * np.random.default_rng(0).standard_normal(rate, np.float32)]
@@ -224,7 +248,8 @@ def nonfinite_logits(directory: Path, processor: Wav2Vec2Processor) -> int:
 
 def export_checkpoint(source: str | Path, out_dir: str | Path, tag: str | None = None,
                       config: str | Path | None = None) -> Path:
-    """Write a ``save_pretrained`` export (safetensors + processor) of a DeepSpeed checkpoint; refuses NaN/Inf."""
+    """Write a ``save_pretrained`` export (safetensors + processor) of a DeepSpeed checkpoint; refuses
+    NaN/Inf."""
     out = Path(out_dir)
     if out.exists() and not is_hf_export(out) and any(out.iterdir()):
         raise ModelSourceError(f"{out} exists and is not a Hugging Face export; refusing to replace it")

@@ -30,6 +30,17 @@ PAUSE_ENV = "W2V_DIST_PAUSE_AT"
 _reached: Counter[str] = Counter()
 
 
+def pause_env(moment: str, rank: int, seconds: float, marker_dir: Path) -> dict[str, str]:
+    """The environment that holds rank ``rank`` still for ``seconds`` at ``moment`` (``<name>[#<n>]``):
+    the spec :func:`pause_point` reads; the rank then creates :func:`pause_marker`."""
+    return {PAUSE_ENV: f"{moment}:{rank}:{seconds}:{marker_dir}"}
+
+
+def pause_marker(marker_dir: Path | str, moment: str, rank: int) -> Path:
+    """The file rank ``rank`` creates in ``marker_dir`` as it pauses at ``moment`` (``<name>[#<n>]``)."""
+    return Path(marker_dir, f"{moment.partition('#')[0]}.rank{rank}")
+
+
 def pause_point(moment: str, rank: int) -> None:
     spec = os.environ.get(PAUSE_ENV)
     if not spec:
@@ -40,7 +51,7 @@ def pause_point(moment: str, rank: int) -> None:
         return
     _reached[moment] += 1
     if _reached[moment] == int(occurrence or 1):
-        Path(marker_dir, f"{moment}.rank{rank}").touch()
+        pause_marker(marker_dir, moment, rank).touch()
         time.sleep(float(seconds))
 
 

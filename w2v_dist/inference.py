@@ -1,9 +1,9 @@
 """Transcribing audio files with a trained model through the Hugging Face ASR pipeline.
 
-Any soundfile-readable file is down-mixed and resampled to 16 kHz. Files longer than ``chunk_seconds`` are cut
-into overlapping chunks by the pipeline (``chunk_length_s``/``stride_length_s``): each chunk sees
-``overlap_seconds`` of its neighbours' audio on each side as context, and the CTC frames from that context are
-dropped before the chunks' outputs are joined, so words at the cuts are neither lost nor doubled. Word
+Any soundfile-readable file is down-mixed and resampled to 16 kHz. Files longer than ``chunk_seconds`` are
+cut into overlapping chunks by the pipeline (``chunk_length_s``/``stride_length_s``): each chunk sees
+``overlap_seconds`` of its neighbours' audio on each side as context, and the CTC frames from that context
+are dropped before the chunks' outputs are joined, so words at the cuts are neither lost nor doubled. Word
 timestamps come from the CTC alignment (the frame of each word's first and last character).
 """
 

@@ -1,18 +1,20 @@
-"""What a run reads, checked before any process group, model or output exists: every shard set's directory and
-index, and the checkpoint a relaunch would resume. Each problem is one line that names its key, and all of them are
-reported at once: by ``--dump-config``, and by every rank before it starts (:func:`w2v_dist.run.build_run`).
+"""What a run reads, checked before any process group, model or output exists: every shard set's directory
+and index, and the checkpoint a relaunch would resume. Each problem is one line that names its key, and all
+of them are reported at once: by ``--dump-config``, and by every rank before it starts
+(:func:`w2v_dist.run.build_run`).
 
-Remote locations (``http(s)://``) are not probed here: a probe per rank per set would add a round trip to every
-start and could refuse a server that answers GET but not HEAD. Every rank reads their index next, at startup, and a
-failure names the URL (credentials masked).
+Remote locations (``http(s)://``) are not probed here: a probe per rank per set would add a round trip to
+every start and could refuse a server that answers GET but not HEAD. Every rank reads their index next, at
+startup, and a failure names the URL (credentials masked).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from w2v_dist.config import Config
-from w2v_dist.data.index import INDEX_NAME, ShardIndexError, is_remote, load_shard_set
+from w2v_dist.config import Config, DataConfig
+from w2v_dist.data.index import INDEX_NAME, ShardIndexError, is_remote, load_shard_set, read_vocab
+from w2v_dist.redact import redact
 
 
 class InputError(ValueError):
@@ -45,9 +47,24 @@ def input_problems(cfg: Config) -> list[str]:
     return problems + resume_problems(cfg)
 
 
+def train_vocabulary(data: DataConfig) -> dict[str, int] | None:
+    """The training shards' vocabulary (:func:`~w2v_dist.data.index.read_vocab`), for training and for a
+    model rebuilt from a checkpoint alike: ``data.train_mix``'s, whose sets must share one, else
+    ``data.train_shards``'; ``None`` when the shards have none (or none are set)."""
+    locations = list(data.train_mix) or ([data.train_shards] if data.train_shards else [])
+    vocabularies = {location: read_vocab(location) for location in locations}
+    for location, vocabulary in vocabularies.items():
+        if vocabulary != vocabularies[locations[0]]:
+            raise ValueError(f"data.train_mix: {redact(location)} has another vocabulary than "
+                             f"{redact(locations[0])}: shard the corpora of one mix with the same "
+                             "--alphabet (or vocab.json)")
+    return vocabularies[locations[0]] if locations else None
+
+
 def shard_set_problems(location: str, shard_command: str = "") -> list[str]:
     """What keeps a local shard set from being read: no directory, no readable or valid ``index.json``, no
-    utterances, shards it lists that are not on this node. Remote sets are not probed (see the module docstring)."""
+    utterances, shards it lists that are not on this node. Remote sets are not probed (see the module
+    docstring)."""
     if is_remote(location):
         return []
     directory = Path(location)
@@ -68,8 +85,8 @@ def shard_set_problems(location: str, shard_command: str = "") -> list[str]:
 
 
 def resume_problems(cfg: Config) -> list[str]:
-    """A resume that would have nothing to do: ``trainer.max_steps`` below the step of the checkpoint it would
-    resume (the run would only export that checkpoint again, under the name of a shorter run)."""
+    """A resume that would have nothing to do: ``trainer.max_steps`` below the step of the checkpoint it
+    would resume (the run would only export that checkpoint again, under the name of a shorter run)."""
     if not cfg.checkpoint.resume or not (Path(cfg.output_dir) / "checkpoints").is_dir():
         return []
     from w2v_dist.checkpoint.commit import Checkpointer  # imports DeepSpeed: only when there is a checkpoint
@@ -79,7 +96,7 @@ def resume_problems(cfg: Config) -> list[str]:
     tag = checkpointer.resumable_tag()
     if tag is None:
         return []
-    step = int(checkpointer.saved_world(tag)["step"])
+    step = checkpointer.saved_run(tag).step
     if step <= cfg.trainer.max_steps:
         return []
     return [f"trainer.max_steps: {cfg.trainer.max_steps} is below step {step} of the checkpoint this run would "

@@ -1,4 +1,5 @@
-"""Where metrics go: ``metrics.jsonl`` always, a tqdm bar and wandb on rank 0. Other ranks get no-op loggers."""
+"""Where metrics go: ``metrics.jsonl`` always, a tqdm bar and wandb on rank 0. Other ranks get no-op
+loggers. Also the console every rank logs to (:func:`setup_console`, called when a process starts)."""
 
 from __future__ import annotations
 
@@ -24,13 +25,15 @@ console = logging.getLogger("w2v_dist.progress")
 def setup_console(rank: int) -> None:
     """Rank-tagged console logging; non-zero ranks only report warnings.
 
-    Also turns off tqdm's monitor thread (every progress bar, transformers' included, would otherwise start one
-    that exits on its own schedule): a process that forks its DataLoader workers while another Python thread is
-    exiting can leave the child deadlocked inside ``fork()`` (CPython's thread-state lock is copied held).
+    Also turns off tqdm's monitor thread (every progress bar, transformers' included, would otherwise start
+    one that exits on its own schedule): a process that forks its DataLoader workers while another Python
+    thread is exiting can leave the child deadlocked inside ``fork()`` (CPython's thread-state lock is copied
+    held).
     """
     tqdm.monitor_interval = 0
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, stream=sys.stderr,
-                        format=f"[%(asctime)s rank{rank} %(name)s] %(message)s", datefmt="%H:%M:%S", force=True)
+                        format=f"[%(asctime)s rank{rank} %(name)s] %(message)s", datefmt="%H:%M:%S",
+                        force=True)
     for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "httpx", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if rank != 0:  # the hub's warnings (unauthenticated requests, a retry) once per run, not once per node
@@ -43,16 +46,17 @@ def setup_console(rank: int) -> None:
 
 
 def on_terminal() -> bool:
-    """Whether the console is a terminal: progress bars there, plain lines in files and pipes (SLURM, ``| tee``),
-    where a bar's ``\r`` redraws pile up on one line and log lines were glued onto it."""
+    """Whether the console is a terminal: progress bars there, plain lines in files and pipes (SLURM,
+    ``| tee``), where a bar's ``\r`` redraws pile up on one line and log lines were glued onto it."""
     return sys.stderr.isatty()
 
 
 class BarSafeStderr:
-    """The console handler's stream: while a progress bar is shown, a log line goes out through ``tqdm.write``,
-    which lifts the bar off the line first and redraws it below, so a line is never glued onto a bar. Without
-    tqdm's lock (``nolock``): that is a multiprocessing lock, shared with forked loader workers, which one killed
-    while writing would leave held. Looks ``sys.stderr`` up at each write (pytest and ``command_stdout`` swap it)."""
+    """The console handler's stream: while a progress bar is shown, a log line goes out through
+    ``tqdm.write``, which lifts the bar off the line first and redraws it below, so a line is never glued
+    onto a bar. Without tqdm's lock (``nolock``): that is a multiprocessing lock, shared with forked loader
+    workers, which one killed while writing would leave held. Looks ``sys.stderr`` up at each write (pytest
+    and ``command_stdout`` swap it)."""
 
     def write(self, text: str) -> None:
         if getattr(tqdm, "_instances", None):
@@ -83,8 +87,8 @@ class Progress:
             self.bar.update(n)
         elif self.lines and time.monotonic() - self.said >= self.every_s:
             self.said = time.monotonic()
-            console.info("%s: %s of %s %s, %.0f s", self.what, f"{self.done:,}", f"{self.total:,}", self.unit,
-                         self.said - self.start)
+            console.info("%s: %s of %s %s, %.0f s", self.what, f"{self.done:,}", f"{self.total:,}",
+                         self.unit, self.said - self.start)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -92,13 +96,13 @@ class Progress:
 
 
 def step_line(record: dict[str, Any], eta_s: float) -> str:
-    """The plain line a train step is logged with where there is no bar: what the bar would show, and more."""
+    """The plain line a train step is logged with where there is no bar: what a bar would show, and more."""
     loss = f"{record['loss']:.4f}" if isinstance(record.get("loss"), float) \
         else f"skipped ({record.get('skipped_cause')})"
     norm = record.get("grad_norm")
     return (f"step {record['step']:,}: loss {loss}, lr {record['lr']:.3e}, grad norm "
-            f"{'-' if norm is None else f'{norm:.3g}'}, {record['audio_seconds_per_second']:,.0f} audio-s/s, "
-            f"ETA {format_seconds(eta_s)}")
+            f"{'-' if norm is None else f'{norm:.3g}'}, "
+            f"{record['audio_seconds_per_second']:,.0f} audio-s/s, ETA {format_seconds(eta_s)}")
 
 
 def format_seconds(seconds: float) -> str:
@@ -137,7 +141,7 @@ def quiet_expected_noise() -> None:
 
 
 class RedactingFilter(logging.Filter):
-    """Log lines carry URLs and commands (a failing shard, a config value): secrets in them become ``***``."""
+    """Log lines carry URLs and commands (a failing shard, a config value): their secrets become ``***``."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         record.msg, record.args = redact(record.getMessage()), None
@@ -165,7 +169,8 @@ class RunLogger:
 
     def table(self, name: str, columns: list[str], rows: list[list[Any]], step: int) -> None: ...
 
-    def saved(self, kind: str, directory: Path, step: int, aliases: list[str], dev_wer: float | None) -> None:
+    def saved(self, kind: str, directory: Path, step: int, aliases: list[str], dev_wer: float | None
+              ) -> None:
         """A checkpoint (``kind="checkpoint"``) or an export (``"model"``) is complete in ``directory``."""
 
     def close(self) -> None: ...
@@ -198,7 +203,8 @@ class MainLogger(RunLogger):
         self.file.write(json.dumps(clean) + "\n")
         self.file.flush()
         if self.wandb is not None:
-            self.wandb.log({k: v for k, v in clean.items() if isinstance(v, int | float)}, step=record.get("step"))
+            numbers = {k: v for k, v in clean.items() if isinstance(v, int | float)}
+            self.wandb.log(numbers, step=record.get("step"))
 
     def progress(self, step: int, postfix: dict[str, Any], line: str) -> None:
         if self.bar.disable:
@@ -212,15 +218,17 @@ class MainLogger(RunLogger):
         if self.wandb is not None:
             import wandb
 
-            self.wandb.log({name: wandb.Table(columns=list[str | int](columns), data=redact_values(rows))}, step=step)
+            table = wandb.Table(columns=list[str | int](columns), data=redact_values(rows))
+            self.wandb.log({name: table}, step=step)
 
-    def saved(self, kind: str, directory: Path, step: int, aliases: list[str], dev_wer: float | None) -> None:
+    def saved(self, kind: str, directory: Path, step: int, aliases: list[str], dev_wer: float | None
+              ) -> None:
         if self.wandb is None or not self.log_checkpoints:
             return
         import wandb
 
-        artifact = wandb.Artifact(f"{kind}-{self.wandb.id}", type=kind,
-                                  metadata={"step": step, "dev_wer": finite_or_none(dev_wer), "path": str(directory)})
+        metadata = {"step": step, "dev_wer": finite_or_none(dev_wer), "path": str(directory)}
+        artifact = wandb.Artifact(f"{kind}-{self.wandb.id}", type=kind, metadata=metadata)
         try:  # a checkpoint is gigabytes on a shared file system: name it, don't read it
             artifact.add_reference(directory.resolve().as_uri(), checksum=False)
             self.wandb.log_artifact(artifact, aliases=aliases)

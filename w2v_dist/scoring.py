@@ -91,9 +91,10 @@ def scoring_loader(shards: ShardSet, prep: Preprocess, batch_seconds: float, max
                    world: dist.World, *, workers: int, retry: RetryPolicy) -> Any:
     """This rank's stripe of a dev set (each utterance on exactly one rank), every utterance planned."""
     prep = replace(prep, filtered=False)
-    policy = BatchPolicy(int(batch_seconds * shards.sample_rate), max_batch_size, bucket_window=512, shuffle_buffer=1)
-    return make_loader(EvalStream(shards, policy, prep, rank=world.rank, world_size=world.size, retry=retry), workers,
-                       prefetch_factor=2)
+    policy = BatchPolicy.from_seconds(max_batch_seconds=batch_seconds, sample_rate=shards.sample_rate,
+                                      max_batch_size=max_batch_size, bucket_window=512, shuffle_buffer=1)
+    stream = EvalStream(shards, policy, prep, rank=world.rank, world_size=world.size, retry=retry)
+    return make_loader(stream, workers, prefetch_factor=2)
 
 
 class Scorer:

@@ -16,21 +16,20 @@ import torch
 import yaml
 
 from w2v_dist import dist
-from w2v_dist.checkpoint.commit import export_hf
+from w2v_dist.checkpoint.saved import SavedRun
 from w2v_dist.config import Config, save_config, to_written, to_yaml
 from w2v_dist.data.audio import EncoderGeometry
 from w2v_dist.data.collate import CTCBatch
-from w2v_dist.data.loader import start_workers
 from w2v_dist.decoding import GreedyDecoder
 from w2v_dist.engine import Engine, UpdateOutcome
-from w2v_dist.export import ExportWriteError
+from w2v_dist.export import ExportWriteError, export_hf
 from w2v_dist.faults import injected_faults, pause_point
 from w2v_dist.flops import COUNTED_FAMILIES, peak_tflops, step_flops
 from w2v_dist.layerdrop import SharedLayerDrop
 from w2v_dist.logging import MainLogger, RunLogger, step_line
 from w2v_dist.metrics import ErrorCounts
 from w2v_dist.model_card import model_card
-from w2v_dist.preemption import REQUEUE_FILE, StopSignal, request_requeue
+from w2v_dist.preemption import REQUEUE_FILE, StopSignal, request_requeue, start_workers
 from w2v_dist.process import mark_collective_failure
 from w2v_dist.run import RANKS_DIR, Run, build_run
 from w2v_dist.schedule import length_change, lr_at
@@ -40,8 +39,8 @@ log = logging.getLogger("w2v_dist.trainer")
 
 
 class DivergenceError(RuntimeError):
-    """Too many consecutive updates were skipped for non-finite losses or gradients, or the final model's weights
-    or outputs are not finite."""
+    """Too many consecutive updates were skipped for non-finite losses or gradients, or the final model's
+    weights or outputs are not finite."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -87,9 +86,10 @@ def train_step(engine: Engine, micro_batches: list[CTCBatch], world_size: int, s
 
 def seed_randomness(seed: int, batch: CTCBatch, model: torch.nn.Module) -> None:
     """Dropout and SpecAugment masks (numpy, in transformers) are drawn from ``(seed, update, stream)``: a
-    micro-batch gets the same ones whichever rank of whichever world size computes it, so a run resumed on another
-    world size follows the uninterrupted run. LayerDrop is drawn from ``(seed, update)``: every rank skips the same
-    layers (:mod:`w2v_dist.layerdrop`). Batches from outside a training stream keep the RNG as is."""
+    micro-batch gets the same ones whichever rank of whichever world size computes it, so a run resumed on
+    another world size follows the uninterrupted run. LayerDrop is drawn from ``(seed, update)``: every
+    rank skips the same layers (:mod:`w2v_dist.layerdrop`). Batches from outside a training stream keep
+    the RNG as is."""
     if batch.stream < 0:
         return
     derived = hash((seed, batch.update, batch.stream)) & 0x7FFFFFFF
@@ -116,8 +116,8 @@ class RunState:
     rollbacks: int = 0
     last_eval_step: int = 0
     last_eval_counts: dict[str, dict[str, int]] = field(default_factory=dict)
-    """The error counts of each dev set at the last evaluation (at ``last_eval_step``): a relaunch that finds the
-    run at ``max_steps`` evaluates nothing, and its model card shows these."""
+    """The error counts of each dev set at the last evaluation (at ``last_eval_step``): a relaunch that
+    finds the run at ``max_steps`` evaluates nothing, and its model card shows these."""
 
     def state_dict(self) -> dict[str, Any]:
         return {key: dict(value) if isinstance(value, Counter) else value for key, value in vars(self).items()}
@@ -143,20 +143,22 @@ class Trainer:
         self.save_pending = False  # a save was deferred by skipped updates: it is made after the next applied one
         self.shapes: dict[int, set[tuple[int, ...]]] = {}  # this rank's micro-batch shapes, by epoch of their plan
         if run.resume_tag:
-            client_state = self.checkpointer.resume(run.engine, run.resume_tag)
-            if client_state is not None:
-                self.state.load_state_dict(client_state["run"])
-                run.train_stream.load_state_dict(client_state["loader"])
-                self._check_schedule(client_state)
+            saved = self.checkpointer.resume(run.engine, run.resume_tag)
+            if saved is not None:
+                assert saved.loader is not None, "every checkpoint w2v-dist writes records its data position"
+                self.state.load_state_dict(saved.run)
+                run.train_stream.load_state_dict(saved.loader)
+                self._check_schedule(saved)
         self.logged_step = self.state.step  # the last step logged: the ETA's pace is measured since then
         self.logger = MainLogger(self.output, config=to_written(cfg), wandb_cfg=cfg.logging.wandb,
                                  total_steps=cfg.trainer.max_steps, start_step=self.state.step,
                                  progress_bar=cfg.logging.progress_bar) if self.world.is_main else RunLogger()
 
-    def _check_schedule(self, client_state: dict[str, Any]) -> None:
+    def _check_schedule(self, saved: SavedRun) -> None:
         """Warn (rank 0) when the resumed run's schedule length differs from the checkpoint's."""
-        saved = yaml.safe_load(client_state.get("config") or "{}") or {}
-        change = length_change(saved, self.cfg.trainer.max_steps, self.cfg.schedule, self.state.step, self.cfg.optim.lr)
+        saved_config = yaml.safe_load(saved.config or "{}") or {}
+        change = length_change(saved_config, self.cfg.trainer.max_steps, self.cfg.schedule, self.state.step,
+                               self.cfg.optim.lr)
         if change and self.world.is_main:
             log.warning("resuming at step %d: %s", self.state.step, change)
 
@@ -200,8 +202,8 @@ class Trainer:
                 results = self._evaluate()
             if saving:
                 self._save()
-            # A signal that came during the evaluation or the save is honoured now, not one step later: SLURM's
-            # grace period may not cover another step.
+            # A signal that came during the evaluation or the save is honoured now, not one step later:
+            # SLURM's grace period may not cover another step.
             if (evaluating or saving) and not last and self._stop_requested_anywhere():
                 self._preempted(saved=saving)
                 return {}
@@ -259,12 +261,12 @@ class Trainer:
                                   "check the data, or use bf16 instead of fp16")
 
     def _rollback(self) -> None:
-        """Back to the latest checkpoint's weights, optimizer and step; the data stream moves on past the bad
-        batches instead of replaying them. Saves wait while updates are skipped (:meth:`_save`), so the latest
-        checkpoint is the last one saved before the streak began."""
-        client_state = self.checkpointer.resume(self.run.engine)
-        assert client_state is not None
-        bad_at, self.state.step = self.state.step, int(client_state["run"]["step"])
+        """Back to the latest checkpoint's weights, optimizer and step; the data stream moves on past the
+        bad batches instead of replaying them. Saves wait while updates are skipped (:meth:`_save`), so
+        the latest checkpoint is the last one saved before the streak began."""
+        saved = self.checkpointer.resume(self.run.engine)
+        assert saved is not None  # the caller checked that a resumable checkpoint exists
+        bad_at, self.state.step = self.state.step, saved.step
         self.state.consecutive_bad, self.save_pending = 0, False
         self.state.rollbacks += 1
         log.warning("rolled back from step %d to the checkpoint at step %d (rollback %d of %d)", bad_at,
@@ -322,8 +324,8 @@ class Trainer:
                              step_line(record, eta))
 
     def _evaluate(self) -> dict[str, SetScore]:
-        """Collective: score every dev set (:mod:`w2v_dist.scoring`, as ``w2v-dist evaluate`` does), log it, and
-        export best/ when the WER on ``checkpoint.best_metric`` improved."""
+        """Collective: score every dev set (:mod:`w2v_dist.scoring`, as ``w2v-dist evaluate`` does), log
+        it, and export best/ when the WER on ``checkpoint.best_metric`` improved."""
         engine, rank = self.run.engine, self.world.rank
         decoder = GreedyDecoder(self.run.processor.tokenizer)
         geometry = EncoderGeometry.from_model_config(engine.module.config)
@@ -363,14 +365,15 @@ class Trainer:
         return results
 
     def _wer(self, results: dict[str, SetScore]) -> float | None:
-        """The WER that ranks checkpoints and best/: on ``checkpoint.best_metric``, else the first dev set."""
+        """The WER that ranks checkpoints and best/: on ``checkpoint.best_metric``, else the first dev
+        set."""
         return results[self.cfg.checkpoint.best_metric or next(iter(results))].counts.wer if results else None
 
     def _save(self) -> None:
-        """Commit a checkpoint, unless the last update was skipped (``consecutive_bad``): a checkpoint taken
-        during a streak of non-finite updates would be what a relaunch, or a rollback, resumes. The save then waits
-        for the next applied update (a streak ends) and is made right after it; ``latest`` keeps naming the last
-        checkpoint from before the streak."""
+        """Commit a checkpoint, unless the last update was skipped (``consecutive_bad``): a checkpoint
+        taken during a streak of non-finite updates would be what a relaunch, or a rollback, resumes. The
+        save then waits for the next applied update (a streak ends) and is made right after it; ``latest``
+        keeps naming the last checkpoint from before the streak."""
         if self.state.consecutive_bad:
             self.save_pending = True
             if self.world.is_main:
@@ -380,10 +383,11 @@ class Trainer:
             return
         self.save_pending = False
         self._pool_loader_skips()
-        client_state = {"run": self.state.state_dict(), "loader": self.run.train_stream.state_dict(),
-                        "config": to_yaml(self.cfg)}
+        stream = self.run.train_stream
+        saved = SavedRun(world_size=self.world.size, step=self.state.step, layout=stream.layout,
+                         run=self.state.state_dict(), loader=stream.state_dict(), config=to_yaml(self.cfg))
         score = self.last_eval[1] if self.last_eval and self.last_eval[0] == self.state.step else None
-        directory = self.checkpointer.save(self.run.engine, self.state.step, client_state, score)
+        directory = self.checkpointer.save(self.run.engine, saved, score)
         self.logger.saved("checkpoint", directory, self.state.step, ["latest", f"step-{self.state.step}"], score)
 
     def _card(self, export: str, results: dict[str, SetScore]) -> str:

@@ -11,7 +11,7 @@ import functools
 import hashlib
 import json
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from w2v_dist.data.text import LIBRISPEECH, TextPolicy
@@ -28,8 +28,8 @@ class ShardIndexError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class Utterance:
-    """What the loader plans batches with, read from the index without touching audio. Slots: a rank holds one per
-    utterance of the corpus (no per-object dict: 302 -> 206 B each in `bench plan`)."""
+    """What the loader plans batches with, read from the index without touching audio. Slots: a rank holds
+    one per utterance of the corpus (no per-object dict: 302 -> 206 B each in `bench plan`)."""
 
     shard: int
     position: int
@@ -38,8 +38,8 @@ class Utterance:
     num_samples: int
     label_length: int
     speed: float = 1.0
-    """Training with speed perturbation: the factor this epoch's plan drew (``num_samples`` is then the length
-    after it, ``source_samples`` the one in the shard)."""
+    """Training with speed perturbation: the factor this epoch's plan drew (``num_samples`` is then the
+    length after it, ``source_samples`` the one in the shard)."""
     source_samples: int = 0
 
 
@@ -54,22 +54,12 @@ class ShardSet:
     text_policy: TextPolicy = LIBRISPEECH
     """How the transcripts were normalised (hypotheses scored against them get the same)."""
     parts: tuple[str, ...] = ()
-    """A mix of shard sets (:func:`mix_shard_sets`): their locations; empty for one set."""
+    """A mix of shard sets (``data.train_mix``, made and read by :mod:`w2v_dist.data.mix`): their locations;
+    empty for one set."""
     shard_parts: tuple[int, ...] = ()
     """A mix: the part each shard belongs to."""
     fractions: tuple[float, ...] = ()
     """A mix: the fraction of each part read per epoch."""
-
-    def shard_fraction(self, shard: int) -> float:
-        return self.fractions[self.shard_parts[shard]] if self.parts else 1.0
-
-    def part_name(self, shard: int) -> str:
-        return redact(self.parts[self.shard_parts[shard]]) if self.parts else ""
-
-    @functools.cached_property
-    def epoch_seconds(self) -> tuple[float, ...]:
-        """Per shard, the audio seconds an epoch reads: all, or for a mix its fraction."""
-        return tuple(total * self.shard_fraction(s) for s, total in enumerate(self.seconds))
 
     @functools.cached_property
     def contents_digest(self) -> str:
@@ -79,11 +69,6 @@ class ShardSet:
             digest.update(json.dumps([url.rsplit("/", 1)[-1], [(u.key, u.num_samples, u.label_length)
                                                                for u in utterances]]).encode())
         return digest.hexdigest()
-
-    @property
-    def epoch_samples(self) -> int:
-        """Utterances read per epoch: all of them, or the mix's fraction of each part (per shard, rounded)."""
-        return sum(round(len(u) * self.shard_fraction(s)) for s, u in enumerate(self.utterances))
 
     @property
     def total_samples(self) -> int:
@@ -100,8 +85,8 @@ def is_remote(location: str) -> bool:
 
 def check_shard_name(name: object, location: str) -> str:
     if not isinstance(name, str) or not _SAFE_NAME.match(name) or ".." in name:
-        raise ShardIndexError(f"{redact(location)}: refusing shard name {name!r}: index shard names must be plain "
-                              "file names (no separators, '..', schemes or commands)")
+        raise ShardIndexError(f"{redact(location)}: refusing shard name {name!r}: index shard names must be "
+                              "plain file names (no separators, '..', schemes or commands)")
     return name
 
 
@@ -110,7 +95,8 @@ def _join(location: str, name: str) -> str:
 
 
 def read_index_json(location: str, name: str = INDEX_NAME) -> dict:
-    """The parsed ``index.json`` (or another JSON file, ``name``) of a local directory or an ``http(s)://`` prefix."""
+    """The parsed ``index.json`` (or another JSON file, ``name``) of a local directory or an ``http(s)://``
+    prefix."""
     import webdataset as wds  # lazily: sharding workers import this module and must stay light
 
     url = _join(location, name)
@@ -145,37 +131,14 @@ def load_shard_set(location: str, shard_command: str = "", max_samples: int = 0)
         if not rows:
             break
         urls.append(shard_command.replace("{shard}", name) if shard_command else _join(location, name))
-        utts = tuple(Utterance(shard_number, pos, str(k), int(n), int(lab)) for pos, (k, n, lab) in enumerate(rows))
+        utts = tuple(Utterance(shard_number, pos, str(k), int(n), int(lab))
+                     for pos, (k, n, lab) in enumerate(rows))
         utterances.append(utts)
         seconds.append(sum(u.num_samples for u in utts) / index["sample_rate"])
     if not urls:
         raise ShardIndexError(f"{redact(location)}: the index lists no utterances")
     return ShardSet(location, tuple(urls), tuple(seconds), tuple(utterances), int(index["sample_rate"]),
                     TextPolicy.from_index(index))
-
-
-def mix_shard_sets(sets: dict[str, ShardSet], fractions: dict[str, float]) -> ShardSet:
-    """One shard set out of several (``data.train_mix``): their shards one after the other, each remembering its
-    part and the fraction of that part read per epoch. The parts must agree on sample rate and text policy."""
-    first = next(iter(sets.values()))
-    urls: list[str] = []
-    seconds: list[float] = []
-    utterances: list[tuple[Utterance, ...]] = []
-    shard_parts: list[int] = []
-    for part, (location, shards) in enumerate(sets.items()):
-        for attribute in ("sample_rate", "text_policy"):
-            if getattr(shards, attribute) != getattr(first, attribute):
-                raise ShardIndexError(f"{redact(location)}: its {attribute} ({getattr(shards, attribute)}) differs "
-                                      f"from {redact(first.location)}'s ({getattr(first, attribute)}): shard the "
-                                      "corpora of one mix with the same options")
-        offset = len(urls)
-        urls += shards.urls
-        seconds += shards.seconds
-        utterances += (shards.utterances if offset == 0 else  # the first part's shard numbers stand
-                       [tuple(replace(u, shard=u.shard + offset) for u in utts) for utts in shards.utterances])
-        shard_parts += [part] * len(shards.urls)
-    return ShardSet("+".join(sets), tuple(urls), tuple(seconds), tuple(utterances), first.sample_rate,
-                    first.text_policy, tuple(sets), tuple(shard_parts), tuple(fractions[loc] for loc in sets))
 
 
 def read_vocab(location: str) -> dict[str, int] | None:

@@ -1,4 +1,4 @@
-"""Plot ``w2v-dist bench gpu`` results: ``python -m w2v_dist.bench.plots RESULTS.jsonl OUT.png``."""
+"""Plot ``w2v-dist bench gpu`` results: ``python -m benchmarks.plots RESULTS.jsonl OUT.png``."""
 
 from __future__ import annotations
 
@@ -19,12 +19,14 @@ def plot_gpu(records: list[dict[str, Any]], out: Path) -> None:
     by_name: dict[str, list[dict[str, Any]]] = {}
     for r in variants:
         by_name.setdefault(r["variant"], []).append(r)
-    sweeps = {name: sorted(runs, key=lambda r: r["batch_seconds"]) for name, runs in by_name.items() if len(runs) > 1}
+    sweeps = {name: sorted(runs, key=lambda r: r["batch_seconds"]) for name, runs in by_name.items()
+              if len(runs) > 1}
     if sweeps:
-        fig, (sweep_ax, bar_ax) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [1, 1.6]})
+        fig, (sweep_ax, bar_ax) = plt.subplots(1, 2, figsize=(13, 4.8),
+                                               gridspec_kw={"width_ratios": [1, 1.6]})
         for name, runs in sweeps.items():
-            sweep_ax.plot([r["batch_seconds"] for r in runs], [r["audio_seconds_per_second"] for r in runs], "o-",
-                          label=name)
+            sweep_ax.plot([r["batch_seconds"] for r in runs], [r["audio_seconds_per_second"] for r in runs],
+                          "o-", label=name)
         sweep_ax.set(xlabel="padded audio seconds per batch", ylabel="audio seconds / second",
                      title="throughput vs batch size")
         sweep_ax.legend()
@@ -35,7 +37,8 @@ def plot_gpu(records: list[dict[str, Any]], out: Path) -> None:
     at_largest = [r for r in variants if abs(r["batch_seconds"] - largest) / largest < 0.25]
     names = [r["variant"] for r in at_largest]
     rates = [r["audio_seconds_per_second"] for r in at_largest]
-    bars = bar_ax.barh(names, rates, color=["tab:gray" if "static" in n or "bare" in n else "tab:blue" for n in names])
+    bars = bar_ax.barh(names, rates,
+                       color=["tab:gray" if "static" in n or "bare" in n else "tab:blue" for n in names])
     for bar, r in zip(bars, at_largest):
         bar_ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2,
                     f" MFU {r.get('mfu_datasheet', 0):.1%}, busy {r['gpu_busy_fraction']:.0%}", va="center",

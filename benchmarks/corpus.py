@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from w2v_dist.bench.output import SR
+from benchmarks.output import SR
 
 CHARS_PER_SECOND = 14.6
 """LibriSpeech's letters per audio-second (DeepLearningExamples' token rate)."""
@@ -48,7 +48,8 @@ def build(root: Path, utterances: int, seed: int = 0) -> Path:
         chapter_dir = base / "train-clean-100" / str(speaker) / str(chapter)
         chapter_dir.mkdir(parents=True, exist_ok=True)
         key = f"{speaker}-{chapter}-{n:04d}"
-        sf.write(chapter_dir / f"{key}.flac", speech_like(float(seconds), rng), SR, format="FLAC", subtype="PCM_16")
+        sf.write(chapter_dir / f"{key}.flac", speech_like(float(seconds), rng), SR, format="FLAC",
+                 subtype="PCM_16")
         words = " ".join("SPEECH" for _ in range(max(1, int(seconds * CHARS_PER_SECOND / 7))))
         lines.setdefault(chapter_dir / f"{speaker}-{chapter}.trans.txt", []).append(f"{key} {words}")
     for path, content in lines.items():

@@ -32,9 +32,10 @@ def elapsed(step: Callable[[T], object], items: Iterable[T]) -> float:
     return time.perf_counter() - start
 
 
-def interleaved_medians(trials: dict[str, Callable[[], float]], rounds: int, warmup: int = 0) -> dict[str, float]:
-    """The median of each trial's measurement over rounds in which the trials take turns, so that machine noise
-    hits them alike; the first ``warmup`` rounds are not counted."""
+def interleaved_medians(trials: dict[str, Callable[[], float]], rounds: int,
+                        warmup: int = 0) -> dict[str, float]:
+    """The median of each trial's measurement over rounds in which the trials take turns, so that machine
+    noise hits them alike; the first ``warmup`` rounds are not counted."""
     values: dict[str, list[float]] = {name: [] for name in trials}
     for _ in range(warmup + rounds):
         for name, trial in trials.items():

@@ -1,10 +1,12 @@
-"""``w2v-dist bench plan``: what the data plan costs at a cluster's scale, on a synthetic index with no audio.
+"""``w2v-dist bench plan``: what the data plan costs at a cluster's scale, on a synthetic index with no
+audio.
 
-The corpus is LibriSpeech-shaped (12.3 s per utterance on average, shards of about 256 MB of FLAC, the default of
-``w2v-dist shard``); the layout is one data stream per rank (grad_accum 1) read by ``--workers`` slots each, so a
-rank's loader worker reads one slot. Everything timed is the project's own code (:mod:`w2v_dist.data.index`,
-:mod:`w2v_dist.data.plan`, :class:`~w2v_dist.data.loader.TrainStream`, :mod:`w2v_dist.preflight`), run once
-(these runs take minutes, not milliseconds), as CPU time of this process: the machine is shared.
+The corpus is LibriSpeech-shaped (12.3 s per utterance on average, shards of about 256 MB of FLAC, the
+default of ``w2v-dist shard``); the layout is one data stream per rank (grad_accum 1) read by ``--workers``
+slots each, so a rank's loader worker reads one slot. Everything timed is the project's own code
+(:mod:`w2v_dist.data.index`, :mod:`w2v_dist.data.plan`, :class:`~w2v_dist.data.slots.TrainPlan`,
+:mod:`w2v_dist.preflight`), run once (these runs take minutes, not milliseconds), as CPU time of this
+process: the machine is shared.
 """
 
 from __future__ import annotations
@@ -22,14 +24,16 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from w2v_dist.bench.output import emit
+from benchmarks.output import emit
 from w2v_dist.config import Config, DataConfig
 from w2v_dist.data.audio import EncoderGeometry
 from w2v_dist.data.index import ShardSet
-from w2v_dist.data.loader import Preprocess, TrainStream
+from w2v_dist.data.loader import Preprocess
+from w2v_dist.data.mix import epoch_seconds
 from w2v_dist.data.plan import BatchPolicy, StreamLayout, padding_fraction
+from w2v_dist.data.slots import TrainPlan
 from w2v_dist.preflight import worst_case
-from w2v_dist.run import batch_policy, load_train_set
+from w2v_dist.run import load_train_set
 
 SR = 16_000
 MEAN_SECONDS = 12.3
@@ -42,17 +46,18 @@ T = TypeVar("T")
 
 
 def cpu_timed(work: Callable[[], T]) -> tuple[T, float]:
-    """What ``work()`` returns and the CPU seconds it took (single-threaded code, on a shared machine), after a
-    garbage collection: one that the work's allocations happen to trigger would walk the whole index (``full_gc_s``,
-    reported on its own) and swamp what is measured."""
+    """What ``work()`` returns and the CPU seconds it took (single-threaded code, on a shared machine), after
+    a garbage collection: one that the work's allocations happen to trigger would walk the whole index
+    (``full_gc_s``, reported on its own) and swamp what is measured."""
     gc.collect()
     start = time.process_time()
     return work(), time.process_time() - start
 
 
 def synthetic_index(hours: float, seed: int) -> dict[str, Any]:
-    """An ``index.json`` body as ``w2v-dist shard`` writes it: lengths drawn 1-12 / 12-16.5 / 16.5-35 s uniformly
-    (32/63/5 %, mean 12.3 s), in random order, as many per shard as 256 MB of FLAC holds on average."""
+    """An ``index.json`` body as ``w2v-dist shard`` writes it: lengths drawn 1-12 / 12-16.5 / 16.5-35 s
+    uniformly (32/63/5 %, mean 12.3 s), in random order, as many per shard as 256 MB of FLAC holds on
+    average."""
     rng = np.random.default_rng(seed)
     count = round(hours * 3600 / MEAN_SECONDS)
     kind = rng.random(count)
@@ -73,7 +78,8 @@ def synthetic_index(hours: float, seed: int) -> dict[str, Any]:
 
 
 def write_indexes(root: Path, hours: float, mix: bool) -> list[str]:
-    """One index directory, or three (a mix's parts); the index dicts are dropped before anything is measured."""
+    """One index directory, or three (a mix's parts); the index dicts are dropped before anything is
+    measured."""
     parts = len(MIX_FRACTIONS) if mix else 1
     locations = []
     for part in range(parts):
@@ -86,18 +92,23 @@ def write_indexes(root: Path, hours: float, mix: bool) -> list[str]:
 
 
 def recipe_policy(data: DataConfig, speed_perturb: bool) -> tuple[BatchPolicy, Preprocess]:
-    """The run's batch policy for ``data`` (with speed perturbation 0.9/1.0/1.1 if asked and none is set), and its
-    filters: at plan speed only the lengths matter (no labeler, no collator)."""
+    """The run's batch policy for ``data`` (with speed perturbation 0.9/1.0/1.1 if asked and none is set),
+    and its filters: at plan speed only the lengths matter (no labeler, no collator)."""
     if speed_perturb and not data.speed_perturb:
         data = replace(data, speed_perturb=[0.9, 1.0, 1.1])
     prep = Preprocess(labels=None, collator=None, geometry=EncoderGeometry(),  # type: ignore[arg-type]
                       min_samples=int(data.min_seconds * SR), max_samples=int(data.max_seconds * SR))
-    return batch_policy(data, EncoderGeometry(), SR), prep
+    policy = BatchPolicy.from_seconds(
+        max_batch_seconds=data.max_batch_seconds, sample_rate=SR, max_batch_size=data.max_batch_size,
+        bucket_window=data.bucket_window, shuffle_buffer=data.shuffle_buffer,
+        speed_perturb=data.speed_perturb, shape_quantum_frames=data.shape_quantum_frames,
+        geometry=EncoderGeometry())
+    return policy, prep
 
 
 def utterance_bytes(shards: ShardSet, sample: int = 10_000) -> float:
-    """What a rank holds per utterance of the index: the ``Utterance`` object, its key and its integers (small ones
-    are shared by Python), and its slot in the shard's tuple; the mean over a sample of them."""
+    """What a rank holds per utterance of the index: the ``Utterance`` object, its key and its integers
+    (small ones are shared by Python), and its slot in the shard's tuple; the mean over a sample of them."""
     every = max(1, shards.total_samples // sample)
     picked = list(itertools.islice(itertools.chain.from_iterable(shards.utterances), 0, None, every))
     sizes = [sys.getsizeof(utt) + (sys.getsizeof(vars(utt)) if hasattr(utt, "__dict__") else 0)
@@ -107,14 +118,15 @@ def utterance_bytes(shards: ShardSet, sample: int = 10_000) -> float:
     return sum(sizes) / len(sizes)
 
 
-def read_counts(stream: TrainStream, updates: int) -> np.ndarray:
-    """How often each utterance is read in ``updates`` updates: every slot's batches, as the run takes them."""
-    offsets = np.cumsum([0, *map(len, stream.shards.utterances)])
+def read_counts(plan: TrainPlan, updates: int) -> np.ndarray:
+    """How often each utterance is read in ``updates`` updates: every slot's batches, as the run takes
+    them."""
+    offsets = np.cumsum([0, *map(len, plan.shards.utterances)])
     reads = np.zeros(offsets[-1], dtype=np.int32)
-    readers = stream.layout.readers
-    for slot in range(stream.layout.slots):
+    readers = plan.layout.readers
+    for slot in range(plan.layout.slots):
         batches = len(range(slot % readers, updates, readers))  # the updates that take this slot
-        for _, (_, batch) in zip(range(batches), stream.planned(slot, 0)):
+        for _, (_, batch) in zip(range(batches), plan.planned(slot, 0)):
             for utt in batch:
                 reads[offsets[utt.shard] + utt.position] += 1
     return reads
@@ -125,10 +137,8 @@ def plan_benchmark(cfg: Config, hours: float, ranks: int, workers: int, mix: boo
     policy, prep = recipe_policy(cfg.data, speed_perturb)
     layout = StreamLayout(ranks, workers, cfg.trainer.seed)
 
-    def stream_of(shards: ShardSet, update: int = 0) -> TrainStream:
-        stream = TrainStream(shards, policy, prep, rank=0, world_size=ranks, layout=layout)
-        stream.update = update
-        return stream
+    def plan_of(shards: ShardSet) -> TrainPlan:
+        return TrainPlan(shards, policy, prep.skip_reason, layout, rank=0, world_size=ranks)
 
     with tempfile.TemporaryDirectory(prefix="w2v-dist-bench-plan-") as tmp:
         locations = write_indexes(Path(tmp), hours, mix)
@@ -139,33 +149,35 @@ def plan_benchmark(cfg: Config, hours: float, ranks: int, workers: int, mix: boo
     _, full_gc_s = cpu_timed(gc.collect)
     _, digest_s = cpu_timed(lambda: shards.contents_digest)
     _, worst_s = cpu_timed(lambda: worst_case(shards, policy, prep))
-    problem, check_s = cpu_timed(lambda: stream_of(shards).layout_problem())
+    problem, check_s = cpu_timed(lambda: plan_of(shards).layout_problem())
     record: dict[str, Any] = {
-        "measure": "plan", "hours": round(shards.total_seconds / 3600, 1), "ranks": ranks, "workers": workers,
+        "measure": "plan", "hours": round(shards.total_seconds / 3600, 1), "ranks": ranks,
+        "workers": workers,
         "slots": layout.slots, "shards": len(shards.urls), "utterances": utterances, "mix": mix,
         "speeds": list(policy.speeds), "shape_quantum_frames": cfg.data.shape_quantum_frames,
         "index_bytes_per_utt": round(utterance_bytes(shards), 1), "full_gc_s": round(full_gc_s, 3),
         "rank_start_s": round(load_s + digest_s + worst_s + check_s, 3),
         "rank_start_parts_s": {"load_index": round(load_s, 3), "contents_digest": round(digest_s, 3),
-                               "preflight_worst_case": round(worst_s, 3), "first_epoch_assignment": round(check_s, 3)},
+                               "preflight_worst_case": round(worst_s, 3),
+                               "first_epoch_assignment": round(check_s, 3)},
         "refused": problem}
     if problem:
         return emit(record)
-    # A worker's planning for one epoch (epoch 1, nothing cached): every slot's pieces, then its own slot's batches.
+    # A worker's planning for one epoch (epoch 1, nothing cached): every slot's pieces, then its own slot's
+    # batches.
     worker_slot = layout.slot(0, 0)
-    _, plan_s = cpu_timed(lambda: stream_of(shards).plan(worker_slot, 1))
-    epoch_seconds = sum(shards.epoch_seconds)
-    epoch_s = epoch_seconds / (ranks * audio_s_per_gpu)
-    # One pass over every slot's first epoch: batches, padding, and the bytes a reader streams (a strided piece, or
-    # a mix's fraction, streams the whole tar) against the bytes it keeps.
-    stream = stream_of(shards)
-    first_epoch = [batch for slot in range(layout.slots) for batch in stream.plan(slot, 0)[0]]
-    streamed = sum(shards.seconds[piece.shard] for pieces in stream.epoch_pieces(0) for piece in pieces)
+    _, plan_s = cpu_timed(lambda: plan_of(shards).slot_epoch(worker_slot, 1))
+    epoch_s = sum(epoch_seconds(shards)) / (ranks * audio_s_per_gpu)
+    # One pass over every slot's first epoch: batches, padding, and the bytes a reader streams (a strided
+    # piece, or a mix's fraction, streams the whole tar) against the bytes it keeps.
+    plan = plan_of(shards)
+    first_epoch = [batch for slot in range(layout.slots) for batch in plan.slot_epoch(slot, 0)[0]]
+    streamed = sum(shards.seconds[piece.shard] for pieces in plan.epoch_pieces(0) for piece in pieces)
     kept = sum(utt.num_samples for batch in first_epoch for utt in batch) / SR
     updates = epochs * len(first_epoch) // layout.streams
-    reads, reads_s = cpu_timed(lambda: read_counts(stream_of(shards), updates))
-    resumed = stream_of(shards, resume_updates)
-    _, resume_s = cpu_timed(lambda: next(resumed.items(0, workers, resumed.planned)))
+    reads, reads_s = cpu_timed(lambda: read_counts(plan_of(shards), updates))
+    resumed = plan_of(shards)
+    _, resume_s = cpu_timed(lambda: next(resumed.items(resume_updates, 0, workers, resumed.planned)))
     record |= {
         "plan_s_per_worker_epoch": round(plan_s, 4), "epoch_s": round(epoch_s, 3),
         "plan_share_of_epoch": round(plan_s / epoch_s, 4), "audio_s_per_gpu": audio_s_per_gpu,

@@ -19,22 +19,22 @@ from typing import Any
 
 import torch
 
-from w2v_dist.bench.corpus import prepare_shards, prepared_model
-from w2v_dist.bench.output import SR, elapsed, emit, interleaved_medians
+from benchmarks.corpus import prepare_shards, prepared_model
+from benchmarks.output import SR, elapsed, emit, interleaved_medians
 from w2v_dist.config import Config
 from w2v_dist.ctc import ctc_loss_sum
 from w2v_dist.data.collate import CTCBatch
 from w2v_dist.dist import loader_workers
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 
 
 class BareLoop:
-    """The seed script's step in plain PyTorch, with the engine's numerics: the same CTC loss per global target
-    (``w2v_dist/ctc.py``), clipping and AdamW (fused on a GPU), and under bf16 what DeepSpeed's bf16 optimizer
-    does: bf16 weights and gradients, fp32 master weights that AdamW updates and that are copied back. A baseline
-    doing other work (fp32 weights under autocast, transformers' loss with its host reads) would flatter or
-    shame the engine for the wrong reasons."""
+    """The seed script's step in plain PyTorch, with the engine's numerics: the same CTC loss per global
+    target (``w2v_dist/ctc.py``), clipping and AdamW (fused on a GPU), and under bf16 what DeepSpeed's bf16
+    optimizer does: bf16 weights and gradients, fp32 master weights that AdamW updates and that are copied
+    back. A baseline doing other work (fp32 weights under autocast, transformers' loss with its host reads)
+    would flatter or shame the engine for the wrong reasons."""
 
     def __init__(self, model: torch.nn.Module, cfg: Config, device: str) -> None:
         self.model, self.device, self.clip = model, device, cfg.optim.grad_clip
@@ -77,8 +77,10 @@ def fixed_batches(shards: Path, model_dir: Path, count: int, batch_seconds: floa
     from w2v_dist.data.plan import BatchPolicy, StreamLayout
 
     prep = make_preprocess(Wav2Vec2Processor.from_pretrained(model_dir), EncoderGeometry(), SR, 0.5, 35.0)
-    stream = TrainStream(load_shard_set(str(shards)), BatchPolicy(int(batch_seconds * SR), 64, 256, 256), prep,
-                         rank=0, world_size=1, layout=StreamLayout(1, 1, 3))
+    policy = BatchPolicy.from_seconds(max_batch_seconds=batch_seconds, sample_rate=SR, max_batch_size=64,
+                                      bucket_window=256, shuffle_buffer=256)
+    stream = TrainStream(load_shard_set(str(shards)), policy, prep, rank=0, world_size=1,
+                         layout=StreamLayout(1, 1, 3))
     return list(itertools.islice(iter(make_loader(stream, 0, 2)), count))
 
 
@@ -90,19 +92,22 @@ def overhead(work_dir: Path, size: str, batch_seconds: float, rounds: int, steps
 
     model_dir = prepared_model(work_dir, size)
     batches = fixed_batches(work_dir / "loader" / "shards", model_dir, steps, batch_seconds)
-    torch.set_num_threads(1)  # one core, as each rank gets on a 2-core machine; spinning threads add only noise
-    cfg = load_config(None, [f"model.name_or_path={model_dir}", "model.mask_time_prob=0", "model.layerdrop=0",
-                             "optim.grad_clip=1.0", "schedule.name=constant"])
+    # One core, as each rank gets on a 2-core machine; spinning threads add only noise.
+    torch.set_num_threads(1)
+    cfg = load_config(None, [f"model.name_or_path={model_dir}", "model.mask_time_prob=0",
+                             "model.layerdrop=0", "optim.grad_clip=1.0", "schedule.name=constant"])
     _, engine, processor = build_engine(cfg)
     loop = BareLoop(load_model(cfg.model, processor), cfg, "cpu")  # the same weights, from the same files
     bare_run = partial(elapsed, loop.step, batches)
     engine_run = partial(elapsed, lambda batch: train_step(engine, [batch], 1), batches)
-    medians = interleaved_medians({"bare": bare_run, "engine": engine_run}, rounds, warmup=1)  # round 0 warms up
+    # Round 0 warms up.
+    medians = interleaved_medians({"bare": bare_run, "engine": engine_run}, rounds, warmup=1)
     bare, ours = medians["bare"] / len(batches), medians["engine"] / len(batches)
     audio = sum(b.seconds for b in batches) / len(batches)
     return emit({"measure": "step_overhead", "model": size, "batch_seconds": audio, "rounds": rounds,
                  "bare_step_s": bare, "engine_step_s": ours, "overhead_ratio": ours / bare,
-                 "bare_audio_seconds_per_second": audio / bare, "engine_audio_seconds_per_second": audio / ours})
+                 "bare_audio_seconds_per_second": audio / bare,
+                 "engine_audio_seconds_per_second": audio / ours})
 
 
 def data_wait(out: Path, shards: Path, model_dir: Path, steps: int, overrides: list[str],
@@ -112,25 +117,27 @@ def data_wait(out: Path, shards: Path, model_dir: Path, steps: int, overrides: l
     shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, str(REPO / "train.py"), f"output_dir={out}", f"data.train_shards={shards}",
            f"model.name_or_path={model_dir}", f"trainer.max_steps={steps}", "trainer.eval_every=0",
-           "trainer.save_every=0", "trainer.log_every=5", "checkpoint.resume=false", "logging.progress_bar=false",
-           *overrides]
+           "trainer.save_every=0", "trainer.log_every=5", "checkpoint.resume=false",
+           "logging.progress_bar=false", *overrides]
     rendezvous = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")  # this process's group's
     env = {k: v for k, v in os.environ.items() if k not in rendezvous}
+    # Its output to fd 2: our stdout is the JSON lines.
     subprocess.run(cmd, check=True, cwd=REPO, env=env, stdout=subprocess.PIPE if quiet else 2,
-                   stderr=subprocess.PIPE if quiet else None)  # its output to fd 2: our stdout is the JSON lines
+                   stderr=subprocess.PIPE if quiet else None)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     windows = [r for r in records if "data_wait_fraction" in r][1:]
     return {key: statistics.mean(r[key] for r in windows) for key in keys}
 
 
-def step_benchmark(work_dir: Path, size: str, batch_seconds: float, rounds: int, steps: int) -> dict[str, Any]:
+def step_benchmark(work_dir: Path, size: str, batch_seconds: float, rounds: int,
+                   steps: int) -> dict[str, Any]:
     _, shards = prepare_shards(work_dir / "loader", 120, 2)
     result = overhead(work_dir, size, batch_seconds, rounds, steps)
     # A real (single-process) training run with the default loader workers; its logged data-wait fraction.
     wait = emit({"measure": "data_wait", "steps": 40, **data_wait(
         work_dir / "data-wait-run", shards, prepared_model(work_dir, "tiny"), 40,
         ["data.max_batch_seconds=60", "trainer.preflight=false"]), "workers": loader_workers(-1),
-        "note": "default data.num_workers (-1: one per core, less one); windows after the first; CPU step times "
-                "are long, GPU ones much shorter"})
+        "note": "default data.num_workers (-1: one per core, less one); windows after the first; CPU step "
+                "times are long, GPU ones much shorter"})
     return emit({"measure": "summary", "overhead_ratio": result["overhead_ratio"],
                  "data_wait_fraction": wait["data_wait_fraction"]})

@@ -1,11 +1,11 @@
-"""``w2v-dist bench shard``: sharding throughput next to a raw copy of the same files by as many processes (the
-limit of a pass-through sharder), on the LibriSpeech-shaped benchmark corpus.
+"""``w2v-dist bench shard``: sharding throughput next to a raw copy of the same files by as many processes
+(the limit of a pass-through sharder), on the LibriSpeech-shaped benchmark corpus.
 
-Both write to a tmpfs (``/dev/shm``) when there is one: on a disk, each pass's speed depends on how much of the
-previous passes' output the kernel is still writing back (a copy measured 0.5 s, then 1.8 s, for the same
+Both write to a tmpfs (``/dev/shm``) when there is one: on a disk, each pass's speed depends on how much of
+the previous passes' output the kernel is still writing back (a copy measured 0.5 s, then 1.8 s, for the same
 files), which is the disk's speed, not the sharder's. They are timed in interleaved rounds and compared by
-their medians; each starts from a warm page cache and an empty output directory (removing the previous
-output is not timed for either).
+their medians; each starts from a warm page cache and an empty output directory (removing the previous output
+is not timed for either).
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from w2v_dist.bench.corpus import build
-from w2v_dist.bench.output import emit, interleaved_medians, timed
+from benchmarks.corpus import build
+from benchmarks.output import emit, interleaved_medians, timed
 from w2v_dist.prep.shards import ShardOptions, shard_corpus
 from w2v_dist.prep.sources import librispeech_sources
 
@@ -48,10 +48,13 @@ def _copy(files: list[Path], corpus: Path, copy_dir: Path, megabytes: float, wor
     return seconds
 
 
-def _shard(corpus: Path, out: Path, check: str, workers: int, megabytes: float) -> tuple[float, dict[str, Any]]:
+def _shard(corpus: Path, out: Path, check: str, workers: int,
+           megabytes: float) -> tuple[float, dict[str, Any]]:
     shutil.rmtree(out, ignore_errors=True)
-    index, seconds = timed(lambda: shard_corpus(librispeech_sources(corpus, ["train-clean-100"]), out, ShardOptions(
-        shard_size_mb=64, workers=workers, overwrite=True, check_audio=check), {"subsets": ["bench"]}))
+    options = ShardOptions(shard_size_mb=64, workers=workers, overwrite=True, check_audio=check)
+    # Timed from listing the corpus on, as the note says.
+    index, seconds = timed(lambda: shard_corpus(librispeech_sources(corpus, ["train-clean-100"]), out,
+                                                options, {"subsets": ["bench"]}))
     emit({"measure": "shard", "check_audio": check, "workers": workers, "seconds": seconds,
           "mb_per_second": megabytes / seconds, "audio_hours_per_second": index["totals"]["hours"] / seconds,
           "utterances_per_second": index["totals"]["written"] / seconds})
@@ -64,7 +67,8 @@ def shard_benchmark(work_dir: Path, utterances: int, workers: int) -> dict[str, 
     for path in files:  # every pass starts from a warm page cache
         path.read_bytes()
     megabytes = sum(p.stat().st_size for p in files) / 1e6
-    scratch = Path(tempfile.mkdtemp(prefix="w2v-dist-bench-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None))
+    scratch = Path(tempfile.mkdtemp(prefix="w2v-dist-bench-",
+                                    dir="/dev/shm" if Path("/dev/shm").is_dir() else None))
     try:
         medians = interleaved_medians({
             "copy": partial(_copy, files, corpus, scratch / "copy", megabytes, max(1, workers)),
@@ -81,5 +85,5 @@ def shard_benchmark(work_dir: Path, utterances: int, workers: int) -> dict[str, 
                  "copy_workers": max(1, workers),
                  "speedup_over_one_worker": one_worker_s / tail_s, "rounds": ROUNDS,
                  "output": "tmpfs" if str(scratch).startswith("/dev/shm") else "disk",
-                 "note": "medians of interleaved rounds; sharding includes listing the corpus and starting the "
-                         "workers; full decoding is bound by FLAC decode speed"})
+                 "note": "medians of interleaved rounds; sharding includes listing the corpus and starting "
+                         "the workers; full decoding is bound by FLAC decode speed"})

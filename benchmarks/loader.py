@@ -1,9 +1,9 @@
 """``w2v-dist bench loader``: our streaming loader against the decode limit and a seed-style pipeline.
 
-All measurements run in one process tree, one after the other, on the same corpus: (1) raw soundfile decode of
-the same FLAC bytes on one core (the physical limit), (2) our loader, (3) the seed script's map-style pipeline
-(per-file reads, per-sample processor, ``DataLoader(batch_size=2, shuffle=True)``) with the same worker count;
-then padding, resume skip rate, worker memory, and shards vs per-file reads over loopback HTTP.
+All measurements run in one process tree, one after the other, on the same corpus: (1) raw soundfile decode
+of the same FLAC bytes on one core (the physical limit), (2) our loader, (3) the seed script's map-style
+pipeline (per-file reads, per-sample processor, ``DataLoader(batch_size=2, shuffle=True)``) with the same
+worker count; then padding, resume skip rate, worker memory, and shards vs per-file reads over loopback HTTP.
 """
 
 from __future__ import annotations
@@ -25,13 +25,20 @@ import soundfile as sf
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from w2v_dist.bench.corpus import librispeech_like_seconds, prepare_shards
-from w2v_dist.bench.output import SR, emit, timed
+from benchmarks.corpus import librispeech_like_seconds, prepare_shards
+from benchmarks.output import SR, emit, timed
 from w2v_dist.data.audio import EncoderGeometry
 from w2v_dist.data.collate import CTCBatch
 from w2v_dist.data.index import ShardSet, Utterance, load_shard_set
 from w2v_dist.data.loader import Preprocess, TrainStream, make_loader, make_preprocess
-from w2v_dist.data.plan import BatchPolicy, StreamLayout, assign_pieces, epoch_rng, padding_fraction, plan_batches
+from w2v_dist.data.plan import (
+    BatchPolicy,
+    StreamLayout,
+    assign_pieces,
+    epoch_rng,
+    padding_fraction,
+    plan_batches,
+)
 from w2v_dist.data.shapes import ShapeGrid
 from w2v_dist.prep.sources import librispeech_sources
 
@@ -42,13 +49,14 @@ Metadata = tuple[float, int, int, int]
 def raw_decode_rate(files: list[Path]) -> float:
     """Audio-seconds decoded per second on one core, from bytes already in memory."""
     blobs = [f.read_bytes() for f in files]
-    seconds, wall = timed(lambda: sum(len(sf.read(io.BytesIO(blob), dtype="float32")[0]) / SR for blob in blobs))
+    seconds, wall = timed(lambda: sum(len(sf.read(io.BytesIO(blob), dtype="float32")[0]) / SR
+                                      for blob in blobs))
     return seconds / wall
 
 
 def _metadata(batch: CTCBatch) -> Metadata:
-    """A batch without its tensors of samples: keeping ~1 GB of decoded audio alive, as no trainer does, would
-    make every batch land in fresh memory and time page faults instead of the loader."""
+    """A batch without its tensors of samples: keeping ~1 GB of decoded audio alive, as no trainer does,
+    would make every batch land in fresh memory and time page faults instead of the loader."""
     return batch.seconds, int(batch.input_lengths.sum()), batch.input_values.numel(), len(batch)
 
 
@@ -60,8 +68,8 @@ def padding(batches: list[Metadata]) -> float:
 def timed_batches(batches: Iterator[CTCBatch], audio_seconds: float, whole: bool = False
                   ) -> tuple[float, list[Metadata]]:
     """Audio-seconds per second over batches until ``audio_seconds`` of real audio went by, and the batches'
-    metadata. The first batch is excluded (worker start-up is not throughput) unless ``whole``: an epoch timed
-    from its first shard read on, which is how two pipelines reading different files compare fairly."""
+    metadata. The first batch is excluded (worker start-up is not throughput) unless ``whole``: an epoch
+    timed from its first shard read on, which is how two pipelines reading different files compare fairly."""
     start, seen = time.perf_counter(), 0.0
     kept = [_metadata(next(batches))]
     if whole:
@@ -78,12 +86,13 @@ def timed_batches(batches: Iterator[CTCBatch], audio_seconds: float, whole: bool
 
 def stream(shard_set: ShardSet, policy: BatchPolicy, prep: Preprocess, workers: int) -> TrainStream:
     """One rank's training stream, one slot per worker."""
-    return TrainStream(shard_set, policy, prep, rank=0, world_size=1, layout=StreamLayout(1, max(1, workers), 1))
+    return TrainStream(shard_set, policy, prep, rank=0, world_size=1,
+                       layout=StreamLayout(1, max(1, workers), 1))
 
 
 class SeedStyleDataset(Dataset):  # type: ignore[type-arg]
-    """The original script's pipeline: one file read and one processor call per sample, padded by the processor
-    (labels are tokenised but not collated)."""
+    """The original script's pipeline: one file read and one processor call per sample, padded by the
+    processor (labels are tokenised but not collated)."""
 
     def __init__(self, items: list[tuple[str, str]], processor: Any, read: Callable[[str], bytes]) -> None:
         self.items, self.processor, self.read = items, processor, read
@@ -102,7 +111,8 @@ class SeedStyleDataset(Dataset):  # type: ignore[type-arg]
                                                      return_tensors="pt", return_attention_mask=True)
         lengths = batch["attention_mask"].sum(dim=1)
         return CTCBatch(input_values=batch["input_values"], input_lengths=lengths, labels=torch.empty(0, 0),
-                        keys=("",) * len(features), texts=(), seconds=float(lengths.sum()) / SR, normalize=False)
+                        keys=("",) * len(features), texts=(), seconds=float(lengths.sum()) / SR,
+                        normalize=False)
 
 
 def seed_style_loader(items: list[tuple[str, str]], processor: Any, workers: int,
@@ -133,7 +143,8 @@ def loader_benchmark(work_dir: Path, utterances: int, workers: int) -> dict[str,
     files = sorted(corpus.glob("train-clean-100/*/*/*.flac"))
     total_seconds = sum(sf.info(str(f)).frames for f in files) / SR
     shard_set = load_shard_set(str(shards))
-    policy = BatchPolicy(200 * SR, 64, 512, 2000)
+    policy = BatchPolicy.from_seconds(max_batch_seconds=200, sample_rate=SR, max_batch_size=64,
+                                      bucket_window=512, shuffle_buffer=2000)
     prep = make_preprocess(processor, EncoderGeometry(), shard_set.sample_rate, 0.0, 35.0)
     emit({"measure": "corpus", "utterances": len(files), "audio_hours": total_seconds / 3600,
           "flac_mb": sum(f.stat().st_size for f in files) / 1e6, "shards": len(shard_set.urls)})
@@ -146,12 +157,12 @@ def loader_benchmark(work_dir: Path, utterances: int, workers: int) -> dict[str,
     ours = emit({"measure": "ours", "workers": workers, "audio_seconds_per_second": ours_rate,
                  "per_worker": ours_rate / max(workers, 1), "worker_uss_mb": uss,
                  "shuffle_buffer": policy.shuffle_buffer, "bucket_window": policy.bucket_window})
-    single_rate, _ = timed_batches(iter(make_loader(stream(shard_set, policy, prep, 0), 0, 2)), total_seconds,
-                                   whole=True)
+    single_rate, _ = timed_batches(iter(make_loader(stream(shard_set, policy, prep, 0), 0, 2)),
+                                   total_seconds, whole=True)
     emit({"measure": "ours_in_process", "workers": 0, "audio_seconds_per_second": single_rate,
           "fraction_of_raw_decode": single_rate / raw["audio_seconds_per_second_per_core"],
-          "note": "one core, no worker processes, one whole epoch with its shard reads: the pipeline's own cost "
-                  "next to bare decoding of bytes already in memory"})
+          "note": "one core, no worker processes, one whole epoch with its shard reads: the pipeline's own "
+                  "cost next to bare decoding of bytes already in memory"})
     texts = {s.key: s.text for s in librispeech_sources(corpus, ["train-clean-100"])}
     items = [(str(f), str(texts[f.stem])) for f in files]
     local_files = seed_style_loader(items, processor, workers, lambda p: Path(p).read_bytes())
@@ -167,9 +178,11 @@ def loader_benchmark(work_dir: Path, utterances: int, workers: int) -> dict[str,
     grid = ShapeGrid.for_encoder(16, EncoderGeometry(), policy.max_batch_samples, policy.max_batch_size)
     bounded, bounded_shapes = planned_padding(replace(policy, grid=grid))
     pad = emit({"measure": "padding", "ours": padding(ours_batches),
-                "random_same_size": padding_fraction(random_batches), "seed_style_batch2": padding(seed_batches),
+                "random_same_size": padding_fraction(random_batches),
+                "seed_style_batch2": padding(seed_batches),
                 "mean_batch_size": mean_size, "ours_planned_train_clean_100_scale": planned,
-                "ours_planned_shapes_per_epoch": planned_shapes, "bounded_16_planned_train_clean_100_scale": bounded,
+                "ours_planned_shapes_per_epoch": planned_shapes,
+                "bounded_16_planned_train_clean_100_scale": bounded,
                 "bounded_16_planned_shapes_per_epoch": bounded_shapes})
 
     skip = emit({"measure": "resume_skip", **resume_skip_rate(shard_set, policy, prep)})
@@ -178,15 +191,16 @@ def loader_benchmark(work_dir: Path, utterances: int, workers: int) -> dict[str,
                  raw["audio_seconds_per_second_per_core"], "fraction_of_raw_decode_in_process":
                  single_rate / raw["audio_seconds_per_second_per_core"], "padding_fraction": pad["ours"],
                  "padding_fraction_train_clean_100_scale": pad["ours_planned_train_clean_100_scale"],
-                 "batch_shapes_per_epoch": planned_shapes, "batch_shapes_per_epoch_bounded_16": bounded_shapes,
+                 "batch_shapes_per_epoch": planned_shapes,
+                 "batch_shapes_per_epoch_bounded_16": bounded_shapes,
                  "ours_over_seed_style": ours_rate / seed_rate, "resume_skip_samples_per_second":
                  skip["samples_per_second"], "http_shards_over_per_file": http["shards_over_per_file"],
                  "worker_uss_mb": uss, "torch_threads": torch.get_num_threads()})
 
 
 def planned_padding(policy: BatchPolicy, utterances: int = 28_539, shards: int = 24) -> tuple[float, int]:
-    """Padding of one epoch's plan on a train-clean-100-sized index (metadata only: bucketing works on lengths),
-    and its distinct batch shapes."""
+    """Padding of one epoch's plan on a train-clean-100-sized index (metadata only: bucketing works on
+    lengths), and its distinct batch shapes."""
     lengths = (librispeech_like_seconds(utterances, np.random.default_rng(1)) * SR).astype(int)
     per_shard = [[Utterance(s, p, f"{s}-{p}", int(n), 200) for p, n in enumerate(lengths[s::shards])]
                  for s in range(shards)]
@@ -201,8 +215,10 @@ def planned_padding(policy: BatchPolicy, utterances: int = 28_539, shards: int =
 def resume_skip_rate(shard_set: ShardSet, policy: BatchPolicy, prep: Preprocess) -> dict[str, float]:
     """Samples per second a resume skips: the plan replay that positions a stream, with no audio read."""
     positioned = stream(shard_set, policy, prep, 0)
-    skipped, replay = timed(lambda: sum(len(batch) for epoch in range(20) for batch in positioned.plan(0, epoch)[0]))
-    positioned.update = sum(len(positioned.plan(0, epoch)[0]) for epoch in range(20))
+    plan = positioned.plan
+    skipped, replay = timed(lambda: sum(len(batch) for epoch in range(20)
+                                        for batch in plan.slot_epoch(0, epoch)[0]))
+    positioned.update = sum(len(plan.slot_epoch(0, epoch)[0]) for epoch in range(20))
     _, first = timed(lambda: next(iter(make_loader(positioned, 0, 2))))
     return {"samples_skipped": skipped, "replay_seconds": replay, "samples_per_second": skipped / replay,
             "first_batch_after_20_epochs_seconds": first}
@@ -210,10 +226,11 @@ def resume_skip_rate(shard_set: ShardSet, policy: BatchPolicy, prep: Preprocess)
 
 def http_comparison(work_dir: Path, policy: BatchPolicy, prep: Preprocess, items: list[tuple[str, str]],
                     processor: Any, workers: int, total_seconds: float) -> dict[str, float]:
-    """Shards streamed over loopback HTTP vs one HTTP request per FLAC (object storage's shape): one whole epoch
-    each, from the first request on."""
+    """Shards streamed over loopback HTTP vs one HTTP request per FLAC (object storage's shape): one whole
+    epoch each, from the first request on."""
     server = subprocess.Popen([sys.executable, "-u", "-m", "http.server", "0", "--bind", "127.0.0.1",
-                               "-d", str(work_dir)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                               "-d", str(work_dir)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                              text=True)
     try:
         port = int(server.stdout.readline().split("port ")[1].split()[0])  # type: ignore[union-attr]
         base = f"http://127.0.0.1:{port}"
@@ -226,4 +243,5 @@ def http_comparison(work_dir: Path, policy: BatchPolicy, prep: Preprocess, items
         server.terminate()
         server.wait()
     return emit({"measure": "http", "shards_audio_seconds_per_second": shards_rate,
-                 "per_file_audio_seconds_per_second": files_rate, "shards_over_per_file": shards_rate / files_rate})
+                 "per_file_audio_seconds_per_second": files_rate,
+                 "shards_over_per_file": shards_rate / files_rate})

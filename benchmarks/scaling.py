@@ -1,5 +1,5 @@
-"""``w2v-dist bench scaling``: 1 vs 2 ranks (weak scaling, same batch per rank), the share of step time spent in
-the gradient all-reduce, and a model-based projection to 8 GPUs x N nodes.
+"""``w2v-dist bench scaling``: 1 vs 2 ranks (weak scaling, same batch per rank), the share of step time spent
+in the gradient all-reduce, and a model-based projection to 8 GPUs x N nodes.
 
 The worker half of this file runs under ``deepspeed --num_gpus N`` (gloo on CPU here, NCCL on GPUs).
 """
@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from w2v_dist.bench.corpus import prepare_shards, prepared_model
-from w2v_dist.bench.output import elapsed, emit
+from benchmarks.corpus import prepare_shards, prepared_model
+from benchmarks.output import elapsed, emit
 
 PROJECTION_ASSUMPTIONS = {
     "gradient_bytes_per_param": 2, "base_trainable_params": 90_000_000,
@@ -25,9 +25,9 @@ PROJECTION_ASSUMPTIONS = {
     "step_seconds_200s_batch_per_gpu": 0.25, "overlappable_fraction_of_step": 0.6,
 }
 """H100 SXM NVLink ring bus bandwidth as NCCL reaches it (~350 of 450 GB/s), one 400 Gb/s NDR NIC per GPU
-(~46 GB/s measured), bf16 gradients of wav2vec2-base's trainable parameters, backward ≈ 60% of a step. The step
-time is ``bench gpu``'s on an H200 (docs/performance.md): ~0.25 s for 391 s batches, and no shorter for the
-recipe's 200 s per GPU, since fixed per-step costs dominate small batches."""
+(~46 GB/s measured), bf16 gradients of wav2vec2-base's trainable parameters, backward ≈ 60% of a step. The
+step time is ``bench gpu``'s on an H200 (docs/performance.md): ~0.25 s for 391 s batches, and no shorter for
+the recipe's 200 s per GPU, since fixed per-step costs dominate small batches."""
 
 
 def projection(nodes: int, gpus_per_node: int = 8) -> dict[str, Any]:
@@ -40,21 +40,23 @@ def projection(nodes: int, gpus_per_node: int = 8) -> dict[str, Any]:
     step = a["step_seconds_200s_batch_per_gpu"]
     exposed = max(0.0, seconds - a["overlappable_fraction_of_step"] * step)
     return {"nodes": nodes, "gpus": world, "allreduce_ms": seconds * 1e3,
-            "fraction_unoverlapped": seconds / (step + seconds), "fraction_overlapped": exposed / (step + exposed),
+            "fraction_unoverlapped": seconds / (step + seconds),
+            "fraction_overlapped": exposed / (step + exposed),
             "projected_weak_scaling_efficiency": step / (step + exposed)}
 
 
 def worker(work_dir: Path, steps: int, batch_seconds: float, out: Path) -> None:
     """Runs on every rank: timed training steps on a fixed per-rank batch, then timed all-reduces of a
     gradient-sized buffer."""
-    from w2v_dist.bench.step import fixed_batches
+    from benchmarks.step import fixed_batches
     from w2v_dist.config import load_config
     from w2v_dist.dist import all_reduce_sum, all_reduce_tensor
     from w2v_dist.run import build_engine
     from w2v_dist.trainer import train_step
 
     model_dir = work_dir / "model-tiny"
-    cfg = load_config(None, [f"model.name_or_path={model_dir}", "model.mask_time_prob=0", "model.layerdrop=0"])
+    cfg = load_config(None, [f"model.name_or_path={model_dir}", "model.mask_time_prob=0",
+                             "model.layerdrop=0"])
     world, engine, _ = build_engine(cfg)
     trainable = sum(p.numel() for p in engine.module.parameters() if p.requires_grad)
     batch = fixed_batches(work_dir / "loader" / "shards", model_dir, 1, batch_seconds)[0]
@@ -65,9 +67,9 @@ def worker(work_dir: Path, steps: int, batch_seconds: float, out: Path) -> None:
     reduce_s = statistics.median(elapsed(reduce, [buffer]) for _ in range(steps))
     rate = all_reduce_sum([batch.seconds / step_s], engine.device)[0] / world.size
     if world.is_main:
-        out.write_text(json.dumps({"ranks": world.size, "step_s": step_s, "audio_seconds_per_second_per_rank": rate,
-                                   "allreduce_s": reduce_s, "trainable_params": trainable,
-                                   "allreduce_fraction": reduce_s / step_s}))
+        out.write_text(json.dumps({"ranks": world.size, "step_s": step_s,
+                                   "audio_seconds_per_second_per_rank": rate, "allreduce_s": reduce_s,
+                                   "trainable_params": trainable, "allreduce_fraction": reduce_s / step_s}))
 
 
 def scaling_benchmark(work_dir: Path, steps: int, batch_seconds: float) -> dict[str, Any]:
@@ -79,13 +81,18 @@ def scaling_benchmark(work_dir: Path, steps: int, batch_seconds: float) -> dict[
     for ranks in (1, 2):
         out = work_dir / f"scaling-{ranks}.json"
         env = dict(os.environ, OMP_NUM_THREADS="1")  # one core per rank: weak scaling, no oversubscription
+        # This file runs as a script: its checkout's root makes `benchmarks` importable.
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
+                                                          env.get("PYTHONPATH")]))
         if not torch.cuda.is_available():
             env["DS_ACCELERATOR"] = "cpu"
-        subprocess.run([str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", str(ranks), "--master_port",
-                        str(free_port()), __file__, str(work_dir), str(steps), str(batch_seconds), str(out)],
+        subprocess.run([str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", str(ranks),
+                        "--master_port", str(free_port()), __file__, str(work_dir), str(steps),
+                        str(batch_seconds), str(out)],
                        check=True, capture_output=True, env=env)
         results[ranks] = emit({"measure": "scaling", **json.loads(out.read_text())})
-    efficiency = results[2]["audio_seconds_per_second_per_rank"] / results[1]["audio_seconds_per_second_per_rank"]
+    efficiency = (results[2]["audio_seconds_per_second_per_rank"]
+                  / results[1]["audio_seconds_per_second_per_rank"])
     for nodes in (1, 2, 4, 8):
         emit({"measure": "projection", **projection(nodes)})
     return emit({"measure": "summary", "weak_scaling_efficiency_1_to_2": efficiency,

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from w2v_dist.bench.output import SR, elapsed, emit
+from benchmarks.output import SR, elapsed, emit
 from w2v_dist.data.collate import CTCBatch
 from w2v_dist.flops import batch_flops
 from w2v_dist.host_syncs import HostSyncCounter
@@ -30,11 +30,12 @@ kernel times then read as zero."""
 class Trial:
     name: str
     overrides: tuple[str, ...] = ()
-    """Config overrides (``model.attention=eager``, ``model.compile=true``, ``deepspeed.zero_stage=0``...)."""
+    """Config overrides (``model.attention=eager``, ``model.compile=true``,
+    ``deepspeed.zero_stage=0``...)."""
     static_shapes: bool = False
     """Diagnostic: repeat one batch, so nothing depends on a new shape."""
     bare: bool = False
-    """A bare PyTorch loop with the engine's numerics (:class:`~w2v_dist.bench.step.BareLoop`) instead of our
+    """A bare PyTorch loop with the engine's numerics (:class:`~benchmarks.step.BareLoop`) instead of our
     engine and train_step."""
     shape_quantum: int = 0
     """Pad the batches to the grid of ``data.shape_quantum_frames`` (0: each to its longest utterance)."""
@@ -42,14 +43,15 @@ class Trial:
 
 def build_step(model_dir: Path, trial: Trial) -> tuple[Callable[[CTCBatch], object], Any]:
     """The step function a trial times; each call returns when the GPU has finished the step."""
-    from w2v_dist.bench.step import BareLoop
+    from benchmarks.step import BareLoop
     from w2v_dist.config import load_config
     from w2v_dist.model import load_model, load_processor
     from w2v_dist.run import build_engine
     from w2v_dist.trainer import train_step
 
-    cfg = load_config(None, [f"model.name_or_path={model_dir}", "deepspeed.precision=bf16", "deepspeed.zero_stage=2",
-                             "model.layerdrop=0", "schedule.name=constant", *trial.overrides])
+    cfg = load_config(None, [f"model.name_or_path={model_dir}", "deepspeed.precision=bf16",
+                             "deepspeed.zero_stage=2", "model.layerdrop=0", "schedule.name=constant",
+                             *trial.overrides])
     if not trial.bare:
         _, engine, _ = build_engine(cfg)
         # train_step ends in a host read of the guard flags: the step is complete
@@ -100,8 +102,8 @@ def measure_variant(trial: Trial, model_dir: Path, batches: list[CTCBatch], warm
 
 
 def step_anatomy(step: Callable[[CTCBatch], object], batches: list[CTCBatch]) -> dict[str, Any]:
-    """Host syncs per step (CUDA's sync debug mode, and :class:`HostSyncCounter`), the fraction of wall time the
-    GPU runs kernels, and where the GPU and the host spend a step."""
+    """Host syncs per step (CUDA's sync debug mode, and :class:`HostSyncCounter`), the fraction of wall time
+    the GPU runs kernels, and where the GPU and the host spend a step."""
     from torch.profiler import ProfilerActivity, profile
 
     if CUDA:
@@ -112,14 +114,16 @@ def step_anatomy(step: Callable[[CTCBatch], object], batches: list[CTCBatch]) ->
     if CUDA:
         torch.cuda.set_sync_debug_mode(0)
     sites = sorted({f"{Path(w.filename).name}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)})
-    with HostSyncCounter() as counted:  # the same reads counted by operator, on any device (optimizer included)
+    # The same reads, counted by operator, on any device (the optimizer's included).
+    with HostSyncCounter() as counted:
         step(batches[-1])
     activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if CUDA else [ProfilerActivity.CPU]
     with profile(activities=activities) as prof:
         wall_us = elapsed(step, batches) * 1e6  # each step returns when the GPU has finished it
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     busy, end = 0.0, float("-inf")
-    for lo, hi in sorted((e.time_range.start, e.time_range.end) for e in kernels):  # union of kernel intervals
+    # The union of the kernels' intervals.
+    for lo, hi in sorted((e.time_range.start, e.time_range.end) for e in kernels):
         busy += max(0.0, hi - max(lo, end))
         end = max(end, hi)
     by_name: dict[str, float] = {}
@@ -127,7 +131,8 @@ def step_anatomy(step: Callable[[CTCBatch], object], batches: list[CTCBatch]) ->
         by_name[e.name[:80]] = by_name.get(e.name[:80], 0.0) + e.time_range.elapsed_us()
     top = sorted(by_name.items(), key=lambda item: -item[1])[:8]
     host = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:10]
-    return {"host_syncs_per_step": sum("synchroniz" in str(w.message) for w in caught), "host_sync_sites": sites,
+    return {"host_syncs_per_step": sum("synchroniz" in str(w.message) for w in caught),
+            "host_sync_sites": sites,
             "host_syncs_counted": counted.total, "host_syncs_counted_by_op": dict(counted.by_op),
             "top_kernels_ms_per_step": {name: round(us / 1e3 / len(batches), 3) for name, us in top},
             "top_host_ops_ms_per_step": {e.key[:60]: round(e.self_cpu_time_total / 1e3 / len(batches), 3)

@@ -26,10 +26,10 @@ import numpy as np
 import torch
 from transformers import Wav2Vec2Config
 
-from w2v_dist.bench.corpus import CHARS_PER_SECOND, librispeech_like_seconds, prepare_shards, prepared_model
-from w2v_dist.bench.gpu_step import Trial, build_step, measure_variant
-from w2v_dist.bench.output import SR, elapsed, emit, interleaved_medians
-from w2v_dist.bench.step import data_wait
+from benchmarks.corpus import CHARS_PER_SECOND, librispeech_like_seconds, prepare_shards, prepared_model
+from benchmarks.gpu_step import Trial, build_step, measure_variant
+from benchmarks.output import SR, elapsed, emit, interleaved_medians
+from benchmarks.step import data_wait
 from w2v_dist.data.audio import EncoderGeometry
 from w2v_dist.data.collate import LABEL_PAD, CTCBatch
 from w2v_dist.data.index import Utterance
@@ -46,14 +46,15 @@ class BenchmarkUnavailable(RuntimeError):
 
 def planned_batches(batch_seconds: float, count: int, vocab_size: int, seed: int = 0, shape_quantum: int = 0
                     ) -> list[CTCBatch]:
-    """``count`` batches packed by padded seconds from a train-clean-100-like stream, on pinned CPU memory; with
-    ``shape_quantum``, on the grid of ``data.shape_quantum_frames`` (:mod:`w2v_dist.data.shapes`)."""
+    """``count`` batches packed by padded seconds from a train-clean-100-like stream, on pinned CPU memory;
+    with ``shape_quantum``, on the grid of ``data.shape_quantum_frames`` (:mod:`w2v_dist.data.shapes`)."""
     rng = np.random.default_rng(seed)
     utts = [Utterance(0, i, f"u{i}", int(s * SR), int(s * CHARS_PER_SECOND))
             for i, s in enumerate(librispeech_like_seconds(max(4000, int(count * batch_seconds / 12)), rng))]
-    grid = ShapeGrid.for_encoder(shape_quantum, EncoderGeometry(), int(batch_seconds * SR), 4096) \
-        if shape_quantum else None
-    policy = BatchPolicy(int(batch_seconds * SR), 4096, 512, 0, grid=grid)
+    policy = BatchPolicy.from_seconds(max_batch_seconds=batch_seconds, sample_rate=SR, max_batch_size=4096,
+                                      bucket_window=512, shuffle_buffer=0,
+                                      shape_quantum_frames=shape_quantum, geometry=EncoderGeometry())
+    grid = policy.grid
     plans = pack_on_grid(iter(utts), grid, 512, None) if grid else \
         [b for start in range(0, len(utts), 512) for b in pack(utts[start:start + 512], policy)]
     random.Random(seed).shuffle(plans)
@@ -97,18 +98,21 @@ def adamw_ms(num_params: int, rounds: int = 20) -> dict[str, float]:
     params = [torch.nn.Parameter(torch.randn(n, device="cuda")) for n in (num_params // 4,) * 4]
     for p in params:
         p.grad = torch.randn_like(p)
-    opts = {"fused": torch.optim.AdamW(params, fused=True), "foreach": torch.optim.AdamW(params, foreach=True)}
+    opts = {"fused": torch.optim.AdamW(params, fused=True),
+            "foreach": torch.optim.AdamW(params, foreach=True)}
 
     def step(opt: torch.optim.Optimizer) -> None:
         opt.step()
         torch.cuda.synchronize()
 
-    medians = interleaved_medians({k: partial(elapsed, step, [o]) for k, o in opts.items()}, rounds - 2, warmup=2)
+    medians = interleaved_medians({k: partial(elapsed, step, [o]) for k, o in opts.items()}, rounds - 2,
+                                  warmup=2)
     return {f"adamw_{k}_ms": v * 1e3 for k, v in medians.items()}
 
 
 def largest_batch(model_dir: Path, trial: Trial, start: float, limit: float) -> dict[str, Any]:
-    """Grow the worst case (every utterance 35 s) by 1.5x until it runs out of memory; the step is discarded."""
+    """Grow the worst case (every utterance 35 s) by 1.5x until it runs out of memory; the step is
+    discarded."""
     step, config = build_step(model_dir, trial)
     fits, seconds, vocab = 0.0, start, int(config.vocab_size or 0)
     while seconds <= limit:
@@ -124,7 +128,8 @@ def largest_batch(model_dir: Path, trial: Trial, start: float, limit: float) -> 
         except torch.OutOfMemoryError:
             break
         seconds *= 1.5
-    return {"largest_max_batch_seconds": fits, "probe_limit_seconds": limit, "reached_limit": seconds > limit}
+    return {"largest_max_batch_seconds": fits, "probe_limit_seconds": limit,
+            "reached_limit": seconds > limit}
 
 
 def gpu_data_wait(work_dir: Path, model_dir: Path, batch_seconds: float, steps: int) -> dict[str, Any]:
@@ -132,13 +137,14 @@ def gpu_data_wait(work_dir: Path, model_dir: Path, batch_seconds: float, steps: 
     _, shards = prepare_shards(work_dir / "loader", 800, os.cpu_count() or 2)
     means = data_wait(work_dir / "gpu-run", shards, model_dir, steps, [
         f"data.max_batch_seconds={batch_seconds}", "data.max_batch_size=1024", "deepspeed.precision=bf16",
-        "deepspeed.zero_stage=2", "model.layerdrop=0"], ("data_wait_fraction", "audio_seconds_per_second"), False)
+        "deepspeed.zero_stage=2", "model.layerdrop=0"], ("data_wait_fraction", "audio_seconds_per_second"),
+        False)
     return emit({"measure": "gpu_data_wait", "steps": steps, "batch_seconds": batch_seconds, **means})
 
 
 def trials(quick: bool) -> list[Trial]:
-    """The variants timed at the largest batch size. ``quick``: what a default is chosen from, in a few minutes
-    (every ``model.pos_conv``, bounded vs free shapes, compile on and off, and the bare loop)."""
+    """The variants timed at the largest batch size. ``quick``: what a default is chosen from, in a few
+    minutes (every ``model.pos_conv``, bounded vs free shapes, compile on and off, and the bare loop)."""
     compiled, cudnn = ("model.compile=true",), ("model.cudnn_attention=true",)
     candidates = [Trial("flash", ()), Trial("flash+compile", compiled),
                   *(Trial(f"flash+compile, pos_conv={kernel}", (*compiled, f"model.pos_conv={kernel}"))
@@ -154,8 +160,8 @@ def trials(quick: bool) -> list[Trial]:
 
 
 def variants_table(results: list[dict[str, Any]], data_wait_fraction: float | None) -> str:
-    """One line per variant (audio-s/s, MFU, host syncs, data wait) and the recommended default: the fastest of
-    ours (not the bare loop, not a static-shape diagnostic), as the overrides that select it."""
+    """One line per variant (audio-s/s, MFU, host syncs, data wait) and the recommended default: the fastest
+    of ours (not the bare loop, not a static-shape diagnostic), as the overrides that select it."""
     timed = [r for r in results if "error" not in r]
     wait = "n/a" if data_wait_fraction is None else f"{data_wait_fraction:.3f}"
     lines = [f"{'variant':<40} {'audio-s/s':>10} {'MFU':>6} {'syncs':>6} {'data wait':>9}"]
@@ -174,13 +180,15 @@ def variants_table(results: list[dict[str, Any]], data_wait_fraction: float | No
 
 def gpu_benchmark(work_dir: Path, batch_seconds: list[float], steps: int, warmup: int, probe_limit: float,
         quick: bool = False) -> dict[str, Any]:
-    """All measurements; ``quick`` times only the candidate variants (no data-wait run, sweep or memory probe)."""
-    from w2v_dist.run import start_process
+    """All measurements; ``quick`` times only the candidate variants (no data-wait run, sweep or memory
+    probe)."""
+    from w2v_dist.process import start_process
 
     if not torch.cuda.is_available():
-        raise BenchmarkUnavailable("bench gpu measures a CUDA GPU and this machine has none (torch.cuda.is_available() "
-                                   "is false): run it where `nvidia-smi` lists a GPU, with a CUDA build of torch; "
-                                   "`bench step` measures the same step on a CPU")
+        raise BenchmarkUnavailable("bench gpu measures a CUDA GPU and this machine has none "
+                                   "(torch.cuda.is_available() is false): run it where `nvidia-smi` lists "
+                                   "a GPU, with a CUDA build of torch; `bench step` measures the same step "
+                                   "on a CPU")
     start_process(30.0)
     torch._logging.set_logs(recompiles=True)  # a recompilation prints its reason
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -193,12 +201,15 @@ def gpu_benchmark(work_dir: Path, batch_seconds: list[float], steps: int, warmup
     wait = skipped if quick else attempt("gpu_data_wait",
                                          lambda: gpu_data_wait(work_dir, model_dir, batch_seconds[-1], 40))
     vocab = int(Wav2Vec2Config.from_pretrained(model_dir).vocab_size or 0)
-    sweep = [] if quick else [(Trial("flash+compile", ("model.compile=true",)), s) for s in batch_seconds[:-1]]
-    results = [attempt("gpu_variant", partial(measure_variant, trial, model_dir,
-                                              planned_batches(seconds, warmup + steps, vocab,
-                                                              shape_quantum=trial.shape_quantum), warmup, peaks))
+    sweep = [] if quick else [(Trial("flash+compile", ("model.compile=true",)), s)
+                              for s in batch_seconds[:-1]]
+    results = [attempt("gpu_variant", partial(
+                   measure_variant, trial, model_dir,
+                   planned_batches(seconds, warmup + steps, vocab, shape_quantum=trial.shape_quantum),
+                   warmup, peaks))
                for trial, seconds in sweep + [(trial, batch_seconds[-1]) for trial in trials(quick)]]
-    ours = [r for r in results if "error" not in r and not r["trial"]["bare"] and not r["trial"]["static_shapes"]]
+    ours = [r for r in results
+            if "error" not in r and not r["trial"]["bare"] and not r["trial"]["static_shapes"]]
     best = max(ours, key=lambda r: r["audio_seconds_per_second"])
     bare = next((r for r in results if "error" not in r and r["trial"]["bare"]
                  and r["trial"]["overrides"] == best["trial"]["overrides"]), None)
@@ -207,16 +218,19 @@ def gpu_benchmark(work_dir: Path, batch_seconds: list[float], steps: int, warmup
         overhead = emit({"measure": "gpu_engine_overhead", "variant": best["variant"],
                          "bare_audio_seconds_per_second": bare["audio_seconds_per_second"],
                          "engine_audio_seconds_per_second": best["audio_seconds_per_second"],
-                         "overhead_ratio": bare["audio_seconds_per_second"] / best["audio_seconds_per_second"]})
+                         "overhead_ratio": bare["audio_seconds_per_second"]
+                         / best["audio_seconds_per_second"]})
     optimizer = skipped if quick else attempt("gpu_adamw", lambda: emit({"measure": "gpu_adamw",
                                                                          **adamw_ms(94_000_000)}))
-    memory = skipped if quick else attempt("gpu_memory", lambda: emit({"measure": "gpu_memory", **largest_batch(
-        model_dir, Trial(**best["trial"]), batch_seconds[-1], probe_limit)}))
+    memory = skipped if quick else attempt("gpu_memory", lambda: emit({
+        "measure": "gpu_memory",
+        **largest_batch(model_dir, Trial(**best["trial"]), batch_seconds[-1], probe_limit)}))
     measured_wait = wait.get("data_wait_fraction")
-    print(variants_table(results, measured_wait if isinstance(measured_wait, float) else None), file=sys.stderr,
-          flush=True)
+    print(variants_table(results, measured_wait if isinstance(measured_wait, float) else None),
+          file=sys.stderr, flush=True)
     return emit({"measure": "summary", "device": device, "best_variant": best["variant"],
-                 "batch_seconds": best["batch_seconds"], "audio_seconds_per_second": best["audio_seconds_per_second"],
+                 "batch_seconds": best["batch_seconds"],
+                 "audio_seconds_per_second": best["audio_seconds_per_second"],
                  "transformer_mfu": best.get("transformer_mfu_datasheet"), "mfu": best.get("mfu_datasheet"),
                  "peak_memory_gib": best["peak_memory_gib"], "gpu_busy_fraction": best["gpu_busy_fraction"],
                  "host_syncs_per_step": best["host_syncs_per_step"],
