@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from helpers import free_port
+
+from tests.support.launch import free_port, launch_env
 
 pytestmark = pytest.mark.slow
 
@@ -19,7 +19,8 @@ def test_bench_loader_prints_one_json_line_per_measurement(tmp_path: Path) -> No
                            "--work-dir", str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = {r["measure"]: r for r in map(json.loads, proc.stdout.splitlines())}
-    assert {"corpus", "raw_decode", "ours", "seed_style", "padding", "resume_skip", "http", "summary"} <= set(records)
+    assert {"corpus", "raw_decode", "ours", "seed_style", "padding", "resume_skip", "http",
+            "summary"} <= set(records)
     summary = records["summary"]
     assert 0 < summary["fraction_of_raw_decode"] and 0 <= summary["padding_fraction"] < 1
     assert records["padding"]["ours"] < records["padding"]["random_same_size"]
@@ -30,26 +31,29 @@ def test_bench_loader_prints_one_json_line_per_measurement(tmp_path: Path) -> No
 
 
 def bench_plan(*args: str) -> dict:
-    proc = subprocess.run([sys.executable, "-m", "w2v_dist", "bench", "plan", "--resume-updates", "40", *args],
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "-m", "w2v_dist", "bench", "plan", "--resume-updates", "40",
+                           *args], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (record,) = map(json.loads, proc.stdout.splitlines())
     return record
 
 
 def test_bench_plan_measures_the_plan_and_refuses_what_the_run_would_refuse() -> None:
-    """Whole shards per slot stream nothing twice; strided pieces stream their whole tar for a share of it. Reads
-    are counted over the updates of 3 epochs: on two shards of equal counts, every utterance 2 to 4 times (on
-    unequal shards the slot with fewer seconds laps the other: the unevenness the bench is there to show)."""
+    """Whole shards per slot stream nothing twice; strided pieces stream their whole tar for a share of it.
+    Reads are counted over the updates of 3 epochs: on two shards of equal counts, every utterance 2 to 4
+    times (on unequal shards the slot with fewer seconds laps the other: the unevenness the bench is there to
+    show)."""
     whole = bench_plan("--hours", "7.77", "--ranks", "2", "--workers", "1", "--config", "configs/base.yaml")
     assert (whole["shards"], whole["slots"], whole["read_amplification"]) == (2, 2, 1.0)
     assert 2 <= whole["reads_min"] <= whole["reads_max"] <= 4 and whole["refused"] is None
     assert 0 < whole["plan_s_per_worker_epoch"] and 0 <= whole["padding"] < 0.2 and whole["resume_s"] > 0
     assert whole["index_bytes_per_utt"] > 100 and whole["rank_start_s"] > 0
     strided = bench_plan("--hours", "5", "--ranks", "4", "--workers", "2", "--mix", "--speed-perturb")
-    assert strided["slots"] == 8 and strided["read_amplification"] > 2 and strided["speeds"] == [0.9, 1.0, 1.1]
+    assert strided["slots"] == 8 and strided["read_amplification"] > 2
+    assert strided["speeds"] == [0.9, 1.0, 1.1]
     refused = bench_plan("--hours", "0.05", "--ranks", "8", "--workers", "4")
-    assert refused["refused"].startswith("data: 32 data slots (8 streams x 4 readers) but 15 training utterances")
+    assert refused["refused"].startswith("data: 32 data slots (8 streams x 4 readers) but 15 training "
+                                         "utterances")
 
 
 def test_bench_shard_compares_with_a_raw_copy(tmp_path: Path) -> None:
@@ -59,14 +63,15 @@ def test_bench_shard_compares_with_a_raw_copy(tmp_path: Path) -> None:
     records = {r["measure"]: r for r in map(json.loads, proc.stdout.splitlines())}
     assert records["summary"]["fraction_of_raw_copy"] > 0 and records["shard"]["audio_hours_per_second"] > 0
     assert records["summary"]["speedup_over_one_worker"] > 0
-    assert records["summary"]["copy_workers"] == records["summary"]["workers"] == records["raw_copy"]["workers"]
+    summary = records["summary"]
+    assert summary["copy_workers"] == summary["workers"] == records["raw_copy"]["workers"]
 
 
 GPU_STEP_SCRIPT = """
 import json, sys
 from pathlib import Path
-from w2v_dist.bench.gpu import planned_batches
-from w2v_dist.bench.gpu_step import Trial, measure_variant
+from benchmarks.gpu import planned_batches
+from benchmarks.gpu_step import Trial, measure_variant
 from w2v_dist.model import init_model
 from w2v_dist.run import start_process
 
@@ -83,12 +88,13 @@ print(json.dumps({"shapes": [list(b.input_values.shape) for b in bounded],
 
 
 def test_bench_gpu_variants_run_on_the_cpu_too(tmp_path: Path) -> None:
-    """CI has no GPU: the timed step (ours, the bare loop with the engine's numerics, and bounded shapes) still
-    runs end to end and reports its fields, host syncs counted on the CPU among them."""
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "RANK": "0",
-           "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
-    proc = subprocess.run([sys.executable, "-c", GPU_STEP_SCRIPT, str(tmp_path)], capture_output=True, text=True,
-                          timeout=600, env=env)
+    """CI has no GPU: the timed step (ours, the bare loop with the engine's numerics, and bounded shapes)
+    still runs end to end and reports its fields, host syncs counted on the CPU among them."""
+    env = launch_env(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                     MASTER_PORT=str(free_port()))
+    # From the checkout's root, where `benchmarks` is importable.
+    proc = subprocess.run([sys.executable, "-c", GPU_STEP_SCRIPT, str(tmp_path)], capture_output=True,
+                          text=True, timeout=600, env=env, cwd=Path(__file__).resolve().parents[2])
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert [r["variant"] for r in records] == ["ours", "bare", "bounded"]
@@ -96,6 +102,7 @@ def test_bench_gpu_variants_run_on_the_cpu_too(tmp_path: Path) -> None:
         assert record["audio_seconds_per_second"] > 0 and record["steps"] == 2
         assert record["tflops"] > 0 and 0 < record["mfu_measured"] < 1
         assert record["top_host_ops_ms_per_step"] and record["graphs_compiled_while_timed"] == 0
-        assert record["host_syncs_counted"] >= 1  # the guard's one read, at least (the optimizer's are counted too)
+        # The guard's one read, at least (the optimizer's are counted too).
+        assert record["host_syncs_counted"] >= 1
     shapes = json.loads(proc.stderr.strip().splitlines()[-1])
     assert all((s[1] - 80) % (16 * 320) == 0 for s in shapes["shapes"])  # grid lengths: 16-frame multiples

@@ -1,5 +1,5 @@
-"""The main job, `w2v-dist demo`, end to end on a small corpus: it prints the loss, WERs, a transcription next
-to its reference, and where everything went; a second run reuses the corpus, shards and model."""
+"""The main job, `w2v-dist demo`, end to end on a small corpus: it prints the loss, WERs, a transcription
+next to its reference, and where everything went; a second run reuses the corpus, shards and model."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import REPO
+
+from tests.support.launch import REPO
 
 pytestmark = pytest.mark.slow
 

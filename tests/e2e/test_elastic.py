@@ -1,5 +1,6 @@
-"""Elastic resume: a run checkpointed by 2 ranks goes on with 1, then 2 again, and ends where the uninterrupted
-2-rank run ends: the same micro-batches in every update, every utterance once per epoch, the same weights."""
+"""Elastic resume: a run checkpointed by 2 ranks goes on with 1, then 2 again, and ends where the
+uninterrupted 2-rank run ends: the same micro-batches in every update, every utterance once per epoch, the
+same weights."""
 
 from __future__ import annotations
 
@@ -9,9 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import check, metrics, overrides, run_deepspeed, run_single
 from safetensors.torch import load_file
 from transformers import AutoModelForCTC
+
+from tests.support.launch import run_deepspeed, run_single
+from tests.support.runs import check, metrics, overrides
 
 pytestmark = pytest.mark.slow
 
@@ -30,8 +33,8 @@ def key_log(out: Path) -> dict[int, list[tuple[int, int, tuple[str, ...]]]]:
 def test_two_ranks_then_one_then_two_end_with_the_straight_runs_weights(shard_dirs: dict, tiny_model: Path,
                                                                         tmp_path: Path, stage: int) -> None:
     # 2 streams of 8 s per update; SpecAugment masks and dropout on: they are drawn per micro-batch.
-    # The recipe's randomness (tests/helpers.py RECIPE) and dropout; schedule.steps: the launches stop at 2, 4 and 6
-    # of the 6-step tri-stage schedule.
+    # The recipe's randomness (tests/helpers.py RECIPE) and dropout; schedule.steps: the launches stop at 2,
+    # 4 and 6 of the 6-step tri-stage schedule.
     common = {"trainer.update_seconds": 16.0, "deepspeed.zero_stage": stage, "trainer.eval_every": 0,
               "trainer.save_every": 2, "logging.key_log": True, "model.hidden_dropout": 0.1,
               "optim.weight_decay": 0.01, "optim.grad_clip": 0.5, "schedule.steps": 6}
@@ -78,9 +81,10 @@ def test_two_ranks_then_one_then_two_end_with_the_straight_runs_weights(shard_di
 @pytest.mark.parametrize("stage", [2, 3])
 def test_bf16_resumed_on_one_rank_follows_the_straight_run(stage: int, shard_dirs: dict, tiny_model: Path,
                                                            tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The base recipe's precision: bf16 keeps fp32 master weights and moments partitioned by rank, re-partitioned
-    through the universal checkpoint. bf16 rounding makes the runs differ slightly; a lost or misplaced optimizer
-    state moves every weight by a sizeable part of its change (ZeRO-3's group mix-up: ~15 %)."""
+    """The base recipe's precision: bf16 keeps fp32 master weights and moments partitioned by rank,
+    re-partitioned through the universal checkpoint. bf16 rounding makes the runs differ slightly; a lost or
+    misplaced optimizer state moves every weight by a sizeable part of its change (ZeRO-3's group mix-up: ~15
+    %)."""
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
     common = {"trainer.update_seconds": 16.0, "deepspeed.zero_stage": stage, "deepspeed.precision": "bf16",
               "trainer.eval_every": 0, "trainer.save_every": 2, "optim.weight_decay": 0.01, "schedule.steps": 4}

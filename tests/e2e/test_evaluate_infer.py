@@ -1,7 +1,8 @@
-"""After training: offline evaluation (1 and 2 ranks, export or checkpoint), decoders, transcription, report, export.
+"""After training: offline evaluation (1 and 2 ranks, export or checkpoint), decoders, transcription, report,
+export.
 
-One short 2-rank ZeRO-2 run is shared by the module; its last checkpoint (step 4) holds the weights of its final
-export, so every route to "the model" must give the same numbers.
+One short 2-rank ZeRO-2 run is shared by the module; its last checkpoint (step 4) holds the weights of its
+final export, so every route to "the model" must give the same numbers.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from helpers import REPO, check, free_port, overrides, run_deepspeed, run_single
 
+from tests.support.launch import run_deepspeed, run_single
+from tests.support.runs import check, overrides
 from w2v_dist.data.index import load_shard_set
 
 BIN = Path(sys.executable).parent
@@ -31,8 +33,8 @@ def run_dir(shard_dirs: dict, tiny_model: Path, tmp_path_factory: pytest.TempPat
     check(run_deepspeed(["--config", "configs/demo.yaml", *overrides(
         shard_dirs, tiny_model, out, **{"deepspeed.zero_stage": 2, "trainer.max_steps": STEPS,
                                         "trainer.eval_every": 2, "trainer.save_every": STEPS,
-                                        # What is tested here is scoring and decoding, on a model that fits the
-                                        # corpus' words in STEPS updates: no warm-up, masks or LayerDrop.
+                                        # What is tested here is scoring and decoding, on a model that fits
+                                        # the corpus' words in STEPS updates: no warm-up, masks or LayerDrop.
                                         "schedule.name": "constant", "model.mask_time_prob": 0.0,
                                         "model.layerdrop": 0.0})]))
     return out
@@ -77,11 +79,8 @@ def test_evaluate_export_counts_every_dev_utterance_once(single_eval: tuple[dict
 def test_two_ranks_give_the_same_results_as_one(single_eval: tuple[dict, list], run_dir: Path, shard_dirs: dict,
                                                 tmp_path: Path) -> None:
     out = tmp_path / "utts.jsonl"
-    cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), "--no_local_rank",
-           "--module", "w2v_dist", "evaluate", "--model", str(run_dir / "final"), "--shards",
-           str(shard_dirs["dev-clean"]), "--out", str(out)]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
-                          env=dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1"))
+    proc = run_deepspeed(["evaluate", "--model", str(run_dir / "final"), "--shards", str(shard_dirs["dev-clean"]),
+                          "--out", str(out)], program=("--no_local_rank", "--module", "w2v_dist"))
     check(proc)
     summaries = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{"sets"')]
     assert len(summaries) == 1 and summaries[0]["world_size"] == 2, "only rank 0 prints the summary"
@@ -222,7 +221,8 @@ def test_decoders_keep_ctc_repeats_and_exclude_special_tokens() -> None:
     labels = beam_labels(tokenizer)
     assert labels[vocab["<pad>"]] == "" and labels[vocab["|"]] == " " and labels[vocab["E"]] == "E"
     assert sorted(banned_token_ids(tokenizer)) == sorted(vocab[t] for t in ("<s>", "</s>", "<unk>"))
-    # Frames: L L <pad> L <unk> O  -> "LLO" (a blank separates a real repeat; <unk> loses to the runner-up O).
+    # Frames: L L <pad> L <unk> O  -> "LLO" (a blank separates a real repeat; <unk> loses to the runner-up
+    # O).
     path = ["L", "L", "<pad>", "L", "<unk>", "O"]
     logits = torch.full((1, len(path), len(vocab)), -5.0)
     for frame, token in enumerate(path):

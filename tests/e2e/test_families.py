@@ -1,7 +1,8 @@
 """Every supported CTC encoder family trains on 2 DeepSpeed ranks, exports, and transcribes through
-``transformers.pipeline`` from the export alone: the export loads as the same family with every weight in place,
-holds the engine's weights (the frozen feature encoder as it started, every other weight moved), fits training
-utterances better than the initial model did, and the pipeline writes what the model's own best path spells."""
+``transformers.pipeline`` from the export alone: the export loads as the same family with every weight in
+place, holds the engine's weights (the frozen feature encoder as it started, every other weight moved), fits
+training utterances better than the initial model did, and the pipeline writes what the model's own best path
+spells."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ from pathlib import Path
 import pytest
 import soundfile as sf
 import torch
-from helpers import check, metrics, overrides, run_deepspeed
 
+from tests.support.launch import run_deepspeed
+from tests.support.runs import check, metrics, overrides
 from w2v_dist.model import FAMILIES, init_model
 from w2v_dist.prep.sources import librispeech_sources
 

@@ -1,6 +1,6 @@
-"""Any language: a French corpus (espeak-ng) with accents, guillemets and dashes shards with ``--alphabet any``,
-builds its vocabulary from the transcripts, trains on 2 ranks from a pre-trained-only model and transcribes with
-the exported processor."""
+"""Any language: a French corpus (espeak-ng) with accents, guillemets and dashes shards with ``--alphabet
+any``, builds its vocabulary from the transcripts, trains on 2 ranks from a pre-trained-only model and
+transcribes with the exported processor."""
 
 from __future__ import annotations
 
@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 import soundfile as sf
-from helpers import REPO, check, overrides, run_deepspeed
 
+from tests.support.launch import REPO, run_deepspeed
+from tests.support.runs import check, overrides
 from w2v_dist.model import init_model
 from w2v_dist.prep.synth import SAMPLE_RATE, speak
 
@@ -89,8 +90,8 @@ def test_a_french_corpus_shards_trains_and_transcribes(tmp_path: Path) -> None:
     texts = [line.removeprefix(f"{flac}\t") for line in done.stdout.splitlines() if line.startswith(f"{flac}\t")]
     assert len(texts) == 1, done.stdout
     text = texts[0]
-    # Four updates leave the model close to its random start: it spells noise, but in the corpus' letters, accents
-    # included. transcribe is the pipeline's text, special tokens and all (docs/evaluation.md).
+    # Four updates leave the model close to its random start: it spells noise, but in the corpus' letters,
+    # accents included. transcribe is the pipeline's text, special tokens and all (docs/evaluation.md).
     letters = re.sub("|".join(map(re.escape, processor.tokenizer.all_special_tokens)), "", text)
     assert letters.strip(), f"the model transcribes nothing: {done.stdout!r}"
     assert set(letters) <= {t for t in vocab if len(t) == 1} - {"|"} | {" "} and set(letters) - ASCII, text

@@ -1,4 +1,5 @@
-"""The streaming loader over real shards: endless, exact resume, every dev utterance once, bad data skipped."""
+"""The streaming loader over real shards: endless, exact resume, every dev utterance once, bad data
+skipped."""
 
 from __future__ import annotations
 
@@ -11,14 +12,21 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from helpers import eval_stream, http_server, take_batches, train_stream
 
+from tests.support.data import POLICY, eval_stream, http_server, preprocess, take_batches, train_stream
 from w2v_dist.data.index import ShardIndexError, load_shard_set
-from w2v_dist.data.loader import make_loader
+from w2v_dist.data.loader import TrainStream, make_loader
+from w2v_dist.data.plan import BatchPolicy, StreamLayout
 
 
 def keys(batches: list[dict]) -> list[list[str]]:
     return [list(b.keys) for b in batches]
+
+
+def train_stream_with(location: str, model_dir: Path, workers: int, policy: BatchPolicy) -> TrainStream:
+    """``train_stream(location, model_dir, workers=workers)`` with another batch policy."""
+    return TrainStream(load_shard_set(location), policy, preprocess(model_dir), rank=0, world_size=1,
+                       layout=StreamLayout(1, max(1, workers), 1))
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -164,22 +172,18 @@ def test_resume_property_over_worlds_workers_and_cut_points(shard_dirs: dict, ti
 
 def test_pipe_shard_command_from_the_users_config(shard_dirs: dict, tiny_model: Path) -> None:
     """`data.shard_command` (the user's own config, never the index) opens shards through a command."""
-    from helpers import POLICY, preprocess
-
-    from w2v_dist.data.loader import TrainStream
-    from w2v_dist.data.plan import StreamLayout
-
     location = str(shard_dirs["train-clean-100"])
     piped = load_shard_set(location, shard_command=f"pipe:cat {location}/{{shard}}")
     assert all(url.startswith("pipe:cat ") for url in piped.urls)
-    stream = TrainStream(piped, POLICY, preprocess(tiny_model), rank=0, world_size=1, layout=StreamLayout(1, 1, 1))
+    stream = TrainStream(piped, POLICY, preprocess(tiny_model), rank=0, world_size=1,
+                         layout=StreamLayout(1, 1, 1))
     assert keys(take_batches(stream, 0, 5)) == keys(take_batches(train_stream(location, tiny_model), 0, 5))
 
 
 def test_speed_perturbed_batches_are_the_resampled_audio_at_the_planned_lengths(shard_dirs: dict,
                                                                                 tiny_model: Path) -> None:
-    """Workers decode, resample (torchaudio) and pad each utterance to the length the plan computed for its speed;
-    a resumed stream draws the same speeds."""
+    """Workers decode, resample (torchaudio) and pad each utterance to the length the plan computed for its
+    speed; a resumed stream draws the same speeds."""
     import io
     import tarfile
     from dataclasses import replace
@@ -190,10 +194,9 @@ def test_speed_perturbed_batches_are_the_resampled_audio_at_the_planned_lengths(
     from w2v_dist.data.audio import speed_perturb
 
     location = str(shard_dirs["train-clean-100"])
-    stream = train_stream(location, tiny_model, workers=1)
-    stream.policy = replace(stream.policy, speeds=(0.9, 1.1))
+    stream = train_stream_with(location, tiny_model, 1, replace(POLICY, speeds=(0.9, 1.1)))
     batches = take_batches(stream, 1, 12)
-    planned = {u.key: u for batch in stream.plan(0, 0)[0] for u in batch}  # epoch 0 of the one slot
+    planned = {u.key: u for batch in stream.plan.slot_epoch(0, 0)[0] for u in batch}  # slot 0's epoch 0
     audio = {}
     for tar in sorted(Path(location).glob("*.tar")):
         with tarfile.open(tar) as archive:
@@ -213,8 +216,7 @@ def test_speed_perturbed_batches_are_the_resampled_audio_at_the_planned_lengths(
             assert not row[length:].any()
             checked += 1
     assert checked >= 8
-    resumed = train_stream(location, tiny_model, workers=1)
-    resumed.policy = stream.policy
+    resumed = train_stream_with(location, tiny_model, 1, stream.policy)
     resumed.load_state_dict({**resumed.state_dict(), "update": 5})
     assert [list(b.input_lengths) for b in take_batches(resumed, 1, 4)] == \
         [list(b.input_lengths) for b in batches[5:9]]
@@ -223,9 +225,9 @@ def test_speed_perturbed_batches_are_the_resampled_audio_at_the_planned_lengths(
 @pytest.mark.parametrize("workers", [0, 2])
 def test_grid_shapes_from_real_shards_with_empty_rows_and_exact_resume(shard_dirs: dict, tiny_model: Path,
                                                                        workers: int) -> None:
-    """24 updates of a grid-shaped stream (data.shape_quantum_frames=32), in shared-memory buffers with 2 workers:
-    every batch has its grid shape, its empty rows are silence without labels, at most 12 shapes occur where free
-    batches have many more, and a resume replays the same batches."""
+    """24 updates of a grid-shaped stream (data.shape_quantum_frames=32), in shared-memory buffers with 2
+    workers: every batch has its grid shape, its empty rows are silence without labels, at most 12 shapes
+    occur where free batches have many more, and a resume replays the same batches."""
     from dataclasses import replace
 
     from w2v_dist.data.audio import EncoderGeometry
@@ -234,10 +236,8 @@ def test_grid_shapes_from_real_shards_with_empty_rows_and_exact_resume(shard_dir
     location = str(shard_dirs["train-clean-100"])
     grid = ShapeGrid.for_encoder(32, EncoderGeometry(), 8 * 16_000, 4)
 
-    def stream() -> object:
-        made = train_stream(location, tiny_model, workers=workers)
-        made.policy = replace(made.policy, grid=grid)
-        return made
+    def stream() -> TrainStream:
+        return train_stream_with(location, tiny_model, workers, replace(POLICY, grid=grid))
 
     batches = take_batches(stream(), workers, 24)
     for batch in batches:

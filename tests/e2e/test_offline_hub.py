@@ -1,6 +1,6 @@
-"""Compute nodes without the hub: an unreachable hub stops a run in seconds with one line, and a model fetched
-beforehand (``w2v-dist fetch-model``, here a hand-made cache) trains with ``HF_HUB_OFFLINE=1``, logging a plain
-line every ``trainer.log_every`` steps as it does in any log file."""
+"""Compute nodes without the hub: an unreachable hub stops a run in seconds with one line, and a model
+fetched beforehand (``w2v-dist fetch-model``, here a hand-made cache) trains with ``HF_HUB_OFFLINE=1``,
+logging a plain line every ``trainer.log_every`` steps as it does in any log file."""
 
 from __future__ import annotations
 
@@ -9,7 +9,10 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import check, free_port, hub_cache, metrics, overrides, run_single
+
+from tests.support.data import hub_cache
+from tests.support.launch import free_port, run_single
+from tests.support.runs import check, metrics, overrides
 
 pytestmark = pytest.mark.slow
 

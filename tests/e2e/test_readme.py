@@ -2,10 +2,11 @@
 archives), shard every set, verify, dump the config, train, evaluate test-clean, report, export; then the
 export's model card example, as written.
 
-Only what a user would change is changed: ``/data`` (in the block and in ``configs/base.yaml``, copied), the GPU
-count (one CPU rank, on a free port: other tests share the machine), the run's sizes and the model (a tiny random
-one) through ``key=value`` overrides, and the mirror through ``LIBRISPEECH_MIRROR``/``LIBRISPEECH_CHECKSUMS``.
-``PATH`` lacks ``.venv/bin``: the block's own ``source .venv/bin/activate`` must put the commands there."""
+Only what a user would change is changed: ``/data`` (in the block and in ``configs/base.yaml``, copied), the
+GPU count (one CPU rank, on a free port: other tests share the machine), the run's sizes and the model (a
+tiny random one) through ``key=value`` overrides, and the mirror through
+``LIBRISPEECH_MIRROR``/``LIBRISPEECH_CHECKSUMS``. ``PATH`` lacks ``.venv/bin``: the block's own ``source
+.venv/bin/activate`` must put the commands there."""
 
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from helpers import free_port
+
+from tests.support.launch import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -44,8 +46,8 @@ def on_data(text: str, data: Path) -> str:
 
 @pytest.fixture(scope="module")
 def mirror(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """``<subset>.tar.gz`` laid out like openslr's, for the sets the README names (dev-other and test-clean hold
-    dev-clean's audio under their own names) and their ``md5sum.txt``."""
+    """``<subset>.tar.gz`` laid out like openslr's, for the sets the README names (dev-other and test-clean
+    hold dev-clean's audio under their own names) and their ``md5sum.txt``."""
     served = tmp_path_factory.mktemp("mirror")
     sums = []
     for subset in SUBSETS:
@@ -61,7 +63,8 @@ def mirror(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def readme_run(mirror: Path, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """Runs the block in a fresh directory laid out like the checkout; returns (that directory, the data root)."""
+    """Runs the block in a fresh directory laid out like the checkout; returns (that directory, the data
+    root)."""
     work = tmp_path_factory.mktemp("readme")
     data = work / "data"
     for name in ("train.py", ".venv"):

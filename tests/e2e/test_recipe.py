@@ -1,4 +1,5 @@
-"""The README's first command, on 2 CPU ranks: ``configs/base.yaml`` itself, only its paths and sizes overridden.
+"""The README's first command, on 2 CPU ranks: ``configs/base.yaml`` itself, only its paths and sizes
+overridden.
 
 bf16, ZeRO-2, compiled layers, SpecAugment time and channel masks, LayerDrop 0.1, tri-stage lr, activation
 dropout and the frozen conv encoder are the recipe's. Before LayerDrop was drawn per update, this died at its
@@ -11,9 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import check, metrics, run_deepspeed, run_single
 from safetensors.torch import load_file
 
+from tests.support.launch import run_deepspeed, run_single
+from tests.support.runs import check, metrics
 from w2v_dist.config import load_config
 from w2v_dist.layerdrop import SharedLayerDrop
 

@@ -1,8 +1,8 @@
-"""One scorer: the dev WER a 2-rank training run logs is, to the last digit, what ``w2v-dist evaluate`` reports on
-its final/ export, on a dev set that holds utterances outside the training filters; both equal jiwer. For a
-group-norm model without attention mask (wav2vec2-base) both sides score one utterance at a time; for a layer-norm
-model with attention masks (wav2vec2-large, XLS-R) both batch, each its own way, so a path that padded or masked
-differently would transcribe differently."""
+"""One scorer: the dev WER a 2-rank training run logs is, to the last digit, what ``w2v-dist evaluate``
+reports on its final/ export, on a dev set that holds utterances outside the training filters; both equal
+jiwer. For a group-norm model without attention mask (wav2vec2-base) both sides score one utterance at a
+time; for a layer-norm model with attention masks (wav2vec2-large, XLS-R) both batch, each its own way, so a
+path that padded or masked differently would transcribe differently."""
 
 from __future__ import annotations
 
@@ -17,8 +17,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 import yaml
-from helpers import check, metrics, overrides, run_deepspeed
 
+from tests.support.launch import run_deepspeed
+from tests.support.runs import check, metrics, overrides
 from w2v_dist.data.index import load_shard_set
 from w2v_dist.model import init_model
 from w2v_dist.prep.shards import ShardOptions, shard_corpus
@@ -56,8 +57,8 @@ def test_training_dev_wer_is_the_wer_evaluate_reports(large_style: bool, corpus:
     max_seconds = seconds[len(seconds) // 2]  # half of the dev set is longer than training accepts
     out = tmp_path / "run"
     steps = 4
-    # At the usual 1e-3 the layer-norm model falls silent (blank everywhere) within 4 updates, and a model that
-    # transcribes nothing would hide any padding difference: a smaller step keeps it talking.
+    # At the usual 1e-3 the layer-norm model falls silent (blank everywhere) within 4 updates, and a model
+    # that transcribes nothing would hide any padding difference: a smaller step keeps it talking.
     check(run_deepspeed(["--config", "configs/demo.yaml", *overrides(
         shard_dirs, model, out, **{"data.dev_shards": f"{{dev-clean: {dev}}}", "data.max_seconds": max_seconds,
                                    "trainer.max_steps": steps, "trainer.eval_every": 0, "trainer.save_every": steps,

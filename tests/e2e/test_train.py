@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import check, metrics, overrides, run_deepspeed, run_single, wandb_artifacts
 from safetensors.torch import load_file
 
+from tests.support.launch import run_deepspeed, run_single
+from tests.support.runs import check, metrics, overrides, wandb_artifacts
 from w2v_dist.data.index import load_shard_set
 
 pytestmark = pytest.mark.slow
@@ -49,7 +50,8 @@ def test_two_rank_deepspeed_run_exports_a_loadable_model(shard_dirs: dict, tiny_
     secret_hits = [p for p in out.rglob("*") if p.is_file() and b"sekret-0123456789abcdef" in p.read_bytes()]
     assert not secret_hits, f"the API key leaked into {secret_hits}"
     assert any((out / "wandb").glob("offline-run-*")), "wandb offline run was not written on rank 0"
-    # Every committed checkpoint and export is a wandb artifact referencing it in place, with its step and WER.
+    # Every committed checkpoint and export is a wandb artifact referencing it in place, with its step and
+    # WER.
     run_id = (out / "wandb_run_id").read_text()
     artifacts = wandb_artifacts(out)
     checkpoints = [a for a in artifacts if a["type"] == "checkpoint"]
@@ -82,7 +84,8 @@ def test_nan_and_inf_on_one_rank_skip_the_update_on_all_ranks(shard_dirs: dict, 
     index = json.loads((shard_dirs["train-clean-100"] / "index.json").read_text())
     too_long = sum(1 for s in index["shards"] for _, n, _ in s["utterances"] if n > 1.6 * 16_000)
     first = [r for r in metrics(out) if "loss" in r][0]
-    # every slot reports its epoch-0 filter counts with its first batch: pooled over ranks they cover the index
+    # every slot reports its epoch-0 filter counts with its first batch: pooled over ranks they cover the
+    # index
     assert 0 < too_long <= first["loader_skips"]["too_long"], (too_long, first["loader_skips"])
     bad = [json.loads(line) for line in (out / "bad_batches.jsonl").read_text().splitlines()]
     assert [(b["step"], b["cause"]) for b in bad] == [(3, "loss_nonfinite"), (4, "grad_nonfinite")]
@@ -145,7 +148,7 @@ def test_torchrun_launch_with_two_cpu_ranks(shard_dirs: dict, tiny_model: Path, 
     out = tmp_path / "run"
     import subprocess
 
-    from helpers import REPO
+    from tests.support.launch import REPO
 
     proc = subprocess.run(["launch/local.sh", "torchrun", "2", "configs/demo.yaml",
                            *overrides(shard_dirs, tiny_model, out, **{"trainer.max_steps": 3, "trainer.eval_every": 3,
@@ -160,28 +163,19 @@ def test_torchrun_launch_with_two_cpu_ranks(shard_dirs: dict, tiny_model: Path, 
 
 def test_two_ranks_on_every_zero_stage_equal_one_rank_accumulating_the_same_batches(
         shard_dirs: dict, tiny_model: Path, tmp_path: Path) -> None:
-    """Loss normalised by global target count, and randomness (masks, dropout, LayerDrop) drawn per update and
-    stream: 2 ranks x 1 micro-batch under ZeRO 0, 2 and partitioned 3 == 1 rank x 2 micro-batches (fp32). The grad
-    norm each reports (DeepSpeed's own on ZeRO 2 and 3, ours on ZeRO 0, where DeepSpeed keeps none) is the same
-    finite number: the global norm before clipping (optim.grad_clip=0.5 clips these updates). Each run's last
-    update reads the device once outside the optimizer's update: the step's one read of its flags and counts."""
+    """Loss normalised by global target count, and randomness (masks, dropout, LayerDrop) drawn per update
+    and stream: 2 ranks x 1 micro-batch under ZeRO 0, 2 and partitioned 3 == 1 rank x 2 micro-batches (fp32).
+    The grad norm each reports (DeepSpeed's own on ZeRO 2 and 3, ours on ZeRO 0, where DeepSpeed keeps none)
+    is the same finite number: the global norm before clipping (optim.grad_clip=0.5 clips these updates).
+    Each run's last update reads the device once outside the optimizer's update: the step's one read of its
+    flags and counts."""
     import json
-    import os
-    import subprocess
-    import sys
 
-    from helpers import REPO, free_port
-
-    worker = str(REPO / "tests" / "e2e" / "equivalence_worker.py")
     args = [str(tiny_model), str(shard_dirs["train-clean-100"]), "3"]
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
-    deepspeed = str(Path(sys.executable).with_name("deepspeed"))
     runs = {"one": (1, 0), "zero0": (2, 0), "zero2": (2, 2), "zero3": (2, 3)}
     for name, (ranks, stage) in runs.items():
-        proc = subprocess.run([deepspeed, "--num_gpus", str(ranks), "--master_port", str(free_port()), worker,
-                               str(tmp_path / name), *args, str(stage)], env=env, cwd=REPO, capture_output=True,
-                              text=True, timeout=600)
-        check(proc)
+        check(run_deepspeed([str(tmp_path / name), *args, str(stage)], ranks=ranks,
+                            program=("--module", "tests.e2e.equivalence_worker")))
     skipped = {name: json.loads((tmp_path / f"{name}.skipped.json").read_text()) for name in runs}
     assert all(s == skipped["one"] for s in skipped.values()), skipped
     assert any(skipped["one"]) and not all(skipped["one"]), f"no update with and one without a skip: {skipped}"
@@ -203,8 +197,8 @@ def test_two_ranks_on_every_zero_stage_equal_one_rank_accumulating_the_same_batc
 
 def test_rollback_returns_to_the_last_checkpoint_then_gives_up(shard_dirs: dict, tiny_model: Path,
                                                                tmp_path: Path) -> None:
-    """A checkpoint due at every step: none is committed inside the streak (step 5), so the rollback lands on the
-    last one from before it."""
+    """A checkpoint due at every step: none is committed inside the streak (step 5), so the rollback lands on
+    the last one from before it."""
     out = tmp_path / "run"
     proc = run_single(["--config", "configs/debug.yaml", *overrides(
         shard_dirs, tiny_model, out, **{"trainer.inject.nan_loss_at_steps": "[5,6]", "trainer.max_steps": 10,
@@ -222,9 +216,9 @@ def test_rollback_returns_to_the_last_checkpoint_then_gives_up(shard_dirs: dict,
 
 def test_a_diverged_run_commits_no_checkpoint_and_exports_nothing(shard_dirs: dict, tiny_model: Path,
                                                                   tmp_path: Path) -> None:
-    """``optim.lr=1000`` with a checkpoint due at every step. The first update blows the weights up (finite, but
-    every later loss is NaN); the run ends before ``max_consecutive_bad_steps``. The feature encoder trains, as in
-    configs/demo.yaml: frozen, the weights stay small enough for finite logits."""
+    """``optim.lr=1000`` with a checkpoint due at every step. The first update blows the weights up (finite,
+    but every later loss is NaN); the run ends before ``max_consecutive_bad_steps``. The feature encoder
+    trains, as in configs/demo.yaml: frozen, the weights stay small enough for finite logits."""
     out = tmp_path / "run"
     proc = run_single(["--config", "configs/debug.yaml", *overrides(
         shard_dirs, tiny_model, out, **{"optim.lr": 1000, "model.freeze_feature_encoder": False,
@@ -246,8 +240,8 @@ def test_a_diverged_run_commits_no_checkpoint_and_exports_nothing(shard_dirs: di
 
 def test_resume_with_another_model_is_refused_before_anything_is_written(shard_dirs: dict, tiny_model: Path,
                                                                          tmp_path: Path) -> None:
-    """Another model of the same family and shapes (another seed): DeepSpeed would load it without a word, and
-    the model card would name it as the base model."""
+    """Another model of the same family and shapes (another seed): DeepSpeed would load it without a word,
+    and the model card would name it as the base model."""
     from w2v_dist.model import init_model
 
     out, other = tmp_path / "run", init_model(tmp_path / "other", "tiny", seed=1)
@@ -279,8 +273,8 @@ def test_best_export_and_checkpoint_scores(shard_dirs: dict, tiny_model: Path, t
 
 @pytest.mark.parametrize("stage", [2, 3])
 def test_bf16_zero_export_keeps_fp32_weights(shard_dirs: dict, tiny_model: Path, tmp_path: Path, stage: int) -> None:
-    """bf16 training keeps 16-bit module copies; the export must carry the fp32 master and the untouched frozen
-    encoder, not bf16-rounded weights."""
+    """bf16 training keeps 16-bit module copies; the export must carry the fp32 master and the untouched
+    frozen encoder, not bf16-rounded weights."""
     out = tmp_path / "run"
     check(run_deepspeed(["--config", "configs/demo.yaml", *overrides(
         shard_dirs, tiny_model, out, **{"deepspeed.precision": "bf16", "deepspeed.zero_stage": stage,
@@ -299,32 +293,22 @@ def test_bf16_zero_export_keeps_fp32_weights(shard_dirs: dict, tiny_model: Path,
 
 def test_sigkill_of_one_rank_fails_fast_and_relaunch_resumes(shard_dirs: dict, tiny_model: Path,
                                                              tmp_path: Path) -> None:
-    import os
     import signal
-    import subprocess
-    import sys
     import time
 
-    import psutil
-    from helpers import REPO, free_port
+    from tests.support.launch import Job, Local
 
     out = tmp_path / "run"
     args = overrides(shard_dirs, tiny_model, out, **{"trainer.max_steps": 60, "trainer.save_every": 5,
                                                     "trainer.eval_every": 0, "trainer.collective_timeout_minutes": 1})
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", WANDB_MODE="disabled")
-    cmd = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", "2", "--master_port", str(free_port()),
-           str(REPO / "train.py"), "--config", "configs/demo.yaml", *args]
-    launcher = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 300
-    while time.time() < deadline and not (out / "checkpoints" / "latest").exists():
-        time.sleep(0.2)
+    job = Job(Local(), ["--config", "configs/demo.yaml", *args], tmp_path / "logs")
+    job.wait_for((out / "checkpoints" / "latest").exists, "the first checkpoint", timeout=300)
     time.sleep(1.0)
-    victim = [p for p in psutil.Process(launcher.pid).children(recursive=True)
-              if "--local_rank=1" in " ".join(p.cmdline())][0]
     killed_at = time.time()
-    victim.send_signal(signal.SIGKILL)
-    output, _ = launcher.communicate(timeout=180)
-    assert launcher.returncode != 0
+    job.signal(signal.SIGKILL, "rank1")
+    codes = job.finish(timeout=180)
+    output = job.output()
+    assert codes != [0]
     assert time.time() - killed_at < 120, "the surviving rank must not hang"
     assert "exits with return code = -9" in output or "Another rank has most likely died" in output, output[-3000:]
     saved = (out / "checkpoints" / "latest").read_text()
@@ -336,7 +320,8 @@ def test_sigkill_of_one_rank_fails_fast_and_relaunch_resumes(shard_dirs: dict, t
 
 def test_two_ranks_two_workers_over_three_uneven_shards_finish(corpus: Path, tiny_model: Path, shard_dirs: dict,
                                                                tmp_path: Path) -> None:
-    """4 data slots over 3 shards of different sizes: naive shard splitting would leave a slot empty and hang."""
+    """4 data slots over 3 shards of different sizes: naive shard splitting would leave a slot empty and
+    hang."""
     from w2v_dist.prep.shards import ShardOptions, shard_corpus
     from w2v_dist.prep.sources import librispeech_sources
 
@@ -387,8 +372,9 @@ def test_speed_perturbation_trains(shard_dirs: dict, tiny_model: Path, tmp_path:
 
 def test_a_mix_of_two_shard_sets_trains_counts_each_and_resumes_exactly(shard_dirs: dict, tiny_model: Path,
                                                                        tmp_path: Path) -> None:
-    """``data.train_mix``: a quarter of one set and all of another per epoch; metrics.jsonl counts the utterances
-    of each; 6 steps straight == 3 steps, stop, rerun (the per-epoch subsets are part of the exact resume)."""
+    """``data.train_mix``: a quarter of one set and all of another per epoch; metrics.jsonl counts the
+    utterances of each; 6 steps straight == 3 steps, stop, rerun (the per-epoch subsets are part of the exact
+    resume)."""
     train, second = str(shard_dirs["train-clean-100"]), str(shard_dirs["dev-clean"])
     # schedule.steps: the interrupted run's launches stop before the 6-step schedule ends.
     common = {"schedule.steps": 6, "data.train_shards": "''", "data.train_mix": f"{{{train}: 0.25, {second}: 1.0}}",

@@ -1,7 +1,7 @@
-"""A rank set up as every w2v-dist entry point sets one up, that takes part in collectives and then ends normally
-(or, with ``raise``, with an unhandled exception; with ``collective-failure OUTPUT_DIR``, through the trainer's
-own ``train()`` after a peer died), leaving the process group to the framework. Says at the very end of its life
-whether the group was still there."""
+"""A rank set up as every w2v-dist entry point sets one up, that takes part in collectives and then ends
+normally (or, with ``raise``, with an unhandled exception; with ``collective-failure OUTPUT_DIR``, through
+the trainer's own ``train()`` after a peer died), leaving the process group to the framework. Says at the
+very end of its life whether the group was still there."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from w2v_dist import dist
-from w2v_dist.run import start_process
+from w2v_dist.process import end_process, start_process
 
 
 def report() -> None:  # registered first, so it runs after the framework's own exit handlers
@@ -32,9 +32,9 @@ def collectives(world: dist.World) -> None:
 
 
 def fail_in_a_collective(output_dir: str) -> None:
-    """``train()`` itself, with the run reduced to a started process and the trainer to collectives: rank 1 is
-    killed after the first ones, rank 0's next collective fails, and ``train()`` ends rank 0 as it ends a real
-    run, with ``SystemExit``."""
+    """``train()`` itself, with the run reduced to a started process and the trainer to collectives: rank 1
+    is killed after the first ones, rank 0's next collective fails, and ``train()`` ends rank 0 as it ends a
+    real run, with ``SystemExit``."""
     from w2v_dist import trainer
     from w2v_dist.checkpoint.commit import Checkpointer
     from w2v_dist.config import load_config
@@ -66,4 +66,4 @@ if __name__ == "__main__":
     collectives(world)
     if sys.argv[1:] == ["raise"]:
         raise RuntimeError("a rank that fails")
-    dist.end_process(0)  # as w2v-dist's entry points end
+    end_process(0)  # as w2v-dist's entry points end

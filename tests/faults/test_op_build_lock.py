@@ -1,4 +1,5 @@
-"""A first run killed while DeepSpeed JIT-builds its CPU all-reduce op must not leave later runs hung on the lock."""
+"""A first run killed while DeepSpeed JIT-builds its CPU all-reduce op must not leave later runs hung on the
+lock."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import REPO, check, overrides
+
+from tests.support.launch import REPO, launch_env
+from tests.support.runs import check, overrides
 
 pytestmark = pytest.mark.slow
 
@@ -18,11 +21,10 @@ pytestmark = pytest.mark.slow
 def test_a_run_killed_during_the_op_build_does_not_hang_the_next_one(shard_dirs: dict, tiny_model: Path,
                                                                       tmp_path: Path) -> None:
     extensions = tmp_path / "torch_extensions"  # a cold cache: this run builds the op
-    env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(extensions), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="2",
-               WANDB_MODE="disabled")
+    env = launch_env(TORCH_EXTENSIONS_DIR=str(extensions), OMP_NUM_THREADS="2")
     args = [sys.executable, str(REPO / "train.py"), "--config", "configs/debug.yaml",
-            *overrides(shard_dirs, tiny_model, tmp_path / "run", **{"trainer.max_steps": 1, "trainer.eval_every": 0,
-                                                                    "trainer.save_every": 0, "data.num_workers": 0})]
+            *overrides(shard_dirs, tiny_model, tmp_path / "run", **{
+                "trainer.max_steps": 1, "trainer.eval_every": 0, "trainer.save_every": 0, "data.num_workers": 0})]
     first = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                              start_new_session=True)
     deadline = time.monotonic() + 300

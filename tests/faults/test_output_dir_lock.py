@@ -1,5 +1,5 @@
-"""One run per output_dir: a second run started while the first one runs refuses at once, naming the first, and
-writes nothing there; the first goes on to one clean timeline."""
+"""One run per output_dir: a second run started while the first one runs refuses at once, naming the first,
+and writes nothing there; the first goes on to one clean timeline."""
 
 from __future__ import annotations
 
@@ -12,9 +12,10 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import REPO, metrics, overrides, run_single
 
-from w2v_dist.faults import PAUSE_ENV
+from tests.support.launch import REPO, run_single
+from tests.support.runs import metrics, overrides
+from w2v_dist.faults import pause_env, pause_marker
 from w2v_dist.lock import LEASE_FILE
 
 pytestmark = pytest.mark.slow
@@ -33,15 +34,15 @@ def test_a_second_run_on_a_busy_output_dir_refuses_naming_the_holder_and_writes_
     markers.mkdir()
     args = ["--config", "configs/debug.yaml", *overrides(shard_dirs, tiny_model, out, **{
         "trainer.max_steps": STEPS, "trainer.eval_every": 2, "trainer.save_every": 2})]
-    # Held after update 1 (a pause point, then SIGSTOP until the second run is done): lease and all, nothing of
-    # the first run changes meanwhile.
-    env = dict(os.environ, OMP_NUM_THREADS="2", WANDB_MODE="disabled", **{PAUSE_ENV: f"step#1:0:5:{markers}"})
+    # Held after update 1 (a pause point, then SIGSTOP until the second run is done): lease and all, nothing
+    # of the first run changes meanwhile.
+    env = dict(os.environ, OMP_NUM_THREADS="2", WANDB_MODE="disabled", **pause_env("step#1", 0, 5, markers))
     log = tmp_path / "first.log"
     first = subprocess.Popen([sys.executable, str(REPO / "train.py"), *args], cwd=REPO, env=env,
                              stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 300
-        while not (markers / "step.rank0").exists():
+        while not pause_marker(markers, "step#1", 0).exists():
             assert first.poll() is None and time.monotonic() < deadline, log.read_text()[-4000:]
             time.sleep(0.05)
         os.kill(first.pid, signal.SIGSTOP)

@@ -1,5 +1,5 @@
-"""Remote shards that fail mid-transfer are re-opened, skipping what was read; a shard that keeps failing stops
-the run naming it (without its credentials)."""
+"""Remote shards that fail mid-transfer are re-opened, skipping what was read; a shard that keeps failing
+stops the run naming it (without its credentials)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import POLICY, http_server, make_loader, preprocess
 
+from tests.support.data import POLICY, http_server, preprocess
 from w2v_dist.data.index import load_shard_set
-from w2v_dist.data.loader import EvalStream, TrainStream
+from w2v_dist.data.loader import EvalStream, TrainStream, make_loader
 from w2v_dist.data.plan import StreamLayout
 from w2v_dist.data.shard_reader import RemoteShardError, RetryPolicy
 
@@ -65,10 +65,12 @@ def test_a_failing_pipe_command_is_retried(shard_dirs: dict, tiny_model: Path, t
 
 @pytest.mark.slow
 def test_secrets_never_reach_what_the_run_writes(shard_dirs: dict, tiny_model: Path, tmp_path: Path) -> None:
-    """A token in the environment (used through ${oc.env:...}), a password in a URL and a bearer token in the shard
-    command: none of them appears in any file under output_dir (config.yaml, checkpoints, metrics, the wandb
-    offline run) or in the console. The server also cuts every shard once: the retries reach metrics.jsonl."""
-    from helpers import REPO, check, metrics, overrides, run_single
+    """A token in the environment (used through ${oc.env:...}), a password in a URL and a bearer token in the
+    shard command: none of them appears in any file under output_dir (config.yaml, checkpoints, metrics, the
+    wandb offline run) or in the console. The server also cuts every shard once: the retries reach
+    metrics.jsonl."""
+    from tests.support.launch import REPO, run_single
+    from tests.support.runs import check, metrics, overrides
 
     secrets = {"W2V_TEST_TOKEN": "tok-env-0123456789abcdef", "url": "literal-url-pass-98765",
                "header": "literal-cmd-token-0123456789"}

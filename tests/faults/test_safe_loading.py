@@ -18,11 +18,13 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import REPO, check, free_port, overrides, run_deepspeed, run_single
 
+from tests.support.launch import REPO, free_port, launch_env, run_deepspeed, run_single
+from tests.support.runs import check, overrides
 from w2v_dist import dist
-from w2v_dist.checkpoint.commit import Checkpointer, rng_state
+from w2v_dist.checkpoint.commit import Checkpointer
 from w2v_dist.checkpoint.files import UnsafeCheckpointError, check_checkpoint_files, convert_to_universal, safe_load
+from w2v_dist.checkpoint.resume import rng_state
 
 TAG = "step_00000002"
 OPTIM = "zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
@@ -145,8 +147,8 @@ def test_a_universal_dir_found_on_disk_is_rebuilt_never_loaded(tmp_path: Path,
     (directory / "latest_universal").write_text("universal")  # left by an older conversion: not a checkpoint file
     monkeypatch.setattr(subprocess, "run", fake_converter)
     engine = UniversalLoader()
-    client_state = Checkpointer(tmp_path, dist.World(0, 0, 1), keep_last=2).resume(engine)  # type: ignore[arg-type]
-    assert client_state == {"run": {"step": 2}}
+    saved = Checkpointer(tmp_path, dist.World(0, 0, 1), keep_last=2).resume(engine)  # type: ignore[arg-type]
+    assert saved is not None and saved.run == {"step": 2}
     assert not (tmp_path / "PWNED").exists()
     assert engine.loaded == [MODEL, "zero/optimizer_state.pt", "zero/w/fp32.pt"]  # what the conversion wrote
     assert sorted(p.name for p in directory.iterdir()) == sorted([*(p.name for p in (tmp_path / "clean").iterdir()),
@@ -160,9 +162,9 @@ def test_a_refusal_on_rank_0_reaches_the_other_ranks(tmp_path: Path) -> None:
     directory = write_tag(tmp_path, world_size=1)
     plant(directory / OPTIM.format(rank=0), tmp_path / "PWNED")
     port, worker = str(free_port()), str(REPO / "tests" / "faults" / "safe_loading_worker.py")
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
-    procs = [subprocess.Popen([sys.executable, worker, str(rank), port, str(tmp_path)], env=env, cwd=REPO,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in range(2)]
+    procs = [subprocess.Popen([sys.executable, worker, str(rank), port, str(tmp_path)], env=launch_env(),
+                              cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for rank in range(2)]
     try:
         outputs = [proc.communicate(timeout=120) for proc in procs]
     finally:

@@ -1,5 +1,5 @@
-"""Batches leave the loader's workers through reused shared memory, and are normalised on the device exactly as
-the feature extractor would have done it in the worker."""
+"""Batches leave the loader's workers through reused shared memory, and are normalised on the device exactly
+as the feature extractor would have done it in the worker."""
 
 from __future__ import annotations
 
@@ -92,8 +92,7 @@ def _record_mask(worker_id: int) -> None:
 
 def test_workers_are_forked_with_the_stop_signals_blocked() -> None:
     """Between fork and the worker's own set-up, a SIGTERM sent to every process of the job must not kill it."""
-    from w2v_dist.data.loader import start_workers
-    from w2v_dist.preemption import STOP_SIGNALS
+    from w2v_dist.preemption import STOP_SIGNALS, start_workers
 
     loader = DataLoader(_MaskAtStart(), batch_size=None, num_workers=1, multiprocessing_context="fork",
                         worker_init_fn=_record_mask)

@@ -1,7 +1,7 @@
 """The commit protocol of ``Checkpointer.save`` on its own: a crash at any moment of writing ``latest``,
-``scores.json`` or ``world.json`` leaves the old file whole, and ``latest`` never moves past a manifest that
-does not match the disk. DeepSpeed is replaced by a fake engine; rank 1 of a 2-rank world is played at rank 0's
-barrier (no process group: ``dist.barrier`` is otherwise a no-op)."""
+``scores.json`` or ``world.json`` leaves the old file whole, and ``latest`` never moves past a manifest
+that does not match the disk. DeepSpeed is replaced by a fake engine; rank 1 of a 2-rank world is played
+at rank 0's barrier (no process group: ``dist.barrier`` is otherwise a no-op)."""
 
 from __future__ import annotations
 
@@ -17,10 +17,15 @@ from typing import Any
 import pytest
 
 from w2v_dist import dist
-from w2v_dist.checkpoint.commit import MANIFEST, WORLD_FILE, Checkpointer, IncompleteCheckpointError
+from w2v_dist.checkpoint.commit import Checkpointer, IncompleteCheckpointError
+from w2v_dist.checkpoint.saved import SavedRun
+from w2v_dist.checkpoint.tags import MANIFEST, WORLD_FILE
 from w2v_dist.dist import World
 
-STATE: dict[str, Any] = {"loader": None}
+
+def at_step(step: int) -> SavedRun:
+    """What the trainer saves, reduced to its step."""
+    return SavedRun(world_size=1, step=step, layout=None)
 
 
 class Crash(BaseException):
@@ -92,32 +97,32 @@ CRASHES: dict[str, Callable[[str], Any]] = {"while-writing": crash_while_writing
 @pytest.mark.parametrize("moment", CRASHES)
 def test_a_crash_while_latest_is_written_leaves_it_naming_the_previous_tag(tmp_path: Path, moment: str) -> None:
     ckpt = Checkpointer(tmp_path, World(0, 0, 1), keep_last=2)
-    ckpt.save(FakeEngine(), 10, STATE)
+    ckpt.save(FakeEngine(), at_step(10))
     with CRASHES[moment]("latest"), pytest.raises(Crash):
-        ckpt.save(FakeEngine(), 20, STATE)
+        ckpt.save(FakeEngine(), at_step(20))
     assert (ckpt.root / "latest").read_text() == "step_00000010"
     assert ckpt.resumable_tag() == "step_00000010"
-    ckpt.save(FakeEngine(), 20, STATE)  # the relaunch saves again over what the crash left
+    ckpt.save(FakeEngine(), at_step(20))  # the relaunch saves again over what the crash left
     assert ckpt.latest_tag() == "step_00000020" and not ckpt.missing("step_00000020")
 
 
 @pytest.mark.parametrize("moment", CRASHES)
 def test_a_crash_while_scores_are_written_keeps_the_old_scores_readable(tmp_path: Path, moment: str) -> None:
     ckpt = Checkpointer(tmp_path, World(0, 0, 1), keep_last=1, keep_best=1)
-    ckpt.save(FakeEngine(), 10, STATE, score=0.5)
+    ckpt.save(FakeEngine(), at_step(10), score=0.5)
     with CRASHES[moment]("scores.json"), pytest.raises(Crash):
-        ckpt.save(FakeEngine(), 20, STATE, score=0.4)
+        ckpt.save(FakeEngine(), at_step(20), score=0.4)
     assert ckpt.scores() == {"step_00000010": 0.5}
-    ckpt.save(FakeEngine(), 30, STATE, score=0.3)  # the relaunch's saves read them
+    ckpt.save(FakeEngine(), at_step(30), score=0.3)  # the relaunch's saves read them
     assert ckpt.scores() == {"step_00000010": 0.5, "step_00000030": 0.3}
 
 
 @pytest.mark.parametrize("moment", CRASHES)
 def test_a_crash_while_world_json_is_written_leaves_none_half_written(tmp_path: Path, moment: str) -> None:
     ckpt = Checkpointer(tmp_path, World(0, 0, 1), keep_last=2)
-    ckpt.save(FakeEngine(), 10, STATE)
+    ckpt.save(FakeEngine(), at_step(10))
     with CRASHES[moment](WORLD_FILE), pytest.raises(Crash):
-        ckpt.save(FakeEngine(), 20, STATE)
+        ckpt.save(FakeEngine(), at_step(20))
     assert not (ckpt.root / "step_00000020" / WORLD_FILE).exists()
     assert ckpt.missing("step_00000020") == [WORLD_FILE] and ckpt.resumable_tag() == "step_00000010"
 
@@ -127,8 +132,8 @@ LIES: dict[str, tuple[int | None, int]] = {"names-a-missing-file": (None, 32), "
 
 
 def play_rank_one(patch: pytest.MonkeyPatch, ckpt: Checkpointer, lie: tuple[int | None, int] | None) -> None:
-    """Rank 1 writes its part during save's second barrier (the one after every rank's manifest), truthfully or
-    with ``lie``."""
+    """Rank 1 writes its part during save's second barrier (the one after every rank's manifest),
+    truthfully or with ``lie``."""
     barriers = 0
 
     def barrier() -> None:
@@ -151,10 +156,10 @@ def test_latest_does_not_move_past_a_manifest_that_lies(tmp_path: Path, monkeypa
                                                        lie: str) -> None:
     ckpt = Checkpointer(tmp_path, World(0, 0, 2), keep_last=1, keep_best=1)
     play_rank_one(monkeypatch, ckpt, None)
-    ckpt.save(FakeEngine(), 10, STATE, score=0.5)
+    ckpt.save(FakeEngine(), at_step(10), score=0.5)
     assert ckpt.latest_tag() == "step_00000010" and not ckpt.missing("step_00000010")
     play_rank_one(monkeypatch, ckpt, LIES[lie])
     with pytest.raises(IncompleteCheckpointError, match=r"step_00000020 is incomplete .*rng_rank1\.pt \(rank 1"):
-        ckpt.save(FakeEngine(), 20, STATE, score=0.1)
+        ckpt.save(FakeEngine(), at_step(20), score=0.1)
     assert ckpt.latest_tag() == "step_00000010" and ckpt.resumable_tag() == "step_00000010"
     assert ckpt.scores() == {"step_00000010": 0.5} and ckpt.tags() == ["step_00000010", "step_00000020"]

@@ -1,7 +1,7 @@
-"""What resume checks of what it resumes: each file's checksum (recorded and flushed to the disk before ``latest``
-moves), that ``latest`` still names something, and that the checkpoint holds the model this run trains. DeepSpeed
-is replaced by a fake engine that writes one file of random bytes; one process, so the collective choice of
-``resume_tag`` is rank 0's own."""
+"""What resume checks of what it resumes: each file's checksum (recorded and flushed to the disk before
+``latest`` moves), that ``latest`` still names something, and that the checkpoint holds the model this run
+trains. DeepSpeed is replaced by a fake engine that writes one file of random bytes; one process, so the
+collective choice of ``resume_tag`` is rank 0's own."""
 
 from __future__ import annotations
 
@@ -14,12 +14,19 @@ from typing import Any
 
 import pytest
 
-from w2v_dist.checkpoint.commit import MANIFEST, WORLD_FILE, Checkpointer, ResumeError
+from w2v_dist.checkpoint.commit import Checkpointer
+from w2v_dist.checkpoint.resume import ResumeError
+from w2v_dist.checkpoint.saved import SavedRun
+from w2v_dist.checkpoint.tags import MANIFEST, WORLD_FILE
 from w2v_dist.dist import World
 
 MODEL_FILE = "mp_rank_00_model_states.pt"
-STATE: dict[str, Any] = {"loader": None}
 MODEL = {"name_or_path": "runs/base", "family": "wav2vec2", "architecture": "a1", "vocabulary": "v1"}
+
+
+def at_step(step: int) -> SavedRun:
+    """What the trainer saves, reduced to its step."""
+    return SavedRun(world_size=1, step=step, layout=None)
 
 
 class FakeEngine:
@@ -32,7 +39,7 @@ class FakeEngine:
 def saved(tmp_path: Path, *steps: int, model: dict[str, str] | None = MODEL) -> Checkpointer:
     ckpt = Checkpointer(tmp_path, World(0, 0, 1), keep_last=3, model=model)
     for step in steps:
-        ckpt.save(FakeEngine(), step, STATE)
+        ckpt.save(FakeEngine(), at_step(step))
     return ckpt
 
 
@@ -118,3 +125,13 @@ def test_model_identity_tells_models_apart_by_name_architecture_and_vocabulary(t
     path = tmp_path / "base"
     assert identity_mismatch(base, model_identity(path, AutoModelForCTC.from_pretrained(path), other)) == \
         ["vocabulary"]
+
+
+def test_export_skips_a_latest_damaged_at_the_same_size_as_resume_does(tmp_path: Path) -> None:
+    from w2v_dist.export import find_checkpoint
+
+    ckpt = saved(tmp_path, 10, 20)
+    with open(ckpt.root / "step_00000020" / MODEL_FILE, "r+b") as handle:  # bit rot, the size unchanged
+        handle.seek(1024)
+        handle.write(bytes(1024))
+    assert find_checkpoint(tmp_path).tag == ckpt.resume_tag() == "step_00000010"

@@ -3,7 +3,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from w2v_dist.checkpoint.commit import MANIFEST, WORLD_FILE, Checkpointer
+from w2v_dist.checkpoint.commit import Checkpointer
+from w2v_dist.checkpoint.tags import MANIFEST, WORLD_FILE
 from w2v_dist.dist import World
 
 
@@ -72,3 +73,31 @@ def test_export_without_latest_picks_the_newest_complete_tag(tmp_path: Path) -> 
     torn = committed(ckpt, "step_00000004", world_size=2)
     (torn / MANIFEST.format(rank=0)).unlink()
     assert find_checkpoint(tmp_path).tag == "step_00000002"
+
+
+def test_export_evaluate_and_transcribe_skip_a_torn_latest_as_resume_does(tmp_path: Path, monkeypatch,
+                                                                          caplog) -> None:
+    """One "which checkpoint" for resume and the tools: a torn ``latest`` is skipped with the same warning,
+    and with nothing complete left the tools refuse, naming what is missing, instead of loading it."""
+    import pytest
+
+    from w2v_dist import export
+    from w2v_dist.export import ModelSourceError, find_checkpoint, load_for_inference
+
+    ckpt = Checkpointer(tmp_path, World(0, 0, 2), keep_last=3)
+    committed(ckpt, "step_00000003", world_size=2)
+    torn = committed(ckpt, "step_00000006", world_size=2)
+    (torn / "part1.pt").write_bytes(b"x")  # rank 1 died mid-write
+    (ckpt.root / "latest").write_text("step_00000006")
+    assert ckpt.resumable_tag() == "step_00000003"
+    caplog.clear()
+    assert find_checkpoint(tmp_path).tag == find_checkpoint(ckpt.root).tag == "step_00000003"
+    assert "step_00000006 (named by latest) is incomplete or damaged: part1.pt (rank 1" in caplog.text
+    monkeypatch.setattr(export, "model_from_checkpoint", lambda ref: ref)  # evaluate's and transcribe's
+    assert load_for_inference(tmp_path).tag == "step_00000003"  # type: ignore[attr-defined]
+    assert find_checkpoint(tmp_path, tag="step_00000006").tag == "step_00000006", "--tag is taken as named"
+    (ckpt.root / "step_00000003" / "part0.pt").unlink()
+    with pytest.raises(ModelSourceError, match=r"latest names step_00000006, but it is incomplete or "
+                                               r"damaged \(part1.pt \(rank 1: 1 bytes, 11 written\)\) and "
+                                               r"no other complete checkpoint is left"):
+        find_checkpoint(tmp_path)

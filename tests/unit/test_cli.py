@@ -105,8 +105,8 @@ def test_make_clean_removes_what_the_build_wrote_and_keeps_the_users_data(tmp_pa
 
 
 def test_library_prints_reach_stderr_and_the_commands_output_stdout() -> None:
-    """DeepSpeed warns on stdout as it is imported (without DS_ACCELERATOR); under ``command_stdout`` that lands on
-    stderr, while ``emit`` still writes the command's output to stdout."""
+    """DeepSpeed warns on stdout as it is imported (without DS_ACCELERATOR); under ``command_stdout`` that
+    lands on stderr, while ``emit`` still writes the command's output to stdout."""
     code = ("from w2v_dist.console import command_stdout, emit\n"
             "with command_stdout():\n    import deepspeed\n    print('a library talking')\n    emit('{\"a\": 1}')\n")
     env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}
@@ -118,7 +118,7 @@ def test_library_prints_reach_stderr_and_the_commands_output_stdout() -> None:
 
 def test_bench_stdout_holds_only_its_json_lines(monkeypatch: pytest.MonkeyPatch,
                                                 capsys: pytest.CaptureFixture[str]) -> None:
-    from w2v_dist.bench import loader, output
+    from benchmarks import loader, output
 
     def bench(*args: object) -> None:
         print("[WARNING] a library's warning on stdout")
@@ -146,7 +146,7 @@ def test_bench_gpu_refuses_on_a_machine_without_one_naming_what_it_needs(tmp_pat
 
 
 def test_bench_gpu_quick_covers_every_candidate_and_recommends_the_fastest_of_ours() -> None:
-    from w2v_dist.bench.gpu import trials, variants_table
+    from benchmarks.gpu import trials, variants_table
     from w2v_dist.config import _CHOICES
 
     quick = trials(quick=True)

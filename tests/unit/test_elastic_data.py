@@ -9,13 +9,15 @@ from dataclasses import replace
 import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
-from test_plan import SR, make_shards
 
+from tests.support.data import SR, make_shards
 from w2v_dist.data.audio import EncoderGeometry
-from w2v_dist.data.index import ShardIndexError, ShardSet, Utterance, mix_shard_sets
+from w2v_dist.data.index import ShardIndexError, ShardSet, Utterance
 from w2v_dist.data.loader import Preprocess, TrainStream
-from w2v_dist.data.plan import BatchPolicy, StreamLayout, epoch_sample
+from w2v_dist.data.mix import epoch_sample, epoch_samples, mix_shard_sets, part_name
+from w2v_dist.data.plan import BatchPolicy, StreamLayout
 from w2v_dist.data.shapes import ShapeGrid
+from w2v_dist.data.slots import TrainPlan
 
 POLICY = BatchPolicy(max_batch_samples=30 * SR, max_batch_size=4, bucket_window=8, shuffle_buffer=6)
 Micro = tuple[int, tuple[str, ...]]
@@ -32,31 +34,36 @@ def as_shard_set(shards: Shards, name: str = "mem") -> ShardSet:
                     tuple(sum(u.num_samples for u in s) / SR for s in shards), tuple(map(tuple, shards)), SR)
 
 
+# Only the filters matter at plan speed: no labeler, no collator.
+PREP = Preprocess(labels=None, collator=None, geometry=EncoderGeometry(), min_samples=2 * SR,  # type: ignore
+                  max_samples=19 * SR)
+
+
 def stream_for(shards: Shards, layout: StreamLayout, rank: int, world: int, update: int) -> TrainStream:
-    shard_set = as_shard_set(shards)
-    # Only the filters matter at plan speed: no labeler, no collator.
-    prep = Preprocess(labels=None, collator=None, geometry=EncoderGeometry(), min_samples=2 * SR,  # type: ignore
-                      max_samples=19 * SR)
-    stream = TrainStream(shard_set, POLICY, prep, rank=rank, world_size=world, layout=layout)
+    stream = TrainStream(as_shard_set(shards), POLICY, PREP, rank=rank, world_size=world, layout=layout)
     stream.update = update
     return stream
 
 
+def plan_for(shards: Shards, layout: StreamLayout, rank: int = 0, world: int = 1) -> TrainPlan:
+    return TrainPlan(as_shard_set(shards), POLICY, PREP.skip_reason, layout, rank=rank, world_size=world)
+
+
 def run_era(shards: Shards, layout: StreamLayout, world: int, num_workers: int, start: int,
             end: int) -> dict[int, list[tuple[int, Micro]]]:
-    """Per update in [start, end): (stream, micro-batch) as the ranks take them, the DataLoader's order included
-    (item i of a rank from worker i % workers)."""
+    """Per update in [start, end): (stream, micro-batch) as the ranks take them, the DataLoader's order
+    included (item i of a rank from worker i % workers)."""
     taken: dict[int, list[tuple[int, Micro]]] = defaultdict(list)
     workers = max(1, layout.workers(world, num_workers))
     for rank in range(world):
-        stream = stream_for(shards, layout, rank, world, start)
-        per_worker = [stream.items(w, workers, stream.planned) for w in range(workers)]
+        plan = plan_for(shards, layout, rank, world)
+        per_worker = [plan.items(start, w, workers, plan.planned) for w in range(workers)]
         rank_order = []
-        for item in range((end - start) * stream.per_rank):
+        for item in range((end - start) * plan.per_rank):
             update, stream_id, (epoch, batch) = next(per_worker[item % workers])
             rank_order.append(stream_id)
             taken[update].append((stream_id, (epoch, tuple(u.key for u in batch))))
-        expected = [rank + j * world for j in range(stream.per_rank)] * (end - start)
+        expected = [rank + j * world for j in range(plan.per_rank)] * (end - start)
         assert rank_order == expected, "a rank takes its streams in order, update after update"
     return taken
 
@@ -69,8 +76,10 @@ def audit(shards: Shards, layout: StreamLayout, eras: list[tuple[int, int, int]]
         seen.update(run_era(shards, layout, world, workers, start, start + steps))
         start += steps
     for update in range(total):
-        assert sorted(seen[update]) == sorted(reference[update]), f"update {update} differs from the straight run"
-        assert sorted(s for s, _ in seen[update]) == list(range(layout.streams)), "one micro-batch per stream"
+        assert sorted(seen[update]) == sorted(reference[update]), \
+            f"update {update} differs from the straight run"
+        assert sorted(s for s, _ in seen[update]) == list(range(layout.streams)), \
+            "one micro-batch per stream"
     per_epoch: dict[int, Counter[str]] = defaultdict(Counter)
     for update in range(total):
         for _, (epoch, keys) in seen[update]:
@@ -78,15 +87,18 @@ def audit(shards: Shards, layout: StreamLayout, eras: list[tuple[int, int, int]]
     for epoch, counts in per_epoch.items():
         assert max(counts.values()) == 1, f"epoch {epoch}: an utterance read twice"
     # An epoch that every slot has read to its end holds every utterance the filters keep, exactly once.
-    planner = stream_for(shards, layout, 0, 1, 0)
+    planner = plan_for(shards, layout)
     read = Counter((layout.slot(stream, update), epoch)
                    for update in range(total) for stream, (epoch, _) in seen[update])
 
-    def kept(epoch: int) -> set[str]:  # what the epoch reads (for a mix, its share of each set) and the filters keep
-        return {u.key for s in planner.epoch_utterances(epoch) for u in s if 2 * SR <= u.num_samples <= 19 * SR}
+    def kept(epoch: int) -> set[str]:
+        """What the epoch reads (for a mix, its share of each set) and the filters keep."""
+        return {u.key for s in planner.epoch_utterances(epoch) for u in s
+                if 2 * SR <= u.num_samples <= 19 * SR}
 
     complete = [epoch for epoch in per_epoch
-                if all(read[(slot, epoch)] == len(planner.plan(slot, epoch)[0]) for slot in range(layout.slots))]
+                if all(read[(slot, epoch)] == len(planner.slot_epoch(slot, epoch)[0])
+                       for slot in range(layout.slots))]
     for epoch in complete:
         assert set(per_epoch[epoch]) == kept(epoch), f"epoch {epoch} is missing utterances"
     if total >= 3 * layout.readers * len(kept(0)):  # long enough that some epoch must have been completed
@@ -97,9 +109,11 @@ def audit(shards: Shards, layout: StreamLayout, eras: list[tuple[int, int, int]]
 @settings(max_examples=40, deadline=None, database=None)
 @given(data=st.data(), streams=st.sampled_from([1, 2, 4, 6]), readers=st.integers(1, 3),
        sizes=st.lists(st.integers(3, 30), min_size=1, max_size=6), changes=st.integers(1, 4))
-def test_any_sequence_of_world_sizes_reads_the_straight_runs_batches(data: st.DataObject, streams: int, readers: int,
-                                                                      sizes: list[int], changes: int) -> None:
-    assume(sum(sizes) >= 4 * streams * readers)  # fewer and some slot may get nothing for epochs on end (an error)
+def test_any_sequence_of_world_sizes_reads_the_straight_runs_batches(data: st.DataObject, streams: int,
+                                                                      readers: int, sizes: list[int],
+                                                                      changes: int) -> None:
+    # Fewer, and some slot may get nothing for epochs on end (an error).
+    assume(sum(sizes) >= 4 * streams * readers)
     shards = make_shards(sizes, seed=len(sizes))
     layout = StreamLayout(streams, readers, seed=7)
     worlds = [w for w in (1, 2, 3, 4, 6) if streams % w == 0]
@@ -129,13 +143,14 @@ def test_a_mix_reads_its_fraction_of_each_set_per_epoch_across_world_size_change
     b = [[replace(u, key=f"b{u.key}") for u in s] for s in make_shards([10, 15], seed=2)]
     mix = mix_shard_sets({"a": as_shard_set(a, "a"), "b": as_shard_set(b, "b")}, {"a": 1.0, "b": 0.4})
     assert mix.parts == ("a", "b") and mix.shard_parts == (0, 0, 0, 0, 1, 1)
-    assert mix.epoch_samples == 32 + 4 + 6 and mix.part_name(5) == "b"
+    assert epoch_samples(mix) == 32 + 4 + 6 and part_name(mix, 5) == "b"
     assert [u.shard for u in mix.utterances[4]] == [4] * 10  # shard numbers follow the mix's order
     per_epoch = audit(mix, StreamLayout(4, 2, seed=3), [(2, 2, 9), (1, 3, 12), (4, 1, 10), (2, 4, 14)])
-    planner = stream_for(mix, StreamLayout(4, 2, seed=3), 0, 1, 0)
+    planner = plan_for(mix, StreamLayout(4, 2, seed=3))
     b_keys = [{u.key for s in planner.epoch_utterances(epoch)[4:] for u in s} for epoch in (0, 1, 2)]
     assert [len(k) for k in b_keys] == [10, 10, 10] and len(set(map(frozenset, b_keys))) == 3, "a new subset"
-    assert {k for keys in per_epoch.values() for k in keys if k.startswith("b")} <= {u.key for s in b for u in s}
+    read_from_b = {k for keys in per_epoch.values() for k in keys if k.startswith("b")}
+    assert read_from_b <= {u.key for s in b for u in s}
 
 
 def test_epoch_sample_is_a_deterministic_subset_in_tar_order() -> None:
@@ -165,9 +180,11 @@ def test_a_changed_mix_resumes_with_a_warning(caplog: pytest.LogCaptureFixture) 
 
 
 @pytest.mark.parametrize("change, named", [
-    (lambda s: setattr(s, "policy", replace(POLICY, shuffle_buffer=3)), "data.max_batch_seconds/max_batch_size"),
+    (lambda s: setattr(s, "policy", replace(POLICY, shuffle_buffer=3)),
+     "data.max_batch_seconds/max_batch_size"),
     (lambda s: setattr(s, "prep", replace(s.prep, max_samples=10 * SR)), "data.min_seconds/max_seconds"),
-    (lambda s: setattr(s, "shards", as_shard_set(make_shards([4, 5], seed=9))), "the training shards' contents"),
+    (lambda s: setattr(s, "shards", as_shard_set(make_shards([4, 5], seed=9))),
+     "the training shards' contents"),
     (lambda s: setattr(s, "policy", replace(POLICY, grid=ShapeGrid.for_encoder(16, EncoderGeometry(),
                                                                               POLICY.max_batch_samples, 4))),
      "data.shape_quantum_frames"),
@@ -179,7 +196,8 @@ def test_a_resume_onto_other_batches_says_which_input_changed(change, named: str
     moved = stream_for(make_shards([4, 5]), layout, 0, 1, 0)
     moved.shards = replace(moved.shards, location="elsewhere", urls=("elsewhere/s0.tar", "elsewhere/s1.tar"))
     moved.load_state_dict(before.state_dict())
-    assert moved.update == 7 and "changed since the checkpoint" not in caplog.text, "same shards, another place"
+    assert moved.update == 7 and "changed since the checkpoint" not in caplog.text, \
+        "same shards, another place"
     after = stream_for(make_shards([4, 5]), layout, 0, 1, 0)
     change(after)
     after.load_state_dict(before.state_dict())
@@ -187,7 +205,8 @@ def test_a_resume_onto_other_batches_says_which_input_changed(change, named: str
     assert caplog.text.count("changed since the checkpoint") == 1, "one warning, naming only what changed"
 
 
-def test_a_checkpoint_from_before_bounded_shapes_had_free_length_batches(caplog: pytest.LogCaptureFixture) -> None:
+def test_a_checkpoint_from_before_bounded_shapes_had_free_length_batches(
+        caplog: pytest.LogCaptureFixture) -> None:
     layout = StreamLayout(1, 1, seed=3)
     saved = stream_for(make_shards([4, 5]), layout, 0, 1, 7).state_dict()
     del saved["plan_inputs"]["data.shape_quantum_frames"]  # what an older version wrote
@@ -195,17 +214,20 @@ def test_a_checkpoint_from_before_bounded_shapes_had_free_length_batches(caplog:
     free.load_state_dict(saved)
     assert "changed since the checkpoint" not in caplog.text
     bounded = stream_for(make_shards([4, 5]), layout, 0, 1, 0)
-    bounded.policy = replace(POLICY, grid=ShapeGrid.for_encoder(16, EncoderGeometry(), POLICY.max_batch_samples, 4))
+    bounded.policy = replace(POLICY, grid=ShapeGrid.for_encoder(16, EncoderGeometry(),
+                                                                POLICY.max_batch_samples, 4))
     bounded.load_state_dict(saved)
     assert "data.shape_quantum_frames changed since the checkpoint" in caplog.text
 
 
 def test_a_layout_with_more_slots_than_utterances_is_refused_with_its_numbers() -> None:
-    """100 h on 4,096 ranks x 8 workers would leave thousands of slots nothing to read, and the run would stop after
-    three empty epochs: the startup refuses it, naming the counts (``run.build_run`` raises it as an input error)."""
+    """100 h on 4,096 ranks x 8 workers would leave thousands of slots nothing to read, and the run would
+    stop after three empty epochs: the startup refuses it, naming the counts (``run.build_run`` raises it as
+    an input error)."""
     shards = make_shards([3, 2, 2])
-    assert stream_for(shards, StreamLayout(7, 1, 0), 0, 1, 0).layout_problem() is None
-    problem = stream_for(shards, StreamLayout(4, 2, 0), 0, 2, 0).layout_problem()
-    assert problem == ("data: 8 data slots (4 streams x 2 readers) but 7 training utterances per epoch, so 1 slot "
-                       "would read nothing: use fewer slots (trainer.update_seconds or trainer.grad_accum, "
-                       "data.stream_readers or data.num_workers, fewer ranks) or more data")
+    assert plan_for(shards, StreamLayout(7, 1, 0)).layout_problem() is None
+    problem = plan_for(shards, StreamLayout(4, 2, 0), world=2).layout_problem()
+    assert problem == ("data: 8 data slots (4 streams x 2 readers) but 7 training utterances per epoch, "
+                       "so 1 slot would read nothing: use fewer slots (trainer.update_seconds or "
+                       "trainer.grad_accum, data.stream_readers or data.num_workers, fewer ranks) or more "
+                       "data")

@@ -51,7 +51,7 @@ def test_frames_follow_the_conv_strides() -> None:
 
 
 def test_gpu_bench_batches_respect_the_seconds_budget() -> None:
-    from w2v_dist.bench.gpu import planned_batches
+    from benchmarks.gpu import planned_batches
 
     batches = planned_batches(200.0, 5, 32)
     assert len(batches) == 5

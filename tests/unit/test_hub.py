@@ -1,5 +1,5 @@
-"""Hub models on offline compute nodes (:mod:`w2v_dist.hub`): the cache is used without the hub, an unreachable
-hub is one line within seconds, and ``w2v-dist fetch-model`` prints the snapshot it leaves."""
+"""Hub models on offline compute nodes (:mod:`w2v_dist.hub`): the cache is used without the hub, an
+unreachable hub is one line within seconds, and ``w2v-dist fetch-model`` prints the snapshot it leaves."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import free_port, hub_cache
 from huggingface_hub import constants
 
+from tests.support.data import hub_cache
+from tests.support.launch import free_port
 from w2v_dist.cli import main
 from w2v_dist.hub import ModelUnavailable, fetch, is_hub_id
 
@@ -111,8 +112,8 @@ def test_a_hub_that_accepts_but_never_answers_is_one_line_within_seconds(
 
 def test_only_local_rank_0_asks_the_hub_the_others_take_its_snapshot(monkeypatch: pytest.MonkeyPatch,
                                                                      tmp_path: Path) -> None:
-    """resolve() on a rank other than local rank 0 never fetches: it takes the path its node's local rank 0 put
-    in the gather. A problem on any node stops every rank, said by global rank 0 only."""
+    """resolve() on a rank other than local rank 0 never fetches: it takes the path its node's local rank 0
+    put in the gather. A problem on any node stops every rank, said by global rank 0 only."""
     import socket
 
     from w2v_dist import dist, hub

@@ -4,16 +4,14 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.support.launch import REPO, launch_env
 from w2v_dist.cli import main
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def fake_shards(directory: Path, utterances: int = 2, shard_file: bool = True) -> Path:
@@ -67,7 +65,7 @@ def test_dump_config_passes_good_inputs_and_names_an_unset_training_set(tmp_path
 def test_every_rank_stops_on_missing_inputs_before_its_process_group(tmp_path: Path) -> None:
     args, expected = broken_inputs(tmp_path)
     proc = subprocess.run([sys.executable, "train.py", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=300, env=dict(os.environ, DS_ACCELERATOR="cpu", WANDB_MODE="disabled"))
+                          timeout=300, env=launch_env())
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert proc.stderr.splitlines()[-5:] == ["input error: the run cannot start (4 problems):", *expected]
     assert "Traceback" not in proc.stderr and not (tmp_path / "run").exists()  # nothing written, nothing started

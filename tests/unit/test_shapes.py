@@ -1,5 +1,5 @@
-"""Bounded batch shapes (w2v_dist/data/shapes.py): grid lengths, one row count per length, every utterance once,
-at most one batch per slot-epoch not full, and padding within 5 % on a train-clean-100-sized plan."""
+"""Bounded batch shapes (w2v_dist/data/shapes.py): grid lengths, one row count per length, every utterance
+once, at most one batch per slot-epoch not full, and padding within 5 % on a train-clean-100-sized plan."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from w2v_dist.bench.corpus import librispeech_like_seconds
+from benchmarks.corpus import librispeech_like_seconds
 from w2v_dist.data.audio import EncoderGeometry
 from w2v_dist.data.index import Utterance
 from w2v_dist.data.plan import BatchPolicy, assign_pieces, epoch_rng, padding_fraction, plan_batches
@@ -62,8 +62,8 @@ def test_every_utterance_once_on_grid_shapes_with_one_batch_not_full(
 def test_a_train_clean_100_sized_plan_pads_at_most_5_percent_and_has_few_shapes() -> None:
     """28,539 utterances in 26 shards dealt to the base recipe's 48 slots (8 streams x 6 loader workers), the
     recipe's 200 s micro-batches and quantum (16 frames), the default bucket window and shuffle buffer. (Each
-    slot's epoch has ~600 utterances over ~100 grid lengths: most cells do not fill, and their remainders pad to
-    the next longer utterances; 32 frames pads 5.8 % here.)"""
+    slot's epoch has ~600 utterances over ~100 grid lengths: most cells do not fill, and their remainders pad
+    to the next longer utterances; 32 frames pads 5.8 % here.)"""
     rng = np.random.default_rng(0)
     seconds = librispeech_like_seconds(28_539, rng)
     shards = [utterances(list(part)) for part in np.array_split(seconds, 26)]
@@ -98,8 +98,8 @@ def test_padding_fraction_counts_empty_rows() -> None:
 
 @pytest.mark.parametrize("masked", [False, True])
 def test_empty_rows_add_nothing_to_the_loss_or_the_gradients(masked: bool) -> None:
-    """The same utterances with and without a grid shape's empty rows (same width: a base model's loss counts its
-    padded frames, as transformers computes it)."""
+    """The same utterances with and without a grid shape's empty rows (same width: a base model's loss counts
+    its padded frames, as transformers computes it)."""
     import torch
     from transformers import AutoConfig, AutoModelForCTC
 

@@ -137,15 +137,17 @@ def test_a_resume_that_changes_the_schedule_length_says_how_to_keep_it() -> None
 
 def test_the_trainer_warns_on_rank_0_when_a_resume_changes_the_schedule_length(
         caplog: pytest.LogCaptureFixture) -> None:
-    """The glue: the checkpoint's client state carries its config as YAML; rank 0 says the change, once."""
+    """The glue: the saved run carries its config as YAML; rank 0 says the change, once."""
     from types import SimpleNamespace
 
+    from w2v_dist.checkpoint.saved import SavedRun
     from w2v_dist.config import load_config, to_yaml
     from w2v_dist.trainer import Trainer
 
-    client_state = {"config": to_yaml(load_config(None, ["trainer.max_steps=4000"]))}
+    saved = SavedRun(world_size=1, step=3000, layout=None,
+                     config=to_yaml(load_config(None, ["trainer.max_steps=4000"])))
     for is_main in (True, False):
         fake = SimpleNamespace(cfg=load_config(None, ["trainer.max_steps=8000"]), state=SimpleNamespace(step=3000),
                                world=SimpleNamespace(is_main=is_main))
-        Trainer._check_schedule(fake, client_state)  # type: ignore[arg-type]
+        Trainer._check_schedule(fake, saved)  # type: ignore[arg-type]
     assert caplog.text.count("resuming at step 3000: the learning-rate schedule (tri_stage) now spans 8,000") == 1

@@ -1,11 +1,12 @@
 """A real SLURM cluster for the launch-script tests, private to the test session: one node on this machine
-(tests/slurm), or several nodes made of network namespaces (tests/multinode).
+(tests/slurm), or several nodes made of network namespaces (tests/multinode, :mod:`tests.support.cluster`).
 
-:func:`start_cluster` installs Debian's ``slurm-wlm`` and ``munge`` with apt-get when they are missing (root only),
-then starts its own ``munged`` (own key and socket), ``slurmctld`` and ``slurmd`` on free ports with a
+:func:`start_cluster` installs Debian's ``slurm-wlm`` and ``munge`` with apt-get when they are missing (root
+only), then starts its own ``munged`` (own key and socket), ``slurmctld`` and ``slurmd`` on free ports with a
 ``slurm.conf`` in a temporary directory, so it never touches a system SLURM or munge that may be running.
-Every daemon and every job process carries ``SLURM_CONF=<that conf>`` in its environment; teardown cancels the
-jobs, stops the daemons and then kills whatever process still carries that marker, even when a test failed.
+Every daemon and every job process carries ``SLURM_CONF=<that conf>`` in its environment; teardown cancels
+the jobs, stops the daemons and then kills whatever process still carries that marker, even when a test
+failed.
 """
 
 from __future__ import annotations
@@ -24,11 +25,13 @@ from pathlib import Path
 
 import pytest
 
+from w2v_dist.dist import free_port
+
 SBIN_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/local/sbin", "/usr/sbin", "/sbin"])
 REQUIRED = ("slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "scancel", "sinfo", "munged", "munge")
 PACKAGES = ("slurm-wlm", "munge")
-FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "BOOT_FAIL", "DEADLINE",
-                "OUT_OF_MEMORY"}
+FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "BOOT_FAIL",
+                "DEADLINE", "OUT_OF_MEMORY"}
 # Variables that would make sbatch/srun think they run inside some other job or launcher.
 FOREIGN_ENV = re.compile(r"^(SLURM_|SBATCH_|SRUN_|SALLOC_|PMI_|PMIX_|OMPI_)|^(RANK|WORLD_SIZE|LOCAL_RANK|"
                          r"MASTER_ADDR|MASTER_PORT)$")
@@ -39,15 +42,17 @@ def _which(name: str) -> str | None:
 
 
 def _install_slurm() -> str | None:
-    """apt-get install slurm-wlm munge when a binary is missing; the reason to skip, or None when all is there."""
+    """apt-get install slurm-wlm munge when a binary is missing; the reason to skip, or None when all is
+    there."""
     missing = [name for name in REQUIRED if _which(name) is None]
     if not missing:
         return None
     if os.geteuid() != 0:
-        return f"SLURM tests need {', '.join(missing)}: run as root (they install {' '.join(PACKAGES)}) or " \
-               f"`sudo apt-get install {' '.join(PACKAGES)}`"
+        return f"SLURM tests need {', '.join(missing)}: run as root (they install {' '.join(PACKAGES)}) " \
+               f"or `sudo apt-get install {' '.join(PACKAGES)}`"
     if _which("apt-get") is None:
-        return f"SLURM tests need {', '.join(missing)} and there is no apt-get to install {' '.join(PACKAGES)}"
+        return f"SLURM tests need {', '.join(missing)} and there is no apt-get to install " \
+               f"{' '.join(PACKAGES)}"
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     for cmd in (["apt-get", "update", "-qq"],
                 ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *PACKAGES]):
@@ -61,14 +66,9 @@ def _install_slurm() -> str | None:
     return f"installed {' '.join(PACKAGES)} but {', '.join(missing)} still missing" if missing else None
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("", 0))
-        return int(sock.getsockname()[1])
-
-
 def _node_hardware(env: dict[str, str]) -> dict[str, str]:
-    """What ``slurmd -C`` reports (CPUs, Boards, SocketsPerBoard, CoresPerSocket, ThreadsPerCore, RealMemory)."""
+    """What ``slurmd -C`` reports (CPUs, Boards, SocketsPerBoard, CoresPerSocket, ThreadsPerCore,
+    RealMemory)."""
     hardware = {"CPUs": str(os.cpu_count() or 1), "RealMemory": "1000"}
     try:
         out = subprocess.run([_which("slurmd") or "slurmd", "-C"], env=env, capture_output=True, text=True,
@@ -95,10 +95,11 @@ class SlurmCluster:
     node: str
     """The first node (where slurmctld runs)."""
     client: Callable[[list[str]], list[str]] = lambda argv: argv
-    """How a command reaches slurmctld (inside the first node's network namespace on a multi-node cluster)."""
+    """How a command reaches slurmctld (in the first node's network namespace on a multi-node cluster)."""
     daemons: dict[str, subprocess.Popen] = field(default_factory=dict)
 
-    def run(self, *args: str, check: bool = True, timeout: float = 60, **kwargs) -> subprocess.CompletedProcess:
+    def run(self, *args: str, check: bool = True, timeout: float = 60,
+            **kwargs) -> subprocess.CompletedProcess:
         proc = subprocess.run(self.client(list(args)), env=kwargs.pop("env", self.env), capture_output=True,
                               text=True, timeout=timeout, **kwargs)
         if check and proc.returncode != 0:
@@ -112,7 +113,7 @@ class SlurmCluster:
         return proc.stdout.strip().split(";")[0]
 
     def state(self, job: str) -> str:
-        """``"STATE REASON"`` of every task of the job still queued or running; ``""`` when all have ended."""
+        """``"STATE REASON"`` of every task of the job still queued or running; ``""`` once all ended."""
         proc = self.run("squeue", "-h", "-j", job, "-o", "%T %r", check=False)
         if proc.returncode == 0:
             return proc.stdout.strip()
@@ -121,7 +122,8 @@ class SlurmCluster:
         return f"UNKNOWN (squeue: {proc.stderr.strip()})"  # a transient error: keep polling
 
     def finished(self, job: str) -> bool:
-        """Every task of the job is in a final state according to ``scontrol show job`` (no accounting needed)."""
+        """Every task of the job is in a final state according to ``scontrol show job`` (no accounting
+        needed)."""
         proc = self.run("scontrol", "-o", "show", "job", job, check=False)
         if proc.returncode != 0:
             return "Invalid job id" in proc.stderr  # purged after MinJobAge
@@ -145,20 +147,43 @@ class SlurmCluster:
             time.sleep(0.5)
 
     def job(self, job: str) -> dict[str, str]:
-        """``scontrol show job`` as a dict (kept for MinJobAge after the job ended; first task of an array)."""
+        """``scontrol show job`` as a dict (kept for MinJobAge after the job ended; an array's 1st task)."""
         out = self.run("scontrol", "-o", "show", "job", job).stdout.splitlines()[0]
         return dict(re.findall(r"(\w+)=(\S*)", out))
 
     def logs(self) -> str:
-        return "\n".join(f"--- {path.name}\n{_tail(path)}" for path in sorted((self.root / "log").glob("slurm*.log")))
+        logs = sorted((self.root / "log").glob("slurm*.log"))
+        return "\n".join(f"--- {path.name}\n{_tail(path)}" for path in logs)
 
 
-def _write_conf(root: Path, nodes: list[tuple[str, str]], hardware: dict[str, str], munge_socket: Path) -> Path:
+def cpu_job(nodes: int, ranks_per_node: int) -> tuple[str, ...]:
+    """``sbatch`` options for ``ranks_per_node`` CPU ranks on each of ``nodes`` nodes of a test cluster (the
+    scripts' #SBATCH headers ask for GPU nodes on partition "gpu")."""
+    return (f"--nodes={nodes}", f"--ntasks={nodes * ranks_per_node}", f"--ntasks-per-node={ranks_per_node}",
+            "--gpus-per-node=0", "--cpus-per-task=1", "--partition=debug", "--time=20")
+
+
+def read(path: Path) -> str:
+    return path.read_text(errors="replace") if path.is_file() else f"({path} was not written)"
+
+
+def assert_completed(cluster: SlurmCluster, job: str, log: Path) -> dict[str, str]:
+    """``scontrol show job`` of ``job``, which must have completed with exit code 0 (its log otherwise)."""
+    info = cluster.job(job)
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), f"{info}\n{read(log)[-8000:]}"
+    return info
+
+
+def _write_conf(root: Path, nodes: list[tuple[str, str]], hardware: dict[str, str],
+                munge_socket: Path) -> Path:
     """``nodes``: (hostname, address); slurmctld runs on the first."""
     conf = root / "slurm.conf"
     node_line = " ".join(f"{k}={v}" for k, v in hardware.items())
-    node_lines = "".join(f"NodeName={name} NodeAddr={address} {node_line} State=UNKNOWN\n" for name, address in nodes)
-    conf.write_text(f"""# Test cluster written by tests/slurm/slurmlib.py
+    node_lines = "".join(f"NodeName={name} NodeAddr={address} {node_line} State=UNKNOWN\n"
+                         for name, address in nodes)
+    names = ",".join(name for name, _ in nodes)
+    partition = f"PartitionName=debug Nodes={names} Default=YES MaxTime=INFINITE"
+    conf.write_text(f"""# Test cluster written by tests/support/slurm.py
 ClusterName=w2vtest
 SlurmctldHost={nodes[0][0]}({nodes[0][1]})
 SlurmctldPort={free_port()}
@@ -189,9 +214,10 @@ ReturnToService=2
 JobRequeue=1
 MinJobAge=600
 KillWait=10
-{node_lines}PartitionName=debug Nodes={",".join(name for name, _ in nodes)} Default=YES MaxTime=INFINITE State=UP
+{node_lines}{partition} State=UP
 """)
-    # No cgroup plugin is configured (proctrack/linuxproc, task/none); this only keeps slurmd from looking for one.
+    # No cgroup plugin is configured (proctrack/linuxproc, task/none); this only keeps slurmd from looking
+    # for one.
     (root / "cgroup.conf").write_text("CgroupPlugin=autodetect\nConstrainCores=no\nConstrainRAMSpace=no\n"
                                       "ConstrainSwapSpace=no\nConstrainDevices=no\n")
     return conf
@@ -210,7 +236,8 @@ def _start_munge(root: Path, env: dict[str, str]) -> tuple[subprocess.Popen, Pat
         [_which("munged") or "munged", "--foreground", "--force", f"--socket={sock}", f"--key-file={key}",
          f"--pid-file={rundir / 'munged.pid'}", f"--log-file={root / 'log' / 'munged.log'}",
          f"--seed-file={rundir / 'munged.seed'}"],
-        env=env, stdout=subprocess.DEVNULL, stderr=open(root / "log" / "munged.out", "w"), start_new_session=True)
+        env=env, stdout=subprocess.DEVNULL, stderr=open(root / "log" / "munged.out", "w"),
+        start_new_session=True)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         if daemon.poll() is not None:
@@ -281,10 +308,11 @@ def _stop(cluster: SlurmCluster) -> None:
 
 @contextmanager
 def start_cluster(root: Path, nodes: list[tuple[str, str]] | None = None,
-                  on_node: Callable[[int, list[str]], list[str]] = lambda index, argv: argv) -> Iterator[SlurmCluster]:
-    """A running cluster: ``nodes`` as (hostname, address), default this machine alone; ``on_node(i, argv)`` wraps a
-    daemon's command to run on node ``i`` (slurmctld on node 0, one slurmd per node). Skips the test when SLURM
-    cannot be installed or started here."""
+                  on_node: Callable[[int, list[str]], list[str]] = lambda index, argv: argv
+                  ) -> Iterator[SlurmCluster]:
+    """A running cluster: ``nodes`` as (hostname, address), default this machine alone; ``on_node(i, argv)``
+    wraps a daemon's command to run on node ``i`` (slurmctld on node 0, one slurmd per node). Skips the test
+    when SLURM cannot be installed or started here."""
     if os.geteuid() != 0:
         pytest.skip("SLURM tests start slurmctld/slurmd as SlurmUser=root: run them as root (CI does)")
     reason = _install_slurm()

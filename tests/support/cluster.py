@@ -1,5 +1,6 @@
-"""A cluster of "nodes" on one machine: Linux network namespaces joined by a veth pair or a bridge, each with its
-own hostname (a UTS namespace per process tree) and address, names resolved through ``/etc/netns/<ns>/hosts``.
+"""A cluster of "nodes" on one machine: Linux network namespaces joined by a veth pair or a bridge, each with
+its own hostname (a UTS namespace per process tree) and address, names resolved through
+``/etc/netns/<ns>/hosts``.
 
 Traffic stays between these namespaces; everything is removed on exit, processes first.
 """
@@ -28,19 +29,20 @@ class Node:
     address: str
 
     def command(self, argv: list[str], tmpfs_at: Path | None = None) -> list[str]:
-        """``argv`` run inside this node: its network namespace, its own hostname and its ``/etc/hosts`` (in a
-        private mount namespace); with ``tmpfs_at``, that path is a fresh node-local tmpfs. Unlike ``ip netns
-        exec``, /sys stays the machine's (slurmd needs its cgroup filesystem)."""
+        """``argv`` run inside this node: its network namespace, its own hostname and its ``/etc/hosts`` (in
+        a private mount namespace); with ``tmpfs_at``, that path is a fresh node-local tmpfs. Unlike ``ip
+        netns exec``, /sys stays the machine's (slurmd needs its cgroup filesystem)."""
         setup = [f"mount --bind /etc/netns/{self.namespace}/hosts /etc/hosts", f"hostname {self.name}"]
         if tmpfs_at:
             setup.append(f"mount -t tmpfs -o size=64m w2vlocal {tmpfs_at}")
-        return ["nsenter", f"--net=/run/netns/{self.namespace}", "unshare", "--uts", "--mount", "--propagation",
-                "private", "sh", "-c", " && ".join(setup) + ' && exec "$@"', "--", *argv]
+        return ["nsenter", f"--net=/run/netns/{self.namespace}", "unshare", "--uts", "--mount",
+                "--propagation", "private", "sh", "-c", " && ".join(setup) + ' && exec "$@"', "--", *argv]
 
     def popen(self, argv: list[str], env: dict[str, str], log: Path, cwd: Path | None = None,
               tmpfs_at: Path | None = None) -> subprocess.Popen[bytes]:
         return subprocess.Popen(self.command(argv, tmpfs_at), env={**env, "GLOO_SOCKET_IFNAME": IFNAME},
-                                stdout=open(log, "wb"), stderr=subprocess.STDOUT, cwd=cwd, start_new_session=True)
+                                stdout=open(log, "wb"), stderr=subprocess.STDOUT, cwd=cwd,
+                                start_new_session=True)
 
     def pids(self) -> list[int]:
         out = subprocess.run(["ip", "netns", "pids", self.namespace], capture_output=True, text=True)
@@ -81,7 +83,8 @@ def two_nodes(tag: str = "") -> Iterator[tuple[Node, Node]]:
     """Nodes ``w2vnode0`` and ``w2vnode1`` on a private /24, joined by a veth pair."""
     suffix = f"{os.getpid() % 10000}{tag}"
     subnet = f"10.{200 + os.getpid() % 50}.{os.getpid() % 250}"
-    nodes = (Node("w2vnode0", f"w2v{suffix}n0", f"{subnet}.1"), Node("w2vnode1", f"w2v{suffix}n1", f"{subnet}.2"))
+    nodes = (Node("w2vnode0", f"w2v{suffix}n0", f"{subnet}.1"),
+             Node("w2vnode1", f"w2v{suffix}n1", f"{subnet}.2"))
     ends = (f"w2v{suffix}a", f"w2v{suffix}b")
     hosts = "127.0.0.1 localhost\n" + "".join(f"{n.address} {n.name}\n" for n in nodes)
     try:
