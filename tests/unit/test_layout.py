@@ -88,3 +88,17 @@ def test_the_tests_are_a_package_whose_helpers_live_in_tests_support() -> None:
     imports = [f"{p.relative_to(REPO)}: {line.strip()}" for p in files for line in p.read_text().splitlines()
                if re.match(r"\s*(from|import) (tests\.)?[\w.]*\btest_\w+", line)]
     assert imports == []
+
+
+CONCERNS = ("signals", "checkpoint commit", "elastic resume", "data plan", "mixing", "scoring", "export",
+            "multi-node start", "fault injection", "config checks")
+
+
+def test_the_readme_names_a_module_for_each_concern_a_newcomer_asks_about() -> None:
+    readme = (REPO / "README.md").read_text()
+    table = readme[readme.index("| concern | module |"):readme.index("| module | concern |")]
+    rows = dict(re.findall(r"^\| ([\w -]+?)(?: \(.*?\))? \| (.+) \|$", table, flags=re.MULTILINE))
+    assert sorted(rows) == sorted(("concern", *CONCERNS))
+    for concern in CONCERNS:
+        named = re.findall(r"`(w2v_dist/[\w/]+\.py)`", rows[concern])
+        assert named and all((REPO / path).is_file() for path in named), (concern, rows[concern])
