@@ -1,4 +1,5 @@
-"""Training entry point: ``deepspeed train.py --config C``, ``torchrun ... train.py``, or ``python train.py``."""
+"""Training entry point: ``deepspeed train.py --config C``, ``torchrun ... train.py``, or
+``python train.py``."""
 
 import argparse
 

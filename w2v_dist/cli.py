@@ -29,8 +29,10 @@ def _fail(command: str, err: Exception | str, code: int = 2) -> int:
 
 
 def _options(cls: type[T], args: argparse.Namespace, **given: Any) -> T:
-    """``cls`` (a dataclass) from the flags named as its fields, then ``given``; other fields keep their defaults."""
-    named = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}  # type: ignore[arg-type]
+    """``cls`` (a dataclass) from the flags named as its fields, then ``given``; other fields keep their
+    defaults."""
+    named = {f.name: getattr(args, f.name)
+             for f in fields(cls) if hasattr(args, f.name)}  # type: ignore[arg-type]
     return cls(**named | given)
 
 
@@ -110,8 +112,8 @@ def _shard(args: argparse.Namespace) -> int:
     totals = index["totals"]
     verb = "would write" if args.dry_run else "wrote"
     emit(f"{totals['inputs']} inputs = {totals['written']} written + {totals['rejected']} rejected; {verb} "
-          f"{totals['shards']} shards, {totals['hours']:.3f} h, {totals['bytes'] / 1e6:.1f} MB to {args.out} "
-          f"in {index['elapsed_seconds']:.1f} s")
+         f"{totals['shards']} shards, {totals['hours']:.3f} h, {totals['bytes'] / 1e6:.1f} MB to {args.out} "
+         f"in {index['elapsed_seconds']:.1f} s")
     return 0
 
 
@@ -155,9 +157,11 @@ def _transcribe(args: argparse.Namespace) -> int:
         check_chunking(args.chunk_seconds, args.overlap_seconds)
         for result in transcribe(args.model, args.files, args.chunk_seconds, args.overlap_seconds,
                                  word_timestamps=args.json, config=args.config):
-            line = {"file": result.path, "text": result.text, "seconds": result.seconds, "words": result.words}
+            line = {"file": result.path, "text": result.text, "seconds": result.seconds,
+                    "words": result.words}
             emit(json.dumps(line) if args.json else f"{result.path}\t{result.text}")
-    except (ValueError, OSError) as err:  # a model that is neither an export, a checkpoint nor a cached hub id
+    except (ValueError, OSError) as err:
+        # a model that is neither an export, a checkpoint nor a cached hub id
         return _fail("transcribe", err)
     return 0
 
@@ -169,7 +173,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     opts = _options(EvalOptions, args)
     try:
         return evaluate_command(opts, args.local_rank)
-    except (ValueError, DecoderUnavailable, OSError) as err:  # bad paths, indexes, configs, options, LM files
+    except (ValueError, DecoderUnavailable, OSError) as err:
+        # bad paths, indexes, configs, options, LM files
         return _fail("evaluate", err)
 
 
@@ -184,7 +189,8 @@ def _build_lm(args: argparse.Namespace) -> int:
                       *(text_lines(Path(t)) for t in args.text or []))
     try:
         summary = build_lm(sentences, Path(args.out), args.order, Path(args.binary) if args.binary else None)
-    except (ValueError, OSError, RuntimeError) as err:  # no text, bad shard sets, missing tools, lmplz errors
+    except (ValueError, OSError, RuntimeError) as err:
+        # no text, bad shard sets, missing tools, lmplz errors
         return _fail("build-lm", err)
     emit(json.dumps(summary))
     return 0
@@ -246,7 +252,8 @@ def _bench(args: argparse.Namespace) -> int:
     elif args.what == "gpu":
         sweep = [float(s) for s in args.sweep.split(",")]
         try:
-            bench.gpu_benchmark(Path(args.work_dir), sweep, args.steps, args.warmup, args.probe_limit, args.quick)
+            bench.gpu_benchmark(Path(args.work_dir), sweep, args.steps, args.warmup, args.probe_limit,
+                                args.quick)
         except bench.BenchmarkUnavailable as err:
             return _fail("bench gpu", err)
     return 0
@@ -271,20 +278,22 @@ def _fetch_model(args: argparse.Namespace) -> int:
 
 
 class _HelpWithDefaults(argparse.HelpFormatter):
-    """Each option's one-line help, then its default where it has one (not for flags, or options without one)."""
+    """Each option's one-line help, then its default where it has one (not for flags, or options without
+    one)."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
         default = action.default
-        if (action.option_strings and default is not None and default is not False and default != argparse.SUPPRESS
+        if (action.option_strings and default is not None and default is not False
+                and default != argparse.SUPPRESS
                 and "%(default)" not in text):
             text += " (default: %(default)s)"
         return text
 
 
 class _Families:
-    """``init-model --family``'s choices, read from w2v_dist.model (which imports torch and transformers) only when
-    that option is parsed or its help shown: ``w2v-dist --help`` stays well under a second."""
+    """``init-model --family``'s choices, read from w2v_dist.model (which imports torch and transformers)
+    only when that option is parsed or its help shown: ``w2v-dist --help`` stays well under a second."""
 
     def _names(self) -> tuple[str, ...]:
         from w2v_dist.model import FAMILIES
@@ -302,7 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The whole command line. Only light modules are imported here; each command imports what it needs."""
     from w2v_dist.data.text import ALPHABETS, CASES, UNICODE_FORMS
 
-    parser = argparse.ArgumentParser(prog="w2v-dist", description="Fine-tune wav2vec 2.0 and its CTC kin across GPUs "
+    parser = argparse.ArgumentParser(prog="w2v-dist",
+                                     description="Fine-tune wav2vec 2.0 and its CTC kin across GPUs "
                                      "and nodes: download, shard, train, evaluate, transcribe, export.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -313,7 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
         return subparser
 
     add_train_arguments(command("train", run_train,
-                                help="train (same as train.py; run it under deepspeed/torchrun for >1 rank)"))
+                                help="train (same as train.py; run it under deepspeed/torchrun for >1 "
+                                     "rank)"))
 
     synth = command("synth", _synth, help="write a synthetic LibriSpeech-layout corpus with espeak-ng")
     synth.add_argument("out_dir", help="where LibriSpeech/<subset>/ is written")
@@ -330,37 +341,44 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--family", choices=_Families(), default="wav2vec2", metavar="FAMILY",
                       help="the model_type (AutoModelForCTC): %(choices)s")
 
-    shard = command("shard", _shard, help="write WebDataset shards + index.json + rejects.jsonl + vocab.json")
+    shard = command("shard", _shard,
+                    help="write WebDataset shards + index.json + rejects.jsonl + vocab.json")
     shard.add_argument("--librispeech", help="LibriSpeech root (the LibriSpeech dir or its parent)")
     shard.add_argument("--subset", action="append", help="subset to shard (repeatable)")
-    shard.add_argument("--manifest", help="TSV (path, transcript[, speaker]) or JSONL (path, text[, key, speaker])")
+    shard.add_argument("--manifest",
+                       help="TSV (path, transcript[, speaker]) or JSONL (path, text[, key, speaker])")
     shard.add_argument("--out", required=True, help="shard directory to write (index.json goes there)")
     shard.add_argument("--shard-size-mb", type=float, default=256.0, help="target size of each tar shard")
     shard.add_argument("--workers", type=int, default=_CPUS, help="processes probing and reading the audio")
     shard.add_argument("--min-seconds", type=float, default=0.0, help="reject utterances shorter than this")
     shard.add_argument("--max-seconds", type=float, default=35.0, help="reject utterances longer than this")
-    shard.add_argument("--shuffle-seed", type=int, default=0, help="order of utterances across shards; -1 keeps "
-                                                                   "corpus order")
-    shard.add_argument("--sort-in-shards", action="store_true", help="sort each shard's utterances by duration")
+    shard.add_argument("--shuffle-seed", type=int, default=0, help="order of utterances across shards; -1 "
+                                                                   "keeps corpus order")
+    shard.add_argument("--sort-in-shards", action="store_true",
+                       help="sort each shard's utterances by duration")
     shard.add_argument("--overwrite", action="store_true", help="replace an existing shard directory")
     shard.add_argument("--dry-run", action="store_true", help="check and count everything, write nothing")
     shard.add_argument("--check-audio", choices=("full", "tail"), default="full",
-                       help="full: decode every input; tail: header and last frame only (still catches truncation)")
-    text = shard.add_argument_group("transcripts", "how transcripts are normalised (recorded in index.json and "
-                                                   "used again when scoring); the defaults are LibriSpeech's")
+                       help="full: decode every input; tail: header and last frame only (still catches "
+                            "truncation)")
+    text = shard.add_argument_group("transcripts", "how transcripts are normalised (recorded in index.json "
+                                                   "and used again when scoring); the defaults are "
+                                                   "LibriSpeech's")
     text.add_argument("--alphabet", choices=ALPHABETS, default="latin",
                       help="latin: A-Z and apostrophe; any: the letters and marks of every script")
     text.add_argument("--case", choices=CASES, default="upper", help="letter case transcripts are mapped to")
-    text.add_argument("--unicode", choices=UNICODE_FORMS, default="NFKC", help="Unicode normal form of transcripts")
+    text.add_argument("--unicode", choices=UNICODE_FORMS, default="NFKC",
+                      help="Unicode normal form of transcripts")
     text.add_argument("--punctuation", choices=("strip", "keep"), default="strip",
                       help="strip sentence punctuation and quotes (dashes become spaces), or transcribe it")
     text.add_argument("--digits", choices=("reject", "keep"), default="reject",
                       help="reject transcripts with digits (their spoken form is ambiguous), or keep them")
     text.add_argument("--min-char-count", type=int, default=1,
-                      help="characters in fewer transcripts than this are left out of the vocabulary and their "
-                           "transcripts rejected (named in rejects.jsonl)")
+                      help="characters in fewer transcripts than this are left out of the vocabulary and "
+                           "their transcripts rejected (named in rejects.jsonl)")
 
-    demo = command("demo", _demo, help="synth corpus -> shards -> tiny model -> 2-rank DeepSpeed -> WER -> export")
+    demo = command("demo", _demo,
+                   help="synth corpus -> shards -> tiny model -> 2-rank DeepSpeed -> WER -> export")
     demo.add_argument("--work-dir", default="work/demo", help="corpus, shards, model and run go here")
     demo.add_argument("--config", default="configs/demo.yaml", help="the run's config")
     demo.add_argument("--utterances", type=int, default=480, help="synthetic train-clean-100 utterances")
@@ -369,10 +387,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     dl = command("download", _download, help="download, MD5-check and safely extract LibriSpeech subsets")
     dl.add_argument("--subset", action="append", required=True, help="e.g. train-clean-100 (repeatable)")
-    dl.add_argument("--root", required=True, help="where LibriSpeech/<subset>/ is extracted (archives go here too)")
+    dl.add_argument("--root", required=True,
+                    help="where LibriSpeech/<subset>/ is extracted (archives go here too)")
     dl.add_argument("--mirror", default=os.environ.get("LIBRISPEECH_MIRROR"),
-                    help="base URL holding <subset>.tar.gz (http(s):// or file://; $LIBRISPEECH_MIRROR; without "
-                         "either: https://www.openslr.org/resources/12)")
+                    help="base URL holding <subset>.tar.gz (http(s):// or file://; $LIBRISPEECH_MIRROR; "
+                         "without either: https://www.openslr.org/resources/12)")
     dl.add_argument("--checksums", default=os.environ.get("LIBRISPEECH_CHECKSUMS"),
                     help="md5sum-style file (<md5>  <subset>.tar.gz) overriding the built-in table "
                          "($LIBRISPEECH_CHECKSUMS)")
@@ -382,77 +401,98 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("dir", help="shard directory (the one holding index.json)")
     verify.add_argument("--workers", type=int, default=2, help="processes reading shards in parallel")
 
-    bench = command("bench", _bench, help="benchmarks: one JSON line per measurement, ratios measured side by side")
-    bench.add_argument("what", choices=("loader", "shard", "step", "scaling", "gpu", "plan"), help="what to measure")
-    bench.add_argument("--work-dir", default="work/bench", help="where the benchmark corpus and shards are kept")
+    bench = command("bench", _bench,
+                    help="benchmarks: one JSON line per measurement, ratios measured side by side")
+    bench.add_argument("what", choices=("loader", "shard", "step", "scaling", "gpu", "plan"),
+                       help="what to measure")
+    bench.add_argument("--work-dir", default="work/bench",
+                       help="where the benchmark corpus and shards are kept")
     bench.add_argument("--utterances", type=int, default=300, help="size of the LibriSpeech-shaped corpus")
-    bench.add_argument("--workers", type=int, default=2, help="loader workers (ours and the seed-style pipeline)")
+    bench.add_argument("--workers", type=int, default=2,
+                       help="loader workers (ours and the seed-style pipeline)")
     bench.add_argument("--size", choices=("tiny", "base"), default="tiny", help="step: model geometry")
     bench.add_argument("--batch-seconds", type=float, default=16.0, help="step: padded seconds per batch")
     bench.add_argument("--rounds", type=int, default=5, help="step: interleaved timing rounds")
-    bench.add_argument("--steps", type=int, default=8, help="step: steps per round; gpu: timed steps per variant")
+    bench.add_argument("--steps", type=int, default=8,
+                       help="step: steps per round; gpu: timed steps per variant")
     bench.add_argument("--warmup", type=int, default=3, help="gpu: untimed steps per variant (compilation)")
     bench.add_argument("--sweep", default="400,800,1600",
                        help="gpu: max_batch_seconds values to time (the last one also for the variants)")
     bench.add_argument("--quick", action="store_true",
-                       help="gpu: time only the candidate variants (no data-wait run, sweep or memory probe)")
+                       help="gpu: time only the candidate variants (no data-wait run, sweep or memory "
+                            "probe)")
     bench.add_argument("--probe-limit", type=float, default=20_000.0,
                        help="gpu: stop the largest-batch probe at this many seconds of worst-case audio")
     bench.add_argument("--hours", type=float, default=960.0, help="plan: hours of the synthetic corpus")
     bench.add_argument("--ranks", type=int, default=512, help="plan: ranks (one data stream each)")
-    bench.add_argument("--config", help="plan: the recipe whose data settings to plan with (default: the defaults)")
-    bench.add_argument("--mix", action="store_true", help="plan: the corpus as a mix of three parts (1, 0.5, 0.25)")
+    bench.add_argument("--config",
+                       help="plan: the recipe whose data settings to plan with (default: the defaults)")
+    bench.add_argument("--mix", action="store_true",
+                       help="plan: the corpus as a mix of three parts (1, 0.5, 0.25)")
     bench.add_argument("--speed-perturb", action="store_true", help="plan: speed perturbation 0.9/1.0/1.1")
     bench.add_argument("--audio-s-per-gpu", type=float, default=11_200.0,
-                       help="plan: training speed an epoch's length is reckoned at (audio seconds per GPU second)")
-    bench.add_argument("--resume-updates", type=int, default=10_000, help="plan: the update a resume starts at")
-    bench.add_argument("--epochs", type=int, default=3, help="plan: epochs of updates over which reads are counted")
+                       help="plan: training speed an epoch's length is reckoned at (audio seconds per GPU "
+                            "second)")
+    bench.add_argument("--resume-updates", type=int, default=10_000,
+                       help="plan: the update a resume starts at")
+    bench.add_argument("--epochs", type=int, default=3,
+                       help="plan: epochs of updates over which reads are counted")
 
     command("config-docs", _config_docs, help="print the configuration reference (markdown)")
 
-    fetch = command("fetch-model", _fetch_model, help="download a hub model into a cache compute nodes can read "
-                    "offline (prints its local path)")
+    fetch = command("fetch-model", _fetch_model,
+                    help="download a hub model into a cache compute nodes can read "
+                         "offline (prints its local path)")
     fetch.add_argument("name", help="hub id, e.g. facebook/wav2vec2-base")
     fetch.add_argument("--cache", required=True, help="the cache's root: HF_HOME=DIR on every node")
 
-    model_help = "HF export dir (e.g. RUN/final) or DeepSpeed checkpoint: RUN dir, RUN/checkpoints or a step_* dir"
+    model_help = ("HF export dir (e.g. RUN/final) or DeepSpeed checkpoint: RUN dir, RUN/checkpoints or a "
+                  "step_* dir")
     config_help = "the run's config.yaml when --model is a checkpoint outside its run dir"
     transcribe = command("transcribe", _transcribe,
                          help="transcribe audio files (any soundfile format; long files chunked)")
     transcribe.add_argument("--model", required=True, help=model_help)
     transcribe.add_argument("--config", help=config_help)
-    transcribe.add_argument("--json", action="store_true", help="one JSON line per file, with word timestamps")
-    transcribe.add_argument("--chunk-seconds", type=float, default=30.0, help="files longer than this are chunked")
+    transcribe.add_argument("--json", action="store_true",
+                            help="one JSON line per file, with word timestamps")
+    transcribe.add_argument("--chunk-seconds", type=float, default=30.0,
+                            help="files longer than this are chunked")
     transcribe.add_argument("--overlap-seconds", type=float, default=2.0,
-                            help="context each chunk shares with its neighbour on each side (dropped from output)")
+                            help="context each chunk shares with its neighbour on each side (dropped from "
+                                 "output)")
     transcribe.add_argument("files", nargs="+", help="audio files")
 
-    evaluate = command("evaluate", _evaluate, help="WER/CER on shard sets, per utterance (JSONL) and per set "
-                                                   "(stdout); runs under deepspeed/torchrun too")
+    evaluate = command("evaluate", _evaluate, help="WER/CER on shard sets, per utterance (JSONL) and per "
+                                                   "set (stdout); runs under deepspeed/torchrun too")
     evaluate.add_argument("--model", required=True, help=model_help)
     evaluate.add_argument("--shards", action="append", required=True, help="shard directory (repeatable)")
     evaluate.add_argument("--out", help="per-utterance JSONL file")
     evaluate.add_argument("--config", help=config_help)
-    evaluate.add_argument("--batch-seconds", type=float, default=100.0, help="padded audio seconds per batch")
+    evaluate.add_argument("--batch-seconds", type=float, default=100.0,
+                          help="padded audio seconds per batch")
     evaluate.add_argument("--max-batch-size", type=int, default=64,
-                          help="utterances per batch; models whose outputs padding changes (wav2vec2-base, any "
-                               "model without attention mask: docs/evaluation.md) always take 1, as in training")
+                          help="utterances per batch; models whose outputs padding changes (wav2vec2-base, "
+                               "any model without attention mask: docs/evaluation.md) always take 1, as in "
+                               "training")
     evaluate.add_argument("--workers", type=int, default=1, help="DataLoader workers per rank")
     evaluate.add_argument("--decoder", choices=("greedy", "beam"), default="greedy",
-                          help="greedy: best path; beam: pyctcdecode's prefix beam search (with --lm: shallow fusion)")
+                          help="greedy: best path; beam: pyctcdecode's prefix beam search (with --lm: "
+                               "shallow fusion)")
     evaluate.add_argument("--lm", help="KenLM n-gram (.arpa or .bin) for --decoder beam")
     evaluate.add_argument("--beam-width", type=int, default=100, help="beams kept by --decoder beam")
     evaluate.add_argument("--alpha", type=float, default=0.5, help="LM weight")
     evaluate.add_argument("--beta", type=float, default=1.0, help="word insertion bonus")
     evaluate.add_argument("--worst", type=int, default=10, help="list this many worst utterances on stderr")
-    evaluate.add_argument("--shard-command", default="", help="pipe:...{shard}... template, as data.shard_command")
+    evaluate.add_argument("--shard-command", default="",
+                          help="pipe:...{shard}... template, as data.shard_command")
     evaluate.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
 
-    lm = command("build-lm", _build_lm, help="n-gram LM (ARPA, optionally KenLM binary) from transcripts, for "
-                                             "evaluate --decoder beam --lm; estimated by KenLM's lmplz")
+    lm = command("build-lm", _build_lm, help="n-gram LM (ARPA, optionally KenLM binary) from transcripts, "
+                                             "for evaluate --decoder beam --lm; estimated by KenLM's lmplz")
     lm.add_argument("--out", required=True, help="ARPA file to write")
     lm.add_argument("--shards", action="append", help="shard set whose transcripts to use (repeatable)")
-    lm.add_argument("--text", action="append", help="text file, one sentence per line, used as written (repeatable)")
+    lm.add_argument("--text", action="append",
+                    help="text file, one sentence per line, used as written (repeatable)")
     lm.add_argument("--order", type=int, default=4, help="n-gram order (2-6)")
     lm.add_argument("--binary", help="also write KenLM's binary format here (loads much faster)")
 

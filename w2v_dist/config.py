@@ -32,17 +32,19 @@ class DataConfig:
     train_shards: str = ""
     """Training shard directory or URL prefix holding ``index.json`` (written by ``w2v-dist shard``)."""
     train_mix: dict[str, float] = field(default_factory=dict)
-    """Instead of ``train_shards``, several shard sets mixed: location → fraction of that set read per epoch
-    (0 < f ≤ 1; a fresh random subset of each shard every epoch, never an utterance twice in one). To read a small
-    corpus 4× as often as a large one, give the large one 0.25. Same vocabulary, sample rate and text policy."""
+    """Instead of ``train_shards``, several shard sets mixed: location → fraction of that set read per
+    epoch (0 < f ≤ 1; a fresh random subset of each shard every epoch, never an utterance twice in one). To
+    read a small corpus 4× as often as a large one, give the large one 0.25. Same vocabulary, sample rate
+    and text policy."""
     dev_shards: dict[str, str] = field(default_factory=dict)
-    """Dev sets to evaluate: name → shard directory or URL prefix, e.g. ``{dev-clean: /data/shards/dev-clean}``."""
+    """Dev sets to evaluate: name → shard directory or URL prefix, e.g.
+    ``{dev-clean: /data/shards/dev-clean}``."""
     shard_command: str = ""
-    """Optional ``pipe:`` template used to open shards, e.g. ``pipe:aws s3 cp s3://b/{shard} -``; ``{shard}`` is
-    replaced by the checked shard file name from the index, never by free text."""
+    """Optional ``pipe:`` template used to open shards, e.g. ``pipe:aws s3 cp s3://b/{shard} -``; ``{shard}``
+    is replaced by the checked shard file name from the index, never by free text."""
     max_batch_seconds: float = 200.0
-    """Micro-batch budget (one data stream's batch, see ``trainer.update_seconds``): padded length × batch size, in
-    seconds of audio."""
+    """Micro-batch budget (one data stream's batch, see ``trainer.update_seconds``): padded length × batch
+    size, in seconds of audio."""
     max_batch_size: int = 64
     """Upper bound on utterances per micro-batch, whatever the seconds budget allows."""
     bucket_window: int = 512
@@ -50,33 +52,34 @@ class DataConfig:
     shuffle_buffer: int = 2000
     """Shuffle buffer size in utterances after shard interleave; bounds worker memory."""
     shape_quantum_frames: int = 0
-    """Pad every training batch to one of a few shapes: lengths whose frame count is a multiple of this (32 frames
-    = 0.64 s for wav2vec2), each with one row count (``w2v_dist/data/shapes.py``). Otherwise nearly every step
-    has a new shape, and a GPU plans its kernels (and ``torch.compile`` specialises) anew. 0: each batch padded
-    to its longest utterance."""
+    """Pad every training batch to one of a few shapes: lengths whose frame count is a multiple of this (32
+    frames = 0.64 s for wav2vec2), each with one row count (``w2v_dist/data/shapes.py``). Otherwise nearly
+    every step has a new shape, and a GPU plans its kernels (and ``torch.compile`` specialises) anew. 0: each
+    batch padded to its longest utterance."""
     min_seconds: float = 0.5
     """Utterances shorter than this are skipped at load time (counted)."""
     max_seconds: float = 35.0
     """Utterances longer than this are skipped at load time (counted)."""
     num_workers: int = -1
-    """DataLoader worker processes per rank (0 decodes in the main process); -1: one per CPU core this rank may
-    use, less one for the rank itself, at most 8 (cores are split between the ranks of a node)."""
+    """DataLoader worker processes per rank (0 decodes in the main process); -1: one per CPU core this rank
+    may use, less one for the rank itself, at most 8 (cores are split between the ranks of a node)."""
     prefetch_factor: int = 4
     """Batches each worker prepares ahead of the train step."""
     remote_attempts: int = 5
-    """Opens of a remote shard (``http(s)://``, ``pipe:``) whose transfer fails mid-read, the first included; each
-    retry resumes after the samples already read, and is counted in ``loader_skips.shard_retries``."""
+    """Opens of a remote shard (``http(s)://``, ``pipe:``) whose transfer fails mid-read, the first included;
+    each retry resumes after the samples already read, and is counted in ``loader_skips.shard_retries``."""
     remote_backoff_seconds: float = 1.0
     """Wait before the first retry of a remote shard, doubled for each further one (at most 30 s)."""
     speed_perturb: list[float] = field(default_factory=list)
-    """Speed perturbation in training, e.g. ``[0.9, 1.0, 1.1]`` (ESPnet, icefall): each utterance plays at a factor
-    drawn per epoch from this list (resampled in the loader workers with torchaudio: tempo and pitch change, as
-    Kaldi's ``speed``); the plan knows the new lengths, so batches keep their seconds budget and resume stays
-    exact. Empty: off (fairseq's recipes do not use it). Dev sets are never perturbed."""
+    """Speed perturbation in training, e.g. ``[0.9, 1.0, 1.1]`` (ESPnet, icefall): each utterance plays at a
+    factor drawn per epoch from this list (resampled in the loader workers with torchaudio: tempo and pitch
+    change, as Kaldi's ``speed``); the plan knows the new lengths, so batches keep their seconds budget and
+    resume stays exact. Empty: off (fairseq's recipes do not use it). Dev sets are never perturbed."""
     stream_readers: int = 0
-    """Slots each data stream reads in turn, one loader worker each (:class:`~w2v_dist.data.plan.StreamLayout`);
-    fixed for the run by its first launch (checkpoints record it). 0: the first launch's loader workers per rank.
-    Ranks then use the most workers up to ``num_workers`` that divide their slots evenly."""
+    """Slots each data stream reads in turn, one loader worker each
+    (:class:`~w2v_dist.data.plan.StreamLayout`); fixed for the run by its first launch (checkpoints record
+    it). 0: the first launch's loader workers per rank. Ranks then use the most workers up to ``num_workers``
+    that divide their slots evenly."""
     max_train_samples: int = 0
     """Use only the first N utterances of the training index (0 = all); the seed script used 300."""
 
@@ -84,8 +87,8 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     name_or_path: str = "facebook/wav2vec2-base"
-    """Model directory or hub id passed to ``from_pretrained``; a processor is read from the same place, else from
-    the training shards' ``vocab.json`` (new CTC head)."""
+    """Model directory or hub id passed to ``from_pretrained``; a processor is read from the same place, else
+    from the training shards' ``vocab.json`` (new CTC head)."""
     freeze_feature_encoder: bool = True
     """Freeze the convolutional feature encoder (always done when fine-tuning wav2vec 2.0)."""
     freeze_finetune_updates: int = 0
@@ -113,17 +116,17 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     """Recompute transformer activations in backward to save memory."""
     attention: str = "sdpa"
-    """Attention kernel: ``sdpa`` (PyTorch's fused scaled-dot-product attention: flash / memory-efficient kernels
-    on GPUs) or ``eager`` (the reference implementation; materialises the T×T attention matrix)."""
+    """Attention kernel: ``sdpa`` (PyTorch's fused scaled-dot-product attention: flash / memory-efficient
+    kernels on GPUs) or ``eager`` (the reference implementation; materialises the T×T attention matrix)."""
     cudnn_attention: bool = False
-    """Let ``sdpa`` use cuDNN's attention kernels. cuDNN builds a graph for every new batch shape, and batches by
-    seconds have a new shape at nearly every step, which made steps slower than PyTorch's flash kernels
-    (measured in docs/performance.md). Worth trying only with fixed-shape batches."""
+    """Let ``sdpa`` use cuDNN's attention kernels. cuDNN builds a graph for every new batch shape, and
+    batches by seconds have a new shape at nearly every step, which made steps slower than PyTorch's flash
+    kernels (measured in docs/performance.md). Worth trying only with fixed-shape batches."""
     pos_conv: str = "hf"
-    """How the positional convolution is computed (``w2v_dist/pos_conv.py``; the same function and parameters):
-    ``hf`` (Hugging Face's module), ``fp32`` (in fp32 inside a bf16 model), ``channels_last`` (NHWC conv2d, no
-    transposes) or ``fft`` (FFT convolution in fp32). On GPUs the grouped kernel is ~30 % of a step; see
-    docs/performance.md for which is fastest where."""
+    """How the positional convolution is computed (``w2v_dist/pos_conv.py``; the same function and
+    parameters): ``hf`` (Hugging Face's module), ``fp32`` (in fp32 inside a bf16 model), ``channels_last``
+    (NHWC conv2d, no transposes) or ``fft`` (FFT convolution in fp32). On GPUs the grouped kernel is ~30 % of
+    a step; see docs/performance.md for which is fastest where."""
     compile: bool = False
     """Compile the transformer layers with ``torch.compile(dynamic=True)`` (one graph for every batch shape);
     see docs/performance.md for when it pays off."""
@@ -146,7 +149,8 @@ class OptimConfig:
 @dataclass
 class ScheduleConfig:
     name: str = "tri_stage"
-    """Learning-rate schedule: ``tri_stage`` (fairseq), ``linear`` or ``cosine`` (warmup then decay), ``constant``."""
+    """Learning-rate schedule: ``tri_stage`` (fairseq), ``linear`` or ``cosine`` (warmup then decay),
+    ``constant``."""
     warmup_steps: int = 0
     """Warmup updates for ``linear``/``cosine`` (``tri_stage`` uses ``phase_ratio``)."""
     phase_ratio: tuple[float, float, float] = (0.1, 0.4, 0.5)
@@ -156,8 +160,9 @@ class ScheduleConfig:
     final_lr_scale: float = 0.05
     """Learning rate at the last step as a fraction of the peak (all decaying schedules)."""
     steps: int = 0
-    """Updates the schedule spans (0: ``trainer.max_steps``). Set it to stop a run early (``max_steps`` below it) or
-    to extend ``max_steps`` on resume without stretching the schedule under the updates already taken."""
+    """Updates the schedule spans (0: ``trainer.max_steps``). Set it to stop a run early (``max_steps`` below
+    it) or to extend ``max_steps`` on resume without stretching the schedule under the updates already
+    taken."""
 
 
 @dataclass
@@ -176,10 +181,11 @@ class TrainerConfig:
     """Optimizer updates to run; the data stream is endless, epochs are reported, not counted."""
     update_seconds: float = 0.0
     """The global batch: audio seconds per optimizer update over all ranks (fairseq's base_100h: 1,600). Each
-    update takes one micro-batch of up to ``data.max_batch_seconds`` from each of ``update_seconds /
-    max_batch_seconds`` data streams, which the ranks share, so gradient accumulation follows from the world size
-    and a run resumes on any world size dividing the stream count, with the same batches in every update.
-    0: ``data.max_batch_seconds x grad_accum x`` the first launch's ranks. Fixed for the run by its first launch."""
+    update takes one micro-batch of up to ``data.max_batch_seconds`` from each of
+    ``update_seconds / max_batch_seconds`` data streams, which the ranks share, so gradient accumulation
+    follows from the world size and a run resumes on any world size dividing the stream count, with the same
+    batches in every update. 0: ``data.max_batch_seconds x grad_accum x`` the first launch's ranks. Fixed for
+    the run by its first launch."""
     grad_accum: int = 1
     """Micro-batches per optimizer update on every rank at the first launch, when ``update_seconds`` is 0; a
     resume on another world size derives it from the run's data streams."""
@@ -192,19 +198,21 @@ class TrainerConfig:
     seed: int = 1
     """Seed for model-side randomness and the data order."""
     preflight: bool = True
-    """Before step 1, run the worst-case micro-batch forward and backward once, so an OOM shows in seconds."""
+    """Before step 1, run the worst-case micro-batch forward and backward once, so an OOM shows in
+    seconds."""
     max_consecutive_bad_steps: int = 10
     """Stop the run after this many skipped (non-finite) updates in a row."""
     on_divergence: str = "stop"
-    """What to do after ``max_consecutive_bad_steps``: ``stop`` the run, or ``rollback`` to the latest checkpoint's
-    weights and optimizer state and go on with the data that follows (the bad batches are not replayed)."""
+    """What to do after ``max_consecutive_bad_steps``: ``stop`` the run, or ``rollback`` to the latest
+    checkpoint's weights and optimizer state and go on with the data that follows (the bad batches are not
+    replayed)."""
     collective_timeout_minutes: float = 30.0
     """How long a collective waits for a rank that stopped answering before the run fails with an error."""
     lock_stale_minutes: float = 5.0
-    """The lock that keeps a second run out of ``output_dir`` (``<output_dir>/.lock``, renewed every 30 s while the
-    run lives) is stale, and another run takes it over, this long after its last renewal: above NFS attribute
-    caching and clock skew between nodes. A holder that crashed on the same host, or an earlier run of the same
-    SLURM job (a requeue), is taken over at once."""
+    """The lock that keeps a second run out of ``output_dir`` (``<output_dir>/.lock``, renewed every 30 s
+    while the run lives) is stale, and another run takes it over, this long after its last renewal: above NFS
+    attribute caching and clock skew between nodes. A holder that crashed on the same host, or an earlier run
+    of the same SLURM job (a requeue), is taken over at once."""
     max_rollbacks: int = 3
     """With ``on_divergence=rollback``: stop anyway after this many rollbacks."""
     inject: InjectConfig = field(default_factory=InjectConfig)
@@ -216,9 +224,11 @@ class CheckpointConfig:
     keep_last: int = 2
     """Number of most recent checkpoints kept on disk."""
     keep_best: int = 1
-    """Also keep this many checkpoints with the lowest WER on ``best_metric`` (0 keeps none for that reason)."""
+    """Also keep this many checkpoints with the lowest WER on ``best_metric`` (0 keeps none for that
+    reason)."""
     best_metric: str = ""
-    """Dev set whose WER picks the best checkpoint and the ``<output_dir>/best/`` export (empty: the first dev set)."""
+    """Dev set whose WER picks the best checkpoint and the ``<output_dir>/best/`` export (empty: the first
+    dev set)."""
     resume: bool = True
     """Continue from ``<output_dir>/checkpoints/latest`` when it exists."""
 
@@ -232,9 +242,10 @@ class WandbConfig:
     run_name: str = ""
     """wandb run name (empty: the output directory name)."""
     log_checkpoints: bool = False
-    """Record every committed checkpoint (``checkpoint-<run id>``, aliases ``latest`` and ``step-<n>``) and each
-    best/ and final/ export (``model-<run id>``, alias ``best`` or ``final``) as a wandb artifact that references it
-    where it lies (``file://``, nothing uploaded, files identified by path, not hashed), with its step and dev WER."""
+    """Record every committed checkpoint (``checkpoint-<run id>``, aliases ``latest`` and ``step-<n>``) and
+    each best/ and final/ export (``model-<run id>``, alias ``best`` or ``final``) as a wandb artifact that
+    references it where it lies (``file://``, nothing uploaded, files identified by path, not hashed), with
+    its step and dev WER."""
 
 
 @dataclass
@@ -242,9 +253,9 @@ class LoggingConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
     """Weights & Biases settings; only rank 0 ever initialises wandb."""
     progress_bar: bool = True
-    """Show a tqdm bar on rank 0 when the console is a terminal. Outside one (a log file, a pipe), or with this
-    false, rank 0 logs one plain line per ``trainer.log_every`` steps instead: step, loss, lr, grad norm,
-    audio-s/s, ETA."""
+    """Show a tqdm bar on rank 0 when the console is a terminal. Outside one (a log file, a pipe), or with
+    this false, rank 0 logs one plain line per ``trainer.log_every`` steps instead: step, loss, lr, grad
+    norm, audio-s/s, ETA."""
     sample_transcripts: int = 3
     """Number of (reference, hypothesis) pairs logged per dev set at each evaluation."""
     key_log: bool = False
@@ -283,8 +294,8 @@ class Config:
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     """Precision and ZeRO; the DeepSpeed JSON is derived from the whole config."""
     written_as: ClassVar[dict[str, str]] = {}
-    """Not a setting: the values given as interpolations (``${oc.env:TOKEN}``), by dotted key, written as given
-    (set per instance by :func:`load_config`)."""
+    """Not a setting: the values given as interpolations (``${oc.env:TOKEN}``), by dotted key, written as
+    given (set per instance by :func:`load_config`)."""
 
 
 _CHOICES: dict[str, tuple[Any, ...]] = {
@@ -300,8 +311,8 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
 
 @dataclass(frozen=True)
 class Bounds:
-    """The interval a numeric key's values must lie in; a list's or tuple's elements and a dict's values are each
-    checked. Every float must also be finite, whatever its bounds."""
+    """The interval a numeric key's values must lie in; a list's or tuple's elements and a dict's values are
+    each checked. Every float must also be finite, whatever its bounds."""
 
     low: float = -math.inf
     high: float = math.inf
@@ -383,8 +394,8 @@ _BOUNDS: dict[str, Bounds] = {
     "checkpoint.keep_best": _NON_NEGATIVE,
     "logging.sample_transcripts": _NON_NEGATIVE,
 }
-"""Every numeric key but those with choices (:data:`_CHOICES`); ``tests/unit/test_config.py`` checks that none is
-missing."""
+"""Every numeric key but those with choices (:data:`_CHOICES`); ``tests/unit/test_config.py`` checks that
+none is missing."""
 _DEEPSPEED_OWNED = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping",
                     "optimizer", "scheduler", "train_batch_size", "zero_optimization.stage", "bf16.enabled",
                     "fp16.enabled")
@@ -457,7 +468,8 @@ def _paths(node: Any, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, .
 
 
 def _schema_key(key: str) -> str:
-    """The config key that ``key`` (a dict entry ``data.train_mix./d/a``, a list element ``...[0]``) belongs to."""
+    """The config key that ``key`` (a dict entry ``data.train_mix./d/a``, a list element ``...[0]``) belongs
+    to."""
     key = key.split("[", 1)[0]
     while key and key not in all_keys():
         key = key.rpartition(".")[0]
@@ -474,8 +486,8 @@ def _field(key: str) -> tuple[type, str]:
 
 
 def dict_keys() -> list[str]:
-    """The keys whose value is a dict of the user's own entries (not a section of fixed keys): a command-line value
-    replaces such a dict whole, and ``~key.entry`` deletes one of its entries."""
+    """The keys whose value is a dict of the user's own entries (not a section of fixed keys): a command-line
+    value replaces such a dict whole, and ``~key.entry`` deletes one of its entries."""
     return [key for key in all_keys() if _field(key)[1].startswith("dict[")]
 
 
@@ -502,8 +514,8 @@ def _merge(base: DictConfig, other: DictConfig, origin: str) -> DictConfig:
 
 
 def _culprit(base: DictConfig, other: DictConfig) -> str:
-    """The key of ``other`` that cannot be merged into ``base``, for OmegaConf errors that name none (a tuple of
-    another length)."""
+    """The key of ``other`` that cannot be merged into ``base``, for OmegaConf errors that name none (a tuple
+    of another length)."""
     for path, value in _paths(OmegaConf.to_container(other, resolve=False)):
         single: Any = value
         for key in reversed(path):
@@ -540,20 +552,21 @@ def _delete(merged: DictConfig, key: str) -> None:
     """``~key.entry``: remove one entry of a dict-valued key; ``~key``: all of them."""
     owner = _schema_key(key)
     if owner not in dict_keys():
-        raise ConfigError(f"cannot delete '{key}' from the command line: only the entries of {dict_keys()} can be "
-                          f"deleted (~data.dev_shards.dev-other); set other keys with key=value")
+        raise ConfigError(f"cannot delete '{key}' from the command line: only the entries of {dict_keys()} "
+                          f"can be deleted (~data.dev_shards.dev-other); set other keys with key=value")
     node = OmegaConf.select(merged, owner)
     entry = key[len(owner) + 1:]
     if entry and entry not in node:
-        raise ConfigError(f"cannot delete '{key}' from the command line: '{owner}' has no entry '{entry}' (it has "
-                          f"{sorted(node)})")
+        raise ConfigError(f"cannot delete '{key}' from the command line: '{owner}' has no entry '{entry}' "
+                          f"(it has {sorted(node)})")
     for name in [entry] if entry else list(node):
         del node[name]  # entry by entry: replacing the node would drop its declared element type
 
 
 def _apply_overrides(merged: DictConfig, overrides: list[str] | tuple[str, ...]) -> DictConfig:
-    """Apply ``key=value`` and ``~key`` overrides in order. A value merges into a section, but replaces a dict-valued
-    key (``dict_keys``) whole: ``data.dev_shards={a: x}`` means exactly that set, not the file's sets and ``a``."""
+    """Apply ``key=value`` and ``~key`` overrides in order. A value merges into a section, but replaces a
+    dict-valued key (``dict_keys``) whole: ``data.dev_shards={a: x}`` means exactly that set, not the file's
+    sets and ``a``."""
     bad = [item for item in overrides if ("=" in item) == item.startswith("~")]
     if bad:
         raise ConfigError(f"overrides must look like key=value (or ~key to delete an entry), got {bad}")
@@ -566,10 +579,12 @@ def _apply_overrides(merged: DictConfig, overrides: list[str] | tuple[str, ...])
         try:
             single = OmegaConf.from_dotlist([item])
         except yaml.YAMLError as err:
-            raise ConfigError(f"cannot parse the value of '{key}' {origin} ({value!r}): {_yaml_problem(err)}") from None
+            raise ConfigError(f"cannot parse the value of '{key}' {origin} ({value!r}): "
+                              f"{_yaml_problem(err)}") from None
         owner = _schema_key(key)
         if owner in dict_keys() and owner != key and OmegaConf.select(single, key) is None:
-            raise ConfigError(f"bad value for '{key}' {origin}: an entry cannot be null; to delete it write ~{key}")
+            raise ConfigError(f"bad value for '{key}' {origin}: an entry cannot be null; to delete it write "
+                              f"~{key}")
         if key in dict_keys() and isinstance(OmegaConf.select(single, key), DictConfig):
             _delete(merged, key)
         merged = _merge(merged, single, origin)
@@ -586,8 +601,8 @@ def _elements(value: Any) -> list[Any]:
 
 
 def validate(cfg: Config, sources: Sources | None = None) -> None:
-    """Check values that the types alone cannot; raise :class:`ConfigError` naming the key and where its value came
-    from (and the other keys a check involves)."""
+    """Check values that the types alone cannot; raise :class:`ConfigError` naming the key and where its
+    value came from (and the other keys a check involves)."""
     sources = sources or Sources()
 
     def fail(key: str, why: str, *involved: str) -> None:
@@ -596,7 +611,8 @@ def validate(cfg: Config, sources: Sources | None = None) -> None:
 
     for key in all_keys():
         value = attrgetter(key)(cfg)
-        if not is_dataclass(value) and any(isinstance(x, float) and not math.isfinite(x) for x in _elements(value)):
+        if not is_dataclass(value) and any(isinstance(x, float) and not math.isfinite(x)
+                                           for x in _elements(value)):
             fail(key, f"every number must be finite, got {value}")
     for key, choices in _CHOICES.items():
         if (value := attrgetter(key)(cfg)) not in choices:
@@ -610,16 +626,19 @@ def validate(cfg: Config, sources: Sources | None = None) -> None:
     if cfg.data.train_mix and cfg.data.train_shards:
         fail("data.train_mix", "set data.train_shards or data.train_mix, not both", "data.train_shards")
     if cfg.data.train_mix and cfg.data.shard_command:
-        fail("data.train_mix", "data.shard_command names shards of one set; a mix opens each set at its location",
+        fail("data.train_mix",
+             "data.shard_command names shards of one set; a mix opens each set at its location",
              "data.shard_command")
     streams = cfg.trainer.update_seconds / cfg.data.max_batch_seconds
     if cfg.trainer.update_seconds and (streams < 1 or abs(streams - round(streams)) > 1e-6):
         fail("trainer.update_seconds", f"must be a whole multiple of data.max_batch_seconds "
-                                       f"({cfg.data.max_batch_seconds:g}), got {cfg.trainer.update_seconds:g}",
+                                       f"({cfg.data.max_batch_seconds:g}), got "
+                                       f"{cfg.trainer.update_seconds:g}",
              "data.max_batch_seconds")
     if cfg.trainer.update_seconds and cfg.trainer.grad_accum != 1:
-        fail("trainer.grad_accum", "give the global batch once: trainer.update_seconds (the grad_accum follows from "
-                                   "it) or trainer.grad_accum, not both", "trainer.update_seconds")
+        fail("trainer.grad_accum", "give the global batch once: trainer.update_seconds (the grad_accum "
+                                   "follows from it) or trainer.grad_accum, not both",
+                                   "trainer.update_seconds")
     if not cfg.data.min_seconds < cfg.data.max_seconds:
         fail("data.min_seconds", f"need min_seconds < max_seconds, got {cfg.data.min_seconds}, "
                                  f"{cfg.data.max_seconds}", "data.max_seconds")
@@ -638,7 +657,8 @@ def validate(cfg: Config, sources: Sources | None = None) -> None:
                                        f"{sorted(cfg.data.dev_shards)}", "data.dev_shards")
 
 
-def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+def load_config(path: str | os.PathLike[str] | None = None,
+                overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Build the run config: defaults, then the YAML file at ``path``, then ``key=value`` overrides."""
     merged: DictConfig = OmegaConf.structured(Config)
     file_keys: frozenset[str] = frozenset()
@@ -653,7 +673,8 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str]
         cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except OmegaConfBaseException as err:  # e.g. ${oc.env:VAR} with VAR unset
         raise ConfigError(f"cannot resolve '{err.full_key}': {err.msg}") from None
-    setattr(cfg, "written_as", _interpolations(OmegaConf.to_container(merged, resolve=False)))  # noqa: B010 (ClassVar)
+    setattr(cfg, "written_as",  # noqa: B010 (ClassVar)
+            _interpolations(OmegaConf.to_container(merged, resolve=False)))
     validate(cfg, Sources(None if path is None else str(path), file_keys,
                           frozenset(item.partition("=")[0].lstrip("~") for item in overrides)))
     return cfg
@@ -661,7 +682,8 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str]
 
 def _interpolations(node: Any, prefix: str = "") -> dict[str, str]:
     if isinstance(node, dict):
-        return {k: v for key, value in node.items() for k, v in _interpolations(value, f"{prefix}{key}.").items()}
+        return {k: v for key, value in node.items()
+                for k, v in _interpolations(value, f"{prefix}{key}.").items()}
     return {prefix[:-1]: node} if isinstance(node, str) and "${" in node else {}
 
 
@@ -690,11 +712,16 @@ def save_config(cfg: Config, path: str | os.PathLike[str]) -> None:
 def config_reference() -> str:
     """Markdown reference of every key with its default and docstring (``docs/configuration.md``)."""
     lines = ["# Configuration reference", "",
-             "Generated from the docstrings in `w2v_dist/config.py` (`w2v-dist config-docs > docs/configuration.md`).",
-             "A YAML file holds only changes from these defaults; `key=value` arguments override both, in order.",
-             "A value merges into a section (`trainer={max_steps: 10}` changes one key) but replaces a dict-valued key",
-             f"whole ({', '.join(f'`{k}`' for k in dict_keys())}): `data.dev_shards={{mine: /x/dev}}` evaluates",
-             "only `mine`. `data.dev_shards.mine=/x/dev` adds one entry, `~data.dev_shards.dev-other` deletes one",
+             "Generated from the docstrings in `w2v_dist/config.py` (`w2v-dist config-docs > "
+             "docs/configuration.md`).",
+             "A YAML file holds only changes from these defaults; `key=value` arguments override both, in "
+             "order.",
+             "A value merges into a section (`trainer={max_steps: 10}` changes one key) but replaces a "
+             "dict-valued key",
+             f"whole ({', '.join(f'`{k}`' for k in dict_keys())}): `data.dev_shards={{mine: /x/dev}}` "
+             f"evaluates",
+             "only `mine`. `data.dev_shards.mine=/x/dev` adds one entry, `~data.dev_shards.dev-other` "
+             "deletes one",
              "and `~data.dev_shards` deletes them all.", ""]
 
     def section(cls: type, prefix: str, default: Any) -> None:

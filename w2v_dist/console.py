@@ -1,9 +1,11 @@
-"""A command's stdout carries only what it promises (JSON lines, transcripts, a summary); libraries print to stderr.
+"""A command's stdout carries only what it promises (JSON lines, transcripts, a summary); libraries print to
+stderr.
 
-DeepSpeed logs through a handler bound to ``sys.stdout`` when it is imported, and warns about the accelerator as it
-is imported, wherever the import happens (transformers' pipelines import it too); other libraries print progress
-there as well. While a command runs under :func:`command_stdout`, ``sys.stdout`` *is* ``sys.stderr``, so whatever
-binds to or prints on stdout meanwhile reaches stderr, and the command writes its own output with :func:`emit`.
+DeepSpeed logs through a handler bound to ``sys.stdout`` when it is imported, and warns about the accelerator
+as it is imported, wherever the import happens (transformers' pipelines import it too); other libraries print
+progress there as well. While a command runs under :func:`command_stdout`, ``sys.stdout`` *is*
+``sys.stderr``, so whatever binds to or prints on stdout meanwhile reaches stderr, and the command writes its
+own output with :func:`emit`.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""The main job on the demo config: synthetic corpus → shards → tiny model → 2-rank DeepSpeed → WER → export.
+"""The main job on the demo config: synthetic corpus → shards → tiny model → 2-rank DeepSpeed → WER
+→ export.
 
 Every preparation step is skipped when its output already exists, so a second ``make demo`` only trains.
 """
@@ -31,7 +32,8 @@ def prepare(work_dir: Path, utterances: int, dev_utterances: int) -> None:
         out = work_dir / "shards" / subset
         if not (out / "index.json").exists():
             index = shard_corpus(librispeech_sources(corpus, [subset]), out,
-                                 ShardOptions(shard_size_mb=2.0, workers=os.cpu_count() or 1, overwrite=True),
+                                 ShardOptions(shard_size_mb=2.0, workers=os.cpu_count() or 1,
+                                              overwrite=True),
                                  {"subsets": [subset]})
             totals = index["totals"]
             print(f"[demo] {subset}: {totals['written']} written + {totals['rejected']} rejected in "
@@ -87,6 +89,6 @@ def run_demo(work_dir: Path, config: str, overrides: list[str], utterances: int,
     reference = dict(line.split(" ", 1) for line in trans.read_text().splitlines())[audio.stem]
     hypothesis = next(transcribe(final, [str(audio)])).text
     print(f"[demo] {audio.name}\n  reference:  {reference}\n  hypothesis: {hypothesis}")
-    print(f"[demo] corpus {work_dir / 'corpus'} | shards {Path(cfg.data.train_shards).parent} (dev: {dev}) | "
-          f"run {output}: config.yaml, metrics.jsonl, checkpoints/, final/ (Hugging Face export)")
+    print(f"[demo] corpus {work_dir / 'corpus'} | shards {Path(cfg.data.train_shards).parent} (dev: {dev}) "
+          f"| run {output}: config.yaml, metrics.jsonl, checkpoints/, final/ (Hugging Face export)")
     return 0

@@ -52,12 +52,14 @@ def evaluate_sets(opts: EvalOptions, world: dist.World, device: torch.device) ->
     """Collective: score every set on every rank; rank 0 gets the summary (other ranks ``None``)."""
     from w2v_dist.export import load_for_inference
 
-    names = [Path(location.rstrip("/")).name for location in opts.shards]  # /data/shards/dev-clean → dev-clean
+    # /data/shards/dev-clean → dev-clean
+    names = [Path(location.rstrip("/")).name for location in opts.shards]
     if len(set(names)) != len(names):
         raise ValueError(f"shard sets must have distinct directory names, got {names}")
     model, processor = load_for_inference(opts.model, opts.config)
     model.to(device).eval()  # type: ignore[arg-type]  # transformers wraps .to in a decorator mypy misreads
-    decoder = make_decoder(opts.decoder, processor.tokenizer, opts.lm, opts.beam_width, opts.alpha, opts.beta)
+    decoder = make_decoder(opts.decoder, processor.tokenizer, opts.lm, opts.beam_width, opts.alpha,
+                           opts.beta)
     geometry = EncoderGeometry.from_model_config(model.config)
     batch_size = scoring_batch_size(model.config, bool(processor.feature_extractor.return_attention_mask),
                                     opts.max_batch_size)
@@ -68,7 +70,8 @@ def evaluate_sets(opts: EvalOptions, world: dist.World, device: torch.device) ->
         shards = load_shard_set(location, opts.shard_command)
         prep = make_preprocess(processor, geometry, shards.sample_rate, 0.0, 0.0)
         scorer = Scorer(lambda batch: model(**batch.model_inputs(device, with_labels=False)).logits, decoder,
-                        geometry, device=device, sample_rate=shards.sample_rate, text_policy=shards.text_policy)
+                        geometry, device=device, sample_rate=shards.sample_rate,
+                        text_policy=shards.text_policy)
         loader = scoring_loader(shards, prep, opts.batch_seconds, batch_size, world, workers=opts.workers,
                                 retry=RetryPolicy())
         result = scorer.score(name, loader, shards.total_samples)
@@ -92,8 +95,8 @@ def report_worst(rows: list[dict[str, Any]], count: int) -> None:
         return
     print(f"worst {len(worst)} utterances by word errors:", file=sys.stderr)
     for r in worst:
-        print(f"  {r['set']} {r['key']}: {r['errors']} errors / {r['words']} words\n    REF: {r['reference']}\n"
-              f"    HYP: {r['hypothesis']}", file=sys.stderr)
+        print(f"  {r['set']} {r['key']}: {r['errors']} errors / {r['words']} words\n    REF: "
+              f"{r['reference']}\n    HYP: {r['hypothesis']}", file=sys.stderr)
 
 
 def evaluate_command(opts: EvalOptions, local_rank: int | None = None) -> int:

@@ -76,7 +76,8 @@ def is_hub_id(source: str | Path) -> bool:
     return not Path(source).exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", str(source)) is not None
 
 
-def find_checkpoint(path: str | Path, tag: str | None = None, config: str | Path | None = None) -> CheckpointRef:
+def find_checkpoint(path: str | Path, tag: str | None = None,
+                    config: str | Path | None = None) -> CheckpointRef:
     """Resolve a run dir, a ``checkpoints/`` dir or a tag dir to (root, tag, config.yaml). Without a tag:
     the one resume would take (:func:`~w2v_dist.checkpoint.tags.resumable_tag`, checksums verified), never
     a torn or damaged ``latest``."""
@@ -89,7 +90,8 @@ def find_checkpoint(path: str | Path, tag: str | None = None, config: str | Path
         root = path
     else:
         raise ModelSourceError(f"{path} is neither a Hugging Face export (no config.json) nor a DeepSpeed "
-                               "checkpoint (a run's output_dir, its checkpoints/ dir, or a step_XXXXXXXX dir)")
+                               f"checkpoint (a run's output_dir, its checkpoints/ dir, or a step_XXXXXXXX "
+                               f"dir)")
     if tag is None:
         tag = resumable_tag(root, verify=True)
         if tag is None:
@@ -119,7 +121,8 @@ def checkpoint_config(ref: CheckpointRef) -> Config:
         raise ModelSourceError(f"{ref.directory} has no model states file")
     embedded = SavedRun.read(ref.directory).with_client_state(_load_states(states[0])).config
     if not embedded:
-        raise ModelSourceError(f"no config.yaml next to {ref.root} and none stored in the checkpoint; use --config")
+        raise ModelSourceError(f"no config.yaml next to {ref.root} and none stored in the checkpoint; use "
+                               f"--config")
     with tempfile.NamedTemporaryFile("w", suffix=".yaml") as handle:
         handle.write(embedded)
         handle.flush()
@@ -174,9 +177,10 @@ def load_for_inference(source: str | Path, config: str | Path | None = None, tag
                 if not is_hub_id(source):
                     raise
                 raise ModelSourceError(
-                    f"{source} is no local path, and as a Hugging Face Hub id it is neither in the HF cache nor "
-                    f"reachable ({str(err).splitlines()[0]}); on a node without network, download it where there is "
-                    f"one (`hf download {source}`, into the same HF_HOME) and set HF_HUB_OFFLINE=1") from None
+                    f"{source} is no local path, and as a Hugging Face Hub id it is neither in the HF cache "
+                    f"nor reachable ({str(err).splitlines()[0]}); on a node without network, download it "
+                    f"where there is one (`hf download {source}`, into the same HF_HOME) and set "
+                    f"HF_HUB_OFFLINE=1") from None
         return model_from_checkpoint(find_checkpoint(source, tag, config))
 
 
@@ -188,7 +192,8 @@ def write_export(model: PreTrainedModel, processor: Wav2Vec2Processor, out_dir: 
     renamed into place, so a crash never leaves a half-written export under the real name. Refuses NaN or
     Inf weights, and finite weights whose logits on a probe batch are not (:func:`nonfinite_logits`):
     returns False, leaves nothing written."""
-    weights = {k: v.float() if v.is_floating_point() else v for k, v in (state or model.state_dict()).items()}
+    weights = {k: v.float() if v.is_floating_point() else v
+               for k, v in (state or model.state_dict()).items()}
     bad = [name for name, t in weights.items() if t.is_floating_point() and not torch.isfinite(t).all()]
     if bad:
         log.error("not exporting %s: the weights contain NaN or Inf (%s...)", out_dir, bad[:3])
@@ -198,22 +203,26 @@ def write_export(model: PreTrainedModel, processor: Wav2Vec2Processor, out_dir: 
     try:
         model.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
         config = copy.deepcopy(model.config)
-        config.dtype = "float32"  # save_pretrained records a 16-bit module's dtype; the weights written are fp32
+        # save_pretrained records a 16-bit module's dtype; the weights written are fp32
+        config.dtype = "float32"
         if (layer_drop := getattr(model, "layer_drop", None)) is not None:
-            config.layerdrop = layer_drop.probability  # the model's own is 0: w2v_dist.layerdrop draws it instead
+            # the model's own is 0: w2v_dist.layerdrop draws it instead
+            config.layerdrop = layer_drop.probability
         config.save_pretrained(tmp)
         processor.save_pretrained(tmp)
         if card:
             (tmp / "README.md").write_text(card)
-    except (OSError, SafetensorError) as err:  # safetensors reports a full disk as a SafetensorError, naming no path
+    except (OSError, SafetensorError) as err:
+        # safetensors reports a full disk as a SafetensorError, naming no path
         from w2v_dist.checkpoint.commit import write_failure  # imports DeepSpeed: only now
 
-        shutil.rmtree(tmp, ignore_errors=True)  # its space back; a previous export under out_dir is untouched
+        # its space back; a previous export under out_dir is untouched
+        shutil.rmtree(tmp, ignore_errors=True)
         raise ExportWriteError(f"writing {out_dir}: {write_failure(err, out_dir.parent)}") from err
     if bad_logits := nonfinite_logits(tmp, processor):
         shutil.rmtree(tmp, ignore_errors=True)
-        log.error("not exporting %s: its weights are finite, but %d of its logits on a probe batch (a second of "
-                  "silence and one of noise) are NaN or Inf", out_dir, bad_logits)
+        log.error("not exporting %s: its weights are finite, but %d of its logits on a probe batch (a "
+                  "second of silence and one of noise) are NaN or Inf", out_dir, bad_logits)
         return False
     pause_point(f"export-{out_dir.name}", 0)
     shutil.rmtree(out_dir, ignore_errors=True)
@@ -257,9 +266,9 @@ def export_checkpoint(source: str | Path, out_dir: str | Path, tag: str | None =
         ref = find_checkpoint(source, tag, config)
         model, processor = model_from_checkpoint(ref)
         cfg = checkpoint_config(ref)
-    card = model_card(name=out.name, base_model=cfg.model.name_or_path, step=int(ref.tag.rpartition("_")[2] or 0),
-                      config_yaml=to_yaml(cfg), results={})
+    card = model_card(name=out.name, base_model=cfg.model.name_or_path,
+                      step=int(ref.tag.rpartition("_")[2] or 0), config_yaml=to_yaml(cfg), results={})
     if not write_export(model, processor, out, card=card):
-        raise ValueError(f"{ref.directory}: the weights, or the logits on a probe batch, are NaN or Inf; not "
-                         "exporting")
+        raise ValueError(f"{ref.directory}: the weights, or the logits on a probe batch, are NaN or Inf; "
+                         f"not exporting")
     return out

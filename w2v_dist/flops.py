@@ -64,33 +64,37 @@ def forward_flops(config: Wav2Vec2Config, num_samples: int) -> tuple[float, floa
     return conv, layer * config.num_hidden_layers, other
 
 
-def training_flops(config: Wav2Vec2Config, num_samples: int, freeze_feature_encoder: bool = True) -> StepFlops:
+def training_flops(config: Wav2Vec2Config, num_samples: int,
+                   freeze_feature_encoder: bool = True) -> StepFlops:
     """FLOPs of one utterance through a training step (forward + backward)."""
     conv, transformer, other = forward_flops(config, num_samples)
     return StepFlops(conv if freeze_feature_encoder else 3 * conv, 3 * transformer, 3 * other)
 
 
-def batch_flops(config: Wav2Vec2Config, lengths: list[int], freeze_feature_encoder: bool = True) -> StepFlops:
-    return sum((training_flops(config, n, freeze_feature_encoder) for n in lengths), StepFlops(0.0, 0.0, 0.0))
+def batch_flops(config: Wav2Vec2Config, lengths: list[int],
+                freeze_feature_encoder: bool = True) -> StepFlops:
+    return sum((training_flops(config, n, freeze_feature_encoder) for n in lengths),
+               StepFlops(0.0, 0.0, 0.0))
 
 
 COUNTED_FAMILIES = ("wav2vec2", "hubert", "wavlm", "unispeech", "unispeech-sat")
-"""Encoders with wav2vec2's layer structure, which the formulas above describe (conformer, SEW and data2vec-audio
-differ)."""
+"""Encoders with wav2vec2's layer structure, which the formulas above describe (conformer, SEW and
+data2vec-audio differ)."""
 
 
 def step_flops(config: Any, lengths: list[int], freeze_feature_encoder: bool, layerdrop: float
                ) -> float | None:
-    """Useful FLOPs of one training step over utterances of ``lengths`` samples (padding excluded), LayerDrop's
-    skipped transformer layers left out (in expectation); ``None`` for a family the formulas do not describe."""
+    """Useful FLOPs of one training step over utterances of ``lengths`` samples (padding excluded),
+    LayerDrop's skipped transformer layers left out (in expectation); ``None`` for a family the formulas do
+    not describe."""
     if config.model_type not in COUNTED_FAMILIES:
         return None
     total = batch_flops(config, lengths, freeze_feature_encoder)
     return total.conv_forward + total.other + total.transformer * (1.0 - layerdrop)
 
 
-DENSE_BF16_TFLOPS = {"H200": 989.4, "H100 PCIe": 756.0, "H100": 989.4, "A100": 312.0, "L40S": 362.0, "A10G": 70.0,
-                     "L4": 121.0}
+DENSE_BF16_TFLOPS = {"H200": 989.4, "H100 PCIe": 756.0, "H100": 989.4, "A100": 312.0, "L40S": 362.0,
+                     "A10G": 70.0, "L4": 121.0}
 """Datasheet dense (no sparsity) bf16 tensor-core peaks by device-name fragment, first match wins."""
 
 

@@ -1,10 +1,11 @@
 """Counting the places where the host waits for the device, on any device (a CPU run included).
 
-On a GPU the host queues kernels ahead of the device, unless it needs a value the device has not computed yet:
-a tensor read as a Python value (``.item()``, ``.tolist()``, ``bool(t)``, ``int(t)``) or an operator whose output
-shape depends on the data (``nonzero``, ``masked_select``, boolean indexing, ``unique``...). Each such read drains
-the queue. :class:`HostSyncCounter` counts them while it is active, so a CPU test can bound a step's syncs
-(``tests/unit/test_ctc.py``, ``tests/e2e/equivalence_worker.py``) and ``bench gpu`` can report them.
+On a GPU the host queues kernels ahead of the device, unless it needs a value the device has not computed
+yet: a tensor read as a Python value (``.item()``, ``.tolist()``, ``bool(t)``, ``int(t)``) or an operator
+whose output shape depends on the data (``nonzero``, ``masked_select``, boolean indexing, ``unique``...).
+Each such read drains the queue. :class:`HostSyncCounter` counts them while it is active, so a CPU test can
+bound a step's syncs (``tests/unit/test_ctc.py``, ``tests/e2e/equivalence_worker.py``) and ``bench gpu`` can
+report them.
 """
 
 from __future__ import annotations
@@ -16,16 +17,17 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-SYNC_OPS = frozenset({"aten._local_scalar_dense.default", "aten.nonzero.default", "aten.masked_select.default",
-                      "aten.unique_consecutive.default", "aten._unique2.default", "aten.repeat_interleave.Tensor",
+SYNC_OPS = frozenset({"aten._local_scalar_dense.default", "aten.nonzero.default",
+                      "aten.masked_select.default", "aten.unique_consecutive.default",
+                      "aten._unique2.default", "aten.repeat_interleave.Tensor",
                       "aten.nonzero_static.default", "aten.index.Tensor"})
 """Operators that read a value or size their output by the data (``index.Tensor`` counts only with a boolean
 index, which is a ``nonzero``)."""
 
 
 class HostSyncCounter(TorchDispatchMode):
-    """``with HostSyncCounter() as syncs: ...`` then ``syncs.total`` and ``syncs.by_op``; :meth:`paused` leaves a
-    region out (e.g. the optimizer)."""
+    """``with HostSyncCounter() as syncs: ...`` then ``syncs.total`` and ``syncs.by_op``; :meth:`paused`
+    leaves a region out (e.g. the optimizer)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -56,7 +58,8 @@ class HostSyncCounter(TorchDispatchMode):
         super().__enter__()
         return self
 
-    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 trace: TracebackType | None
                  ) -> None:
         super().__exit__(kind, error, trace)
         torch.Tensor.tolist = self._tolist  # type: ignore[method-assign]

@@ -31,10 +31,12 @@ class Transcript:
 def check_chunking(chunk_seconds: float, overlap_seconds: float) -> None:
     """The pipeline needs each chunk to keep some audio of its own between the two context margins."""
     if chunk_seconds <= 0 or overlap_seconds < 0 or chunk_seconds <= 2 * overlap_seconds:
-        raise ValueError(f"need chunk_seconds > 2 x overlap_seconds >= 0, got {chunk_seconds} and {overlap_seconds}")
+        raise ValueError(f"need chunk_seconds > 2 x overlap_seconds >= 0, got {chunk_seconds} and "
+                         f"{overlap_seconds}")
 
 
-def transcribe(model: str | Path, files: list[str], chunk_seconds: float = 30.0, overlap_seconds: float = 2.0,
+def transcribe(model: str | Path, files: list[str], chunk_seconds: float = 30.0,
+               overlap_seconds: float = 2.0,
                word_timestamps: bool = False, config: str | Path | None = None) -> Iterator[Transcript]:
     """One :class:`Transcript` per file, in order; ``model``: an HF export dir or a DeepSpeed checkpoint."""
     from transformers import pipeline
@@ -49,7 +51,8 @@ def transcribe(model: str | Path, files: list[str], chunk_seconds: float = 30.0,
     for path in files:
         audio = to_16k_mono(*sf.read(str(path), dtype="float32", always_2d=True))
         options: dict[str, Any] = {}
-        if len(audio) > chunk_seconds * SAMPLE_RATE:  # shorter files in one pass: exactly the model's own output
+        if len(audio) > chunk_seconds * SAMPLE_RATE:
+            # shorter files in one pass: exactly the model's own output
             options |= {"chunk_length_s": chunk_seconds, "stride_length_s": overlap_seconds}
         if word_timestamps:
             options["return_timestamps"] = "word"

@@ -41,7 +41,8 @@ def input_problems(cfg: Config) -> list[str]:
                         "(or give data.train_mix)")
     sets = [("data.train_shards", data.train_shards, data.shard_command)] if data.train_shards else []
     sets += [("data.train_mix", location, "") for location in data.train_mix]
-    sets += [(f"data.dev_shards.{name}", location, data.shard_command) for name, location in data.dev_shards.items()]
+    sets += [(f"data.dev_shards.{name}", location, data.shard_command)
+             for name, location in data.dev_shards.items()]
     for key, location, shard_command in sets:
         problems += [f"{key}: {problem}" for problem in shard_set_problems(location, shard_command)]
     return problems + resume_problems(cfg)
@@ -79,8 +80,8 @@ def shard_set_problems(location: str, shard_command: str = "") -> list[str]:
     missing = [url for url in shards.urls if not is_remote(url) and not Path(url).is_file()]
     if missing:
         names = ", ".join(Path(url).name for url in missing[:3]) + (", ..." if len(missing) > 3 else "")
-        return [f"{len(missing)} of the {len(shards.urls)} shards listed in {directory / INDEX_NAME} are not readable "
-                f"here: {names}"]
+        return [f"{len(missing)} of the {len(shards.urls)} shards listed in {directory / INDEX_NAME} are "
+                f"not readable here: {names}"]
     return []
 
 
@@ -99,6 +100,7 @@ def resume_problems(cfg: Config) -> list[str]:
     step = checkpointer.saved_run(tag).step
     if step <= cfg.trainer.max_steps:
         return []
-    return [f"trainer.max_steps: {cfg.trainer.max_steps} is below step {step} of the checkpoint this run would "
-            f"resume ({checkpointer.root / tag}): raise trainer.max_steps to train on, export that checkpoint "
-            f"('w2v-dist export --checkpoint {cfg.output_dir} --out DIR'), or use a new output_dir"]
+    return [f"trainer.max_steps: {cfg.trainer.max_steps} is below step {step} of the checkpoint this run "
+            f"would resume ({checkpointer.root / tag}): raise trainer.max_steps to train on, export that "
+            f"checkpoint ('w2v-dist export --checkpoint {cfg.output_dir} --out DIR'), or use a new "
+            f"output_dir"]

@@ -1,6 +1,7 @@
-"""N-gram language models for beam search (``evaluate --decoder beam --lm``): transcripts → KenLM's ``lmplz`` →
-ARPA (and ``build_binary`` → a binary that loads fast). The estimation is KenLM's (modified Kneser-Ney); this
-module only gathers the text and runs the tools (``make setup`` builds them into ``.venv/bin``)."""
+"""N-gram language models for beam search (``evaluate --decoder beam --lm``): transcripts → KenLM's
+``lmplz`` → ARPA (and ``build_binary`` → a binary that loads fast). The estimation is KenLM's (modified
+Kneser-Ney); this module only gathers the text and runs the tools (``make setup`` builds them into
+``.venv/bin``)."""
 
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ TOOLS_HINT = "KenLM's tools are built by `make setup` (see docs/evaluation.md#bu
 
 
 def lm_tool(name: str) -> str:
-    """Path of a KenLM program: next to this interpreter (``make setup`` puts them in the venv), else on PATH."""
+    """Path of a KenLM program: next to this interpreter (``make setup`` puts them in the venv), else on
+    PATH."""
     beside = Path(sys.executable).parent / name
     found = str(beside) if beside.is_file() else shutil.which(name)
     if found is None:
@@ -58,7 +60,8 @@ def arpa_counts(arpa: Path) -> dict[int, int]:
 
 
 def arpa_unigrams(arpa: Path) -> list[str]:
-    """The words of an ARPA file's 1-gram section, as pyctcdecode reads them from an ARPA (entries with a back-off)."""
+    """The words of an ARPA file's 1-gram section, as pyctcdecode reads them from an ARPA (entries with a
+    back-off)."""
     words, inside = [], False
     with arpa.open(encoding="utf-8") as lines:
         for line in lines:
@@ -72,12 +75,14 @@ def arpa_unigrams(arpa: Path) -> list[str]:
     return words
 
 
-def build_lm(sentences: Iterable[str], arpa: Path, order: int = 4, binary: Path | None = None) -> dict[str, object]:
-    """Estimate an ``order``-gram LM with ``lmplz`` into ``arpa`` (and ``build_binary`` it into ``binary``, with its
-    word list beside it: beam search needs it and cannot read it from a binary, ``w2v_dist.decoding.lm_unigrams``).
+def build_lm(sentences: Iterable[str], arpa: Path, order: int = 4,
+             binary: Path | None = None) -> dict[str, object]:
+    """Estimate an ``order``-gram LM with ``lmplz`` into ``arpa`` (and ``build_binary`` it into ``binary``,
+    with its word list beside it: beam search needs it and cannot read it from a binary,
+    ``w2v_dist.decoding.lm_unigrams``).
 
-    ``--discount_fallback`` lets lmplz estimate small corpora (a dev-sized text), where its Kneser-Ney discounts
-    cannot all be computed from count-of-counts; on a large corpus it changes nothing.
+    ``--discount_fallback`` lets lmplz estimate small corpora (a dev-sized text), where its Kneser-Ney
+    discounts cannot all be computed from count-of-counts; on a large corpus it changes nothing.
     """
     if order < 2:
         raise ValueError(f"order must be at least 2, got {order}")

@@ -1,26 +1,30 @@
-"""One run per ``output_dir``: a lease that names the run writing there, taken before anything else is written.
+"""One run per ``output_dir``: a lease that names the run writing there, taken before anything else is
+written.
 
-``<output_dir>/.lock`` names its holder: host, pid (and the process's start time, so a recycled pid is not the
-holder), SLURM job id and restart count, the launch (shared by every rank of one launch) and when it was last
-renewed. Rank 0 takes it before the process group forms, and every rank stops with its refusal once the group
-exists (a node that cannot see the lease has no shared output_dir: :func:`~w2v_dist.dist.register_ranks`). A
-thread renews it every :data:`RENEW_SECONDS` from then on (through the DeepSpeed op build, evaluations and saves,
-which no training step interrupts), and the process removes it when it exits, normally or with an error.
+``<output_dir>/.lock`` names its holder: host, pid (and the process's start time, so a recycled pid is not
+the holder), SLURM job id and restart count, the launch (shared by every rank of one launch) and when it was
+last renewed. Rank 0 takes it before the process group forms, and every rank stops with its refusal once the
+group exists (a node that cannot see the lease has no shared output_dir:
+:func:`~w2v_dist.dist.register_ranks`). A thread renews it every :data:`RENEW_SECONDS` from then on (through
+the DeepSpeed op build, evaluations and saves, which no training step interrupts), and the process removes it
+when it exits, normally or with an error.
 
-A lease, not ``flock``: on NFS a lock dies with neither a crashed client nor a partitioned one (NFSv3 lockd may
-keep it, NFSv4 drops it when the lease of the *client* expires, while the process may still be writing), and on
-some cluster file systems ``flock`` is local to a node. The lease needs only what NFS makes atomic: ``link`` to
-create (it fails if the name exists) and ``rename`` to replace. It is stale, and taken over with a warning, when:
+A lease, not ``flock``: on NFS a lock dies with neither a crashed client nor a partitioned one (NFSv3 lockd
+may keep it, NFSv4 drops it when the lease of the *client* expires, while the process may still be writing),
+and on some cluster file systems ``flock`` is local to a node. The lease needs only what NFS makes atomic:
+``link`` to create (it fails if the name exists) and ``rename`` to replace. It is stale, and taken over with
+a warning, when:
 
-- it was not renewed for ``trainer.lock_stale_minutes`` (default 5: ten missed renewals, well above NFS attribute
-  caching (a minute at most) and the clock skew of NTP-synchronised nodes; a run killed on another host blocks its
-  successor for at most that long);
+- it was not renewed for ``trainer.lock_stale_minutes`` (default 5: ten missed renewals, well above NFS
+  attribute caching (a minute at most) and the clock skew of NTP-synchronised nodes; a run killed on another
+  host blocks its successor for at most that long);
 - its holder ran on this host and that process is gone (a crash or a kill: taken over at once);
-- it is held by an earlier incarnation of the same SLURM job (``SLURM_RESTART_COUNT`` higher here): the requeue.
+- it is held by an earlier incarnation of the same SLURM job (``SLURM_RESTART_COUNT`` higher here): the
+  requeue.
 
-Any other live holder makes the run stop at once, naming it. A holder that finds, when it renews, that its lease
-names another run (it stalled for longer than the stale bound and was taken over) ends its process at once: two
-runs must never write into one directory.
+Any other live holder makes the run stop at once, naming it. A holder that finds, when it renews, that its
+lease names another run (it stalled for longer than the stale bound and was taken over) ends its process at
+once: two runs must never write into one directory.
 """
 
 from __future__ import annotations
@@ -44,7 +48,8 @@ LEASE_FILE = ".lock"
 RENEW_SECONDS = 30.0
 """How often the holder renews its lease (more often when the stale bound is under ten times this)."""
 SETTLE_SECONDS = 1.0
-"""After replacing a stale lease: how long to wait before checking that no other contender replaced it too."""
+"""After replacing a stale lease: how long to wait before checking that no other contender replaced it
+too."""
 
 
 class OutputDirInUse(RuntimeError):
@@ -74,7 +79,8 @@ class Holder:
                    launch=launch_id(), renewed=time.time())
 
     def owns(self, lease: Holder | None) -> bool:
-        return lease is not None and (lease.host, lease.pid, lease.launch) == (self.host, self.pid, self.launch)
+        return (lease is not None
+                and (lease.host, lease.pid, lease.launch) == (self.host, self.pid, self.launch))
 
     def describe(self) -> str:
         job = f"SLURM job {self.job} (restart {self.restart})" if self.job else "no SLURM job"
@@ -84,8 +90,8 @@ class Holder:
 
 def launch_id() -> str:
     """The same on every rank of one launch, and different for two launches that run at the same time: their
-    rendezvous (``MASTER_ADDR:MASTER_PORT``, qualified by the host when it is a loopback address) cannot be the
-    same, and neither can their SLURM job, step and restart."""
+    rendezvous (``MASTER_ADDR:MASTER_PORT``, qualified by the host when it is a loopback address) cannot be
+    the same, and neither can their SLURM job, step and restart."""
     env = os.environ
     addr = env.get("MASTER_ADDR", "")
     if addr in ("", "127.0.0.1", "localhost", "::1"):
@@ -113,10 +119,12 @@ def takeover_reason(lease: Holder, me: Holder, stale_seconds: float) -> str | No
     if lease.launch == me.launch:
         return "it names this launch"
     if lease.job is not None and lease.job == me.job and me.restart > lease.restart:
-        return f"SLURM job {me.job} was requeued (restart {lease.restart} held it, this is restart {me.restart})"
+        return (f"SLURM job {me.job} was requeued (restart {lease.restart} held it, this is restart "
+                f"{me.restart})")
     age = time.time() - lease.renewed
     if age > stale_seconds:
-        return f"it was last renewed {age:.0f} s ago (stale after {stale_seconds:.0f} s: trainer.lock_stale_minutes)"
+        return (f"it was last renewed {age:.0f} s ago (stale after {stale_seconds:.0f} s: "
+                f"trainer.lock_stale_minutes)")
     if lease.host == me.host and not _alive(lease):
         return f"its process {lease.pid} on this host is gone"
     return None
@@ -142,10 +150,10 @@ class OutputDirLock:
         self._stop = threading.Event()
 
     def claim(self, world: World) -> str | None:
-        """Before the process group forms: rank 0 takes the lease (:meth:`take`) and returns its refusal instead of
-        raising it (``None``: it holds the lease); every other rank returns ``None`` at once. A rank other than 0
-        does not look at the lease: on a node where output_dir is not the shared directory it never would see it,
-        and :func:`~w2v_dist.dist.register_ranks` stops that run with the reason."""
+        """Before the process group forms: rank 0 takes the lease (:meth:`take`) and returns its refusal
+        instead of raising it (``None``: it holds the lease); every other rank returns ``None`` at once. A
+        rank other than 0 does not look at the lease: on a node where output_dir is not the shared directory
+        it never would see it, and :func:`~w2v_dist.dist.register_ranks` stops that run with the reason."""
         if not world.is_main:
             return None
         try:
@@ -156,15 +164,15 @@ class OutputDirLock:
 
     @staticmethod
     def agree(refusal: str | None) -> None:
-        """Collective, once the process group exists: every rank raises rank 0's refusal (:meth:`claim`), if any,
-        so that no rank of a refused run goes on or waits for the others."""
+        """Collective, once the process group exists: every rank raises rank 0's refusal (:meth:`claim`), if
+        any, so that no rank of a refused run goes on or waits for the others."""
         refusal = all_gather_objects(refusal)[0]
         if refusal:
             raise OutputDirInUse(refusal)
 
     def take(self) -> None:
-        """Hold the lease from now until the process exits, renewed by a thread; or raise :class:`OutputDirInUse`
-        naming the live run that holds it."""
+        """Hold the lease from now until the process exits, renewed by a thread; or raise
+        :class:`OutputDirInUse` naming the live run that holds it."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         me = Holder.this_process()
         while not self._create(me):
@@ -185,18 +193,19 @@ class OutputDirLock:
             time.sleep(SETTLE_SECONDS)  # a contender that judged the same stale lease at the same moment
             winner = read_lease(self.path)
             if not me.owns(winner):
-                raise OutputDirInUse(self.refusal(winner) if winner else f"lost the lock of {self.path.parent}")
+                raise OutputDirInUse(self.refusal(winner) if winner
+                                     else f"lost the lock of {self.path.parent}")
             break
         self.me = me
         threading.Thread(target=self._keep, name="w2v-dist-lock", daemon=True).start()
         atexit.register(self.release)
 
     def refusal(self, lease: Holder) -> str:
-        return (f"output_dir {self.path.parent} is in use by another run: {lease.describe()}. Its lease ({self.path}) "
-                f"becomes stale {self.stale_seconds / 60:g} min after its last renewal "
-                "(trainer.lock_stale_minutes); a crashed holder on the same host, or an earlier run of the same SLURM "
-                "job, is taken over at once. Give this run another output_dir, or stop that run; delete the lease "
-                "only if that run is surely gone")
+        return (f"output_dir {self.path.parent} is in use by another run: {lease.describe()}. Its lease "
+                f"({self.path}) becomes stale {self.stale_seconds / 60:g} min after its last renewal "
+                f"(trainer.lock_stale_minutes); a crashed holder on the same host, or an earlier run of the "
+                f"same SLURM job, is taken over at once. Give this run another output_dir, or stop that "
+                f"run; delete the lease only if that run is surely gone")
 
     def release(self) -> None:
         """Stop renewing and remove the lease if it is still this process's (at exit; also on an error)."""
@@ -218,8 +227,8 @@ class OutputDirLock:
                 log.warning("could not renew the lock %s: %s", self.path, err)
 
     def renew(self) -> None:
-        """Rewrite the lease with a new time, if it is still ours; if another run took it over, end this process
-        (before anything more of this run is written where that one writes)."""
+        """Rewrite the lease with a new time, if it is still ours; if another run took it over, end this
+        process (before anything more of this run is written where that one writes)."""
         assert self.me is not None
         try:
             lease = read_lease(self.path)
@@ -236,8 +245,8 @@ class OutputDirLock:
         self._replace(self.me)
 
     def _lost(self, lease: Holder | None) -> None:
-        log.critical("another run took over %s (%s) while this one held it; stopping this process now so that the "
-                     "two never write there together", self.path.parent,
+        log.critical("another run took over %s (%s) while this one held it; stopping this process now so "
+                     "that the two never write there together", self.path.parent,
                      lease.describe() if lease else "the lease was removed")
         logging.shutdown()
         os._exit(1)
@@ -248,7 +257,8 @@ class OutputDirLock:
         return tmp
 
     def _create(self, me: Holder) -> bool:
-        """Create the lease if there is none: ``link`` fails on an existing name, atomically, NFS included."""
+        """Create the lease if there is none: ``link`` fails on an existing name, atomically, NFS
+        included."""
         tmp = self._tmp(me)
         try:
             os.link(tmp, self.path)

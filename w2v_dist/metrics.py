@@ -9,7 +9,8 @@ import jiwer
 
 @dataclass(kw_only=True)
 class ErrorCounts:
-    """Summed edit operations and reference lengths; add them up across utterances and ranks, divide at the end."""
+    """Summed edit operations and reference lengths; add them up across utterances and ranks, divide at the
+    end."""
 
     word_edits: int = 0
     words: int = 0

@@ -1,8 +1,9 @@
-"""The README.md of every export (final/, best/, ``w2v-dist export``): Hugging Face model-card metadata with the dev
-WER/CER as model-index results, how to load the model, and the training config it came from.
+"""The README.md of every export (final/, best/, ``w2v-dist export``): Hugging Face model-card metadata with
+the dev WER/CER as model-index results, how to load the model, and the training config it came from.
 
-Its example reads the audio with soundfile (a dependency of transformers' audio extras and of this project) and
-passes an array: a file name makes the pipeline decode with ffmpeg, which a fresh set-up does not have."""
+Its example reads the audio with soundfile (a dependency of transformers' audio extras and of this project)
+and passes an array: a file name makes the pipeline decode with ffmpeg, which a fresh set-up does not
+have."""
 
 from __future__ import annotations
 
@@ -21,10 +22,12 @@ def dataset_entry(set_name: str) -> dict[str, str]:
     if match is None:
         return {"name": set_name, "type": set_name}
     split = "validation" if match.group(1) == "dev" else "test"
-    return {"name": f"LibriSpeech ({set_name})", "type": "librispeech_asr", "config": match.group(2), "split": split}
+    return {"name": f"LibriSpeech ({set_name})", "type": "librispeech_asr", "config": match.group(2),
+            "split": split}
 
 
-def model_card(*, name: str, base_model: str, step: int, config_yaml: str, results: dict[str, ErrorCounts]) -> str:
+def model_card(*, name: str, base_model: str, step: int, config_yaml: str,
+               results: dict[str, ErrorCounts]) -> str:
     """``results``: dev set name → its error counts at ``step`` (empty when nothing was evaluated)."""
     index_results = [
         {"task": {"type": "automatic-speech-recognition", "name": "Speech recognition"},
@@ -59,8 +62,10 @@ audio, rate = sf.read("audio.flac", dtype="float32")  # 16 kHz mono, as in train
 print(asr({{"raw": audio, "sampling_rate": rate}})["text"])
 ```
 
-or `w2v-dist transcribe --model path/to/this/directory audio.flac`, `w2v-dist evaluate --model ... --shards ...`.
-The example passes an array: given a file name, the pipeline decodes it with ffmpeg, which it does not install.
+or `w2v-dist transcribe --model path/to/this/directory audio.flac`, \
+`w2v-dist evaluate --model ... --shards ...`.
+The example passes an array: given a file name, the pipeline decodes it with ffmpeg, which it does not \
+install.
 
 ## Training config
 

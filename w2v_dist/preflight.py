@@ -32,8 +32,8 @@ class WorstCase:
 
 def worst_case(shards: ShardSet, policy: BatchPolicy, prep: Preprocess) -> WorstCase:
     """The largest micro-batch the plan can form: the longest kept utterance (at any speed perturbation's
-    length; on a shape grid, its grid length), as many as the budget allows. Vectorised: every rank computes it
-    at startup, over every utterance and speed (15 s at 10,000 h as a loop over utterances)."""
+    length; on a shape grid, its grid length), as many as the budget allows. Vectorised: every rank computes
+    it at startup, over every utterance and speed (15 s at 10,000 h as a loop over utterances)."""
     count = shards.total_samples
     source = np.fromiter((u.num_samples for shard in shards.utterances for u in shard), np.int64, count)
     labels = np.fromiter((u.label_length for shard in shards.utterances for u in shard), np.int64, count)
@@ -45,12 +45,13 @@ def worst_case(shards: ShardSet, policy: BatchPolicy, prep: Preprocess) -> Worst
             longest = max(longest, int(lengths[kept].max()))
             label_length = max(label_length, int(labels[kept].max()))
     if not longest:
-        raise ValueError(f"no training utterance in {shards.location} passes data.min_seconds/max_seconds and the "
-                         "CTC length check")
+        raise ValueError(f"no training utterance in {shards.location} passes data.min_seconds/max_seconds "
+                         f"and the CTC length check")
     if policy.grid is not None:  # padded to its grid length, with that length's rows
         longest = policy.grid.length(longest)
         return WorstCase(policy.grid.rows(longest), longest, label_length)
-    return WorstCase(max(1, min(policy.max_batch_size, policy.max_batch_samples // longest)), longest, label_length)
+    return WorstCase(max(1, min(policy.max_batch_size, policy.max_batch_samples // longest)), longest,
+                     label_length)
 
 
 def preflight(model: PreTrainedModel, device: torch.device, dtype: torch.dtype, case: WorstCase) -> None:
@@ -58,7 +59,8 @@ def preflight(model: PreTrainedModel, device: torch.device, dtype: torch.dtype, 
     model.to(device)  # type: ignore[arg-type]
     model.train()
     inputs = torch.randn(case.batch_size, case.num_samples, device=device)
-    labels = torch.randint(5, int(model.config.vocab_size or 32), (case.batch_size, case.label_length), device=device)
+    labels = torch.randint(5, int(model.config.vocab_size or 32), (case.batch_size, case.label_length),
+                           device=device)
     start = time.perf_counter()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -69,8 +71,9 @@ def preflight(model: PreTrainedModel, device: torch.device, dtype: torch.dtype, 
     except torch.OutOfMemoryError as err:
         raise PreflightError(
             f"the worst-case micro-batch ({case.batch_size} x {case.num_samples / 16_000:.1f} s = "
-            f"{case.batch_size * case.num_samples / 16_000:.0f} s of padded audio) does not fit in memory: lower "
-            f"data.max_batch_seconds or data.max_seconds, or set model.gradient_checkpointing=true ({err})") from None
+            f"{case.batch_size * case.num_samples / 16_000:.0f} s of padded audio) does not fit in memory: "
+            f"lower data.max_batch_seconds or data.max_seconds, or set model.gradient_checkpointing=true "
+            f"({err})") from None
     finally:
         model.zero_grad(set_to_none=True)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None

@@ -1,9 +1,10 @@
-"""Secrets never leave the process by value: credentials in URLs, presigned query strings, auth headers, common
-token shapes, and the values of secret-named environment variables are replaced by ``***`` in everything
-w2v-dist writes (config.yaml, checkpoints, metrics, logs, wandb).
+"""Secrets never leave the process by value: credentials in URLs, presigned query strings, auth headers,
+common token shapes, and the values of secret-named environment variables are replaced by ``***`` in
+everything w2v-dist writes (config.yaml, checkpoints, metrics, logs, wandb).
 
-Redaction by key name alone missed a token inside ``data.shard_command``, a ``user:token@`` URL or a presigned
-query string. Pass secrets with ``${oc.env:VAR}``: the config is written with the interpolation, not the value.
+Redaction by key name alone missed a token inside ``data.shard_command``, a ``user:token@`` URL or a
+presigned query string. Pass secrets with ``${oc.env:VAR}``: the config is written with the interpolation,
+not the value.
 """
 
 from __future__ import annotations
@@ -14,19 +15,23 @@ from typing import Any
 
 MASK = "***"
 SECRET_NAME_MARKERS = ("KEY", "TOKEN", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL", "AUTH")
-"""An environment variable whose name holds one of these is a secret: its value is redacted wherever it shows."""
+"""An environment variable whose name holds one of these is a secret: its value is redacted wherever it
+shows."""
 MIN_SECRET_LENGTH = 8
 """Shorter environment values are not redacted: they would match ordinary words and numbers."""
 
 _PATTERNS = [
     # scheme://user:password@host  ->  scheme://***@host
-    (re.compile(r"(?P<keep>\b[a-zA-Z][a-zA-Z0-9+.-]*://)[^/\s:@'\"\0]+:[^/\s@'\"\0]+@"), rf"\g<keep>{MASK}@"),
+    (re.compile(r"(?P<keep>\b[a-zA-Z][a-zA-Z0-9+.-]*://)[^/\s:@'\"\0]+:[^/\s@'\"\0]+@"),
+     rf"\g<keep>{MASK}@"),
     # presigned / token query parameters: X-Amz-Signature=..., sig=..., token=..., access_token=...
-    (re.compile(r"(?P<keep>[?&](?:X-Amz-[A-Za-z-]+|X-Goog-[A-Za-z-]+|sig|signature|token|access_token|api_key|"
-                r"apikey|key|password|secret|credential)=)[^&\s'\"\0]+", re.IGNORECASE),
+    (re.compile(
+        r"(?P<keep>[?&](?:X-Amz-[A-Za-z-]+|X-Goog-[A-Za-z-]+|sig|signature|token|access_token|api_key|"
+        r"apikey|key|password|secret|credential)=)[^&\s'\"\0]+", re.IGNORECASE),
      rf"\g<keep>{MASK}"),
     # Authorization headers and bearer tokens
-    (re.compile(r"(?P<keep>\bAuthorization\s*[:=]\s*+(?:Bearer|Basic|Token)?+\s*+)[^\s'\"\0]+", re.IGNORECASE),
+    (re.compile(r"(?P<keep>\bAuthorization\s*[:=]\s*+(?:Bearer|Basic|Token)?+\s*+)[^\s'\"\0]+",
+                re.IGNORECASE),
      rf"\g<keep>{MASK}"),
     (re.compile(r"(?P<keep>\bBearer\s+)[A-Za-z0-9._~+/=-]{8,}"), rf"\g<keep>{MASK}"),
     # common token shapes: Hugging Face, GitHub, AWS access keys, Slack, OpenAI-style keys
@@ -40,7 +45,8 @@ _PATTERNS = [
 
 def _secret_values() -> list[str]:
     values = {value for name, value in os.environ.items()
-              if any(marker in name.upper() for marker in SECRET_NAME_MARKERS) and len(value) >= MIN_SECRET_LENGTH}
+              if any(marker in name.upper() for marker in SECRET_NAME_MARKERS)
+              and len(value) >= MIN_SECRET_LENGTH}
     return sorted(values, key=len, reverse=True)  # longest first: one secret may contain another
 
 

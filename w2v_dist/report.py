@@ -45,7 +45,8 @@ class RunMetrics:
 
     @property
     def dev_sets(self) -> list[str]:
-        names = {k.split("/")[1] for r in self.evals.values() for k in r if k.startswith("dev/") and k.endswith("/wer")}
+        names = {k.split("/")[1] for r in self.evals.values() for k in r if k.startswith("dev/")
+                 and k.endswith("/wer")}
         return sorted(names)
 
 
@@ -80,9 +81,10 @@ def _figure(title: str, ylabel: str, rollbacks: list[tuple[int, int]]) -> tuple[
 
 
 def _save(fig: Any, ax: Any, path: Path, empty: str | None) -> Path:
-    """``empty``: why nothing was plotted (the figure says so), or ``None``. Judged by each plot from its series,
-    not by ``ax.has_data()``: an empty line, or a rollback marker, counts as data there, and an all-null series
-    (``grad_norm`` on ZeRO-0 before it was computed there) gave a blank plot that looked like a broken one."""
+    """``empty``: why nothing was plotted (the figure says so), or ``None``. Judged by each plot from its
+    series, not by ``ax.has_data()``: an empty line, or a rollback marker, counts as data there, and an
+    all-null series (``grad_norm`` on ZeRO-0 before it was computed there) gave a blank plot that looked like
+    a broken one."""
     if empty:
         ax.text(0.5, 0.5, empty, ha="center", va="center", transform=ax.transAxes)
     if ax.has_data():  # one legend for all axes of the figure (twin axes included), one entry per label
@@ -109,7 +111,8 @@ def plot_all(metrics: RunMetrics, out: Path) -> dict[str, Path]:
         if key == "loss" and metrics.skipped:  # at the foot of the axes: a skipped update has no loss
             ax.plot([s for s, _ in metrics.skipped], [0.02] * len(metrics.skipped), "x", color="red",
                     transform=ax.get_xaxis_transform(), label="skipped update (no loss)")
-        plots[title] = _save(fig, ax, out / f"{key}.png", None if steps else f"no {key} values in metrics.jsonl")
+        plots[title] = _save(fig, ax, out / f"{key}.png",
+                             None if steps else f"no {key} values in metrics.jsonl")
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), dpi=100)
     evaluated = any(metrics.series(f"dev/{name}/wer", "evals")[0] for name in metrics.dev_sets)
@@ -147,7 +150,8 @@ def plot_all(metrics: RunMetrics, out: Path) -> dict[str, Path]:
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     if not drawn and steps:
         ax.step(steps, [0] * len(steps), where="post", label="nothing skipped")
-    plots["Skipped updates"] = _save(fig, ax, out / "skipped.png", None if steps else "no train steps in metrics.jsonl")
+    plots["Skipped updates"] = _save(fig, ax, out / "skipped.png",
+                                     None if steps else "no train steps in metrics.jsonl")
     return plots
 
 
@@ -173,12 +177,15 @@ def summary_markdown(run_dir: Path, metrics: RunMetrics, plots: dict[str, Path],
                   f"{statistics.fmean(waits) if waits else float('nan'):.3f}"]
     if metrics.skipped:
         step, cause = metrics.skipped[-1]
-        lines += [f"- updates logged as skipped (no loss): {len(metrics.skipped)}, the last at step {step} ({cause})"]
+        lines += [f"- updates logged as skipped (no loss): {len(metrics.skipped)}, the last at step {step} "
+                  f"({cause})"]
     lines += [f"- skipped updates: {dict(last.get('skipped') or {}) or 'none'}",
               f"- loader skips: {dict(last.get('loader_skips') or {}) or 'none'}",
-              f"- rollbacks: {len(metrics.rollbacks)}" + "".join(f" (step {b} → {a})" for b, a in metrics.rollbacks)]
+              f"- rollbacks: {len(metrics.rollbacks)}" + "".join(f" (step {b} → {a})"
+                                                                 for b, a in metrics.rollbacks)]
     if metrics.dev_sets:
-        lines += ["", "| dev set | last WER | best WER (step) | last CER | utterances |", "|---|---|---|---|---|"]
+        lines += ["", "| dev set | last WER | best WER (step) | last CER | utterances |",
+                  "|---|---|---|---|---|"]
         last_eval = metrics.evals[max(metrics.evals)]
         for name in metrics.dev_sets:
             steps, wers = metrics.series(f"dev/{name}/wer", "evals")

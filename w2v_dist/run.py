@@ -80,14 +80,16 @@ def build_engine(cfg: Config, local_rank: int | None = None
 
 
 def load_train_set(data: DataConfig) -> tuple[ShardSet, dict[str, int] | None]:
-    """The training shard set, or the mix of ``data.train_mix`` (whose sets must share one vocabulary), and its
-    vocabulary (:func:`~w2v_dist.inputs.train_vocabulary`)."""
+    """The training shard set, or the mix of ``data.train_mix`` (whose sets must share one vocabulary), and
+    its vocabulary (:func:`~w2v_dist.inputs.train_vocabulary`)."""
     if not data.train_mix:
         if not data.train_shards:
-            raise ValueError("data.train_shards is not set: point it at a directory written by 'w2v-dist shard'")
+            raise ValueError("data.train_shards is not set: point it at a directory written by 'w2v-dist "
+                             "shard'")
         return (load_shard_set(data.train_shards, data.shard_command, data.max_train_samples),
                 train_vocabulary(data))
-    sets = {location: load_shard_set(location, max_samples=data.max_train_samples) for location in data.train_mix}
+    sets = {location: load_shard_set(location,
+                                     max_samples=data.max_train_samples) for location in data.train_mix}
     return mix_shard_sets(sets, dict(data.train_mix)), train_vocabulary(data)
 
 
@@ -95,11 +97,14 @@ def build_run(cfg: Config, local_rank: int | None = None) -> Run:
     check_accelerator(cfg.deepspeed.precision)
     check_inputs(cfg)  # every rank, before the process group: one line per missing or unusable input
     hub.prefetch(cfg.model.name_or_path, world_from_env(local_rank).local_rank)
-    lock = OutputDirLock(Path(cfg.output_dir), cfg.trainer.lock_stale_minutes * 60)  # held until the process exits
+    # held until the process exits
+    lock = OutputDirLock(Path(cfg.output_dir), cfg.trainer.lock_stale_minutes * 60)
     world, device = start_process(cfg.trainer.collective_timeout_minutes, local_rank, lock)
-    model_cfg = replace(cfg.model, name_or_path=hub.resolve(cfg.model.name_or_path, world.local_rank, world.is_main))
+    model_cfg = replace(cfg.model, name_or_path=hub.resolve(cfg.model.name_or_path, world.local_rank,
+                                                            world.is_main))
     check_output_dir(Path(cfg.output_dir))
-    dist.register_ranks(Path(cfg.output_dir) / RANKS_DIR, world)  # output_dir shared by every node, or stop here
+    # output_dir shared by every node, or stop here
+    dist.register_ranks(Path(cfg.output_dir) / RANKS_DIR, world)
     set_seed(cfg.trainer.seed)
     train_set, vocabulary = load_train_set(cfg.data)
     check_shards_readable(train_set)
@@ -116,13 +121,15 @@ def build_run(cfg: Config, local_rank: int | None = None) -> Run:
     checkpointer = Checkpointer(Path(cfg.output_dir), world, keep_last=cfg.checkpoint.keep_last,
                                 keep_best=cfg.checkpoint.keep_best,
                                 model=model_identity(cfg.model.name_or_path, model, processor))
-    resume_tag = checkpointer.resume_tag() if cfg.checkpoint.resume else None  # refused before config.yaml is written
+    # refused before config.yaml is written
+    resume_tag = checkpointer.resume_tag() if cfg.checkpoint.resume else None
     saved = checkpointer.saved_run(resume_tag) if resume_tag else None  # world.json: before the engine
     max_workers = dist.loader_workers(cfg.data.num_workers)
     layout = data_layout(cfg, world.size, max_workers, saved)
     workers = layout.workers(world.size, max_workers)
     retry = RetryPolicy(cfg.data.remote_attempts, cfg.data.remote_backoff_seconds)
-    stream = TrainStream(train_set, policy, prep, rank=world.rank, world_size=world.size, layout=layout, retry=retry)
+    stream = TrainStream(train_set, policy, prep, rank=world.rank, world_size=world.size, layout=layout,
+                         retry=retry)
     if problem := stream.plan.layout_problem():  # the same on every rank: all stop with it
         raise InputError([problem])
     train_loader = make_loader(stream, workers, cfg.data.prefetch_factor)
@@ -132,37 +139,42 @@ def build_run(cfg: Config, local_rank: int | None = None) -> Run:
     for name, location in cfg.data.dev_shards.items():
         dev_set = load_shard_set(location, cfg.data.shard_command)
         check_shards_readable(dev_set)
-        # Decoded in the rank itself: a DataLoader forks its workers at every iteration, and a fork while one of
-        # the rank's Python threads exits (a finished loader's queue feeder) can deadlock the child in fork().
-        # The training loader forks once, at the start, when no thread comes or goes.
-        dev_sets.append(DevSet(name, dev_set.total_samples, dev_set.sample_rate, dev_set.text_policy, scoring_loader(
-            dev_set, prep, cfg.data.max_batch_seconds, batch_size, world, workers=0, retry=retry)))
+        # Decoded in the rank itself: a DataLoader forks its workers at every iteration, and a fork while one
+        # of the rank's Python threads exits (a finished loader's queue feeder) can deadlock the child in
+        # fork(). The training loader forks once, at the start, when no thread comes or goes.
+        dev_sets.append(DevSet(name, dev_set.total_samples, dev_set.sample_rate, dev_set.text_policy,
+                               scoring_loader(
+dev_set, prep, cfg.data.max_batch_seconds, batch_size, world, workers=0, retry=retry)))
     if cfg.trainer.preflight:
         preflight(model, device, DTYPES[cfg.deepspeed.precision], worst_case(train_set, policy, prep))
     engine = Engine(cfg, model, device, grad_accum=stream.per_rank)
     if world.is_main:
         _announce(cfg, world, train_set, model, layout, workers, max_workers, saved)
-    return Run(world=world, engine=engine, processor=processor, train_stream=stream, train_loader=train_loader,
-               grad_accum=stream.per_rank, checkpointer=checkpointer, resume_tag=resume_tag, dev_sets=dev_sets,
-               train_utterances=epoch_samples(train_set))
+    return Run(world=world, engine=engine, processor=processor, train_stream=stream,
+               train_loader=train_loader,
+               grad_accum=stream.per_rank, checkpointer=checkpointer, resume_tag=resume_tag,
+               dev_sets=dev_sets, train_utterances=epoch_samples(train_set))
 
 
 def check_shards_readable(shards: ShardSet) -> None:
-    """Fail at startup, naming the shard, when this node cannot see a local shard (remote ones fail on open)."""
+    """Fail at startup, naming the shard, when this node cannot see a local shard (remote ones fail on
+    open)."""
     for url in shards.urls:
         if not is_remote(url) and not Path(url).is_file():
-            raise FileNotFoundError(f"shard {url} listed in {shards.location}/index.json is not readable here")
+            raise FileNotFoundError(f"shard {url} listed in {shards.location}/index.json is not readable "
+                                    f"here")
 
 
-def _announce(cfg: Config, world: dist.World, train_set: ShardSet, model: torch.nn.Module, layout: StreamLayout,
-              workers: int, wanted: int, saved: SavedRun | None) -> None:
+def _announce(cfg: Config, world: dist.World, train_set: ShardSet, model: torch.nn.Module,
+              layout: StreamLayout, workers: int, wanted: int, saved: SavedRun | None) -> None:
     counts = parameter_counts(model)
     update_seconds = cfg.data.max_batch_seconds * layout.streams
     log.info("world: %d rank(s) on %s; precision %s; ZeRO stage %d", world.size, accelerator_name(),
              cfg.deepspeed.precision, cfg.deepspeed.zero_stage)
-    log.info("train: %d utterances, %.2f h in %d shards; %s s of audio per update at most (%s data streams of "
-             "%g s: grad_accum %d x %d ranks); ~%.1f updates per epoch; %d loader workers per rank",
-             train_set.total_samples, train_set.total_seconds / 3600, len(train_set.urls), f"{update_seconds:,.0f}",
+    log.info("train: %d utterances, %.2f h in %d shards; %s s of audio per update at most (%s data streams "
+             "of %g s: grad_accum %d x %d ranks); ~%.1f updates per epoch; %d loader workers per rank",
+             train_set.total_samples, train_set.total_seconds / 3600, len(train_set.urls),
+             f"{update_seconds:,.0f}",
              layout.streams, cfg.data.max_batch_seconds, layout.streams // world.size, world.size,
              train_set.total_seconds / update_seconds, workers)
     log.info("parameters: %s trainable, %s frozen", f"{counts['trainable']:,}", f"{counts['frozen']:,}")
@@ -170,7 +182,7 @@ def _announce(cfg: Config, world: dist.World, train_set: ShardSet, model: torch.
         log.warning("%d loader workers per rank instead of %d: each rank reads %d data slots per %d updates "
                     "(%d streams x %d readers over %d ranks) and a slot belongs to one worker; set "
                     "data.stream_readers (a multiple of the workers) when a run starts", workers, wanted,
-                    layout.streams // world.size * layout.readers, layout.readers, layout.streams, layout.readers,
-                    world.size)
+                    layout.streams // world.size * layout.readers, layout.readers, layout.streams,
+                    layout.readers, world.size)
     if change := world_change(saved, world.size, layout, cfg.data.max_batch_seconds):
         log.warning("%s", change)

@@ -1,11 +1,12 @@
-"""The one dev-set scorer: in-training evaluation and ``w2v-dist evaluate`` both score through :class:`Scorer`.
+"""The one dev-set scorer: in-training evaluation and ``w2v-dist evaluate`` both score through
+:class:`Scorer`.
 
-Every indexed utterance is scored. Training's filters (length, CTC feasibility, empty labels) do not apply: an
-utterance too long for a batch is scored alone, one too short for a single encoder frame scores as the model
-transcribes it (nothing), an empty reference counts the way jiwer counts it (its insertions, no words). What
-cannot be scored at all (audio that does not decode, a sample missing from its shard) is reported by key and
-reason. Hypotheses are normalised like the shards' transcripts; counts are summed over utterances and ranks
-before any division.
+Every indexed utterance is scored. Training's filters (length, CTC feasibility, empty labels) do not apply:
+an utterance too long for a batch is scored alone, one too short for a single encoder frame scores as the
+model transcribes it (nothing), an empty reference counts the way jiwer counts it (its insertions, no words).
+What cannot be scored at all (audio that does not decode, a sample missing from its shard) is reported by key
+and reason. Hypotheses are normalised like the shards' transcripts; counts are summed over utterances and
+ranks before any division.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ from w2v_dist.metrics import ErrorCounts
 log = logging.getLogger("w2v_dist.scoring")
 
 LogitsOf = Callable[[CTCBatch], torch.Tensor]
-"""A batch → ``[batch, frames, vocab]`` logits (the engine's forward in training, the plain model offline)."""
+"""A batch → ``[batch, frames, vocab]`` logits (the engine's forward in training, the plain model
+offline)."""
 
 
 @dataclass
@@ -58,7 +60,8 @@ class SetScore:
 
 
 def write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
-    """Per-utterance results as JSON lines (``w2v-dist evaluate --out``, and the trainer's ``eval/`` files)."""
+    """Per-utterance results as JSON lines (``w2v-dist evaluate --out``, and the trainer's ``eval/``
+    files)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
 
@@ -73,15 +76,16 @@ def normalized(text: str, policy: TextPolicy = LIBRISPEECH) -> str:
 
 PADDING_FREE = ("wav2vec2", "hubert", "wavlm", "unispeech", "unispeech-sat")
 """Families whose logits do not depend on padding when their feature encoder is layer-normed and they get an
-attention mask. The others leak padding into real frames even then (data2vec-audio's stacked positional convs,
-the conformer's depthwise convs, SEW's pooling); ``tests/unit/test_padding.py`` measures every family."""
+attention mask. The others leak padding into real frames even then (data2vec-audio's stacked positional
+convs, the conformer's depthwise convs, SEW's pooling); ``tests/unit/test_padding.py`` measures every
+family."""
 
 
 def scoring_batch_size(config: PretrainedConfig, return_attention_mask: bool, requested: int) -> int:
-    """Padding must not change an utterance's logits, or the WER would depend on batch composition (on the number
-    of ranks, on training vs ``evaluate``). It does unless the model masks it everywhere: a group-norm feature
-    encoder (wav2vec2-base) normalises over the padding even with a mask, and without a mask the transformer
-    attends to it. Models that do not mask it everywhere are scored one utterance at a time."""
+    """Padding must not change an utterance's logits, or the WER would depend on batch composition (on the
+    number of ranks, on training vs ``evaluate``). It does unless the model masks it everywhere: a group-norm
+    feature encoder (wav2vec2-base) normalises over the padding even with a mask, and without a mask the
+    transformer attends to it. Models that do not mask it everywhere are scored one utterance at a time."""
     free = (config.model_type in PADDING_FREE and getattr(config, "feat_extract_norm", "layer") == "layer"
             and return_attention_mask)
     return requested if free else 1
@@ -103,14 +107,16 @@ class Scorer:
 
     def __init__(self, logits_of: LogitsOf, decoder: CTCDecoder, geometry: EncoderGeometry, *,
                  device: torch.device, sample_rate: int, text_policy: TextPolicy = LIBRISPEECH,
-                 pad_forward: Callable[[], None] | None = None, after_batch: Callable[[], None] = lambda: None
+                 pad_forward: Callable[[], None] | None = None,
+                 after_batch: Callable[[], None] = lambda: None
                  ) -> None:
         self.logits_of, self.decoder, self.geometry = logits_of, decoder, geometry
         self.text_policy = text_policy
         """The dev set's transcript policy, applied to hypotheses too."""
         self.device, self.sample_rate = device, sample_rate
         self.pad_forward = pad_forward
-        """A forward on no data, for ranks with fewer batches (ZeRO-3 gathers parameters in every forward)."""
+        """A forward on no data, for ranks with fewer batches (ZeRO-3 gathers parameters in every
+        forward)."""
         self.after_batch = after_batch
 
     @torch.no_grad()
@@ -119,8 +125,9 @@ class Scorer:
         unscored: list[tuple[str, str]] = []
         forwards = 0
         rank, size = dist.rank_and_size()  # rank 0 shows its stripe's progress, about 1/size of the set
-        progress = Progress(f"scoring {name}", -(-indexed // size), "utterances" + (" (rank 0's share)" if size > 1
-                                                                                    else ""), show=rank == 0)
+        progress = Progress(f"scoring {name}", -(-indexed // size),
+                            "utterances" + (" (rank 0's share)" if size > 1
+                                            else ""), show=rank == 0)
         for batch in loader:
             unscored.extend(batch.dropped)
             if len(batch):
@@ -135,9 +142,11 @@ class Scorer:
             most = int(dist.all_reduce_max([forwards], self.device)[0])
             for _ in range(most - forwards):
                 self.pad_forward()
-        all_rows = sorted((r for part in dist.all_gather_objects(rows) for r in part), key=lambda r: r["key"])
+        all_rows = sorted((r for part in dist.all_gather_objects(rows) for r in part),
+                          key=lambda r: r["key"])
         all_unscored = sorted(u for part in dist.all_gather_objects(unscored) for u in part)
-        counts = ErrorCounts(word_edits=sum(r["errors"] for r in all_rows), words=sum(r["words"] for r in all_rows),
+        counts = ErrorCounts(word_edits=sum(r["errors"] for r in all_rows),
+                             words=sum(r["words"] for r in all_rows),
                              char_edits=sum(r["char_errors"] for r in all_rows),
                              chars=sum(r["chars"] for r in all_rows), utterances=len(all_rows))
         if len(all_rows) + len(all_unscored) != indexed:
@@ -158,13 +167,14 @@ class Scorer:
             hyp = normalized(hyp, self.text_policy)
             counts.add([ref], [hyp])
             rows.append({"set": name, "key": key, "reference": ref, "hypothesis": hyp,
-                         "errors": counts.word_edits, "words": counts.words, "char_errors": counts.char_edits,
+                         "errors": counts.word_edits, "words": counts.words,
+                         "char_errors": counts.char_edits,
                          "chars": counts.chars, "seconds": samples / self.sample_rate})
         return rows
 
     def _at_least_one_frame_wide(self, batch: CTCBatch) -> CTCBatch:
-        """A batch of utterances shorter than the encoder's receptive field is padded to it (the conv stack needs
-        that much input); their real lengths give them zero frames, so they transcribe as nothing."""
+        """A batch of utterances shorter than the encoder's receptive field is padded to it (the conv stack
+        needs that much input); their real lengths give them zero frames, so they transcribe as nothing."""
         missing = self.geometry.receptive_field - batch.input_values.shape[1]
         if missing <= 0:
             return batch

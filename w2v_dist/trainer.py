@@ -63,7 +63,8 @@ def train_step(engine: Engine, micro_batches: list[CTCBatch], world_size: int, s
     local = [sum(b.targets for b in micro_batches), sum(len(b) for b in micro_batches),
              sum(b.seconds for b in micro_batches)]
     counts = dist.all_reduce_sum_async(local, engine.device)  # read with the flags below
-    scale = world_size * len(micro_batches) / counts[0].clamp(min=1.0)  # DeepSpeed averages ranks, micro-batches
+    # DeepSpeed averages ranks, micro-batches
+    scale = world_size * len(micro_batches) / counts[0].clamp(min=1.0)
     loss_sum = torch.zeros((), device=engine.device)
     for index, batch in enumerate(micro_batches):
         seed_randomness(engine.cfg.trainer.seed, batch, engine.module)
@@ -72,15 +73,18 @@ def train_step(engine: Engine, micro_batches: list[CTCBatch], world_size: int, s
         loss_sum += loss.detach()
         if index < len(micro_batches) - 1:
             engine.micro_step()
-    flags = torch.stack([loss_sum.double(), (~torch.isfinite(loss_sum)).double(), engine.grad_nonfinite().double(),
+    flags = torch.stack([loss_sum.double(), (~torch.isfinite(loss_sum)).double(),
+                         engine.grad_nonfinite().double(),
                          torch.tensor(float(stop_requested), dtype=torch.float64, device=engine.device)])
     reduced = torch.cat([dist.all_reduce_tensor(flags.nan_to_num(0.0)), counts])
-    total, loss_bad, grad_bad, stop, targets, utterances, seconds = reduced.tolist()  # the step's one host read
+    # the step's one host read
+    total, loss_bad, grad_bad, stop, targets, utterances, seconds = reduced.tolist()
     cause = "loss_nonfinite" if loss_bad else "grad_nonfinite" if grad_bad else None
     outcome = engine.update(skip=cause is not None)
     if cause is None and outcome.engine_skipped:
         cause = "fp16_overflow" if engine.cfg.deepspeed.precision == "fp16" else "deepspeed_skipped"
-    return StepResult(loss_per_target=total / max(targets, 1.0), targets=int(targets), utterances=int(utterances),
+    return StepResult(loss_per_target=total / max(targets, 1.0), targets=int(targets),
+                      utterances=int(utterances),
                       seconds=seconds, stop=stop > 0, cause=cause, outcome=outcome)
 
 
@@ -120,7 +124,8 @@ class RunState:
     finds the run at ``max_steps`` evaluates nothing, and its model card shows these."""
 
     def state_dict(self) -> dict[str, Any]:
-        return {key: dict(value) if isinstance(value, Counter) else value for key, value in vars(self).items()}
+        return {key: dict(value) if isinstance(value,
+                                               Counter) else value for key, value in vars(self).items()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for key, value in state.items():
@@ -140,8 +145,10 @@ class Trainer:
         self.unpooled_skips: Counter[str] = Counter()  # this rank's loader skips since the last pooling
         self.unpooled_sources: Counter[str] = Counter()  # and its utterances per mixed shard set
         self.last_eval: tuple[int, float] | None = None  # (step, WER on checkpoint.best_metric)
-        self.save_pending = False  # a save was deferred by skipped updates: it is made after the next applied one
-        self.shapes: dict[int, set[tuple[int, ...]]] = {}  # this rank's micro-batch shapes, by epoch of their plan
+        # a save was deferred by skipped updates: it is made after the next applied one
+        self.save_pending = False
+        # this rank's micro-batch shapes, by epoch of their plan
+        self.shapes: dict[int, set[tuple[int, ...]]] = {}
         if run.resume_tag:
             saved = self.checkpointer.resume(run.engine, run.resume_tag)
             if saved is not None:
@@ -150,9 +157,10 @@ class Trainer:
                 run.train_stream.load_state_dict(saved.loader)
                 self._check_schedule(saved)
         self.logged_step = self.state.step  # the last step logged: the ETA's pace is measured since then
-        self.logger = MainLogger(self.output, config=to_written(cfg), wandb_cfg=cfg.logging.wandb,
-                                 total_steps=cfg.trainer.max_steps, start_step=self.state.step,
-                                 progress_bar=cfg.logging.progress_bar) if self.world.is_main else RunLogger()
+        self.logger = (MainLogger(self.output, config=to_written(cfg), wandb_cfg=cfg.logging.wandb,
+                                  total_steps=cfg.trainer.max_steps, start_step=self.state.step,
+                                  progress_bar=cfg.logging.progress_bar) if self.world.is_main
+                       else RunLogger())
 
     def _check_schedule(self, saved: SavedRun) -> None:
         """Warn (rank 0) when the resumed run's schedule length differs from the checkpoint's."""
@@ -189,7 +197,8 @@ class Trainer:
             window_seconds += result.seconds
             if step % cfg.trainer.log_every == 0 or step == cfg.trainer.max_steps:
                 elapsed = time.perf_counter() - window_start
-                self._log_train(result, lr, elapsed, window_seconds / max(elapsed, 1e-9), wait / max(elapsed, 1e-9))
+                self._log_train(result, lr, elapsed, window_seconds / max(elapsed, 1e-9),
+                                wait / max(elapsed, 1e-9))
                 window_start, wait, window_seconds, self.window_flops = time.perf_counter(), 0.0, 0.0, 0.0
             if result.stop and step < cfg.trainer.max_steps:
                 self._preempted(saved=False)
@@ -223,8 +232,9 @@ class Trainer:
         if self.world.is_main:
             reason = self.stop_signal.received or "a signal on another rank"
             path = request_requeue(self.output, self.state.step, reason)
-            saving = "checkpoint saved" if not self.save_pending else \
-                f"no checkpoint saved (updates skipped), the next launch resumes {self.checkpointer.latest_tag()}"
+            saving = "checkpoint saved" if not self.save_pending else (
+                f"no checkpoint saved (updates skipped), the next launch resumes "
+                f"{self.checkpointer.latest_tag()}")
             log.warning("stopped at step %d (%s): %s, %s written", self.state.step, reason, saving, path)
         self.logger.close()
 
@@ -249,16 +259,18 @@ class Trainer:
             record = {"step": state.step, "cause": result.cause, "keys_by_rank": keys}
             with open(self.output / "bad_batches.jsonl", "a") as handle:
                 handle.write(json.dumps(record) + "\n")
-            log.warning("step %d skipped on all ranks (%s); batch keys in bad_batches.jsonl", state.step, result.cause)
+            log.warning("step %d skipped on all ranks (%s); batch keys in bad_batches.jsonl", state.step,
+                        result.cause)
         if state.consecutive_bad < self.cfg.trainer.max_consecutive_bad_steps:
             return
-        if self.cfg.trainer.on_divergence == "rollback" and state.rollbacks < self.cfg.trainer.max_rollbacks \
-                and self.checkpointer.resumable_tag() is not None:
+        if (self.cfg.trainer.on_divergence == "rollback" and state.rollbacks < self.cfg.trainer.max_rollbacks
+                and self.checkpointer.resumable_tag() is not None):
             self._rollback()
         else:
-            raise DivergenceError(f"{state.consecutive_bad} consecutive updates had non-finite losses or gradients "
-                                  f"(last: {result.cause}); see {self.output / 'bad_batches.jsonl'}. Lower optim.lr, "
-                                  "check the data, or use bf16 instead of fp16")
+            raise DivergenceError(f"{state.consecutive_bad} consecutive updates had non-finite losses or "
+                                  f"gradients (last: {result.cause}); see "
+                                  f"{self.output / 'bad_batches.jsonl'}. Lower optim.lr, check the data, or "
+                                  f"use bf16 instead of fp16")
 
     def _rollback(self) -> None:
         """Back to the latest checkpoint's weights, optimizer and step; the data stream moves on past the
@@ -271,11 +283,12 @@ class Trainer:
         self.state.rollbacks += 1
         log.warning("rolled back from step %d to the checkpoint at step %d (rollback %d of %d)", bad_at,
                     self.state.step, self.state.rollbacks, self.cfg.trainer.max_rollbacks)
-        self.logger.log({"step": self.state.step, "rollback_from": bad_at, "rollbacks": self.state.rollbacks})
+        self.logger.log({"step": self.state.step, "rollback_from": bad_at,
+                         "rollbacks": self.state.rollbacks})
 
     def _log_keys(self, micro: list[CTCBatch]) -> None:
-        lines = "".join(json.dumps({"step": self.state.step, "update": b.update, "stream": b.stream, "epoch": b.epoch,
-                                    "keys": list(b.keys)}) + "\n" for b in micro)
+        lines = "".join(json.dumps({"step": self.state.step, "update": b.update, "stream": b.stream,
+                                    "epoch": b.epoch, "keys": list(b.keys)}) + "\n" for b in micro)
         (self.output / "keys").mkdir(exist_ok=True)
         with open(self.output / "keys" / f"rank{self.world.rank}.jsonl", "a") as handle:
             handle.write(lines)
@@ -283,22 +296,26 @@ class Trainer:
     def _pool_loader_skips(self) -> None:
         """Collective: add every rank's new loader skips (and utterances per mixed set) to the run totals
         (identical on all ranks)."""
-        for skips, sources in dist.all_gather_objects((dict(self.unpooled_skips), dict(self.unpooled_sources))):
+        for skips, sources in dist.all_gather_objects((dict(self.unpooled_skips),
+                                                       dict(self.unpooled_sources))):
             self.state.loader_skips.update(skips)
             self.state.utterances_by_set.update(sources)
         self.unpooled_skips.clear()
         self.unpooled_sources.clear()
 
-    def _log_train(self, result: StepResult, lr: float, elapsed: float, audio_rate: float, wait_fraction: float
+    def _log_train(self, result: StepResult, lr: float, elapsed: float, audio_rate: float,
+                   wait_fraction: float
                    ) -> None:
         self._pool_loader_skips()
         state = self.state
-        tflops = dist.all_reduce_sum([self.window_flops], self.run.engine.device)[0] / max(elapsed, 1e-9) / 1e12
+        tflops = (dist.all_reduce_sum([self.window_flops], self.run.engine.device)[0]
+                  / max(elapsed, 1e-9) / 1e12)
         # A skipped update is logged without a loss (skipped_cause says why): the step's sum zeroes a rank's
         # non-finite loss, and the 0.0 it gave drew a loss curve that fell as the run diverged.
         record: dict[str, Any] = {
             "step": state.step, "loss": None if result.cause else result.loss_per_target, "lr": lr,
-            "grad_norm": result.outcome.grad_norm, "epoch": state.utterances_seen / self.run.train_utterances,
+            "grad_norm": result.outcome.grad_norm,
+            "epoch": state.utterances_seen / self.run.train_utterances,
             "audio_seconds_per_second": audio_rate, "data_wait_fraction": wait_fraction,
             "skipped": dict(state.skipped), "loader_skips": dict(state.loader_skips),
             "batch_shapes": len(set().union(*self.shapes.values())),
@@ -317,7 +334,8 @@ class Trainer:
         self.logger.log(record)
         loss = f"{result.loss_per_target:.3f}" if not result.cause else "skipped"
         steps, self.logged_step = max(state.step - self.logged_step, 1), state.step
-        eta = (self.cfg.trainer.max_steps - state.step) * elapsed / steps  # at this window's pace, evaluations aside
+        # at this window's pace, evaluations aside
+        eta = (self.cfg.trainer.max_steps - state.step) * elapsed / steps
         self.logger.progress(state.step, {"loss": loss, "lr": f"{lr:.2e}",
                                           "aud_s/s": f"{record['audio_seconds_per_second']:.0f}",
                                           **({"mfu": f"{record['mfu']:.1%}"} if "mfu" in record else {})},
@@ -343,16 +361,19 @@ class Trainer:
         for name, score in results.items():
             counts = score.counts
             record |= {f"dev/{name}/wer": counts.wer, f"dev/{name}/cer": counts.cer,
-                       f"dev/{name}/utterances": counts.utterances, f"dev/{name}/unscored": len(score.unscored)}
+                       f"dev/{name}/utterances": counts.utterances,
+                       f"dev/{name}/unscored": len(score.unscored)}
             samples = score.rows[:self.cfg.logging.sample_transcripts]
             self.logger.table(f"dev/{name}/samples", ["key", "reference", "hypothesis"],
-                              [[r["key"], r["reference"], r["hypothesis"]] for r in samples], self.state.step)
+                              [[r["key"], r["reference"], r["hypothesis"]] for r in samples],
+                              self.state.step)
             for r in samples:
                 log.info("%s %s\n  REF: %s\n  HYP: %s", name, r["key"], r["reference"], r["hypothesis"])
             log.info("step %d %s: WER %.4f CER %.4f over %d utterances (%d unscored)", self.state.step, name,
                      counts.wer, counts.cer, counts.utterances, len(score.unscored))
             if self.world.is_main:
-                write_rows(self.output / "eval" / f"step_{self.state.step:08d}" / f"{name}.jsonl", score.rows)
+                write_rows(self.output / "eval" / f"step_{self.state.step:08d}" / f"{name}.jsonl",
+                           score.rows)
         self.logger.log(record)
         wer = self._wer(results)
         if wer is not None:
@@ -367,7 +388,8 @@ class Trainer:
     def _wer(self, results: dict[str, SetScore]) -> float | None:
         """The WER that ranks checkpoints and best/: on ``checkpoint.best_metric``, else the first dev
         set."""
-        return results[self.cfg.checkpoint.best_metric or next(iter(results))].counts.wer if results else None
+        return (results[self.cfg.checkpoint.best_metric or next(iter(results))].counts.wer
+                if results else None)
 
     def _save(self) -> None:
         """Commit a checkpoint, unless the last update was skipped (``consecutive_bad``): a checkpoint
@@ -377,9 +399,9 @@ class Trainer:
         if self.state.consecutive_bad:
             self.save_pending = True
             if self.world.is_main:
-                log.warning("step %d: checkpoint not saved: the last %d update(s) were skipped; latest still names "
-                            "%s, saving after the next applied update", self.state.step, self.state.consecutive_bad,
-                            self.checkpointer.latest_tag())
+                log.warning("step %d: checkpoint not saved: the last %d update(s) were skipped; latest "
+                            "still names %s, saving after the next applied update", self.state.step,
+                            self.state.consecutive_bad, self.checkpointer.latest_tag())
             return
         self.save_pending = False
         self._pool_loader_skips()
@@ -388,22 +410,25 @@ class Trainer:
                          run=self.state.state_dict(), loader=stream.state_dict(), config=to_yaml(self.cfg))
         score = self.last_eval[1] if self.last_eval and self.last_eval[0] == self.state.step else None
         directory = self.checkpointer.save(self.run.engine, saved, score)
-        self.logger.saved("checkpoint", directory, self.state.step, ["latest", f"step-{self.state.step}"], score)
+        self.logger.saved("checkpoint", directory, self.state.step, ["latest", f"step-{self.state.step}"],
+                          score)
 
     def _card(self, export: str, results: dict[str, SetScore]) -> str:
         counts = {name: score.counts for name, score in results.items()}
-        if not counts and self.state.last_eval_step == self.state.step:  # nothing evaluated since the checkpoint
+        if not counts and self.state.last_eval_step == self.state.step:
+            # nothing evaluated since the checkpoint
             counts = {name: ErrorCounts(**saved) for name, saved in self.state.last_eval_counts.items()}
         return model_card(name=f"{self.output.name}-{export}", base_model=self.cfg.model.name_or_path,
                           step=self.state.step, config_yaml=to_yaml(self.cfg), results=counts)
 
     def _export(self, results: dict[str, SetScore]) -> None:
         try:
-            finite = export_hf(self.run.engine, self.run.processor, self.output / "final", self.world.is_main,
-                               self._card("final", results))
+            finite = export_hf(self.run.engine, self.run.processor, self.output / "final",
+                               self.world.is_main, self._card("final", results))
         except ExportWriteError as err:
-            raise ExportWriteError(f"{err}; checkpoints/latest still names {self.checkpointer.latest_tag()}: free "
-                                   "space and relaunch the same command to export it") from err
+            raise ExportWriteError(f"{err}; checkpoints/latest still names "
+                                   f"{self.checkpointer.latest_tag()}: free space and relaunch the same "
+                                   f"command to export it") from err
         if finite:
             self.logger.saved("model", self.output / "final", self.state.step, ["final"], self._wer(results))
         if self.world.is_main:
@@ -412,10 +437,11 @@ class Trainer:
                        **{f"dev/{n}/wer": r.counts.wer for n, r in results.items()}}
             self.logger.log({"final": summary})
         if not finite:
-            raise DivergenceError(f"{self.output / 'final'} was not exported: the model's weights, or its logits on a "
-                                  f"probe batch, are NaN or Inf (skipped updates: {dict(self.state.skipped)}). "
-                                  f"checkpoints/latest names {self.checkpointer.latest_tag()}; lower optim.lr, or "
-                                  "check the data, and train again")
+            raise DivergenceError(f"{self.output / 'final'} was not exported: the model's weights, or its "
+                                  f"logits on a probe batch, are NaN or Inf (skipped updates: "
+                                  f"{dict(self.state.skipped)}). checkpoints/latest names "
+                                  f"{self.checkpointer.latest_tag()}; lower optim.lr, or check the data, "
+                                  f"and train again")
 
 
 def train(cfg: Config, local_rank: int | None = None) -> dict[str, SetScore]:
@@ -432,6 +458,6 @@ def train(cfg: Config, local_rank: int | None = None) -> dict[str, SetScore]:
         mark_collective_failure()  # SystemExit leaves no trace the exit handler could see
         latest = run.checkpointer.resumable_tag()
         lost = dist.lost_ranks(Path(cfg.output_dir) / RANKS_DIR, run.world)
-        raise SystemExit(f"rank {run.world.rank}: {err}. Another rank has most likely died or stalled ({lost}; exit "
-                         f"codes are in the launcher's log). Relaunch the same command to resume from "
-                         f"{latest or 'the beginning (no checkpoint yet)'}.") from err
+        raise SystemExit(f"rank {run.world.rank}: {err}. Another rank has most likely died or stalled "
+                         f"({lost}; exit codes are in the launcher's log). Relaunch the same command to "
+                         f"resume from {latest or 'the beginning (no checkpoint yet)'}.") from err

@@ -15,9 +15,9 @@ _OBJECT_REPR = re.compile(r"<[^<>]* at 0x[0-9a-fA-F]+>")
 
 
 def decode_error(err: Exception) -> str:
-    """A decoding failure in words that are the same on every run: libsndfile's messages carry the repr of the
-    in-memory file (``Error opening <_io.BytesIO object at 0x7f...>: ...``), which names nothing a user can find
-    and differs between runs. Callers add the file or sample key."""
+    """A decoding failure in words that are the same on every run: libsndfile's messages carry the repr of
+    the in-memory file (``Error opening <_io.BytesIO object at 0x7f...>: ...``), which names nothing a user
+    can find and differs between runs. Callers add the file or sample key."""
     if isinstance(err, sf.LibsndfileError):
         return f"audio decoder error: {err.error_string.removeprefix('Error : ').strip()}"
     return _OBJECT_REPR.sub("<in-memory audio>", str(err))
@@ -53,7 +53,8 @@ class EncoderGeometry:
         return length
 
     def frames_of(self, num_samples: np.ndarray) -> np.ndarray:
-        """:meth:`frames` of many lengths at once (a length that reaches 0 stays at or below it, layer by layer)."""
+        """:meth:`frames` of many lengths at once (a length that reaches 0 stays at or below it, layer by
+        layer)."""
         length = num_samples
         for kernel, stride in zip(self.kernels, self.strides):
             length = (length - kernel) // stride + 1
@@ -81,8 +82,8 @@ def to_16k_mono(audio: np.ndarray, rate: int) -> np.ndarray:
 
 
 def speed_rates(speed: float, sample_rate: int) -> tuple[int, int]:
-    """Speed perturbation as resampling (Kaldi's ``speed`` effect, tempo and pitch together): the audio is read as
-    if recorded at ``sample_rate * speed`` and resampled to ``sample_rate``; (from, to), reduced."""
+    """Speed perturbation as resampling (Kaldi's ``speed`` effect, tempo and pitch together): the audio is
+    read as if recorded at ``sample_rate * speed`` and resampled to ``sample_rate``; (from, to), reduced."""
     source = round(sample_rate * speed)
     common = math.gcd(source, sample_rate)
     return source // common, sample_rate // common
@@ -95,8 +96,8 @@ def perturbed_samples(num_samples: int, speed: float, sample_rate: int) -> int:
 
 
 def perturbed_samples_of(num_samples: np.ndarray, speed: float, sample_rate: int) -> np.ndarray:
-    """:func:`perturbed_samples` of many lengths at once, to the sample (the products stay far below 2**53, so the
-    float division rounds as Python's does)."""
+    """:func:`perturbed_samples` of many lengths at once, to the sample (the products stay far below 2**53,
+    so the float division rounds as Python's does)."""
     source, target = speed_rates(speed, sample_rate)
     return np.ceil(target * num_samples / source).astype(np.int64)
 

@@ -1,13 +1,13 @@
 """Batch buffers in shared memory that a DataLoader worker reuses once the main process has let go of them.
 
-A worker hands each batch to the main process through shared memory. A fresh shared segment per batch pays its
-page faults on every batch, before a single sample is decoded; a pool of segments is faulted in once.
+A worker hands each batch to the main process through shared memory. A fresh shared segment per batch pays
+its page faults on every batch, before a single sample is decoded; a pool of segments is faulted in once.
 
 Reuse is safe only when the main process holds nothing of a buffer any more, not even a view. So the worker
-ships each pooled batch with a small shared array of flags; unpickled in the main process, the batch registers
-a finalizer on its storage (PyTorch keeps one Python object per storage, alive as long as any tensor or view
-uses it) that marks the slot free. A slot that was never released is never reused; the worker allocates a new
-segment instead, so a consumer that keeps batches only costs memory, never correctness.
+ships each pooled batch with a small shared array of flags; unpickled in the main process, the batch
+registers a finalizer on its storage (PyTorch keeps one Python object per storage, alive as long as any
+tensor or view uses it) that marks the slot free. A slot that was never released is never reused; the worker
+allocates a new segment instead, so a consumer that keeps batches only costs memory, never correctness.
 """
 
 from __future__ import annotations
@@ -39,8 +39,8 @@ class BufferPool:
         self.flags = torch.zeros(slots, dtype=torch.int8).share_memory_()
 
     def take(self, rows: int, width: int) -> tuple[torch.Tensor, int]:
-        """A ``(rows, width)`` buffer and its slot (-1: not pooled). A reused buffer holds an earlier batch: the
-        caller writes every element, padding included."""
+        """A ``(rows, width)`` buffer and its slot (-1: not pooled). A reused buffer holds an earlier batch:
+        the caller writes every element, padding included."""
         if rows * width <= self.capacity:
             free = [slot for slot in range(len(self.storages)) if self.flags[slot] == FREE]
             if not free and len(self.storages) < self.slots:

@@ -1,5 +1,5 @@
-"""The typed model batch (:class:`CTCBatch`) from the loader to the engine, the scorer and the benchmarks: padded
-waveforms, CTC labels and what the run reports about them; and its model inputs on a device."""
+"""The typed model batch (:class:`CTCBatch`) from the loader to the engine, the scorer and the benchmarks:
+padded waveforms, CTC labels and what the run reports about them; and its model inputs on a device."""
 
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ class CTCBatch:
 
     input_values: torch.Tensor
     """``[rows, samples]`` float32 waveforms, zero-padded, *not yet* normalised (:meth:`model_inputs` does it
-    on the device when ``normalize`` is set). The utterances are the first ``len(batch)`` rows; a batch padded to
-    a grid shape has empty rows after them (length 0, no labels)."""
+    on the device when ``normalize`` is set). The utterances are the first ``len(batch)`` rows; a batch
+    padded to a grid shape has empty rows after them (length 0, no labels)."""
     input_lengths: torch.Tensor
     """``[rows]`` real sample counts."""
     labels: torch.Tensor
@@ -53,18 +53,20 @@ class CTCBatch:
     """Each utterance's label count, as host integers."""
 
     def __post_init__(self) -> None:
-        """The lengths the loss needs, computed where the batch is made (a loader worker) with numpy: read in the
-        train step from a device tensor, each would be a host sync (``w2v_dist/ctc.py``)."""
+        """The lengths the loss needs, computed where the batch is made (a loader worker) with numpy: read in
+        the train step from a device tensor, each would be a host sync (``w2v_dist/ctc.py``)."""
         real = self.labels.numpy() >= 0
         object.__setattr__(self, "sample_lengths", tuple(int(n) for n in self.input_lengths.numpy()))
         rows = len(self.sample_lengths)
         object.__setattr__(self, "target_lengths", tuple(int(n) for n in real.sum(axis=1))
-                           if real.shape[:1] == (rows,) else (0,) * rows)  # a batch without labels (bench loader)
+                           if real.shape[:1] == (rows,)
+                           else (0,) * rows)  # a batch without labels (bench loader)
 
     @functools.cached_property
     def flat_targets(self) -> torch.Tensor:
-        """The labels without their padding, concatenated: what the CTC loss takes. Made with numpy on the host,
-        where the batch is used: a tensor more in the batch a worker sends would cost a shared-memory segment."""
+        """The labels without their padding, concatenated: what the CTC loss takes. Made with numpy on the
+        host, where the batch is used: a tensor more in the batch a worker sends would cost a shared-memory
+        segment."""
         labels = self.labels.numpy()
         return torch.from_numpy(np.ascontiguousarray(labels[labels >= 0]))
 
@@ -99,10 +101,12 @@ class CTCCollator:
 
     def assemble(self, input_values: np.ndarray | torch.Tensor, lengths: list[int], labels: list[list[int]],
                  keys: list[str], texts: list[str], **reports: Any) -> CTCBatch:
-        """The batch from raw waveforms already decoded into their zero-padded rows (the loader decodes straight
-        into them: no copy). ``reports``: :class:`CTCBatch`'s ``skips``, ``sources`` and ``dropped``."""
+        """The batch from raw waveforms already decoded into their zero-padded rows (the loader decodes
+        straight into them: no copy). ``reports``: :class:`CTCBatch`'s ``skips``, ``sources`` and
+        ``dropped``."""
         values = torch.as_tensor(input_values)
-        rows = values.shape[0]  # more than the utterances when a grid shape has empty rows (w2v_dist.data.shapes)
+        # more than the utterances when a grid shape has empty rows (w2v_dist.data.shapes)
+        rows = values.shape[0]
         label_values = np.full((rows, max(map(len, labels), default=0)), LABEL_PAD, dtype=np.int64)
         for row, label in enumerate(labels):
             label_values[row, :len(label)] = label
@@ -111,7 +115,8 @@ class CTCCollator:
         if self.return_attention_mask:  # built only when asked: it is as large as the batch itself
             mask = (torch.arange(values.shape[1])[None, :] < input_lengths[:, None]).long()
             mask[len(lengths):] = 1  # an empty row attends to its silence: a row masked whole would be NaN
-        return CTCBatch(input_values=values, input_lengths=input_lengths, labels=torch.from_numpy(label_values),
+        return CTCBatch(input_values=values, input_lengths=input_lengths,
+                        labels=torch.from_numpy(label_values),
                         keys=tuple(keys), texts=tuple(texts), seconds=sum(lengths) / self.sample_rate,
                         normalize=self.normalize, attention_mask=mask, **reports)
 

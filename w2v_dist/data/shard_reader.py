@@ -1,6 +1,6 @@
-"""Reading the samples of one tar shard, local or remote (``http(s)://`` through curl, ``pipe:`` commands), as
-webdataset opens them: a transfer that fails mid-shard is re-opened with backoff, a stall never hangs, a local
-tar that ends early ends its shard with a warning."""
+"""Reading the samples of one tar shard, local or remote (``http(s)://`` through curl, ``pipe:`` commands),
+as webdataset opens them: a transfer that fails mid-shard is re-opened with backoff, a stall never hangs, a
+local tar that ends early ends its shard with a warning."""
 
 from __future__ import annotations
 
@@ -34,7 +34,8 @@ class RetryPolicy:
     """Wait before the first retry; doubled for each further one."""
     max_backoff_seconds: float = 30.0
     stall_seconds: int = 60
-    """An HTTP transfer slower than 1 byte/s for this long is cut (and retried): a stalled server never hangs."""
+    """An HTTP transfer slower than 1 byte/s for this long is cut (and retried): a stalled server never
+    hangs."""
 
 
 class RemoteShardError(RuntimeError):
@@ -42,8 +43,9 @@ class RemoteShardError(RuntimeError):
 
 
 class CurlPipe(Pipe):
-    """webdataset's ``Pipe`` whose close never waits long: a stream closed before its end (the reader has what it
-    wanted, or is being torn down) stops curl instead of waiting up to webdataset's two hours for it to exit."""
+    """webdataset's ``Pipe`` whose close never waits long: a stream closed before its end (the reader has
+    what it wanted, or is being torn down) stops curl instead of waiting up to webdataset's two hours for it
+    to exit."""
 
     CLOSE_GRACE_SECONDS = 5.0
 
@@ -64,8 +66,8 @@ def open_shard(url: str, retry: RetryPolicy) -> Any:
     """webdataset's opener, with curl told to fail on HTTP errors and on stalls (its own retries off: ours
     re-open mid-shard, which curl cannot do on a pipe)."""
     if url.startswith(("http://", "https://")):
-        command = ["curl", "-f", "-sS", "-L", "--connect-timeout", "30", "--speed-limit", "1", "--speed-time",
-                   str(retry.stall_seconds), url]
+        command = ["curl", "-f", "-sS", "-L", "--connect-timeout", "30", "--speed-limit", "1",
+                   "--speed-time", str(retry.stall_seconds), url]
         # Closed early: curl exits 23 on EPIPE, or dies of SIGPIPE (-13; 141 through a shell).
         return CurlPipe(command, mode="rb", bufsize=8192, ignore_status=[141, 23, -signal.SIGPIPE])
     return wds.gopen(url, "rb")
@@ -75,10 +77,11 @@ def read_members(url: str, wanted: set[str], skips: Counter[str], retry: RetryPo
                  ) -> Iterator[tuple[str, dict[str, bytes]]]:
     """Samples of one shard whose key is wanted.
 
-    A local tar that ends early ends the shard with a warning (the samples it did not deliver are counted by the
-    caller as ``missing_member``). A remote shard whose transfer fails (a dropped connection, an HTTP error, a
-    ``pipe:`` command exiting non-zero) is re-opened with backoff, skipping the samples already delivered; each
-    retry is counted as ``shard_retries``; after ``retry.attempts`` opens the run fails naming the shard.
+    A local tar that ends early ends the shard with a warning (the samples it did not deliver are counted by
+    the caller as ``missing_member``). A remote shard whose transfer fails (a dropped connection, an HTTP
+    error, a ``pipe:`` command exiting non-zero) is re-opened with backoff, skipping the samples already
+    delivered; each retry is counted as ``shard_retries``; after ``retry.attempts`` opens the run fails
+    naming the shard.
     """
     delivered: set[str] = set()
     for attempt in range(1, retry.attempts + 1):
@@ -88,29 +91,30 @@ def read_members(url: str, wanted: set[str], skips: Counter[str], retry: RetryPo
                 yield key, members
             return
         except (tarfile.TarError, OSError, EOFError) as err:
-            # A transfer that failed shows as an OSError (the pipe's exit status); a remote tar that is itself
-            # truncated reads cleanly to a short end (a TarError with a clean exit), like a local one.
+            # A transfer that failed shows as an OSError (the pipe's exit status); a remote tar that is
+            # itself truncated reads cleanly to a short end (a TarError with a clean exit), like a local one.
             if not is_remote(url) or not isinstance(err, OSError):
                 log.warning("shard %s is truncated or corrupt (%s); its remaining samples are skipped",
                             redact(url), err)
                 skips["truncated_shard"] += 1
                 return
             if attempt == retry.attempts:
-                raise RemoteShardError(f"shard {redact(url)} failed {attempt} times, last: {transfer_error(err)}; "
-                                       "check the server or the shard command") from None
+                raise RemoteShardError(f"shard {redact(url)} failed {attempt} times, last: "
+                                       f"{transfer_error(err)}; check the server or the shard "
+                                       f"command") from None
             delay = min(retry.max_backoff_seconds, retry.backoff_seconds * 2 ** (attempt - 1))
-            log.warning("shard %s failed after %d of its samples (%s); retry %d of %d in %.1f s", redact(url),
-                        len(delivered), transfer_error(err), attempt, retry.attempts - 1, delay)
+            log.warning("shard %s failed after %d of its samples (%s); retry %d of %d in %.1f s",
+                        redact(url), len(delivered), transfer_error(err), attempt, retry.attempts - 1, delay)
             skips["shard_retries"] += 1
             time.sleep(delay)
 
 
 def transfer_error(err: OSError) -> str:
-    """webdataset reports a failed pipe as its whole argument tuple; the exit status is what matters (curl's own
-    message is on stderr)."""
+    """webdataset reports a failed pipe as its whole argument tuple; the exit status is what matters (curl's
+    own message is on stderr)."""
     status = re.search(r"exit (-?\d+)", str(err))
-    return f"{'curl' if 'curl' in str(err) else 'the command'} exited with status {status.group(1)}" if status \
-        else redact(str(err))
+    return (f"{'curl' if 'curl' in str(err) else 'the command'} exited with status {status.group(1)}"
+            if status else redact(str(err)))
 
 
 def _read_once(url: str, wanted: set[str], retry: RetryPolicy) -> Iterator[tuple[str, dict[str, bytes]]]:
@@ -122,8 +126,8 @@ def _read_once(url: str, wanted: set[str], retry: RetryPolicy) -> Iterator[tuple
     key = ""
     with stream:
         try:
-            for member in wds.tariterators.tar_file_iterator(stream,
-                                                             select_files=lambda f: f.split(".")[0] in wanted):
+            for member in wds.tariterators.tar_file_iterator(
+                    stream, select_files=lambda f: f.split(".")[0] in wanted):
                 prefix, _, ext = member["fname"].partition(".")
                 if prefix != key:
                     if key in wanted:

@@ -1,11 +1,12 @@
 """Transcript normalisation and the CTC character vocabulary.
 
-A :class:`TextPolicy` is chosen when sharding, recorded in ``index.json`` and applied wherever text is compared
-(references at sharding, hypotheses when scoring). The default is LibriSpeech's: Unicode NFKC; upper-case;
-sentence punctuation (``. , ? ! ; : "``, quotes and brackets of any script) removed and dashes made spaces;
-whitespace collapsed; what remains must be A-Z, apostrophe or space. ``alphabet="any"`` accepts the letters (and
-combining marks) of every script instead, for other languages. Anything else (digits unless kept, other symbols)
-*rejects* the utterance rather than being guessed at: a digit's spoken form ("1990") is ambiguous.
+A :class:`TextPolicy` is chosen when sharding, recorded in ``index.json`` and applied wherever text is
+compared (references at sharding, hypotheses when scoring). The default is LibriSpeech's: Unicode NFKC;
+upper-case; sentence punctuation (``. , ? ! ; : "``, quotes and brackets of any script) removed and dashes
+made spaces; whitespace collapsed; what remains must be A-Z, apostrophe or space. ``alphabet="any"`` accepts
+the letters (and combining marks) of every script instead, for other languages. Anything else (digits unless
+kept, other symbols) *rejects* the utterance rather than being guessed at: a digit's spoken form ("1990") is
+ambiguous.
 """
 
 from __future__ import annotations
@@ -54,7 +55,8 @@ class TextPolicy:
         for name, choices in (("alphabet", ALPHABETS), ("case", CASES), ("unicode", UNICODE_FORMS),
                               ("punctuation", ("strip", "keep")), ("digits", ("reject", "keep"))):
             if getattr(self, name) not in choices:
-                raise ValueError(f"text policy {name}={getattr(self, name)!r}: choose one of {list(choices)}")
+                raise ValueError(f"text policy {name}={getattr(self, name)!r}: choose one of "
+                                 f"{list(choices)}")
 
     @classmethod
     def from_index(cls, index: dict[str, Any]) -> TextPolicy:
@@ -76,11 +78,13 @@ class TextPolicy:
     def normalize(self, text: str) -> str:
         """Apply the policy; raise :class:`TranscriptError` for what it rejects."""
         if self.unicode != "none":
-            text = unicodedata.normalize(self.unicode, text)  # type: ignore[arg-type]  # checked in __post_init__
+            # self.unicode is checked in __post_init__
+            text = unicodedata.normalize(self.unicode, text)  # type: ignore[arg-type]
         text = text.upper() if self.case == "upper" else text.lower() if self.case == "lower" else text
         text = text.translate(_APOSTROPHES)
         if self.punctuation == "strip":
-            text = "".join(" " if unicodedata.category(c) == "Pd" else "" if _stripped(c) else c for c in text)
+            text = "".join(" " if unicodedata.category(c) == "Pd" else "" if _stripped(c) else c
+                           for c in text)
         cleaned = _SPACES.sub(" ", text).strip()
         if not cleaned:
             raise TranscriptError("empty transcript")
@@ -126,9 +130,9 @@ def write_vocab(vocab: dict[str, int], path: str | Path) -> None:
 
 
 class CharLabeler:
-    """CTC labels for normalised text exactly as ``Wav2Vec2CTCTokenizer`` produces them (one id per character,
-    spaces as the word delimiter, unknown characters as ``<unk>``), without its per-call overhead, which was
-    a sixth of a loader worker's time. Other tokenizers are called as they are."""
+    """CTC labels for normalised text exactly as ``Wav2Vec2CTCTokenizer`` produces them (one id per
+    character, spaces as the word delimiter, unknown characters as ``<unk>``), without its per-call overhead,
+    which was a sixth of a loader worker's time. Other tokenizers are called as they are."""
 
     def __init__(self, tokenizer: Any) -> None:
         from transformers import Wav2Vec2CTCTokenizer

@@ -1,4 +1,5 @@
-"""Fetching LibriSpeech archives (openslr or a mirror): resumable download, MD5 check, then a safe extraction.
+"""Fetching LibriSpeech archives (openslr or a mirror): resumable download, MD5 check, then a safe
+extraction.
 
 Order matters: the archive's MD5 is checked *before* anything is extracted, every member is checked before it
 is written, and extraction goes to a staging directory that is renamed into place only when the whole archive
@@ -58,7 +59,8 @@ class DownloadError(RuntimeError):
 
 
 def read_checksums(path: str | Path) -> dict[str, str]:
-    """``{file name: md5}`` from an ``md5sum``-style file (``<md5>  <name>``, ``*<name>`` for binary mode)."""
+    """``{file name: md5}`` from an ``md5sum``-style file (``<md5>  <name>``, ``*<name>`` for binary
+    mode)."""
     sums: dict[str, str] = {}
     for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip() or line.lstrip().startswith("#"):
@@ -74,7 +76,8 @@ def read_checksums(path: str | Path) -> dict[str, str]:
 def md5_of(path: Path) -> str:
     # MD5 because it is the only checksum openslr publishes: it catches corruption, not a malicious mirror.
     digest = hashlib.md5(usedforsecurity=False)
-    with open(path, "rb") as stream, tqdm(total=path.stat().st_size, desc=f"md5 {path.name}", **_BYTES_BAR) as bar:
+    with open(path, "rb") as stream, tqdm(total=path.stat().st_size, desc=f"md5 {path.name}",
+                                          **_BYTES_BAR) as bar:
         while chunk := stream.read(_CHUNK):
             digest.update(chunk)
             bar.update(len(chunk))
@@ -90,7 +93,8 @@ def _fetch_once(url: str, partial: Path, log: Callable[[str], None]) -> bool:
     try:
         response = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=60)
     except urllib.error.HTTPError as err:
-        if err.code == 416 and have:  # nothing left past our size: the partial is complete (the MD5 will tell)
+        if err.code == 416 and have:
+            # nothing left past our size: the partial is complete (the MD5 will tell)
             return True
         raise
     with response:
@@ -108,8 +112,10 @@ def _fetch_once(url: str, partial: Path, log: Callable[[str], None]) -> bool:
         length = response.headers.get("Content-Length")
         total = have + int(length) if length else None
         got = have
-        with open(partial, mode) as out, tqdm(total=total, initial=have, desc=partial.name, **_BYTES_BAR) as bar:
-            # read() returns b"" when the server closes early (it does not raise), hence the length check below
+        with open(partial, mode) as out, tqdm(total=total, initial=have, desc=partial.name,
+                                              **_BYTES_BAR) as bar:
+            # read() returns b"" when the server closes early (it does not raise), hence the length check
+            # below
             while chunk := response.read(_CHUNK):
                 out.write(chunk)
                 got += len(chunk)
@@ -119,7 +125,8 @@ def _fetch_once(url: str, partial: Path, log: Callable[[str], None]) -> bool:
 
 def fetch(url: str, partial: Path, retries: int = 3, backoff: float = 2.0,
           log: Callable[[str], None] = print) -> None:
-    """Download ``url`` into ``partial``, resuming from what it holds; retry dropped connections (resuming)."""
+    """Download ``url`` into ``partial``, resuming from what it holds; retry dropped connections
+    (resuming)."""
     problem = ""
     for attempt in range(retries + 1):
         try:
@@ -143,7 +150,8 @@ def _member_problem(member: tarfile.TarInfo, subset: str, staging: Path) -> str:
     """Why ``member`` must not be extracted ('' when it may). Stricter than ``filter='data'`` on purpose."""
     path = PurePosixPath(member.name)
     if path.is_absolute() or member.name.startswith(("/", "\\")):
-        return "absolute path"  # the data filter would silently strip the '/'; an archive with one is not LibriSpeech
+        # the data filter would silently strip the '/'; an archive with one is not LibriSpeech
+        return "absolute path"
     if ".." in path.parts:
         return "'..' in the path"
     if member.issym() or member.islnk():
@@ -160,7 +168,8 @@ def _member_problem(member: tarfile.TarInfo, subset: str, staging: Path) -> str:
 
 
 def extract_archive(archive: Path, root: Path, subset: str, marker: dict[str, object]) -> Path:
-    """Extract ``LibriSpeech/<subset>`` of ``archive`` under ``root`` (all or nothing); return the subset dir."""
+    """Extract ``LibriSpeech/<subset>`` of ``archive`` under ``root`` (all or nothing); return the subset
+    dir."""
     if not hasattr(tarfile, "data_filter"):
         raise DownloadError("safe extraction needs Python >= 3.11.4 (tarfile extraction filters)")
     staging = root / f".{subset}.extracting"
@@ -169,27 +178,32 @@ def extract_archive(archive: Path, root: Path, subset: str, marker: dict[str, ob
     target = root / "LibriSpeech" / subset
     files = 0
     try:
-        # Stream mode: one pass over the gzip (30 GB for train-other-500); each member is checked before writing.
+        # Stream mode: one pass over the gzip (30 GB for train-other-500); each member is checked before
+        # writing.
         with tarfile.open(archive, "r|gz") as tar:
             for member in tar:
                 problem = _member_problem(member, subset, staging)
                 if problem:
                     raise DownloadError(f"{archive.name}: refusing member {member.name!r}: {problem}; "
                                         "nothing was extracted")
-                if member.isfile():  # directories come from the files' parents, so a read-only dir mode cannot bite
+                if member.isfile():
+                    # directories come from the files' parents, so a read-only dir mode cannot bite
                     tar.extract(member, staging, filter="data")
                     files += 1
         staged = staging / "LibriSpeech" / subset
         if not staged.is_dir():
-            raise DownloadError(f"{archive.name} holds no LibriSpeech/{subset}/ directory; nothing was extracted")
+            raise DownloadError(f"{archive.name} holds no LibriSpeech/{subset}/ directory; nothing was "
+                                f"extracted")
         (staged / MARKER).write_text(json.dumps({**marker, "files": files}, indent=1) + "\n")
         target.parent.mkdir(parents=True, exist_ok=True)
-        for extra in (staging / "LibriSpeech").iterdir():  # README/SPEAKERS/... are the same in every archive
+        for extra in (staging / "LibriSpeech").iterdir():
+            # README/SPEAKERS/... are the same in every archive
             if extra.name != subset and not (target.parent / extra.name).exists():
                 extra.rename(target.parent / extra.name)
         staged.rename(target)
     except (tarfile.TarError, EOFError, zlib.error) as err:
-        raise DownloadError(f"{archive.name} is not a readable tar.gz ({err}); nothing was extracted") from None
+        raise DownloadError(f"{archive.name} is not a readable tar.gz ({err}); nothing was "
+                            f"extracted") from None
     except OSError as err:  # a full disk, most likely; the staging directory goes, the archive stays
         raise DownloadError(f"extracting {archive.name} failed ({err}); nothing was extracted") from None
     finally:
@@ -214,11 +228,12 @@ def download_subset(subset: str, root: str | Path, mirror: str = DEFAULT_MIRROR,
         raise DownloadError(f"unknown subset {subset!r} (known: {', '.join(SUBSETS)}); "
                             f"give its MD5 with --checksums FILE")
     if target.exists():
-        raise DownloadError(f"{target} exists without a {MARKER} marker (not written by this tool, or damaged): "
-                            "move it away and rerun")
+        raise DownloadError(f"{target} exists without a {MARKER} marker (not written by this tool, or "
+                            f"damaged): move it away and rerun")
     base.mkdir(parents=True, exist_ok=True)
     archive, partial = base / name, base / f"{name}.partial"
-    if archive.is_file():  # an earlier run verified it but did not finish extracting, or the user put it there
+    if archive.is_file():
+        # an earlier run verified it but did not finish extracting, or the user put it there
         log(f"{subset}: using the existing {archive}")
         if (got := md5_of(archive)) != expected:
             raise DownloadError(f"{archive}: MD5 {got} does not match the expected {expected}; nothing was "
@@ -227,15 +242,19 @@ def download_subset(subset: str, root: str | Path, mirror: str = DEFAULT_MIRROR,
         url = f"{mirror.rstrip('/')}/{name}"
         log(f"{subset}: downloading {url}{f' (about {known.gigabytes:g} GB)' if known else ''} to {partial}")
         if known:
-            # FLAC is already compressed: the extracted tree is about as large as the archive, so budget twice that.
+            # FLAC is already compressed: the extracted tree is about as large as the archive, so budget
+            # twice that.
             need = 2 * known.gigabytes * 1e9 - (partial.stat().st_size if partial.exists() else 0)
             if (free := shutil.disk_usage(base).free) < need:
-                log(f"warning: {subset} needs about {need / 1e9:.1f} GB free under {base}, only {free / 1e9:.1f} GB is")
+                log(f"warning: {subset} needs about {need / 1e9:.1f} GB free under {base}, only "
+                    f"{free / 1e9:.1f} GB is")
         fetch(url, partial, retries, backoff, log)
         if (got := md5_of(partial)) != expected:
-            partial.unlink()  # resuming a corrupt file would only repeat the mismatch, so start clean next time
-            raise DownloadError(f"{name}: MD5 {got} does not match the expected {expected}; deleted the download "
-                                "and extracted nothing. Rerun to download it again (or check --mirror/--checksums)")
+            # resuming a corrupt file would only repeat the mismatch, so start clean next time
+            partial.unlink()
+            raise DownloadError(f"{name}: MD5 {got} does not match the expected {expected}; deleted the "
+                                f"download and extracted nothing. Rerun to download it again (or check "
+                                f"--mirror/--checksums)")
         partial.rename(archive)
     log(f"{subset}: MD5 ok, extracting")
     extract_archive(archive, base, subset, {"subset": subset, "archive": name, "md5": expected})
@@ -245,8 +264,11 @@ def download_subset(subset: str, root: str | Path, mirror: str = DEFAULT_MIRROR,
     return target
 
 
-def download(subsets: list[str], root: str | Path, mirror: str | None = None, checksums_file: str | None = None,
+def download(subsets: list[str], root: str | Path, mirror: str | None = None,
+             checksums_file: str | None = None,
              keep_archive: bool = False, log: Callable[[str], None] = print) -> list[Path]:
-    """:func:`download_subset` for each subset, in order (``mirror`` None: openslr); stops at the first failure."""
+    """:func:`download_subset` for each subset, in order (``mirror`` None: openslr); stops at the first
+    failure."""
     checksums = read_checksums(checksums_file) if checksums_file else None
-    return [download_subset(s, root, mirror or DEFAULT_MIRROR, checksums, keep_archive, log=log) for s in subsets]
+    return [download_subset(s, root, mirror or DEFAULT_MIRROR, checksums, keep_archive, log=log)
+            for s in subsets]

@@ -1,11 +1,11 @@
 """A FLAC file's shape and completeness from its header and its final frame, without decoding audio.
 
 ``w2v-dist shard --check-audio tail`` must reject a truncated FLAC before it copies it. libsndfile can tell,
-by seeking to the last frame and decoding it, but without a seek table libFLAC's seek is a search that decodes
-several frames (about as long as copying the file). A truncated file cannot end in a complete final
+by seeking to the last frame and decoding it, but without a seek table libFLAC's seek is a search that
+decodes several frames (about as long as copying the file). A truncated file cannot end in a complete final
 frame, and a frame carries its own checksums, so reading STREAMINFO and the last few kB is enough: the final
-frame must start with a valid header (CRC-8) whose position + block size is the promised sample count, and run
-to the end of the file with a matching CRC-16 (RFC 9639, sections 8.2 and 9.1).
+frame must start with a valid header (CRC-8) whose position + block size is the promised sample count, and
+run to the end of the file with a matching CRC-16 (RFC 9639, sections 8.2 and 9.1).
 
 :func:`stream_shape` only ever accepts. Anything it cannot prove complete (not FLAC, unknown length, trailing
 tags, a frame larger than its tables) returns ``None``, and the caller asks libsndfile instead.
@@ -53,8 +53,8 @@ def _zero_bytes(states: np.ndarray, count: int) -> np.ndarray:
 
 
 def _block_tables() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    # IN_BLOCK[i, b]: what byte b at offset i of a block adds to the block's CRC. HIGH/LOW[j, h]: a CRC state's
-    # high/low byte h followed by j more blocks of zeros.
+    # IN_BLOCK[i, b]: what byte b at offset i of a block adds to the block's CRC. HIGH/LOW[j, h]: a CRC
+    # state's high/low byte h followed by j more blocks of zeros.
     in_block = np.empty((_BLOCK, 256), dtype=np.uint16)
     in_block[-1] = _CRC16
     for i in range(_BLOCK - 2, -1, -1):
@@ -71,7 +71,8 @@ def _block_tables() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 _IN_BLOCK, _HIGH, _LOW = _block_tables()  # flat: 1-D ``take`` is several times faster than 2-D indexing
 _IN_BLOCK_ROWS = np.arange(_BLOCK) * 256
-_CARRY_ROWS = np.arange(MAX_FRAME_BYTES // _BLOCK - 1, -1, -1) * 256  # reversed: the last block moves 0 blocks
+# reversed: the last block moves 0 blocks
+_CARRY_ROWS = np.arange(MAX_FRAME_BYTES // _BLOCK - 1, -1, -1) * 256
 
 
 def crc8(data: bytes) -> int:
@@ -85,8 +86,8 @@ def crc16(data: bytes) -> int:
     """FLAC's frame CRC-16 (polynomial 0x8005, initial value 0), vectorised.
 
     Such a CRC is linear (XOR of what each byte contributes) and leading zero bytes do not change it, so the
-    data is zero-padded to whole blocks, each block's CRC is one table gather and XOR reduction, and each block
-    CRC is carried past the blocks after it by two more lookups, instead of a Python loop per byte.
+    data is zero-padded to whole blocks, each block's CRC is one table gather and XOR reduction, and each
+    block CRC is carried past the blocks after it by two more lookups, instead of a Python loop per byte.
     """
     if len(data) > MAX_FRAME_BYTES:
         raise ValueError(f"crc16 handles at most {MAX_FRAME_BYTES} bytes")
@@ -95,9 +96,11 @@ def crc16(data: bytes) -> int:
         return 0
     padded = np.zeros(blocks * _BLOCK, dtype=np.uint8)
     padded[len(padded) - len(data):] = np.frombuffer(data, dtype=np.uint8)
-    per_block = np.bitwise_xor.reduce(_IN_BLOCK.take(padded.reshape(blocks, _BLOCK) + _IN_BLOCK_ROWS), axis=1)
+    per_block = np.bitwise_xor.reduce(_IN_BLOCK.take(padded.reshape(blocks, _BLOCK) + _IN_BLOCK_ROWS),
+                                      axis=1)
     carry = _CARRY_ROWS[len(_CARRY_ROWS) - blocks:]
-    return int(np.bitwise_xor.reduce(_HIGH.take(carry + (per_block >> 8)) ^ _LOW.take(carry + (per_block & 0xFF))))
+    return int(np.bitwise_xor.reduce(_HIGH.take(carry + (per_block >> 8))
+                                     ^ _LOW.take(carry + (per_block & 0xFF))))
 
 
 def _utf8_number(data: bytes, at: int) -> tuple[int, int] | None:
@@ -173,7 +176,8 @@ def stream_shape(path: str | os.PathLike[str]) -> tuple[int, int, int] | None:
         if at < 0:
             return None
         span = _frame_span(tail, at, max_block if min_block == max_block else 0)
-        if span is not None and sum(span) == total and crc16(tail[at:-2]) == int.from_bytes(tail[-2:], "big"):
+        if (span is not None and sum(span) == total
+                and crc16(tail[at:-2]) == int.from_bytes(tail[-2:], "big")):
             return total, rate, channels
         end = at + 1
     return None

@@ -1,4 +1,5 @@
-"""Writing WebDataset shards: probe every input, reject what cannot train, pack, write atomically, index last.
+"""Writing WebDataset shards: probe every input, reject what cannot train, pack, write atomically, index
+last.
 
 The format is documented in ``docs/data-format.md``. Invariant: inputs = written + rejected, and every
 reject has a line in ``rejects.jsonl``.
@@ -26,7 +27,14 @@ from tqdm import tqdm
 
 from w2v_dist.data.audio import SAMPLE_RATE, EncoderGeometry, decode, decode_error, encode_flac, to_16k_mono
 from w2v_dist.data.index import FORMAT_VERSION, INDEX_NAME
-from w2v_dist.data.text import LIBRISPEECH, TextPolicy, TranscriptError, build_vocab, label_length, write_vocab
+from w2v_dist.data.text import (
+    LIBRISPEECH,
+    TextPolicy,
+    TranscriptError,
+    build_vocab,
+    label_length,
+    write_vocab,
+)
 from w2v_dist.prep import flac
 from w2v_dist.prep.sources import Reject, Source
 from w2v_dist.prep.tar_writer import FileReader, TarSink
@@ -48,14 +56,15 @@ class ShardOptions:
     overwrite: bool = False
     dry_run: bool = False
     check_audio: str = "full"
-    """``full`` decodes every input; ``tail`` checks only the header and the final frame, which a truncated FLAC
-    cannot supply (mid-file corruption is then caught by the loader, which skips and counts it)."""
+    """``full`` decodes every input; ``tail`` checks only the header and the final frame, which a truncated
+    FLAC cannot supply (mid-file corruption is then caught by the loader, which skips and counts it)."""
     geometry: EncoderGeometry = field(default_factory=EncoderGeometry)
     text: TextPolicy = LIBRISPEECH
     """How transcripts are normalised and which characters they may hold; recorded in ``index.json``."""
     min_char_count: int = 1
     """A character seen in fewer accepted transcripts than this is left out of the vocabulary, and the
-    transcripts holding it are rejected (named in ``rejects.jsonl``): typos and stray symbols of a large corpus."""
+    transcripts holding it are rejected (named in ``rejects.jsonl``): typos and stray symbols of a large
+    corpus."""
 
 
 @dataclass(frozen=True)
@@ -87,8 +96,8 @@ file: FLAC's usual block size, so the last frame, which a truncated file cannot 
 
 
 def audio_shape(audio: Path, full: bool) -> tuple[int, int, int]:
-    """(samples, rate, channels) of an audio file, after decoding all of it or checking that it ends in a complete
-    final frame (the header and the tail, not the whole file)."""
+    """(samples, rate, channels) of an audio file, after decoding all of it or checking that it ends in a
+    complete final frame (the header and the tail, not the whole file)."""
     if full:
         decoded, rate = decode(audio.read_bytes())
         return decoded.shape[0], rate, decoded.shape[1]
@@ -234,13 +243,14 @@ def _probe_all(pool: Executor, sources: list[Source], opts: ShardOptions, accept
             else:
                 accepted.append(Probed(sources[result[-1]], *result))
                 total += accepted[-1].num_samples
-        bar.set_postfix_str(f"{total / SAMPLE_RATE / 3600:.2f} h accepted, {len(rejects)} rejected", refresh=False)
+        bar.set_postfix_str(f"{total / SAMPLE_RATE / 3600:.2f} h accepted, {len(rejects)} rejected",
+                            refresh=False)
         bar.update(len(results))
 
 
 def reject_rare_characters(accepted: list[Probed], min_count: int, rejects: list[Reject]) -> list[Probed]:
-    """``accepted`` less the transcripts holding a character that fewer than ``min_count`` transcripts hold (those
-    go to ``rejects``, naming the characters)."""
+    """``accepted`` less the transcripts holding a character that fewer than ``min_count`` transcripts hold
+    (those go to ``rejects``, naming the characters)."""
     counts = Counter(c for p in accepted for c in set(p.text))
     rare = {c for c, n in counts.items() if n < min_count}
     if not rare:
@@ -249,7 +259,8 @@ def reject_rare_characters(accepted: list[Probed], min_count: int, rejects: list
     for probed in accepted:
         if found := sorted(set(probed.text) & rare):
             rejects.append(Reject(probed.source.key, probed.source.source,
-                                  f"rare characters {''.join(found)!r} (in fewer than {min_count} transcripts)"))
+                                  f"rare characters {''.join(found)!r} (in fewer than {min_count} "
+                                  f"transcripts)"))
         else:
             kept.append(probed)
     return kept
@@ -266,7 +277,8 @@ def write_rejects(rejects: list[Reject], out_dir: Path) -> None:
 
 
 def reason_kind(reason: str) -> str:
-    """A reject reason without its particulars (characters, numbers, decoder messages), to count alike reasons."""
+    """A reject reason without its particulars (characters, numbers, decoder messages), to count alike
+    reasons."""
     return re.sub(r"\d+(\.\d+)?", "N", re.split(r"[:(\['\"]", reason, maxsplit=1)[0]).strip()
 
 
@@ -281,16 +293,19 @@ def nothing_accepted(rejects: list[Reject], opts: ShardOptions) -> str:
     text = (f"all {len(rejects)} inputs were rejected; the commonest reason ({count} of {len(rejects)}): "
             f"{example.reason} (e.g. {example.key})")
     if kind == "characters outside the vocabulary":
-        chars = "".join(ast.literal_eval(r.reason.partition(": ")[2]) for r in rejects if reason_kind(r.reason) == kind)
+        chars = "".join(ast.literal_eval(r.reason.partition(": ")[2]) for r in rejects
+                        if reason_kind(r.reason) == kind)
         categories = {unicodedata.category(c)[0] if unicodedata.category(c) != "Nd" else "Nd" for c in chars}
         hints = [hint for category, hint in (
-            ("Nd", "--digits keep accepts digits (their spoken form is ambiguous: better, write numbers as words)"),
+            ("Nd", "--digits keep accepts digits (their spoken form is ambiguous: better, write numbers as "
+                   "words)"),
             ("L", "--alphabet any accepts the letters of every script"),
             ("M", "--alphabet any accepts combining marks"),
             ("P", "--punctuation keep transcribes punctuation")) if category in categories]
         text += "".join(f"; {hint}" for hint in dict.fromkeys(hints))
     elif kind.startswith("duration"):
-        text += f"; --min-seconds and --max-seconds set the range (now {opts.min_seconds}, {opts.max_seconds})"
+        text += (f"; --min-seconds and --max-seconds set the range (now {opts.min_seconds}, "
+                 f"{opts.max_seconds})")
     return text
 
 
@@ -314,25 +329,31 @@ def shard_corpus(sources: list[Source], out: str | Path, opts: ShardOptions, des
         if not accepted:
             if not opts.dry_run:
                 write_rejects(rejects, out_dir)
-            raise NothingAccepted(f"nothing {'would be ' * opts.dry_run}written: {nothing_accepted(rejects, opts)}"
-                                  + ("" if opts.dry_run or not rejects else f"; see {out_dir / 'rejects.jsonl'}"))
+            raise NothingAccepted(f"nothing {'would be ' * opts.dry_run}written: "
+                                  f"{nothing_accepted(rejects, opts)}"
+                                  + ("" if opts.dry_run or not rejects
+                                     else f"; see {out_dir / 'rejects.jsonl'}"))
         groups = plan_shards(accepted, opts)
         jobs = [(out_dir / SHARD_PATTERN.format(i), group) for i, group in enumerate(groups)]
         entries: list[dict[str, Any]]
         if opts.dry_run:
-            entries = [{"name": p.name, "samples": len(g), "seconds": sum(i.num_samples for i in g) / SAMPLE_RATE,
+            entries = [{"name": p.name, "samples": len(g),
+                        "seconds": sum(i.num_samples for i in g) / SAMPLE_RATE,
                         "bytes": sum(i.bytes for i in g)} for p, g in jobs]
         else:
-            written = pool.map(_write_rows, [path for path, _ in jobs], [[p.row() for p in g] for g in groups])
+            written = pool.map(_write_rows, [path for path, _ in jobs],
+                               [[p.row() for p in g] for g in groups])
             entries = list(tqdm(written, total=len(jobs), desc="write", unit="shard", disable=None))
     seconds = [p.num_samples / SAMPLE_RATE for p in accepted]
     index: dict[str, Any] = {"format": "w2v-dist-shards", "version": FORMAT_VERSION, **described,
              "text_policy": asdict(opts.text),
-             "options": {k: v for k, v in asdict(opts).items() if k not in ("workers", "overwrite", "dry_run")},
+             "options": {k: v for k, v in asdict(opts).items()
+                         if k not in ("workers", "overwrite", "dry_run")},
              "sample_rate": SAMPLE_RATE, "shards": entries,
              "totals": {"inputs": len(sources), "written": len(accepted), "rejected": len(rejects),
                         "shards": len(entries), "seconds": round(sum(seconds), 3),
-                        "hours": round(sum(seconds) / 3600, 4), "bytes": sum(int(e["bytes"]) for e in entries)},
+                        "hours": round(sum(seconds) / 3600, 4),
+                        "bytes": sum(int(e["bytes"]) for e in entries)},
              "duration_histogram": histogram(seconds)}
     assert index["totals"]["inputs"] == len(accepted) + len(rejects)
     if not opts.dry_run:

@@ -45,7 +45,8 @@ def librispeech_sources(root: str | Path, subsets: list[str]) -> list[Source]:
         if not subset_dir.is_dir():
             found = sorted(entry.name for entry in base.iterdir() if entry.is_dir()) if base.is_dir() else []
             where = f"under {base}, which holds {', '.join(found)}" if found else (
-                f"under {base}, which holds no subsets" if base.is_dir() else f"under {base}, which does not exist")
+                f"under {base}, which holds no subsets" if base.is_dir()
+                else f"under {base}, which does not exist")
             raise FileNotFoundError(f"subset '{subset}' not found {where}")
         texts: dict[str, str] = {}
         audio: dict[str, str] = {}  # key -> path relative to base
@@ -59,7 +60,8 @@ def librispeech_sources(root: str | Path, subsets: list[str]) -> list[Source]:
                                 key, _, text = line.strip().partition(" ")
                                 texts[key] = text
                     elif name.endswith(".flac"):
-                        audio[name[:-5]] = f"{subset}/{os.path.basename(speaker)}/{os.path.basename(chapter)}/{name}"
+                        audio[name[:-5]] = (f"{subset}/{os.path.basename(speaker)}/"
+                                            f"{os.path.basename(chapter)}/{name}")
         for key in sorted(set(texts) | set(audio)):
             speaker_id, chapter_id = (key.split("-") + ["", ""])[:2]
             rel = audio.get(key)

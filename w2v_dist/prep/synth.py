@@ -1,7 +1,7 @@
 """A synthetic LibriSpeech-layout corpus spoken by espeak-ng, for demos and tests (no download needed).
 
-Each (voice, speed) pair is a distinct speaker. Sentences draw from a small command-and-digit lexicon so that a
-tiny model can visibly learn it on a CPU in minutes.
+Each (voice, speed) pair is a distinct speaker. Sentences draw from a small command-and-digit lexicon so that
+a tiny model can visibly learn it on a CPU in minutes.
 """
 
 from __future__ import annotations
@@ -45,7 +45,8 @@ def require_espeak() -> str:
     """Path of espeak-ng, or a one-line instruction."""
     path = shutil.which("espeak-ng")
     if path is None:
-        raise RuntimeError("espeak-ng is not installed: run 'sudo apt-get install espeak-ng' (Debian/Ubuntu)")
+        raise RuntimeError("espeak-ng is not installed: run 'sudo apt-get install espeak-ng' "
+                           "(Debian/Ubuntu)")
     return path
 
 
@@ -90,7 +91,8 @@ def synthesize(out_dir: str | Path, utterances: int, dev_utterances: int | None 
     """Write ``OUT/LibriSpeech/{train-clean-100,dev-clean}/<spk>/<chapter>/...``; reuse what exists."""
     require_espeak()
     root = Path(out_dir) / "LibriSpeech"
-    plan = plan_corpus(utterances, dev_utterances if dev_utterances is not None else max(8, utterances // 8), seed)
+    plan = plan_corpus(utterances, dev_utterances if dev_utterances is not None else max(8, utterances // 8),
+                       seed)
     transcripts: dict[Path, list[str]] = {}
     for utt in plan:
         chapter_dir = root / utt.subset / str(utt.speaker) / str(utt.chapter)

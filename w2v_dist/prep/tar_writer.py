@@ -25,9 +25,10 @@ _HEADER_TEMPLATE = tarfile_header("", 0)
 
 
 def tar_header(name: str, size: int) -> bytes:
-    """``tarfile``'s GNU header for one of our members, without tarfile's generic path: only the name, the size
-    and the checksum differ between members, so a template is patched (``tests/unit/test_shard_format.py``
-    checks it byte for byte against ``TarInfo.tobuf``). Names that need more than the 100-byte field go the long way."""
+    """``tarfile``'s GNU header for one of our members, without tarfile's generic path: only the name, the
+    size and the checksum differ between members, so a template is patched
+    (``tests/unit/test_shard_format.py`` checks it byte for byte against ``TarInfo.tobuf``). Names that need
+    more than the 100-byte field go the long way."""
     encoded = name.encode()
     if len(encoded) >= 100 or not name.isascii() or size >= 8**11:
         return tarfile_header(name, size)
@@ -40,7 +41,8 @@ def tar_header(name: str, size: int) -> bytes:
 
 
 class TarSink:
-    """Writes tar members straight to a file, hashing on the way (the shard's sha256 without reading it back).
+    """Writes tar members straight to a file, hashing on the way (the shard's sha256 without reading it
+    back).
 
     The bytes are exactly what ``tarfile`` writes (headers from :func:`tar_header`); going around
     ``TarFile.addfile`` saves its per-member file object and chunked copy, which cost as much as the copy.
@@ -50,7 +52,8 @@ class TarSink:
         self.out, self.sha256, self.offset = out, hashlib.sha256(), 0
 
     def add(self, name: str, data: bytes | memoryview) -> None:
-        """One member as webdataset's ``TarWriter`` writes it (read-only, owner w2v, mtime 0: reproducible)."""
+        """One member as webdataset's ``TarWriter`` writes it (read-only, owner w2v, mtime 0:
+        reproducible)."""
         self._write(tar_header(name, len(data)))
         self._write(data)
         self._write(bytes(-len(data) % tarfile.BLOCKSIZE))
@@ -67,8 +70,8 @@ class TarSink:
 
 
 class FileReader:
-    """Reads whole files into one reused buffer: a fresh allocation per file would cost its page faults, as much
-    as the copy itself. A view is valid until the next :meth:`read`."""
+    """Reads whole files into one reused buffer: a fresh allocation per file would cost its page faults, as
+    much as the copy itself. A view is valid until the next :meth:`read`."""
 
     def __init__(self) -> None:
         self.buffer = bytearray()

@@ -1,4 +1,5 @@
-"""Re-reading a shard directory against its ``index.json``: bytes, sha256, member order, audio and transcripts.
+"""Re-reading a shard directory against its ``index.json``: bytes, sha256, member order, audio and
+transcripts.
 
 The loader trusts the index (it plans batches and resumes from it without reading audio), so a shard that
 disagrees with it would fail hours into training, on some rank; ``w2v-dist verify`` finds that up front.
@@ -41,9 +42,11 @@ class ShardReport:
 
     def line(self) -> str:
         if not self.problems:
-            return f"{self.name}  ok  {self.samples} samples, {self.seconds / 3600:.3f} h, {self.bytes / 1e6:.1f} MB"
+            return (f"{self.name}  ok  {self.samples} samples, {self.seconds / 3600:.3f} h, "
+                    f"{self.bytes / 1e6:.1f} MB")
         more = len(self.problems) - _SHOWN
-        return f"{self.name}  FAILED  " + "; ".join(self.problems[:_SHOWN]) + (f"; and {more} more" if more > 0 else "")
+        return (f"{self.name}  FAILED  " + "; ".join(self.problems[:_SHOWN])
+                + (f"; and {more} more" if more > 0 else ""))
 
 
 @dataclass
@@ -58,9 +61,11 @@ class VerifyResult:
 
     def summary(self) -> str:
         bad = sum(1 for r in self.shards if r.problems)
-        return (f"{'OK' if self.ok else 'FAILED'}: {len(self.shards)} shards, {len(self.shards) - bad} ok, {bad} with "
-                f"problems, {len(self.problems)} directory problems; {sum(r.samples for r in self.shards)} samples, "
-                f"{sum(r.seconds for r in self.shards) / 3600:.3f} h, {sum(r.bytes for r in self.shards) / 1e6:.1f} MB")
+        return (f"{'OK' if self.ok else 'FAILED'}: {len(self.shards)} shards, {len(self.shards) - bad} ok, "
+                f"{bad} with problems, {len(self.problems)} directory problems; "
+                f"{sum(r.samples for r in self.shards)} samples, "
+                f"{sum(r.seconds for r in self.shards) / 3600:.3f} h, "
+                f"{sum(r.bytes for r in self.shards) / 1e6:.1f} MB")
 
 
 def _samples(path: Path, report: ShardReport) -> Iterator[tuple[str, dict[str, bytes]]]:
@@ -81,11 +86,13 @@ def _samples(path: Path, report: ShardReport) -> Iterator[tuple[str, dict[str, b
         yield key, parts
 
 
-def _check_sample(key: str, parts: dict[str, bytes], row: list, sample_rate: int, report: ShardReport) -> None:
+def _check_sample(key: str, parts: dict[str, bytes], row: list, sample_rate: int,
+                  report: ShardReport) -> None:
     """Compare one sample with its index row and its own json; problems go to ``report``."""
     problems = report.problems
     expected_key, expected_samples, expected_label = row
-    if key != expected_key:  # out of order: the row's numbers belong to another sample, so compare to the json only
+    if key != expected_key:
+        # out of order: the row's numbers belong to another sample, so compare to the json only
         problems.append(f"sample {report.samples}: key {key!r}, the index says {expected_key!r}")
         expected_samples = expected_label = None
     if set(parts) != {"flac", "json"}:
@@ -124,7 +131,8 @@ def verify_shard(directory: str, entry: dict, sample_rate: int) -> ShardReport:
         report.problems.append("missing: the index lists it but there is no such file")
         return report
     with open(path, "rb") as stream:
-        report.bytes, digest = os.fstat(stream.fileno()).st_size, hashlib.file_digest(stream, "sha256").hexdigest()
+        report.bytes, digest = (os.fstat(stream.fileno()).st_size,
+                                hashlib.file_digest(stream, "sha256").hexdigest())
     if report.bytes != entry.get("bytes"):
         report.problems.append(f"{report.bytes} bytes, the index says {entry.get('bytes')}")
     if digest != entry.get("sha256"):
@@ -153,12 +161,13 @@ def _directory_problems(root: Path, index: dict, reports: list[ShardReport]) -> 
     totals = index.get("totals", {})
     listed = sum(len(e.get("utterances", [])) for e in index["shards"])
     if totals.get("written") != listed or totals.get("shards") != len(index["shards"]):
-        problems.append(f"index.json totals say {totals.get('written')} samples in {totals.get('shards')} shards, "
-                        f"its shard list has {listed} in {len(index['shards'])}")
+        problems.append(f"index.json totals say {totals.get('written')} samples in {totals.get('shards')} "
+                        f"shards, its shard list has {listed} in {len(index['shards'])}")
     if (rejects := root / "rejects.jsonl").is_file():
         count = sum(1 for line in rejects.read_text(encoding="utf-8").splitlines() if line.strip())
         if count != totals.get("rejected"):
-            problems.append(f"rejects.jsonl has {count} lines, index.json totals say {totals.get('rejected')}")
+            problems.append(f"rejects.jsonl has {count} lines, index.json totals say "
+                            f"{totals.get('rejected')}")
     vocab_file = root / "vocab.json"
     if not vocab_file.is_file():
         problems.append("vocab.json is missing")

@@ -26,7 +26,8 @@ def process_pool(workers: int, initializer: Callable[..., None] | None = None, i
                  ) -> ProcessPoolExecutor:
     """``initializer(*initargs)`` runs once in each worker: with ``fork`` the arguments are inherited, not
     pickled, so a job's large inputs reach the workers for free."""
-    pool = ProcessPoolExecutor(max_workers=max(1, workers), mp_context=multiprocessing.get_context(start_method()),
+    pool = ProcessPoolExecutor(max_workers=max(1, workers),
+                               mp_context=multiprocessing.get_context(start_method()),
                                initializer=initializer, initargs=initargs)
     # Fork the workers now, while this process has no other threads (a progress bar starts a monitor thread):
     # a fork copies locks that other threads may hold.
