@@ -1,16 +1,16 @@
-"""Fault injection for tests, kept out of the code it tests: NaN losses and Inf gradients through a forward hook
-(:func:`injected_faults`), and pause points.
+"""Fault injection for tests, kept out of the code it tests: NaN losses and Inf gradients through a forward
+hook (:func:`injected_faults`), and pause points.
 
 Pause points: named moments at which a test can hold one rank still and deliver a fault (a signal, a kill, a
 full disk) exactly there, the way a cluster would.
 
 Off unless ``W2V_DIST_PAUSE_AT`` is set, to ``<moment>[#<n>]:<rank>:<seconds>:<marker dir>``: the n-th time
-(default: the first) rank ``<rank>`` reaches ``<moment>`` it creates ``<marker dir>/<moment>.rank<rank>`` (so the
-test knows where it is) and sleeps ``<seconds>``, then goes on. Moments: ``started`` (loaders running, before
-the first step), ``backward`` (mid-step: the step's first all-reduce and the forward done, before the backward
-and DeepSpeed's gradient reduction), ``step`` (an update just applied), ``eval`` (mid dev evaluation), ``save``
-(after the rank's checkpoint files, before its commit manifest), ``export-final`` and ``export-best`` (the Hugging
-Face export written, not yet renamed into place).
+(default: the first) rank ``<rank>`` reaches ``<moment>`` it creates ``<marker dir>/<moment>.rank<rank>`` (so
+the test knows where it is) and sleeps ``<seconds>``, then goes on. Moments: ``started`` (loaders running,
+before the first step), ``backward`` (mid-step: the step's first all-reduce and the forward done, before the
+backward and DeepSpeed's gradient reduction), ``step`` (an update just applied), ``eval`` (mid dev
+evaluation), ``save`` (after the rank's checkpoint files, before its commit manifest), ``export-final`` and
+``export-best`` (the Hugging Face export written, not yet renamed into place).
 """
 
 from __future__ import annotations
@@ -57,9 +57,9 @@ def pause_point(moment: str, rank: int) -> None:
 
 @contextmanager
 def injected_faults(model: torch.nn.Module, nan_loss: bool, inf_grad: bool) -> Iterator[None]:
-    """While open, every training forward of ``model`` returns NaN logits, so a NaN loss (``nan_loss``), and/or
-    logits whose gradient is infinite (``inf_grad``): what the NaN/Inf guard must catch (``trainer.inject``). The
-    loss is computed outside the model (``w2v_dist/ctc.py``), from the logits."""
+    """While open, every training forward of ``model`` returns NaN logits, so a NaN loss (``nan_loss``),
+    and/or logits whose gradient is infinite (``inf_grad``): what the NaN/Inf guard must catch
+    (``trainer.inject``). The loss is computed outside the model (``w2v_dist/ctc.py``), from the logits."""
     if not (nan_loss or inf_grad):
         yield
         return
