@@ -31,8 +31,9 @@ from w2v_dist.schedule import lr_at
 from w2v_dist.trainer import train_step
 
 RECIPE = ["model.mask_time_prob=0.3", "model.mask_time_length=2", "model.layerdrop=0.5",
-          "model.activation_dropout=0.1", "schedule.name=tri_stage", "optim.lr=1e-3", "optim.weight_decay=0.01",
-          "optim.grad_clip=0.5", "trainer.seed=4"]  # LayerDrop's draws at this seed: updates with and without skips
+          "model.activation_dropout=0.1", "schedule.name=tri_stage", "optim.lr=1e-3",
+          "optim.weight_decay=0.01", "optim.grad_clip=0.5",
+          "trainer.seed=4"]  # LayerDrop's draws at this seed: updates with and without skips
 
 
 def main(out: str, model_dir: str, dev_shards: str, steps: int, stage: int) -> None:
@@ -56,7 +57,8 @@ def main(out: str, model_dir: str, dev_shards: str, steps: int, stage: int) -> N
 
     engine.update = update_uncounted  # type: ignore[method-assign]
     for step in range(steps):
-        pair = [dataclasses.replace(b, update=step, stream=s) for s, b in enumerate(batches[2 * step:2 * step + 2])]
+        pair = [dataclasses.replace(b, update=step, stream=s)
+                for s, b in enumerate(batches[2 * step:2 * step + 2])]
         mine = pair if world.size == 1 else [pair[world.rank]]
         targets.append([b.targets for b in pair])
         engine.set_lr(lr_at(step, cfg.optim.lr, steps, cfg.schedule), encoder_frozen=False)

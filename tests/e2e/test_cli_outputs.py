@@ -1,5 +1,6 @@
-"""What `transcribe` and `evaluate` print, run as a user runs them: JSON lines on stdout without DS_ACCELERATOR
-(DeepSpeed warns on stdout as it is imported), and a hub id read from the HF cache with HF_HUB_OFFLINE=1."""
+"""What `transcribe` and `evaluate` print, run as a user runs them: JSON lines on stdout without
+DS_ACCELERATOR (DeepSpeed warns on stdout as it is imported), and a hub id read from the HF cache with
+HF_HUB_OFFLINE=1."""
 
 from __future__ import annotations
 
@@ -41,14 +42,16 @@ def test_transcribe_json_is_json_lines_on_stdout_from_a_cached_hub_id(hf_home: P
                           text=True, timeout=300, env=user_env(HF_HOME=str(hf_home), HF_HUB_OFFLINE="1"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
-    assert [json.loads(line)["file"] for line in lines] == files  # every line is JSON (the `python -c` check)
+    # every line is JSON (the `python -c` check)
+    assert [json.loads(line)["file"] for line in lines] == files
     assert "accelerator" in proc.stderr.lower()  # DeepSpeed did warn: on stderr
     assert "Loading weights" not in proc.stderr  # transformers' per-load bar is off
 
 
 def test_evaluate_accepts_a_cached_hub_id_offline(hf_home: Path, shard_dirs: dict, tmp_path: Path) -> None:
     proc = subprocess.run([W2V_DIST, "evaluate", "--model", HUB_ID, "--shards", str(shard_dirs["dev-clean"]),
-                           "--out", str(tmp_path / "rows.jsonl")], capture_output=True, text=True, timeout=300,
+                           "--out", str(tmp_path / "rows.jsonl")], capture_output=True, text=True,
+                          timeout=300,
                           env=user_env(HF_HOME=str(hf_home), HF_HUB_OFFLINE="1", DS_ACCELERATOR="cpu"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout)

@@ -39,9 +39,10 @@ def test_compiled_layers_compile_at_most_once_per_grid_length_and_match_eager(ti
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
-    # No masks, LayerDrop or dropout: compiled and eager must see the same computation to be compared; the recipe
-    # (masks, LayerDrop, compile, bounded shapes) trains on 2 ranks in tests/e2e/test_recipe.py.
-    cfg = ModelConfig(name_or_path=str(tiny_model), mask_time_prob=0.0, layerdrop=0.0, activation_dropout=0.0)
+    # No masks, LayerDrop or dropout: compiled and eager must see the same computation to be compared; the
+    # recipe (masks, LayerDrop, compile, bounded shapes) trains on 2 ranks in tests/e2e/test_recipe.py.
+    cfg = ModelConfig(name_or_path=str(tiny_model), mask_time_prob=0.0, layerdrop=0.0,
+                      activation_dropout=0.0)
     processor = load_processor(cfg, None)
     eager = load_model(cfg, processor).eval()
     compiled = load_model(ModelConfig(**{**cfg.__dict__, "compile": True}), processor).eval()

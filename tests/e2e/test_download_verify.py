@@ -1,4 +1,5 @@
-"""``w2v-dist download`` against a loopback HTTP server (with Range support) and ``w2v-dist verify`` on real shards."""
+"""``w2v-dist download`` against a loopback HTTP server (with Range support) and ``w2v-dist verify`` on real
+shards."""
 
 from __future__ import annotations
 
@@ -107,7 +108,8 @@ def mirror_dir(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """``dev-clean.tar.gz`` laid out like LibriSpeech's, and its ``md5sum.txt``."""
     served = tmp_path_factory.mktemp("mirror")
     members = [file_member("LibriSpeech/README.TXT", b"synthetic LibriSpeech layout\n")]
-    members += [file_member(f"LibriSpeech/dev-clean/{p.relative_to(corpus / 'dev-clean').as_posix()}", p.read_bytes())
+    members += [file_member(f"LibriSpeech/dev-clean/{p.relative_to(corpus / 'dev-clean').as_posix()}",
+                            p.read_bytes())
                 for p in sorted((corpus / "dev-clean").rglob("*")) if p.is_file()]
     md5 = write_archive(served / "dev-clean.tar.gz", members)
     (served / "md5sum.txt").write_text(f"{md5}  dev-clean.tar.gz\n")
@@ -122,7 +124,8 @@ def served(mirror_dir: Path) -> Iterator[tuple[str, ServerState]]:
 
 def same_tree(a: Path, b: Path) -> bool:
     files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file() and p.name != MARKER)
-    return files == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file() and p.name != MARKER) and all(
+    return files == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file()
+                           and p.name != MARKER) and all(
         (a / f).read_bytes() == (b / f).read_bytes() for f in files)
 
 
@@ -137,11 +140,13 @@ def test_download_checks_extracts_and_shards(served: tuple[str, ServerState], mi
     assert same_tree(subset, corpus / "dev-clean") and (root / "LibriSpeech" / "README.TXT").is_file()
     md5 = read_checksums(mirror_dir / "md5sum.txt")["dev-clean.tar.gz"]
     assert json.loads((subset / MARKER).read_text())["md5"] == md5
-    assert sorted(p.name for p in root.iterdir()) == ["LibriSpeech"]  # archive deleted, no staging, no partial
+    # archive deleted, no staging, no partial
+    assert sorted(p.name for p in root.iterdir()) == ["LibriSpeech"]
     assert [status for _, status, _ in state.requests] == [200]
     # The round trip: what was downloaded shards like the original corpus, and the shards verify.
     sources = librispeech_sources(root, ["dev-clean"])
-    index = shard_corpus(sources, tmp_path / "shards", ShardOptions(shard_size_mb=0.1, workers=1), {"subsets": ["d"]})
+    index = shard_corpus(sources, tmp_path / "shards", ShardOptions(shard_size_mb=0.1, workers=1),
+                         {"subsets": ["d"]})
     assert index["totals"]["written"] == len(sources) == len(librispeech_sources(corpus, ["dev-clean"]))
     assert main(["verify", str(tmp_path / "shards")]) == 0
     # A rerun is a no-op: it does not even need the server.
@@ -174,7 +179,8 @@ def test_partial_downloads_resume(case: str, served: tuple[str, ServerState], mi
     data = (mirror_dir / "dev-clean.tar.gz").read_bytes()
     half = len(data) // 2
     partial = tmp_path / "dev-clean.tar.gz.partial"
-    partial.write_bytes(data if case == "already-whole" else b"" if case == "connection-dropped" else data[:half])
+    partial.write_bytes(data if case == "already-whole" else b"" if case == "connection-dropped"
+                        else data[:half])
     state.honour_range = case != "server-ignores-range"
     state.drop_after = half if case == "connection-dropped" else None
     sums = read_checksums(mirror_dir / "md5sum.txt")
@@ -206,7 +212,8 @@ def test_hostile_archive_is_refused_and_writes_nothing(case: str, corpus: Path, 
     (outside / "secret").write_text("secret")
     served_dir.mkdir()
     good = sorted((corpus / "dev-clean").rglob("*.flac"))[0]
-    members = [file_member(f"LibriSpeech/dev-clean/1/2/{good.name}", good.read_bytes())]  # lands in staging first
+    # lands in staging first
+    members = [file_member(f"LibriSpeech/dev-clean/1/2/{good.name}", good.read_bytes())]
     for info, data in EVIL[case]:
         info.name, info.linkname = info.name.format(outside=outside), info.linkname.format(outside=outside)
         members.append((info, data))
@@ -217,7 +224,8 @@ def test_hostile_archive_is_refused_and_writes_nothing(case: str, corpus: Path, 
         assert main(["download", "--subset", "dev-clean", "--root", str(root), "--mirror", url,
                      "--checksums", str(tmp_path / "sums.txt")]) == 1
     assert "refusing member" in capsys.readouterr().err
-    # Only the verified archive is new (kept for inspection); nothing extracted anywhere, the staging dir is gone.
+    # Only the verified archive is new (kept for inspection); nothing extracted anywhere, the staging dir is
+    # gone.
     assert sorted(p for p in tmp_path.rglob("*")) == sorted([*before, tmp_path / "a", root.parent, root,
                                                              root / "dev-clean.tar.gz"])
     assert (outside / "secret").read_text() == "secret"
@@ -252,7 +260,8 @@ def corrupt_flac(shard: Path, index_file: Path) -> None:
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate", "missing", "flac", "extra", "order"])
-def test_damaged_shards_fail_and_are_named(damage: str, shard_copy: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_damaged_shards_fail_and_are_named(damage: str, shard_copy: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
     index_file = shard_copy / "index.json"
     index = json.loads(index_file.read_text())
     shard = shard_copy / index["shards"][1]["name"]

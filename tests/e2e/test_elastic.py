@@ -46,7 +46,8 @@ def test_two_ranks_then_one_then_two_end_with_the_straight_runs_weights(shard_di
     one = run_single(["--config", "configs/debug.yaml", *overrides(
         shard_dirs, tiny_model, elastic, **common, **{"trainer.max_steps": 4})])
     check(one)
-    assert "resuming step 2 from 2 rank(s) on 1: grad_accum 1 -> 2, 16 s per update (2 data streams)" in one.stderr
+    assert ("resuming step 2 from 2 rank(s) on 1: grad_accum 1 -> 2, 16 s per update (2 data streams)"
+            in one.stderr)
     two = run_deepspeed(["--config", "configs/debug.yaml", *overrides(
         shard_dirs, tiny_model, elastic, **common, **{"trainer.max_steps": 6})])
     check(two)
@@ -62,7 +63,8 @@ def test_two_ranks_then_one_then_two_end_with_the_straight_runs_weights(shard_di
     for micro in seen.values():
         for _, epoch, keys in micro:
             per_epoch[epoch].update(keys)
-    assert all(max(counts.values()) == 1 for counts in per_epoch.values()), "an utterance read twice in an epoch"
+    assert (all(max(counts.values()) == 1
+                for counts in per_epoch.values())), "an utterance read twice in an epoch"
 
     # A continuous loss curve, and the straight run's weights.
     losses = {r["step"]: r["loss"] for r in metrics(elastic) if "loss" in r}
@@ -70,9 +72,11 @@ def test_two_ranks_then_one_then_two_end_with_the_straight_runs_weights(shard_di
     assert sorted(losses) == list(range(1, 7))
     for step, loss in straight_losses.items():
         assert losses[step] == pytest.approx(loss, rel=1e-4), step
-    a, b = load_file(straight / "final" / "model.safetensors"), load_file(elastic / "final" / "model.safetensors")
+    a, b = (load_file(straight / "final" / "model.safetensors"),
+            load_file(elastic / "final" / "model.safetensors"))
     initial = load_file(tiny_model / "model.safetensors")
-    assert any(not torch.equal(a[k], initial[k]) for k in a if k in initial), "training did not change the weights"
+    assert (any(not torch.equal(a[k], initial[k]) for k in a
+                if k in initial)), "training did not change the weights"
     for key in a:
         assert torch.allclose(a[key], b[key], rtol=1e-5, atol=1e-6), key
     AutoModelForCTC.from_pretrained(elastic / "final")
@@ -80,14 +84,16 @@ def test_two_ranks_then_one_then_two_end_with_the_straight_runs_weights(shard_di
 
 @pytest.mark.parametrize("stage", [2, 3])
 def test_bf16_resumed_on_one_rank_follows_the_straight_run(stage: int, shard_dirs: dict, tiny_model: Path,
-                                                           tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+                                                           tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """The base recipe's precision: bf16 keeps fp32 master weights and moments partitioned by rank,
     re-partitioned through the universal checkpoint. bf16 rounding makes the runs differ slightly; a lost or
     misplaced optimizer state moves every weight by a sizeable part of its change (ZeRO-3's group mix-up: ~15
     %)."""
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
     common = {"trainer.update_seconds": 16.0, "deepspeed.zero_stage": stage, "deepspeed.precision": "bf16",
-              "trainer.eval_every": 0, "trainer.save_every": 2, "optim.weight_decay": 0.01, "schedule.steps": 4}
+              "trainer.eval_every": 0, "trainer.save_every": 2, "optim.weight_decay": 0.01,
+              "schedule.steps": 4}
     straight, elastic = tmp_path / "straight", tmp_path / "elastic"
     check(run_deepspeed(["--config", "configs/debug.yaml", *overrides(
         shard_dirs, tiny_model, straight, **common, **{"trainer.max_steps": 4})]))
@@ -100,7 +106,8 @@ def test_bf16_resumed_on_one_rank_follows_the_straight_run(stage: int, shard_dir
     losses = {r["step"]: r["loss"] for r in metrics(elastic) if "loss" in r}
     for record in (r for r in metrics(straight) if "loss" in r):
         assert losses[record["step"]] == pytest.approx(record["loss"], rel=1e-4), record["step"]
-    a, b = load_file(straight / "final" / "model.safetensors"), load_file(elastic / "final" / "model.safetensors")
+    a, b = (load_file(straight / "final" / "model.safetensors"),
+            load_file(elastic / "final" / "model.safetensors"))
     initial = load_file(tiny_model / "model.safetensors")
     for key in a:
         # The key projection's bias has no gradient (softmax ignores a constant per query): Adam turns its

@@ -41,7 +41,8 @@ def run_dir(shard_dirs: dict, tiny_model: Path, tmp_path_factory: pytest.TempPat
 
 
 @pytest.fixture(scope="module")
-def single_eval(run_dir: Path, shard_dirs: dict, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, list]:
+def single_eval(run_dir: Path, shard_dirs: dict, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict,
+                                                                                                    list]:
     """``w2v-dist evaluate`` on the export, one process: (stdout summary, JSONL rows)."""
     out = tmp_path_factory.mktemp("eval_single") / "utts.jsonl"
     proc = subprocess.run([str(BIN / "w2v-dist"), "evaluate", "--model", str(run_dir / "final"), "--shards",
@@ -58,7 +59,8 @@ def dev_flacs(corpus: Path) -> list[Path]:
 
 
 @pytest.mark.slow
-def test_evaluate_export_counts_every_dev_utterance_once(single_eval: tuple[dict, list], shard_dirs: dict) -> None:
+def test_evaluate_export_counts_every_dev_utterance_once(single_eval: tuple[dict, list],
+                                                         shard_dirs: dict) -> None:
     summary, rows = single_eval
     dev = load_shard_set(str(shard_dirs["dev-clean"]))
     expected_keys = sorted(u.key for shard in dev.utterances for u in shard)
@@ -76,11 +78,12 @@ def test_evaluate_export_counts_every_dev_utterance_once(single_eval: tuple[dict
 
 
 @pytest.mark.slow
-def test_two_ranks_give_the_same_results_as_one(single_eval: tuple[dict, list], run_dir: Path, shard_dirs: dict,
-                                                tmp_path: Path) -> None:
+def test_two_ranks_give_the_same_results_as_one(single_eval: tuple[dict, list], run_dir: Path,
+                                                shard_dirs: dict, tmp_path: Path) -> None:
     out = tmp_path / "utts.jsonl"
-    proc = run_deepspeed(["evaluate", "--model", str(run_dir / "final"), "--shards", str(shard_dirs["dev-clean"]),
-                          "--out", str(out)], program=("--no_local_rank", "--module", "w2v_dist"))
+    proc = run_deepspeed(["evaluate", "--model", str(run_dir / "final"), "--shards",
+                          str(shard_dirs["dev-clean"]), "--out", str(out)],
+                         program=("--no_local_rank", "--module", "w2v_dist"))
     check(proc)
     summaries = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{"sets"')]
     assert len(summaries) == 1 and summaries[0]["world_size"] == 2, "only rank 0 prints the summary"
@@ -101,7 +104,8 @@ def test_checkpoint_forms_resolve_and_score_like_the_export(single_eval: tuple[d
     tag = f"step_{STEPS:08d}"
     refs = {find_checkpoint(p) for p in (run_dir, run_dir / "checkpoints", run_dir / "checkpoints" / tag)}
     assert refs == {find_checkpoint(run_dir, tag=tag)} and next(iter(refs)).config == run_dir / "config.yaml"
-    summary = evaluate_sets(EvalOptions(model=str(run_dir), shards=[str(shard_dirs["dev-clean"])], workers=0),
+    summary = evaluate_sets(EvalOptions(model=str(run_dir), shards=[str(shard_dirs["dev-clean"])],
+                                        workers=0),
                             World(0, 0, 1), torch.device("cpu"))
     assert summary is not None and summary["sets"] == single_eval[0]["sets"]
 
@@ -115,18 +119,21 @@ def test_beam_search_with_and_without_a_kenlm_model(run_dir: Path, shard_dirs: d
 
     def run(**extra: object) -> dict:
         opts = EvalOptions(model=str(run_dir / "final"), shards=[str(shard_dirs["dev-clean"])], workers=0,
-                           decoder="beam", beam_width=8, out=str(tmp_path / "beam.jsonl"), **extra)  # type: ignore[arg-type]
+                           decoder="beam", beam_width=8, out=str(tmp_path / "beam.jsonl"),
+                           **extra)  # type: ignore[arg-type]
         summary = evaluate_sets(opts, World(0, 0, 1), torch.device("cpu"))
         assert summary is not None
         return summary["sets"]["dev-clean"]
 
     assert run()["utterances"] == 12
     pytest.importorskip("kenlm")
-    arpa = tmp_path / "lexicon.arpa"  # uniform bigram LM over the corpus' words: hypotheses become lexicon words
+    # uniform bigram LM over the corpus' words: hypotheses become lexicon words
+    arpa = tmp_path / "lexicon.arpa"
     pairs = [("<s>", w) for w in LEXICON] + [(a, b) for a in LEXICON for b in (*LEXICON, "</s>")]
-    arpa.write_text("\n".join(["\\data\\", f"ngram 1={len(LEXICON) + 3}", f"ngram 2={len(pairs)}", "", "\\1-grams:",
-                               "-1.3\t</s>", "-99\t<s>\t0", "-99\t<unk>\t0", *[f"-1.3\t{w}\t0" for w in LEXICON], "",
-                               "\\2-grams:", *[f"-1.3\t{a} {b}" for a, b in pairs], "", "\\end\\", ""]))
+    arpa.write_text("\n".join(["\\data\\", f"ngram 1={len(LEXICON) + 3}", f"ngram 2={len(pairs)}", "",
+                               "\\1-grams:", "-1.3\t</s>", "-99\t<s>\t0", "-99\t<unk>\t0",
+                               *[f"-1.3\t{w}\t0" for w in LEXICON], "", "\\2-grams:",
+                               *[f"-1.3\t{a} {b}" for a, b in pairs], "", "\\end\\", ""]))
     with_lm = run(lm=str(arpa), alpha=2.0)
     hyps = [json.loads(line)["hypothesis"] for line in (tmp_path / "beam.jsonl").read_text().splitlines()]
     assert with_lm["utterances"] == 12
@@ -135,7 +142,8 @@ def test_beam_search_with_and_without_a_kenlm_model(run_dir: Path, shard_dirs: d
 
 @pytest.mark.slow
 def test_transcribe_plain_json_and_chunked_long_audio(run_dir: Path, tiny_model: Path, corpus: Path,
-                                                      tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+                                                      tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
     from w2v_dist.cli import main
 
     flac = dev_flacs(corpus)[0]
@@ -191,16 +199,18 @@ def test_export_from_checkpoint_matches_the_runs_own_export(stage: int, run_dir:
     else:
         run = tmp_path / "run"
         check(run_single(["--config", "configs/debug.yaml", *overrides(
-            shard_dirs, tiny_model, run, **{"trainer.max_steps": 3, "trainer.save_every": 3, "trainer.eval_every": 0,
-                                            "data.num_workers": 0})]))
+            shard_dirs, tiny_model, run, **{"trainer.max_steps": 3, "trainer.save_every": 3,
+                                            "trainer.eval_every": 0, "data.num_workers": 0})]))
     capfd.readouterr()
     assert main(["export", "--checkpoint", str(run), "--out", str(tmp_path / "exported")]) == 0
     said = capfd.readouterr()
     assert said.out == f"wrote {tmp_path / 'exported'}\n"
     assert not any(noise in said.err for noise in ("LOAD REPORT", "Loading weights", "Writing model shards",
-                                                    "zero checkpoint", "Loading checkpoint shards")), said.err
+                                                    "zero checkpoint",
+                                                   "Loading checkpoint shards")), said.err
     processor = Wav2Vec2Processor.from_pretrained(tmp_path / "exported")
-    inputs = processor(sf.read(dev_flacs(corpus)[0], dtype="float32")[0], sampling_rate=16_000, return_tensors="pt")
+    inputs = processor(sf.read(dev_flacs(corpus)[0], dtype="float32")[0], sampling_rate=16_000,
+                       return_tensors="pt")
     with torch.no_grad():
         ours = Wav2Vec2ForCTC.from_pretrained(tmp_path / "exported").eval()(inputs.input_values).logits
         theirs = Wav2Vec2ForCTC.from_pretrained(run / "final").eval()(inputs.input_values).logits

@@ -44,7 +44,8 @@ def test_family_trains_on_two_ranks_exports_and_transcribes(family: str, large_s
     assert type(trained).__name__ == MODEL_FOR_CTC_MAPPING_NAMES[family]
     assert not (loading["missing_keys"] or loading["unexpected_keys"] or loading["mismatched_keys"]), loading
     weights = trained.state_dict()
-    engine = torch.load(out / "checkpoints" / "step_00000002" / "mp_rank_00_model_states.pt", weights_only=True)
+    engine = torch.load(out / "checkpoints" / "step_00000002" / "mp_rank_00_model_states.pt",
+                        weights_only=True)
     assert weights.keys() == engine["module"].keys()
     assert all(torch.equal(weights[name], engine["module"][name]) for name in weights)
 
@@ -60,7 +61,8 @@ def test_family_trains_on_two_ranks_exports_and_transcribes(family: str, large_s
     initial = AutoModelForCTC.from_pretrained(model)
     initial.freeze_feature_encoder()  # as the recipe does (model.freeze_feature_encoder)
     initial_loss = loss(initial)
-    initial_loss.backward()  # which weights the loss reaches (not all: the conformer never uses its pos_conv_embed)
+    # which weights the loss reaches (not all: the conformer never uses its pos_conv_embed)
+    initial_loss.backward()
     reached = {name for name, p in initial.named_parameters() if p.grad is not None and bool(p.grad.any())}
     frozen = {name for name, p in initial.named_parameters() if not p.requires_grad}
     moved = {name for name, w in initial.state_dict().items() if not torch.equal(w, weights[name])}

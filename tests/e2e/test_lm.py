@@ -1,4 +1,5 @@
-"""`w2v-dist build-lm` (KenLM's lmplz, built by `make setup`) and beam search with that LM against greedy decoding.
+"""`w2v-dist build-lm` (KenLM's lmplz, built by `make setup`) and beam search with that LM against greedy
+decoding.
 
 Not skipped when KenLM is missing: `make setup` builds it, and a missing tool is a failure here."""
 
@@ -61,7 +62,8 @@ def noisy_emissions(texts: list[str], tokenizer: Wav2Vec2CTCTokenizer, error_rat
     for text in texts:
         frames = []
         for char in text.replace(" ", tokenizer.word_delimiter_token):
-            for token, noisy in ((char, char.isalpha() and rng.random() < error_rate), (tokenizer.pad_token, False)):
+            for token, noisy in ((char, char.isalpha() and rng.random() < error_rate),
+                                 (tokenizer.pad_token, False)):
                 row = torch.full((len(vocab),), -6.0)
                 row[vocab[token]] = 0.0
                 if noisy:
@@ -74,8 +76,9 @@ def noisy_emissions(texts: list[str], tokenizer: Wav2Vec2CTCTokenizer, error_rat
 
 def test_beam_search_with_a_built_lm_beats_greedy_where_the_words_are_known(
         shard_dirs: dict, tiny_model: Path, tmp_path: Path) -> None:
-    """Dev transcripts spelled by an unsure acoustic model: greedy keeps its letter errors, beam search alone does
-    too, and beam search with a 3-gram LM built from the *training* transcripts (same lexicon) repairs most."""
+    """Dev transcripts spelled by an unsure acoustic model: greedy keeps its letter errors, beam search alone
+    does too, and beam search with a 3-gram LM built from the *training* transcripts (same lexicon) repairs
+    most."""
     arpa = tmp_path / "train.arpa"
     assert main(["build-lm", "--shards", str(shard_dirs["train-clean-100"]), "--order", "3",
                  "--out", str(arpa)]) == 0
@@ -85,7 +88,8 @@ def test_beam_search_with_a_built_lm_beats_greedy_where_the_words_are_known(
 
     greedy = jiwer.wer(references, GreedyDecoder(tokenizer)(logits, frames))
     beam = jiwer.wer(references, BeamDecoder(tokenizer, beam_width=32)(logits, frames))
-    with_lm = jiwer.wer(references, BeamDecoder(tokenizer, arpa, beam_width=32, alpha=1.0, beta=0.5)(logits, frames))
+    with_lm = jiwer.wer(references,
+                        BeamDecoder(tokenizer, arpa, beam_width=32, alpha=1.0, beta=0.5)(logits, frames))
     assert greedy > 0.2, greedy
     assert beam == pytest.approx(greedy), (beam, greedy)  # the search alone cannot know the words
     assert with_lm < greedy / 3, (with_lm, greedy)
@@ -93,9 +97,9 @@ def test_beam_search_with_a_built_lm_beats_greedy_where_the_words_are_known(
 
 def test_binary_lm_decodes_as_its_arpa_with_the_word_list_build_lm_writes(
         shard_dirs: dict, tiny_model: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    """pyctcdecode reads the unigram list only from an ARPA file; ``build-lm --binary`` writes it beside the binary
-    and the decoder passes it on, so both forms of one LM give the same transcripts. Without any word list the
-    decoder warns (WARNING, not swallowed) that decoding is degraded."""
+    """pyctcdecode reads the unigram list only from an ARPA file; ``build-lm --binary`` writes it beside the
+    binary and the decoder passes it on, so both forms of one LM give the same transcripts. Without any word
+    list the decoder warns (WARNING, not swallowed) that decoding is degraded."""
     arpa, binary = tmp_path / "arpa" / "train.arpa", tmp_path / "bin" / "train.bin"
     assert main(["build-lm", "--shards", str(shard_dirs["train-clean-100"]), "--order", "3",
                  "--out", str(arpa), "--binary", str(binary)]) == 0
@@ -107,8 +111,8 @@ def test_binary_lm_decodes_as_its_arpa_with_the_word_list_build_lm_writes(
     logits, frames = noisy_emissions(references, tokenizer, error_rate=0.5)
 
     def wer(lm: Path) -> float:
-        return float(jiwer.wer(references, BeamDecoder(tokenizer, lm, beam_width=4, alpha=1.0, beta=0.5)(logits,
-                                                                                                        frames)))
+        return float(jiwer.wer(references, BeamDecoder(tokenizer, lm, beam_width=4, alpha=1.0, beta=0.5)(
+            logits, frames)))
 
     with caplog.at_level(logging.WARNING):
         from_arpa, from_binary = wer(arpa), wer(binary)
@@ -118,5 +122,6 @@ def test_binary_lm_decodes_as_its_arpa_with_the_word_list_build_lm_writes(
     (tmp_path / "bin" / "train.unigrams.txt").unlink()
     with caplog.at_level(logging.WARNING):
         without_words = wer(binary)
-    assert [r for r in caplog.records if "decoding degraded" in r.getMessage() and r.levelno == logging.WARNING]
+    assert [r for r in caplog.records if "decoding degraded" in r.getMessage()
+            and r.levelno == logging.WARNING]
     assert without_words > from_arpa + 0.1, (without_words, from_arpa)  # what the word list is for

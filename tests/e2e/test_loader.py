@@ -30,7 +30,8 @@ def train_stream_with(location: str, model_dir: Path, workers: int, policy: Batc
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-def test_resume_reproduces_the_uninterrupted_key_sequence(shard_dirs: dict, tiny_model: Path, workers: int) -> None:
+def test_resume_reproduces_the_uninterrupted_key_sequence(shard_dirs: dict, tiny_model: Path,
+                                                          workers: int) -> None:
     location = str(shard_dirs["train-clean-100"])
     straight = keys(take_batches(train_stream(location, tiny_model, workers=workers), workers, 40))
     for cut in (1, 7, 23):
@@ -97,7 +98,8 @@ def damaged_shards(shard_dirs: dict, tmp_path: Path) -> tuple[Path, str, str]:
     shutil.copytree(shard_dirs["dev-clean"], out)
     index = json.loads((out / "index.json").read_text())
     first, second = index["shards"][0]["utterances"][0][0], index["shards"][0]["utterances"][1][0]
-    rewrite_tar(out / index["shards"][0]["name"], {f"{first}.flac": b"garbage" * 100, f"{second}.json": None})
+    rewrite_tar(out / index["shards"][0]["name"],
+                {f"{first}.flac": b"garbage" * 100, f"{second}.json": None})
     return out, first, second
 
 
@@ -138,9 +140,10 @@ def test_missing_shard_fails_fast_with_its_url(shard_dirs: dict, tiny_model: Pat
         list(make_loader(eval_stream(str(out), tiny_model, 0, 1), 0, 2))
 
 
-@pytest.mark.parametrize("name", ["../escape.tar", "/etc/passwd", "pipe:rm -rf x", "http://evil/x.tar", "a/b.tar",
-                                  ".."])
-def test_index_shard_names_cannot_inject_paths_or_commands(shard_dirs: dict, tmp_path: Path, name: str) -> None:
+@pytest.mark.parametrize("name", ["../escape.tar", "/etc/passwd", "pipe:rm -rf x", "http://evil/x.tar",
+                                  "a/b.tar", ".."])
+def test_index_shard_names_cannot_inject_paths_or_commands(shard_dirs: dict, tmp_path: Path,
+                                                           name: str) -> None:
     out = tmp_path / "shards"
     shutil.copytree(shard_dirs["dev-clean"], out)
     index = json.loads((out / "index.json").read_text())
@@ -151,18 +154,22 @@ def test_index_shard_names_cannot_inject_paths_or_commands(shard_dirs: dict, tmp
 
 
 def test_resume_property_over_worlds_workers_and_cut_points(shard_dirs: dict, tiny_model: Path) -> None:
-    """Any rank of any world size, any worker count, any cut: the resumed stream continues the key sequence."""
+    """Any rank of any world size, any worker count, any cut: the resumed stream continues the key
+    sequence."""
     from hypothesis import example, given, settings
     from hypothesis import strategies as st
 
     location = str(shard_dirs["train-clean-100"])
 
     @settings(max_examples=8, deadline=None, database=None)
-    @given(world=st.integers(1, 4), any_rank=st.integers(0, 3), workers=st.integers(0, 3), cut=st.integers(1, 12))
-    @example(world=4, any_rank=3, workers=3, cut=1)  # 12 slots, 4 shards (one of 2 utterances): none may be empty
+    @given(world=st.integers(1, 4), any_rank=st.integers(0, 3), workers=st.integers(0, 3),
+           cut=st.integers(1, 12))
+    # 12 slots, 4 shards (one of 2 utterances): none may be empty
+    @example(world=4, any_rank=3, workers=3, cut=1)
     def check(world: int, any_rank: int, workers: int, cut: int) -> None:
         rank = any_rank % world
-        straight = keys(take_batches(train_stream(location, tiny_model, rank, world, workers), workers, cut + 6))
+        straight = keys(take_batches(train_stream(location, tiny_model, rank, world, workers), workers,
+                                     cut + 6))
         resumed = train_stream(location, tiny_model, rank, world, workers)
         resumed.load_state_dict({**resumed.state_dict(), "update": cut})
         assert keys(take_batches(resumed, workers, 6)) == straight[cut:]
@@ -248,7 +255,8 @@ def test_grid_shapes_from_real_shards_with_empty_rows_and_exact_resume(shard_dir
         assert not batch.input_values[len(batch):].any() and batch.target_lengths[len(batch):] == (0,) * (
             rows - len(batch))
     shapes = {tuple(b.input_values.shape) for b in batches}
-    free = {tuple(b.input_values.shape) for b in take_batches(train_stream(location, tiny_model, workers=workers),
+    free = {tuple(b.input_values.shape) for b in take_batches(train_stream(location, tiny_model,
+                                                                           workers=workers),
                                                                workers, 24)}
     assert len(shapes) <= 12 < len(free), (len(shapes), len(free))
     assert any(len(b) < b.input_values.shape[0] for b in batches)  # the test meets empty rows

@@ -23,13 +23,15 @@ def test_an_unreachable_hub_stops_the_run_in_seconds_with_one_line(shard_dirs: d
     env = {"HF_HOME": str(home), "HF_ENDPOINT": f"http://127.0.0.1:{free_port()}", "HF_HUB_OFFLINE": "0"}
     start = time.monotonic()
     proc = run_single(["--config", "configs/debug.yaml", *overrides(
-        shard_dirs, tiny_model, tmp_path / "run", **{"model.name_or_path": "facebook/wav2vec2-base"})], env=env)
+        shard_dirs, tiny_model, tmp_path / "run", **{"model.name_or_path": "facebook/wav2vec2-base"})],
+                      env=env)
     elapsed = time.monotonic() - start
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert elapsed < 30, elapsed
     assert "Traceback" not in proc.stderr and "Retrying" not in proc.stderr, proc.stderr[-3000:]
     [line] = [line for line in proc.stderr.splitlines() if "facebook/wav2vec2-base" in line]
-    assert line.startswith("train: model facebook/wav2vec2-base: the hub (http://127.0.0.1:") and "unreachable" in line
+    assert (line.startswith("train: model facebook/wav2vec2-base: the hub (http://127.0.0.1:")
+            and "unreachable" in line)
     assert f"HF_HOME={home}" in line and "HF_HUB_OFFLINE=1" in line and "fetch-model" in line
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
@@ -46,8 +48,9 @@ def test_an_unreachable_hub_stops_the_run_in_seconds_with_one_line(shard_dirs: d
     assert "name_or_path: w2v-dist-test/tiny" in (out / "config.yaml").read_text()
     assert "\r" not in proc.stderr, "a progress bar in a log file"
     steps = [line for line in proc.stderr.splitlines() if re.search(r"\] step \d+: loss", line)]
-    assert [re.search(r"step (\d+):", line).group(1) for line in steps] == ["2", "4"], steps  # type: ignore[union-attr]
+    assert ([re.search(r"step (\d+):", line).group(1)  # type: ignore[union-attr]
+             for line in steps] == ["2", "4"]), steps
     for line in steps:
-        assert re.match(r"\[\d\d:\d\d:\d\d rank0 w2v_dist\.progress\] step \d: loss \d+\.\d{4}, lr \S+, grad norm "
-                        r"\d\S*, \d+ audio-s/s, ETA \d+:\d\d:\d\d$", line), line
+        assert re.match(r"\[\d\d:\d\d:\d\d rank0 w2v_dist\.progress\] step \d: loss \d+\.\d{4}, lr \S+, "
+                        r"grad norm \d\S*, \d+ audio-s/s, ETA \d+:\d\d:\d\d$", line), line
     assert "w2v_dist.progress] scoring dev-clean: " in proc.stderr  # the final evaluation's progress

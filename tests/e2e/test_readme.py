@@ -26,9 +26,9 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
 SUBSETS = ("train-clean-100", "dev-clean", "dev-other", "test-clean")
-SIZES = ["data.max_batch_seconds=8", "trainer.update_seconds=8", "data.num_workers=1", "data.min_seconds=0.2",
-         "model.mask_feature_length=8", "trainer.max_steps=2", "trainer.eval_every=2", "trainer.save_every=2",
-         "trainer.log_every=1"]
+SIZES = ["data.max_batch_seconds=8", "trainer.update_seconds=8", "data.num_workers=1",
+         "data.min_seconds=0.2", "model.mask_feature_length=8", "trainer.max_steps=2",
+         "trainer.eval_every=2", "trainer.save_every=2", "trainer.log_every=1"]
 
 
 def readme_block() -> list[str]:
@@ -62,7 +62,8 @@ def mirror(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def readme_run(mirror: Path, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+def readme_run(mirror: Path, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path,
+                                                                                                  Path]:
     """Runs the block in a fresh directory laid out like the checkout; returns (that directory, the data
     root)."""
     work = tmp_path_factory.mktemp("readme")
@@ -81,8 +82,8 @@ def readme_run(mirror: Path, tiny_model: Path, tmp_path_factory: pytest.TempPath
     env |= {"PATH": "/usr/local/bin:/usr/bin:/bin", "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
             "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "LIBRISPEECH_MIRROR": mirror.as_uri(),
             "LIBRISPEECH_CHECKSUMS": str(mirror / "md5sum.txt")}
-    proc = subprocess.run(["bash", "-c", "\n".join(script)], cwd=work, env=env, capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run(["bash", "-c", "\n".join(script)], cwd=work, env=env, capture_output=True,
+                          text=True, timeout=600)
     if os.environ.get("W2V_README_TRACE"):
         Path(os.environ["W2V_README_TRACE"]).write_text(proc.stderr)
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n--- stderr ---\n{proc.stderr[-6000:]}"
@@ -113,8 +114,9 @@ def test_the_model_cards_example_runs_as_written(readme_run: tuple[Path, Path]) 
     assert code, "the model card has no python example"
     flac = next((data / "LibriSpeech" / "test-clean").rglob("*.flac"))
     example = code.group(1).replace("path/to/this/directory", str(export)).replace("audio.flac", str(flac))
-    env = {k: v for k, v in os.environ.items() if k != "PATH"} | {"PATH": "/nonexistent", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([str(REPO / ".venv" / "bin" / "python"), "-c", example], env=env, capture_output=True,
-                          text=True, timeout=300)
+    env = {k: v for k, v in os.environ.items() if k != "PATH"} | {"PATH": "/nonexistent",
+                                                                  "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([str(REPO / ".venv" / "bin" / "python"), "-c", example], env=env,
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines(), "the example printed no transcription"

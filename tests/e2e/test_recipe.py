@@ -30,7 +30,8 @@ def recipe_args(shard_dirs: dict, model: Path, out: Path, max_steps: int) -> lis
             # Sizes for 2 CPU cores, a 2-minute corpus and a model of hidden size 64:
             "data.max_batch_seconds=8", "trainer.update_seconds=16", "data.num_workers=1",
             "model.mask_feature_length=8", "data.min_seconds=0.2", f"trainer.max_steps={max_steps}",
-            "trainer.eval_every=6", "trainer.save_every=6", "trainer.log_every=1", "logging.progress_bar=false"]
+            "trainer.eval_every=6", "trainer.save_every=6", "trainer.log_every=1",
+            "logging.progress_bar=false"]
 
 
 def test_the_base_recipe_trains_on_two_ranks_evaluates_saves_and_resumes_on_one(
@@ -49,11 +50,13 @@ def test_the_base_recipe_trains_on_two_ranks_evaluates_saves_and_resumes_on_one(
     losses = [r["loss"] for r in records if "loss" in r]
     assert [r["step"] for r in records if "loss" in r] == list(range(1, 13))
     assert all(math.isfinite(loss) for loss in losses) and not any(r.get("skipped") for r in records)
-    assert all(1 <= r["epoch_batch_shapes"] <= r["batch_shapes"] for r in records if "loss" in r)  # grid shapes
+    # grid shapes
+    assert all(1 <= r["epoch_batch_shapes"] <= r["batch_shapes"] for r in records if "loss" in r)
     evals = [r for r in records if "dev/dev-clean/wer" in r]
     assert [r["step"] for r in evals] == [6, 12] and all("dev/dev-other/wer" in r for r in evals)
     assert (out / "checkpoints" / "latest").read_text() == "step_00000012"
-    initial, final = load_file(tiny_model / "model.safetensors"), load_file(out / "final" / "model.safetensors")
+    initial, final = (load_file(tiny_model / "model.safetensors"),
+                      load_file(out / "final" / "model.safetensors"))
     assert any(not torch.equal(final[k], initial[k]) for k in final if k in initial)
 
     resumed = run_single(recipe_args(shard_dirs, tiny_model, out, 14), env={"DS_ACCELERATOR": "cpu"})

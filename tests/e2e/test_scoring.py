@@ -38,7 +38,8 @@ def mixed_dev_set(corpus: Path, out: Path) -> Path:
     sf.write(out / "short.flac", audio[0][:int(SHORT_SECONDS * 16_000)], 16_000)
     sf.write(out / "long.flac", np.concatenate(audio), 16_000)
     lines += [{"path": str(out / "short.flac"), "text": "A", "key": "mixed-short"},
-              {"path": str(out / "long.flac"), "text": " ".join(str(s.text) for s in sources[:3]), "key": "mixed-long"}]
+              {"path": str(out / "long.flac"), "text": " ".join(str(s.text) for s in sources[:3]),
+               "key": "mixed-long"}]
     manifest = out / "dev.jsonl"
     manifest.write_text("".join(json.dumps(line) + "\n" for line in lines))
     shards = out / "mixed" / "dev-clean"  # the demo config's dev set name: this replaces it
@@ -60,16 +61,17 @@ def test_training_dev_wer_is_the_wer_evaluate_reports(large_style: bool, corpus:
     # At the usual 1e-3 the layer-norm model falls silent (blank everywhere) within 4 updates, and a model
     # that transcribes nothing would hide any padding difference: a smaller step keeps it talking.
     check(run_deepspeed(["--config", "configs/demo.yaml", *overrides(
-        shard_dirs, model, out, **{"data.dev_shards": f"{{dev-clean: {dev}}}", "data.max_seconds": max_seconds,
-                                   "trainer.max_steps": steps, "trainer.eval_every": 0, "trainer.save_every": steps,
+        shard_dirs, model, out, **{"data.dev_shards": f"{{dev-clean: {dev}}}",
+                                   "data.max_seconds": max_seconds, "trainer.max_steps": steps,
+                                   "trainer.eval_every": 0, "trainer.save_every": steps,
                                    **({"optim.lr": 1e-5} if large_style else {})})]))
     logged = [r for r in metrics(out) if "dev/dev-clean/wer" in r][-1]
     assert logged["step"] == steps
     assert logged["dev/dev-clean/utterances"] == indexed and logged["dev/dev-clean/unscored"] == 0
 
     rows_file = tmp_path / "evaluate.jsonl"
-    proc = subprocess.run([str(BIN / "w2v-dist"), "evaluate", "--model", str(out / "final"), "--shards", str(dev),
-                           "--out", str(rows_file)], capture_output=True, text=True, timeout=600,
+    proc = subprocess.run([str(BIN / "w2v-dist"), "evaluate", "--model", str(out / "final"), "--shards",
+                           str(dev), "--out", str(rows_file)], capture_output=True, text=True, timeout=600,
                           env=dict(os.environ, OMP_NUM_THREADS="2"))
     check(proc)
     reported = json.loads(proc.stdout)["sets"]["dev-clean"]
@@ -88,7 +90,8 @@ def test_training_dev_wer_is_the_wer_evaluate_reports(large_style: bool, corpus:
     card = (out / "final" / "README.md").read_text()  # the model card carries the same figure
     metadata = yaml.safe_load(card.split("---\n")[1])
     result = metadata["model-index"][0]["results"][0]
-    assert result["dataset"] == {"name": "LibriSpeech (dev-clean)", "type": "librispeech_asr", "config": "clean",
-                                 "split": "validation"}
-    assert result["metrics"][0] == {"type": "wer", "name": "WER (%)", "value": round(100 * reported["wer"], 2)}
+    assert result["dataset"] == {"name": "LibriSpeech (dev-clean)", "type": "librispeech_asr",
+                                 "config": "clean", "split": "validation"}
+    assert (result["metrics"][0] == {"type": "wer", "name": "WER (%)",
+                                     "value": round(100 * reported["wer"], 2)})
     assert f"for {steps} updates" in card and f"max_steps: {steps}" in card

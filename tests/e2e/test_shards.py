@@ -20,12 +20,14 @@ from w2v_dist.prep.sources import librispeech_sources
 
 def read_back(out: Path) -> dict[str, tuple[dict, bytes]]:
     urls = [str(out / s["name"]) for s in json.loads((out / "index.json").read_text())["shards"]]
-    return {s["__key__"]: (json.loads(s["json"]), s["flac"]) for s in wds.WebDataset(urls, shardshuffle=False)}
+    return {s["__key__"]: (json.loads(s["json"]), s["flac"])
+            for s in wds.WebDataset(urls, shardshuffle=False)}
 
 
 def test_round_trip_every_key_text_and_sample(corpus: Path, tmp_path: Path) -> None:
     sources = librispeech_sources(corpus, ["train-clean-100"])
-    index = shard_corpus(sources, tmp_path / "out", ShardOptions(shard_size_mb=0.2, workers=2), {"subsets": ["x"]})
+    index = shard_corpus(sources, tmp_path / "out", ShardOptions(shard_size_mb=0.2, workers=2),
+                         {"subsets": ["x"]})
     samples = read_back(tmp_path / "out")
     assert index["totals"]["written"] == len(sources) == len(samples) and index["totals"]["shards"] > 1
     for src in sources:
@@ -33,8 +35,8 @@ def test_round_trip_every_key_text_and_sample(corpus: Path, tmp_path: Path) -> N
         assert flac == src.audio.read_bytes()  # 16 kHz mono FLAC is copied, not re-encoded
         assert meta["text"] == src.text and meta["source"] == src.source
         assert meta["speaker"] == src.key.split("-")[0] and meta["sample_rate"] == 16_000
-    names = subprocess.run(["tar", "-tf", str(tmp_path / "out" / index["shards"][0]["name"])], capture_output=True,
-                           text=True, check=True).stdout.split()
+    names = subprocess.run(["tar", "-tf", str(tmp_path / "out" / index["shards"][0]["name"])],
+                           capture_output=True, text=True, check=True).stdout.split()
     assert names[0].endswith(".flac") and names[1].endswith(".json")
     for shard in index["shards"]:
         assert hashlib.sha256((tmp_path / "out" / shard["name"]).read_bytes()).hexdigest() == shard["sha256"]
@@ -46,7 +48,8 @@ def test_round_trip_every_key_text_and_sample(corpus: Path, tmp_path: Path) -> N
 def test_same_inputs_give_byte_identical_output(corpus: Path, tmp_path: Path) -> None:
     sources = librispeech_sources(corpus, ["dev-clean"])
     for run in ("a", "b"):
-        shard_corpus(sources, tmp_path / run, ShardOptions(shard_size_mb=0.05, workers=2), {"subsets": ["dev"]})
+        shard_corpus(sources, tmp_path / run, ShardOptions(shard_size_mb=0.05, workers=2),
+                     {"subsets": ["dev"]})
     files = sorted(p.name for p in (tmp_path / "a").iterdir())
     assert files == sorted(p.name for p in (tmp_path / "b").iterdir()) and "index.json" in files
     for name in files:
@@ -66,8 +69,10 @@ def bad_corpus(corpus: Path, tmp_path: Path) -> Path:
     (chapter / "900-9000-0002.flac").write_bytes(b"not a flac at all" * 10)  # corrupt
     (chapter / "900-9000-0004.flac").write_bytes(good)  # no transcript line
     sf.write(chapter / "900-9000-0005.flac", rng.normal(0, 0.1, 300).astype("float32"), 16_000)  # too short
-    sf.write(chapter / "900-9000-0006.flac", rng.normal(0, 0.1, 4_000).astype("float32"), 16_000)  # CTC infeasible
-    sf.write(chapter / "900-9000-0007.flac", rng.normal(0, 0.1, (44_100, 2)).astype("float32"), 44_100)  # stereo
+    # CTC infeasible
+    sf.write(chapter / "900-9000-0006.flac", rng.normal(0, 0.1, 4_000).astype("float32"), 16_000)
+    # stereo
+    sf.write(chapter / "900-9000-0007.flac", rng.normal(0, 0.1, (44_100, 2)).astype("float32"), 44_100)
     for key in ("0008", "0009"):
         (chapter / f"900-9000-{key}.flac").write_bytes(good)
     lines = ["900-9000-0001 TRUNCATED FILE", "900-9000-0002 CORRUPT FILE", "900-9000-0003 AUDIO IS MISSING",
@@ -78,7 +83,8 @@ def bad_corpus(corpus: Path, tmp_path: Path) -> Path:
 
 
 @pytest.mark.parametrize("check_audio", ["full", "tail"])
-def test_bad_inputs_are_rejected_with_reasons_and_counted(bad_corpus: Path, tmp_path: Path, check_audio: str) -> None:
+def test_bad_inputs_are_rejected_with_reasons_and_counted(bad_corpus: Path, tmp_path: Path,
+                                                          check_audio: str) -> None:
     sources = librispeech_sources(bad_corpus, ["dev-clean"])
     index = shard_corpus(sources, tmp_path / "out", ShardOptions(workers=2, check_audio=check_audio),
                          {"subsets": ["dev-clean"]})
@@ -113,8 +119,9 @@ def test_existing_shards_are_refused_without_overwrite(corpus: Path, tmp_path: P
 
 
 def test_cli_shard_dry_run_writes_nothing(corpus: Path, tmp_path: Path) -> None:
-    proc = subprocess.run([sys.executable, "-m", "w2v_dist", "shard", "--librispeech", str(corpus), "--subset",
-                           "dev-clean", "--out", str(tmp_path / "out"), "--dry-run", "--workers", "1"],
+    proc = subprocess.run([sys.executable, "-m", "w2v_dist", "shard", "--librispeech", str(corpus),
+                           "--subset", "dev-clean", "--out", str(tmp_path / "out"), "--dry-run", "--workers",
+                           "1"],
                           capture_output=True, text=True, check=True)
     assert "12 inputs = 12 written + 0 rejected; would write" in proc.stdout
     assert not (tmp_path / "out").exists()
@@ -133,11 +140,12 @@ def test_cli_shard_fails_when_nothing_is_accepted_and_names_the_commonest_reason
     args = ["shard", "--manifest", str(tmp_path / "m.tsv"), "--out", str(tmp_path / "out"), "--workers", "1"]
     assert main(args) == 1
     error = capsys.readouterr().err
-    assert error.startswith("shard: nothing written: all 3 inputs were rejected; the commonest reason (3 of 3): "
-                            "characters outside the vocabulary: '01' (e.g. a); --digits keep accepts digits"), error
+    assert error.startswith("shard: nothing written: all 3 inputs were rejected; the commonest reason (3 of "
+                            "3): characters outside the vocabulary: '01' (e.g. a); --digits keep accepts "
+                            "digits"), error
     assert "--alphabet any accepts the letters of every script" in error
-    assert not (tmp_path / "out" / "index.json").exists() and len((tmp_path / "out" / "rejects.jsonl").read_text()
-                                                                   .splitlines()) == 3
+    assert not (tmp_path / "out" / "index.json").exists() and len(
+        (tmp_path / "out" / "rejects.jsonl").read_text().splitlines()) == 3
     assert main([*args, "--digits", "keep", "--alphabet", "any"]) == 0  # the options named accept them all
     assert "3 inputs = 3 written + 0 rejected" in capsys.readouterr().out
 
@@ -152,12 +160,15 @@ def test_manifest_route_shards_any_corpus(corpus: Path, tmp_path: Path, kind: st
         manifest.write_text("path\ttranscript\tspeaker\n" + "".join(
             f"{s.audio}\t{s.text.lower()}\tspk{s.speaker}\n" for s in sources))
     else:
-        manifest.write_text("".join(json.dumps({"path": str(s.audio), "text": s.text, "key": f"utt-{i:03d}"}) + "\n"
+        manifest.write_text("".join(json.dumps({"path": str(s.audio), "text": s.text,
+                                                "key": f"utt-{i:03d}"}) + "\n"
                                     for i, s in enumerate(sources)))
-    index = shard_corpus(manifest_sources(manifest), tmp_path / "out", ShardOptions(workers=1), {"manifest": "m"})
+    index = shard_corpus(manifest_sources(manifest), tmp_path / "out", ShardOptions(workers=1),
+                         {"manifest": "m"})
     samples = read_back(tmp_path / "out")
     assert index["totals"]["written"] == len(sources) == len(samples)
-    expected_keys = {s.key for s in sources} if kind == "tsv" else {f"utt-{i:03d}" for i in range(len(sources))}
+    expected_keys = {s.key for s in sources} if kind == "tsv" else {f"utt-{i:03d}"
+                                                                    for i in range(len(sources))}
     assert set(samples) == expected_keys
     assert {m["text"] for m, _ in samples.values()} == {s.text for s in sources}  # normalised upper-case
 
@@ -166,6 +177,7 @@ def test_manifest_with_duplicate_keys_is_refused(tmp_path: Path) -> None:
     from w2v_dist.prep.sources import manifest_sources
 
     manifest = tmp_path / "m.jsonl"
-    manifest.write_text('{"path": "a.flac", "text": "A", "key": "k"}\n{"path": "b.flac", "text": "B", "key": "k"}\n')
+    manifest.write_text('{"path": "a.flac", "text": "A", "key": "k"}\n{"path": "b.flac", "text": "B", '
+                        '"key": "k"}\n')
     with pytest.raises(ValueError, match="duplicate keys"):
         manifest_sources(manifest)

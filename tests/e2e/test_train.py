@@ -23,20 +23,24 @@ def test_two_rank_deepspeed_run_exports_a_loadable_model(shard_dirs: dict, tiny_
     monkeypatch.setenv("WANDB_API_KEY", "sekret-0123456789abcdef")
     shm_before = set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"))
     proc = run_deepspeed(["--config", "configs/demo.yaml", *overrides(
-        shard_dirs, tiny_model, out, **{"logging.wandb.mode": "offline", "logging.wandb.log_checkpoints": True})])
+        shard_dirs, tiny_model, out,
+        **{"logging.wandb.mode": "offline", "logging.wandb.log_checkpoints": True})])
     check(proc)
     leaked = set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")) - shm_before
     assert not leaked, f"DeepSpeed's CPU all-reduce buffers were left in /dev/shm: {leaked}"
     records = metrics(out)
     losses = [r["loss"] for r in records if "loss" in r]
     assert len(losses) == 6 and all(math.isfinite(x) for x in losses)
-    assert all(r["tflops_per_second"] > 0 and "mfu" not in r for r in records if "loss" in r)  # no peak on CPU
+    # no peak on CPU
+    assert all(r["tflops_per_second"] > 0 and "mfu" not in r for r in records if "loss" in r)
     evals = [r for r in records if "dev/dev-clean/wer" in r]
     assert [r["step"] for r in evals] == [3, 6] and evals[-1]["dev/dev-clean/utterances"] == 12
-    assert (out / "config.yaml").is_file() and (out / "checkpoints" / "latest").read_text() == "step_00000006"
+    assert ((out / "config.yaml").is_file()
+            and (out / "checkpoints" / "latest").read_text() == "step_00000006")
     assert (out / "final" / "model.safetensors").is_file()
     # A quiet console: expected library noise is gone, the load is summarised once, by rank 0.
-    for noise in ("LOAD REPORT", "No CUDA runtime", "untested optimizer", "built successfully", "Loading weights"):
+    for noise in ("LOAD REPORT", "No CUDA runtime", "untested optimizer", "built successfully",
+                  "Loading weights"):
         assert noise not in proc.stdout + proc.stderr, noise
     assert proc.stderr.count("w2v_dist.model] loaded ") == 1 and "rank1 w2v_dist" not in proc.stderr
 
@@ -63,7 +67,8 @@ def test_two_rank_deepspeed_run_exports_a_loadable_model(shard_dirs: dict, tiny_
         assert {Path(ref).name for ref in art["refs"]} >= {"world.json", "rng_rank0.pt", "rng_rank1.pt"}
         assert art["metadata"]["dev_wer"] == evals[art["metadata"]["step"] // 3 - 1]["dev/dev-clean/wer"]
     models = [a for a in artifacts if a["type"] == "model"]
-    assert "best" in models[0]["aliases"] and models[0]["metadata"]["step"] == 3  # wandb adds "latest" itself
+    # wandb adds "latest" itself
+    assert "best" in models[0]["aliases"] and models[0]["metadata"]["step"] == 3
     assert "final" in models[-1]["aliases"] and models[-1]["metadata"] == {
         "step": 6, "dev_wer": evals[-1]["dev/dev-clean/wer"], "path": str(out / "final")}
     assert f"{(out / 'final').resolve().as_uri()}/model.safetensors" in models[-1]["refs"]
@@ -74,7 +79,8 @@ def test_nan_and_inf_on_one_rank_skip_the_update_on_all_ranks(shard_dirs: dict, 
     out = tmp_path / "run"
     proc = run_deepspeed(["--config", "configs/demo.yaml", *overrides(
         shard_dirs, tiny_model, out, **{"trainer.inject.nan_loss_at_steps": "[3]", "data.max_seconds": 1.6,
-                                        "trainer.inject.inf_grad_at_steps": "[4]", "trainer.inject.rank": 1})])
+                                        "trainer.inject.inf_grad_at_steps": "[4]",
+                                        "trainer.inject.rank": 1})])
     check(proc)
     # The save due at step 3 waits for an applied update: step 5 (keep_last 2).
     assert "step 3: checkpoint not saved: the last 1 update(s) were skipped" in proc.stderr
@@ -108,23 +114,26 @@ def test_consecutive_bad_updates_stop_the_run_with_a_clear_message(shard_dirs: d
 def test_resume_continues_to_identical_weights(shard_dirs: dict, tiny_model: Path, tmp_path: Path) -> None:
     """Debug mode (one process, no launcher): 8 steps straight == 4 steps, stop, rerun the same command."""
     # schedule.steps: the interrupted run's first launch stops at 4 on the 8-step schedule.
-    common = {"data.num_workers": 0, "trainer.eval_every": 0, "trainer.save_every": 0, "model.hidden_dropout": 0.1,
-              "schedule.steps": 8}
+    common = {"data.num_workers": 0, "trainer.eval_every": 0, "trainer.save_every": 0,
+              "model.hidden_dropout": 0.1, "schedule.steps": 8}
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
-    check(run_single(["--config", "configs/debug.yaml", *overrides(shard_dirs, tiny_model, straight, **common,
-                                                                   **{"trainer.max_steps": 8})]))
+    check(run_single(["--config", "configs/debug.yaml", *overrides(shard_dirs, tiny_model, straight,
+                                                                   **common, **{"trainer.max_steps": 8})]))
     wandb = {"logging.wandb.mode": "offline"}
-    check(run_single(["--config", "configs/debug.yaml", *overrides(shard_dirs, tiny_model, interrupted, **common,
-                                                                   **wandb, **{"trainer.max_steps": 4})]))
+    check(run_single(["--config", "configs/debug.yaml", *overrides(shard_dirs, tiny_model, interrupted,
+                                                                   **common, **wandb,
+                                                                   **{"trainer.max_steps": 4})]))
     resumed = run_single(["--config", "configs/debug.yaml", *overrides(shard_dirs, tiny_model, interrupted,
-                                                                       **common, **wandb, **{"trainer.max_steps": 8})])
+                                                                       **common, **wandb,
+                                                                       **{"trainer.max_steps": 8})])
     check(resumed)
     assert "resumed from" in resumed.stderr
     # One wandb run across the restart: both launches wrote to the run whose id output_dir keeps.
     run_id = (interrupted / "wandb_run_id").read_text()
     launches = sorted((interrupted / "wandb").glob("offline-run-*"))
     assert len(launches) == 2 and all(p.name.endswith(f"-{run_id}") for p in launches), launches
-    a, b = load_file(straight / "final" / "model.safetensors"), load_file(interrupted / "final" / "model.safetensors")
+    a, b = (load_file(straight / "final" / "model.safetensors"),
+            load_file(interrupted / "final" / "model.safetensors"))
     assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(a[name], b[name]), name
@@ -137,8 +146,8 @@ def test_tiny_model_overfits_a_few_utterances(shard_dirs: dict, tiny_model: Path
     out = tmp_path / "run"
     proc = run_single(["--config", "configs/debug.yaml", *overrides(
         shard_dirs, tiny_model, out, **{"data.max_train_samples": 4, "data.num_workers": 0, "optim.lr": 3e-3,
-                                        "trainer.max_steps": 120, "trainer.eval_every": 0, "trainer.save_every": 0,
-                                        "model.freeze_feature_encoder": True})])
+                                        "trainer.max_steps": 120, "trainer.eval_every": 0,
+                                        "trainer.save_every": 0, "model.freeze_feature_encoder": True})])
     check(proc)
     losses = [r["loss"] for r in metrics(out) if "loss" in r]
     assert losses[-1] < 0.5 * losses[0], losses[::10]
@@ -151,7 +160,8 @@ def test_torchrun_launch_with_two_cpu_ranks(shard_dirs: dict, tiny_model: Path, 
     from tests.support.launch import REPO
 
     proc = subprocess.run(["launch/local.sh", "torchrun", "2", "configs/demo.yaml",
-                           *overrides(shard_dirs, tiny_model, out, **{"trainer.max_steps": 3, "trainer.eval_every": 3,
+                           *overrides(shard_dirs, tiny_model, out, **{"trainer.max_steps": 3,
+                                                                      "trainer.eval_every": 3,
                                                                       "trainer.save_every": 0})],
                           cwd=REPO, capture_output=True, text=True, timeout=600,
                           env={**__import__("os").environ, "WANDB_MODE": "disabled"})
@@ -178,9 +188,11 @@ def test_two_ranks_on_every_zero_stage_equal_one_rank_accumulating_the_same_batc
                             program=("--module", "tests.e2e.equivalence_worker")))
     skipped = {name: json.loads((tmp_path / f"{name}.skipped.json").read_text()) for name in runs}
     assert all(s == skipped["one"] for s in skipped.values()), skipped
-    assert any(skipped["one"]) and not all(skipped["one"]), f"no update with and one without a skip: {skipped}"
+    assert (any(skipped["one"])
+            and not all(skipped["one"])), f"no update with and one without a skip: {skipped}"
     syncs = {name: json.loads((tmp_path / f"{name}.syncs.json").read_text()) for name in runs}
-    assert all(sum(counted.values()) <= 1 for counted in syncs.values()), f"host syncs outside the optimizer: {syncs}"
+    assert (all(sum(counted.values()) <= 1
+                for counted in syncs.values())), f"host syncs outside the optimizer: {syncs}"
     norms = {name: json.loads((tmp_path / f"{name}.grad_norms.json").read_text()) for name in runs}
     assert all(isinstance(n, float) and math.isfinite(n) and n > 0.5 for n in norms["zero0"]), norms
     for name in runs:
@@ -202,12 +214,13 @@ def test_rollback_returns_to_the_last_checkpoint_then_gives_up(shard_dirs: dict,
     out = tmp_path / "run"
     proc = run_single(["--config", "configs/debug.yaml", *overrides(
         shard_dirs, tiny_model, out, **{"trainer.inject.nan_loss_at_steps": "[5,6]", "trainer.max_steps": 10,
-                                        "trainer.max_consecutive_bad_steps": 2, "trainer.on_divergence": "rollback",
-                                        "trainer.max_rollbacks": 1, "trainer.save_every": 1, "trainer.eval_every": 0,
+                                        "trainer.max_consecutive_bad_steps": 2,
+                                        "trainer.on_divergence": "rollback", "trainer.max_rollbacks": 1,
+                                        "trainer.save_every": 1, "trainer.eval_every": 0,
                                         "data.num_workers": 0})])
     assert proc.returncode != 0
-    assert "step 5: checkpoint not saved: the last 1 update(s) were skipped; latest still names step_00000004" \
-        in proc.stderr
+    assert ("step 5: checkpoint not saved: the last 1 update(s) were skipped; latest still names "
+            "step_00000004" in proc.stderr)
     assert "rolled back from step 6 to the checkpoint at step 4 (rollback 1 of 1)" in proc.stderr
     assert "2 consecutive updates had non-finite" in proc.stderr
     assert [r["rollback_from"] for r in metrics(out) if "rollback_from" in r] == [6]
@@ -222,17 +235,18 @@ def test_a_diverged_run_commits_no_checkpoint_and_exports_nothing(shard_dirs: di
     out = tmp_path / "run"
     proc = run_single(["--config", "configs/debug.yaml", *overrides(
         shard_dirs, tiny_model, out, **{"optim.lr": 1000, "model.freeze_feature_encoder": False,
-                                        "trainer.max_steps": 4, "trainer.save_every": 1, "trainer.eval_every": 0,
-                                        "data.num_workers": 0})])
+                                        "trainer.max_steps": 4, "trainer.save_every": 1,
+                                        "trainer.eval_every": 0, "data.num_workers": 0})])
     assert proc.returncode != 0
     train = [r for r in metrics(out) if "loss" in r]
     assert [r["step"] for r in train] == [1, 2, 3, 4] and math.isfinite(train[0]["loss"])
     assert all(r["loss"] is None and r["skipped_cause"] for r in train[1:]), train  # not 0.0
     assert (out / "checkpoints" / "latest").read_text() == "step_00000001"
     assert sorted(p.name for p in (out / "checkpoints").glob("step_*")) == ["step_00000001"]
-    assert "step 2: checkpoint not saved: the last 1 update(s) were skipped; latest still names step_00000001" \
-        in proc.stderr
-    assert "of its logits on a probe batch (a second of silence and one of noise) are NaN or Inf" in proc.stderr
+    assert ("step 2: checkpoint not saved: the last 1 update(s) were skipped; latest still names "
+            "step_00000001" in proc.stderr)
+    assert ("of its logits on a probe batch (a second of silence and one of noise) are NaN or Inf"
+            in proc.stderr)
     assert f"{out / 'final'} was not exported" in proc.stderr
     assert not (out / "final").exists() and not (out / "best").exists()
     assert metrics(out)[-1]["final"]["exported"] is False
@@ -248,7 +262,8 @@ def test_resume_with_another_model_is_refused_before_anything_is_written(shard_d
     common = {"trainer.eval_every": 0, "trainer.save_every": 2, "data.num_workers": 0, "schedule.steps": 4}
     check(run_single(["--config", "configs/debug.yaml", *overrides(shard_dirs, tiny_model, out, **common,
                                                                    **{"trainer.max_steps": 2})]))
-    before = {name: (out / name).read_bytes() for name in ("config.yaml", "metrics.jsonl", "checkpoints/latest")}
+    before = {name: (out / name).read_bytes()
+              for name in ("config.yaml", "metrics.jsonl", "checkpoints/latest")}
     proc = run_single(["--config", "configs/debug.yaml", *overrides(shard_dirs, other, out, **common,
                                                                     **{"trainer.max_steps": 4})])
     assert proc.returncode != 0
@@ -261,8 +276,9 @@ def test_resume_with_another_model_is_refused_before_anything_is_written(shard_d
 def test_best_export_and_checkpoint_scores(shard_dirs: dict, tiny_model: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     check(run_single(["--config", "configs/debug.yaml", *overrides(
-        shard_dirs, tiny_model, out, **{"trainer.max_steps": 6, "trainer.eval_every": 2, "trainer.save_every": 2,
-                                        "checkpoint.keep_last": 1, "checkpoint.keep_best": 1, "data.num_workers": 0})]))
+        shard_dirs, tiny_model, out, **{"trainer.max_steps": 6, "trainer.eval_every": 2,
+                                        "trainer.save_every": 2, "checkpoint.keep_last": 1,
+                                        "checkpoint.keep_best": 1, "data.num_workers": 0})]))
     scores = json.loads((out / "checkpoints" / "scores.json").read_text())
     assert sorted(scores) == ["step_00000002", "step_00000004", "step_00000006"]
     best = min(scores, key=lambda t: (scores[t], t))
@@ -272,20 +288,23 @@ def test_best_export_and_checkpoint_scores(shard_dirs: dict, tiny_model: Path, t
 
 
 @pytest.mark.parametrize("stage", [2, 3])
-def test_bf16_zero_export_keeps_fp32_weights(shard_dirs: dict, tiny_model: Path, tmp_path: Path, stage: int) -> None:
+def test_bf16_zero_export_keeps_fp32_weights(shard_dirs: dict, tiny_model: Path, tmp_path: Path,
+                                             stage: int) -> None:
     """bf16 training keeps 16-bit module copies; the export must carry the fp32 master and the untouched
     frozen encoder, not bf16-rounded weights."""
     out = tmp_path / "run"
     check(run_deepspeed(["--config", "configs/demo.yaml", *overrides(
         shard_dirs, tiny_model, out, **{"deepspeed.precision": "bf16", "deepspeed.zero_stage": stage,
-                                        "trainer.max_steps": 3, "trainer.eval_every": 3, "trainer.save_every": 3,
-                                        "model.freeze_feature_encoder": True})]))
-    initial, final = load_file(tiny_model / "model.safetensors"), load_file(out / "final" / "model.safetensors")
+                                        "trainer.max_steps": 3, "trainer.eval_every": 3,
+                                        "trainer.save_every": 3, "model.freeze_feature_encoder": True})]))
+    initial, final = (load_file(tiny_model / "model.safetensors"),
+                      load_file(out / "final" / "model.safetensors"))
     frozen = [k for k in initial if k.startswith("wav2vec2.feature_extractor.")]
     assert frozen and all(torch.equal(initial[k], final[k]) for k in frozen)
     head = final["lm_head.weight"]
     assert not torch.equal(head, initial["lm_head.weight"]), "the head should have trained"
-    assert not torch.equal(head, head.bfloat16().float()), "exported head is bf16-rounded, not the fp32 master"
+    assert (not torch.equal(head,
+                            head.bfloat16().float())), "exported head is bf16-rounded, not the fp32 master"
     from transformers import Wav2Vec2ForCTC
 
     assert Wav2Vec2ForCTC.from_pretrained(out / "final").dtype == torch.float32
@@ -300,7 +319,8 @@ def test_sigkill_of_one_rank_fails_fast_and_relaunch_resumes(shard_dirs: dict, t
 
     out = tmp_path / "run"
     args = overrides(shard_dirs, tiny_model, out, **{"trainer.max_steps": 60, "trainer.save_every": 5,
-                                                    "trainer.eval_every": 0, "trainer.collective_timeout_minutes": 1})
+                                                    "trainer.eval_every": 0,
+                                                     "trainer.collective_timeout_minutes": 1})
     job = Job(Local(), ["--config", "configs/demo.yaml", *args], tmp_path / "logs")
     job.wait_for((out / "checkpoints" / "latest").exists, "the first checkpoint", timeout=300)
     time.sleep(1.0)
@@ -310,7 +330,8 @@ def test_sigkill_of_one_rank_fails_fast_and_relaunch_resumes(shard_dirs: dict, t
     output = job.output()
     assert codes != [0]
     assert time.time() - killed_at < 120, "the surviving rank must not hang"
-    assert "exits with return code = -9" in output or "Another rank has most likely died" in output, output[-3000:]
+    assert ("exits with return code = -9" in output
+            or "Another rank has most likely died" in output), output[-3000:]
     saved = (out / "checkpoints" / "latest").read_text()
     relaunch = run_deepspeed(["--config", "configs/demo.yaml", *args])
     check(relaunch)
@@ -318,8 +339,8 @@ def test_sigkill_of_one_rank_fails_fast_and_relaunch_resumes(shard_dirs: dict, t
     assert [r for r in metrics(out) if "final" in r][-1]["final"]["step"] == 60
 
 
-def test_two_ranks_two_workers_over_three_uneven_shards_finish(corpus: Path, tiny_model: Path, shard_dirs: dict,
-                                                               tmp_path: Path) -> None:
+def test_two_ranks_two_workers_over_three_uneven_shards_finish(corpus: Path, tiny_model: Path,
+                                                               shard_dirs: dict, tmp_path: Path) -> None:
     """4 data slots over 3 shards of different sizes: naive shard splitting would leave a slot empty and
     hang."""
     from w2v_dist.prep.shards import ShardOptions, shard_corpus
@@ -327,7 +348,8 @@ def test_two_ranks_two_workers_over_three_uneven_shards_finish(corpus: Path, tin
 
     sources = librispeech_sources(corpus, ["train-clean-100"])
     total_mb = sum(s.audio.stat().st_size for s in sources) / 1e6
-    index = shard_corpus(sources, tmp_path / "three", ShardOptions(shard_size_mb=total_mb * 0.45, workers=2), {})
+    index = shard_corpus(sources, tmp_path / "three", ShardOptions(shard_size_mb=total_mb * 0.45, workers=2),
+                         {})
     assert index["totals"]["shards"] == 3
     assert len({s["samples"] for s in index["shards"]}) > 1
     out = tmp_path / "run"
@@ -345,7 +367,8 @@ def test_freeze_finetune_updates_trains_only_the_head_at_first(shard_dirs: dict,
     check(run_single(["--config", "configs/debug.yaml", *overrides(
         shard_dirs, tiny_model, out, **{"model.freeze_finetune_updates": 3, "trainer.max_steps": 3,
                                         "trainer.eval_every": 0, "data.num_workers": 0})]))
-    initial, final = load_file(tiny_model / "model.safetensors"), load_file(out / "final" / "model.safetensors")
+    initial, final = (load_file(tiny_model / "model.safetensors"),
+                      load_file(out / "final" / "model.safetensors"))
     encoder = [k for k in initial if k.startswith("wav2vec2.encoder.")]
     assert encoder and all(torch.equal(initial[k], final[k]) for k in encoder)
     assert not torch.equal(initial["lm_head.weight"], final["lm_head.weight"])
@@ -357,9 +380,11 @@ def test_mixed_precision_without_a_visible_gpu_is_a_clear_startup_error(shard_di
 
     env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}
     proc = run_single(["--config", "configs/debug.yaml",
-                       *overrides(shard_dirs, tiny_model, tmp_path / "run", **{"deepspeed.precision": "bf16"})],
+                       *overrides(shard_dirs, tiny_model, tmp_path / "run",
+                                  **{"deepspeed.precision": "bf16"})],
                       env={"CUDA_VISIBLE_DEVICES": ""}, base_env=env)
-    assert proc.returncode != 0 and "but no GPU is visible" in proc.stderr and "DS_ACCELERATOR=cpu" in proc.stderr
+    assert (proc.returncode != 0 and "but no GPU is visible" in proc.stderr
+            and "DS_ACCELERATOR=cpu" in proc.stderr)
 
 
 def test_speed_perturbation_trains(shard_dirs: dict, tiny_model: Path, tmp_path: Path) -> None:
@@ -377,15 +402,18 @@ def test_a_mix_of_two_shard_sets_trains_counts_each_and_resumes_exactly(shard_di
     resume)."""
     train, second = str(shard_dirs["train-clean-100"]), str(shard_dirs["dev-clean"])
     # schedule.steps: the interrupted run's launches stop before the 6-step schedule ends.
-    common = {"schedule.steps": 6, "data.train_shards": "''", "data.train_mix": f"{{{train}: 0.25, {second}: 1.0}}",
-              "data.num_workers": 0, "trainer.eval_every": 0, "trainer.save_every": 0}
+    common = {"schedule.steps": 6, "data.train_shards": "''",
+              "data.train_mix": f"{{{train}: 0.25, {second}: 1.0}}", "data.num_workers": 0,
+              "trainer.eval_every": 0, "trainer.save_every": 0}
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
-    check(run_single(["--config", "configs/debug.yaml", *overrides(shard_dirs, tiny_model, straight, **common,
-                                                                   **{"trainer.max_steps": 6})]))
+    check(run_single(["--config", "configs/debug.yaml", *overrides(shard_dirs, tiny_model, straight,
+                                                                   **common, **{"trainer.max_steps": 6})]))
     for steps in (3, 6):
         check(run_single(["--config", "configs/debug.yaml", *overrides(shard_dirs, tiny_model, interrupted,
-                                                                       **common, **{"trainer.max_steps": steps})]))
-    a, b = load_file(straight / "final" / "model.safetensors"), load_file(interrupted / "final" / "model.safetensors")
+                                                                       **common,
+                                                                       **{"trainer.max_steps": steps})]))
+    a, b = (load_file(straight / "final" / "model.safetensors"),
+            load_file(interrupted / "final" / "model.safetensors"))
     for name in a:
         assert torch.equal(a[name], b[name]), name
     records = [r for r in metrics(straight) if "loss" in r]

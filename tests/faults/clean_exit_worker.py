@@ -41,7 +41,8 @@ def fail_in_a_collective(output_dir: str) -> None:
 
     def build_run(cfg: Any, local_rank: int | None) -> Any:
         world, _ = start_process(cfg.trainer.collective_timeout_minutes, local_rank)
-        return SimpleNamespace(world=world, checkpointer=Checkpointer(Path(cfg.output_dir), world, keep_last=1))
+        return SimpleNamespace(world=world,
+                               checkpointer=Checkpointer(Path(cfg.output_dir), world, keep_last=1))
 
     class Trainer:
         def __init__(self, cfg: Any, run: Any, stop_signal: Any) -> None:

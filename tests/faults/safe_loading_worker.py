@@ -1,5 +1,6 @@
-"""One of two gloo ranks resuming a checkpoint written by another world size, with a stand-in engine: prints how
-its resume ended (``resumed`` or the exception's class and message). Arguments: rank, port, output_dir."""
+"""One of two gloo ranks resuming a checkpoint written by another world size, with a stand-in engine: prints
+how its resume ended (``resumed`` or the exception's class and message). Arguments: rank, port,
+output_dir."""
 
 from __future__ import annotations
 
@@ -21,8 +22,8 @@ class StandInEngine:
 
 if __name__ == "__main__":
     rank, port, output_dir = int(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
-    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
-                                         timeout=datetime.timedelta(seconds=60))
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                         world_size=2, timeout=datetime.timedelta(seconds=60))
     checkpointer = Checkpointer(output_dir, dist.World(rank, rank, 2), keep_last=2)
     try:
         checkpointer.resume(StandInEngine(), "step_00000002")  # type: ignore[arg-type]

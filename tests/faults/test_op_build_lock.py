@@ -24,7 +24,8 @@ def test_a_run_killed_during_the_op_build_does_not_hang_the_next_one(shard_dirs:
     env = launch_env(TORCH_EXTENSIONS_DIR=str(extensions), OMP_NUM_THREADS="2")
     args = [sys.executable, str(REPO / "train.py"), "--config", "configs/debug.yaml",
             *overrides(shard_dirs, tiny_model, tmp_path / "run", **{
-                "trainer.max_steps": 1, "trainer.eval_every": 0, "trainer.save_every": 0, "data.num_workers": 0})]
+                "trainer.max_steps": 1, "trainer.eval_every": 0, "trainer.save_every": 0,
+                "data.num_workers": 0})]
     first = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                              start_new_session=True)
     deadline = time.monotonic() + 300

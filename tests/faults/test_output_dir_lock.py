@@ -59,8 +59,8 @@ def test_a_second_run_on_a_busy_output_dir_refuses_naming_the_holder_and_writes_
             first.wait()
     assert second.returncode == 1, second.stderr[-4000:]
     refusal = second.stderr.strip().splitlines()[-1]
-    assert refusal.startswith(f"train: output_dir {out} is in use by another run: host {socket.gethostname()}, "
-                              f"pid {first.pid}, no SLURM job, launch "), refusal
+    assert refusal.startswith(f"train: output_dir {out} is in use by another run: host "
+                              f"{socket.gethostname()}, pid {first.pid}, no SLURM job, launch "), refusal
     assert "last renewed" in refusal and str(out / LEASE_FILE) in refusal, refusal
     assert "Traceback" not in second.stderr, second.stderr[-4000:]
     assert [r["step"] for r in metrics(out) if "loss" in r] == list(range(1, STEPS + 1))  # one timeline

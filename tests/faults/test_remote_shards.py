@@ -20,13 +20,14 @@ FAST = RetryPolicy(attempts=3, backoff_seconds=0.05)
 
 def epoch(location: str, model: Path, retry: RetryPolicy, shard_command: str = "") -> tuple[list[str], int]:
     """Every key of one pass over the set (one rank, one worker) and the retries the batches reported."""
-    stream = EvalStream(load_shard_set(location, shard_command), POLICY, preprocess(model), rank=0, world_size=1,
-                        retry=retry)
+    stream = EvalStream(load_shard_set(location, shard_command), POLICY, preprocess(model), rank=0,
+                        world_size=1, retry=retry)
     batches = list(make_loader(stream, 1, 2))
     return [k for b in batches for k in b.keys], sum(b.skips.get("shard_retries", 0) for b in batches)
 
 
-def test_dropped_connections_are_retried_and_every_utterance_arrives_once(shard_dirs: dict, tiny_model: Path) -> None:
+def test_dropped_connections_are_retried_and_every_utterance_arrives_once(shard_dirs: dict,
+                                                                          tiny_model: Path) -> None:
     directory = shard_dirs["train-clean-100"]
     expected, retries = epoch(str(directory), tiny_model, FAST)
     assert retries == 0
@@ -41,11 +42,12 @@ def test_a_shard_that_keeps_failing_stops_the_run_naming_it(shard_dirs: dict, ti
     directory = shard_dirs["train-clean-100"]
     with http_server(directory, drops=100) as url:
         credentialed = url.replace("http://", "http://reader:pw-0123456789@")
-        stream = TrainStream(load_shard_set(credentialed), POLICY, preprocess(tiny_model), rank=0, world_size=1,
-                             layout=StreamLayout(1, 1, 1), retry=FAST)
+        stream = TrainStream(load_shard_set(credentialed), POLICY, preprocess(tiny_model), rank=0,
+                             world_size=1, layout=StreamLayout(1, 1, 1), retry=FAST)
         start = time.monotonic()
-        with pytest.raises(RemoteShardError, match=r"shard http://\*\*\*@127\.0\.0\.1:\d+/shard-00000\d\.tar "
-                                                   r"failed 3 times") as failure:
+        with pytest.raises(RemoteShardError,
+                           match=r"shard http://\*\*\*@127\.0\.0\.1:\d+/shard-00000\d\.tar "
+                                 r"failed 3 times") as failure:
             list(itertools.islice(iter(make_loader(stream, 0, 2)), 20))
     assert time.monotonic() - start < 30
     assert "pw-0123456789" not in str(failure.value)
@@ -59,7 +61,8 @@ def test_a_failing_pipe_command_is_retried(shard_dirs: dict, tiny_model: Path, t
                       'if [ ! -e "$mark" ]; then touch "$mark"; head -c 20000 "$1"; exit 3; fi\ncat "$1"\n')
     script.chmod(0o755)
     expected, _ = epoch(str(directory), tiny_model, FAST)
-    got, retries = epoch(str(directory), tiny_model, FAST, shard_command=f"pipe:{script} {directory}/{{shard}}")
+    got, retries = epoch(str(directory), tiny_model, FAST,
+                         shard_command=f"pipe:{script} {directory}/{{shard}}")
     assert sorted(got) == sorted(expected) and retries == len(load_shard_set(str(directory)).urls)
 
 
@@ -82,12 +85,14 @@ def test_secrets_never_reach_what_the_run_writes(shard_dirs: dict, tiny_model: P
         host = url.removeprefix("http://")
         command = (f"'pipe:curl -sSf -H \"Authorization: Bearer {secrets['header']}\" "
                    f"http://reader:{secrets['url']}@{host}/{{shard}}'")
-        args = overrides(shard_dirs, tiny_model, out, **{"data.train_shards": f"http://reader:${{oc.env:W2V_TEST_TOKEN}}@{host}",
+        args = overrides(shard_dirs, tiny_model, out,
+                         **{"data.train_shards": f"http://reader:${{oc.env:W2V_TEST_TOKEN}}@{host}",
                                             "data.shard_command": command,
                                             "data.remote_backoff_seconds": 0.05, "trainer.eval_every": 0,
                                             "trainer.max_steps": 4, "trainer.save_every": 2,
                                             "logging.wandb.mode": "offline"})
-        proc = run_single(["--config", str(config), *[a for a in args if not a.startswith("data.dev_shards")]],
+        proc = run_single(["--config", str(config),
+                           *[a for a in args if not a.startswith("data.dev_shards")]],
                           env={"W2V_TEST_TOKEN": secrets["W2V_TEST_TOKEN"]})
     check(proc)
     assert any((out / "wandb").glob("offline-run-*")) and any((out / "checkpoints").glob("step_*/*.pt"))

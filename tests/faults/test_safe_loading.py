@@ -1,6 +1,7 @@
-"""Resume and export load DeepSpeed checkpoints without unpickling code (weights_only + an allowlist), on every
-path: the same world size (DeepSpeed's loader through safe_load), another world size (every file checked before
-DeepSpeed's unrestricted universal converter; a universal/ found on disk deleted, never loaded) and export."""
+"""Resume and export load DeepSpeed checkpoints without unpickling code (weights_only + an allowlist), on
+every path: the same world size (DeepSpeed's loader through safe_load), another world size (every file
+checked before DeepSpeed's unrestricted universal converter; a universal/ found on disk deleted, never
+loaded) and export."""
 
 from __future__ import annotations
 
@@ -23,7 +24,12 @@ from tests.support.launch import REPO, free_port, launch_env, run_deepspeed, run
 from tests.support.runs import check, overrides
 from w2v_dist import dist
 from w2v_dist.checkpoint.commit import Checkpointer
-from w2v_dist.checkpoint.files import UnsafeCheckpointError, check_checkpoint_files, convert_to_universal, safe_load
+from w2v_dist.checkpoint.files import (
+    UnsafeCheckpointError,
+    check_checkpoint_files,
+    convert_to_universal,
+    safe_load,
+)
 from w2v_dist.checkpoint.resume import rng_state
 
 TAG = "step_00000002"
@@ -54,12 +60,15 @@ def test_tensors_and_deepspeed_classes_load(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("zipfile", [True, False])
-def test_a_checkpoint_carrying_other_pickled_objects_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+def test_a_checkpoint_carrying_other_pickled_objects_is_refused(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch,
                                                                 zipfile: bool) -> None:
     monkeypatch.chdir(tmp_path)
     path = tmp_path / MODEL
-    torch.save({"module": {"w": torch.ones(1)}, "extra": Payload()}, path, _use_new_zipfile_serialization=zipfile)
-    with pytest.raises(UnsafeCheckpointError, match=r"refusing to load .*mp_rank_00_model_states.pt.*posix.system"):
+    torch.save({"module": {"w": torch.ones(1)}, "extra": Payload()}, path,
+               _use_new_zipfile_serialization=zipfile)
+    with pytest.raises(UnsafeCheckpointError,
+                       match=r"refusing to load .*mp_rank_00_model_states.pt.*posix.system"):
         safe_load(path)
     with pytest.raises(UnsafeCheckpointError, match="posix.system"):
         check_checkpoint_files(tmp_path.glob("*.pt"))
@@ -69,7 +78,8 @@ def test_a_checkpoint_carrying_other_pickled_objects_is_refused(tmp_path: Path, 
 
 
 def write_tag(output_dir: Path, world_size: int) -> Path:
-    """A complete tag as ``world_size`` ZeRO ranks write one (DeepSpeed's file names, tensors only, our records)."""
+    """A complete tag as ``world_size`` ZeRO ranks write one (DeepSpeed's file names, tensors only, our
+    records)."""
     directory = output_dir / "checkpoints" / TAG
     directory.mkdir(parents=True)
     (directory / "world.json").write_text(json.dumps({"world_size": world_size, "step": 2}))
@@ -77,7 +87,8 @@ def write_tag(output_dir: Path, world_size: int) -> Path:
     for rank in range(world_size):
         torch.save({"optimizer_state_dict": {"w": torch.zeros(1)}}, directory / OPTIM.format(rank=rank))
         torch.save(rng_state(), directory / f"rng_rank{rank}.pt")
-        files = [f"rng_rank{rank}.pt", OPTIM.format(rank=rank), *([MODEL, "world.json"] if rank == 0 else [])]
+        files = [f"rng_rank{rank}.pt", OPTIM.format(rank=rank),
+                 *([MODEL, "world.json"] if rank == 0 else [])]
         (directory / f"commit_rank{rank}.json").write_text(json.dumps(
             {"rank": rank, "step": 2, "files": {name: (directory / name).stat().st_size for name in files}}))
     (output_dir / "checkpoints" / "latest").write_text(TAG)
@@ -102,9 +113,10 @@ def fake_converter(command: list[str], **_: Any) -> subprocess.CompletedProcess[
 
 @pytest.mark.parametrize("name", [OPTIM.format(rank=1), MODEL, "rng_rank1.pt",
                                   f"nested/{OPTIM.format(rank=0)}", "mp_rank_01_model_states.bak"])
-def test_every_file_the_converter_could_open_is_checked_before_it_runs(name: str, tmp_path: Path,
-                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    """ds_to_universal walks the tag's sub-directories and picks files by name prefix, whatever their suffix."""
+def test_every_file_the_converter_could_open_is_checked_before_it_runs(
+        name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ds_to_universal walks the tag's sub-directories and picks files by name prefix, whatever their
+    suffix."""
     directory = write_tag(tmp_path, world_size=2)
     plant(directory / name, tmp_path / "PWNED")
     monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("the converter ran"))
@@ -114,18 +126,20 @@ def test_every_file_the_converter_could_open_is_checked_before_it_runs(name: str
     assert not (tmp_path / "PWNED").exists()
 
 
-def test_a_file_that_is_no_checkpoint_is_refused_before_the_converter_runs(tmp_path: Path,
-                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_file_that_is_no_checkpoint_is_refused_before_the_converter_runs(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     directory = write_tag(tmp_path, world_size=2)
     (directory / "mp_rank_01_model_states.txt").write_text("step\n")
     monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("the converter ran"))
-    with pytest.raises(UnsafeCheckpointError, match=r"mp_rank_01_model_states.txt: it is not a checkpoint file"):
+    with pytest.raises(UnsafeCheckpointError,
+                       match=r"mp_rank_01_model_states.txt: it is not a checkpoint file"):
         convert_to_universal(directory, directory / "universal", {"world.json", "commit_rank0.json",
                                                                   "commit_rank1.json"})
 
 
 class UniversalLoader:
-    """Loads a universal tag the way DeepSpeed's universal loader does: every ``.pt``, ``weights_only=False``."""
+    """Loads a universal tag the way DeepSpeed's universal loader does: every ``.pt``,
+    ``weights_only=False``."""
 
     def __init__(self) -> None:
         self.loaded: list[str] = []
@@ -144,14 +158,16 @@ def test_a_universal_dir_found_on_disk_is_rebuilt_never_loaded(tmp_path: Path,
     shutil.copytree(directory, tmp_path / "clean")
     plant(directory / "universal" / "zero" / "optimizer_state.pt", tmp_path / "PWNED")
     plant(directory / "universal" / "zero" / "w" / "exp_avg.pt", tmp_path / "PWNED")
-    (directory / "latest_universal").write_text("universal")  # left by an older conversion: not a checkpoint file
+    # left by an older conversion: not a checkpoint file
+    (directory / "latest_universal").write_text("universal")
     monkeypatch.setattr(subprocess, "run", fake_converter)
     engine = UniversalLoader()
     saved = Checkpointer(tmp_path, dist.World(0, 0, 1), keep_last=2).resume(engine)  # type: ignore[arg-type]
     assert saved is not None and saved.run == {"step": 2}
     assert not (tmp_path / "PWNED").exists()
     assert engine.loaded == [MODEL, "zero/optimizer_state.pt", "zero/w/fp32.pt"]  # what the conversion wrote
-    assert sorted(p.name for p in directory.iterdir()) == sorted([*(p.name for p in (tmp_path / "clean").iterdir()),
+    assert sorted(p.name for p in directory.iterdir()) == sorted([*(p.name
+                                                                    for p in (tmp_path / "clean").iterdir()),
                                                                   "universal"])
 
 
@@ -176,8 +192,8 @@ def test_a_refusal_on_rank_0_reaches_the_other_ranks(tmp_path: Path) -> None:
         assert "posix.system" in stdout and OPTIM.format(rank=0) in stdout, stdout
 
 
-RUN = {"trainer.update_seconds": 16.0, "deepspeed.zero_stage": 2, "trainer.max_steps": 2, "trainer.save_every": 2,
-       "trainer.eval_every": 0}
+RUN = {"trainer.update_seconds": 16.0, "deepspeed.zero_stage": 2, "trainer.max_steps": 2,
+       "trainer.save_every": 2, "trainer.eval_every": 0}
 """2 data streams of 8 s (2 ranks, or 1 rank with grad_accum 2); the resume on 1 rank trains no further."""
 
 
@@ -204,7 +220,8 @@ def test_a_payload_planted_in_a_two_rank_checkpoint_never_runs_on_one_rank(
     state = torch.load(directory / name, weights_only=False)
     state["extra"] = Payload(tmp_path / "PWNED")
     torch.save(state, directory / name, _use_new_zipfile_serialization=zipfile.is_zipfile(directory / name))
-    manifest = json.loads((directory / "commit_rank1.json").read_text())  # the checkpoint still counts as complete
+    # the checkpoint still counts as complete
+    manifest = json.loads((directory / "commit_rank1.json").read_text())
     manifest["files"][name] = (directory / name).stat().st_size
     if "crc32" in manifest:
         manifest["crc32"][name] = zlib.crc32((directory / name).read_bytes())
@@ -230,6 +247,6 @@ def test_a_universal_dir_planted_in_a_two_rank_checkpoint_never_runs_on_one_rank
     proc = resume_on_one_rank(shard_dirs, tiny_model, out)
     assert not (tmp_path / "PWNED").exists()
     check(proc)
-    assert "converting" in proc.stderr and f"resumed from {directory} at step 2 (written by 2 ranks, now 1)" in \
-        proc.stderr
+    assert "converting" in proc.stderr and (f"resumed from {directory} at step 2 (written by 2 ranks, now 1)"
+                                            in proc.stderr)
     safe_load(directory / "universal" / "zero" / "optimizer_state.pt")  # rebuilt by the conversion

@@ -1,8 +1,8 @@
 """``sbatch --nodes=2 launch/slurm/train.sbatch`` on a two-node SLURM cluster: one slurmd in each
 network-namespace node, slurmctld on the first, munge shared. Training with 2 ranks per node, and SIGUSR1
-preemption of the 2-node job → checkpoint → requeue → resume to the weights of an uninterrupted run is one
-launcher's case of the preemption scenario (tests/faults/test_fault_matrix.py); here, a job requeued onto one
-node of the two."""
+preemption of the 2-node job → checkpoint → requeue → resume to the weights of an uninterrupted run is
+one launcher's case of the preemption scenario (tests/faults/test_fault_matrix.py); here, a job requeued onto
+one node of the two."""
 
 from __future__ import annotations
 

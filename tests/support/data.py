@@ -28,7 +28,8 @@ SR = 16_000
 
 
 def make_shards(sizes: list[int], seed: int = 0) -> list[list[Utterance]]:
-    """Shards of made-up utterances (no audio): ``sizes[s]`` in shard ``s``, 1 to 20 s long, 5 to 50 tokens."""
+    """Shards of made-up utterances (no audio): ``sizes[s]`` in shard ``s``, 1 to 20 s long, 5 to 50
+    tokens."""
     rng = random.Random(seed)
     return [[Utterance(s, p, f"s{s}-{p}", int(rng.uniform(1, 20) * SR), rng.randint(5, 50))
              for p in range(n)] for s, n in enumerate(sizes)]

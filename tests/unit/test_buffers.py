@@ -65,7 +65,8 @@ def test_normalisation_on_the_device_matches_the_feature_extractor() -> None:
     values = np.zeros((3, 16_000), dtype=np.float32)
     for row, wave in enumerate(waves):
         values[row, :len(wave)] = wave
-    batch = collator.assemble(values, [len(w) for w in waves], [[1], [2], [3]], ["a", "b", "c"], ["", "", ""])
+    batch = collator.assemble(values, [len(w) for w in waves], [[1], [2], [3]], ["a", "b", "c"],
+                              ["", "", ""])
     normalised = batch.model_inputs("cpu")["input_values"]
     mask = np.zeros((3, 16_000), dtype=np.int32)
     for row, wave in enumerate(waves):
@@ -91,7 +92,8 @@ def _record_mask(worker_id: int) -> None:
 
 
 def test_workers_are_forked_with_the_stop_signals_blocked() -> None:
-    """Between fork and the worker's own set-up, a SIGTERM sent to every process of the job must not kill it."""
+    """Between fork and the worker's own set-up, a SIGTERM sent to every process of the job must not kill
+    it."""
     from w2v_dist.preemption import STOP_SIGNALS, start_workers
 
     loader = DataLoader(_MaskAtStart(), batch_size=None, num_workers=1, multiprocessing_context="fork",

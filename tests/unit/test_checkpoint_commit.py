@@ -95,7 +95,8 @@ CRASHES: dict[str, Callable[[str], Any]] = {"while-writing": crash_while_writing
 
 
 @pytest.mark.parametrize("moment", CRASHES)
-def test_a_crash_while_latest_is_written_leaves_it_naming_the_previous_tag(tmp_path: Path, moment: str) -> None:
+def test_a_crash_while_latest_is_written_leaves_it_naming_the_previous_tag(tmp_path: Path,
+                                                                           moment: str) -> None:
     ckpt = Checkpointer(tmp_path, World(0, 0, 1), keep_last=2)
     ckpt.save(FakeEngine(), at_step(10))
     with CRASHES[moment]("latest"), pytest.raises(Crash):
@@ -127,7 +128,8 @@ def test_a_crash_while_world_json_is_written_leaves_none_half_written(tmp_path: 
     assert ckpt.missing("step_00000020") == [WORLD_FILE] and ckpt.resumable_tag() == "step_00000010"
 
 
-LIES: dict[str, tuple[int | None, int]] = {"names-a-missing-file": (None, 32), "records-another-size": (32, 48)}
+LIES: dict[str, tuple[int | None, int]] = {"names-a-missing-file": (None, 32),
+                                           "records-another-size": (32, 48)}
 """Rank 1's model file: (bytes on disk, or absent; bytes its manifest records)."""
 
 
@@ -159,7 +161,8 @@ def test_latest_does_not_move_past_a_manifest_that_lies(tmp_path: Path, monkeypa
     ckpt.save(FakeEngine(), at_step(10), score=0.5)
     assert ckpt.latest_tag() == "step_00000010" and not ckpt.missing("step_00000010")
     play_rank_one(monkeypatch, ckpt, LIES[lie])
-    with pytest.raises(IncompleteCheckpointError, match=r"step_00000020 is incomplete .*rng_rank1\.pt \(rank 1"):
+    with pytest.raises(IncompleteCheckpointError,
+                       match=r"step_00000020 is incomplete .*rng_rank1\.pt \(rank 1"):
         ckpt.save(FakeEngine(), at_step(20), score=0.1)
     assert ckpt.latest_tag() == "step_00000010" and ckpt.resumable_tag() == "step_00000010"
     assert ckpt.scores() == {"step_00000010": 0.5} and ckpt.tags() == ["step_00000010", "step_00000020"]

@@ -61,15 +61,16 @@ def test_every_file_is_flushed_and_checksummed_before_latest_moves(tmp_path: Pat
     ckpt = saved(tmp_path, 10)
     directory = ckpt.root / "step_00000010"
     manifest = json.loads((directory / MANIFEST.format(rank=0)).read_text())
-    assert sorted(manifest["crc32"]) == sorted(manifest["files"]) == sorted([MODEL_FILE, "rng_rank0.pt", WORLD_FILE])
+    assert (sorted(manifest["crc32"]) == sorted(manifest["files"]) == sorted([MODEL_FILE, "rng_rank0.pt",
+                                                                              WORLD_FILE]))
     moved = events.index(f"replace {ckpt.root / 'latest'}")
     for name, crc in manifest["crc32"].items():
         assert crc == zlib.crc32((directory / name).read_bytes()), name
         assert f"fsync {directory / name}" in events[:moved], f"{name} was not flushed before latest moved"
 
 
-def test_a_file_damaged_at_the_same_size_falls_back_to_the_previous_tag(tmp_path: Path,
-                                                                         caplog: pytest.LogCaptureFixture) -> None:
+def test_a_file_damaged_at_the_same_size_falls_back_to_the_previous_tag(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     ckpt = saved(tmp_path, 10, 20)
     model_file = ckpt.root / "step_00000020" / MODEL_FILE
     with open(model_file, "r+b") as handle:  # 8 KB zeroed inside the file: bit rot, the size unchanged
@@ -77,15 +78,16 @@ def test_a_file_damaged_at_the_same_size_falls_back_to_the_previous_tag(tmp_path
         handle.write(bytes(8 * 1024))
     assert ckpt.missing("step_00000020") == [], "sizes alone cannot see it"
     assert ckpt.resume_tag() == "step_00000010"
-    assert f"step_00000020 (named by latest) is incomplete or damaged: {MODEL_FILE} (rank 0: damaged" in caplog.text
+    assert (f"step_00000020 (named by latest) is incomplete or damaged: {MODEL_FILE} (rank 0: damaged"
+            in caplog.text)
 
 
 def test_latest_over_an_empty_checkpoints_dir_stops_instead_of_starting_again(tmp_path: Path) -> None:
     ckpt = saved(tmp_path, 10, 20)
     for tag in ckpt.tags():
         shutil.rmtree(ckpt.root / tag)
-    with pytest.raises(ResumeError, match=r"latest names step_00000020, but it is incomplete or damaged \(no such "
-                                          r"directory\) and no other complete checkpoint is left"):
+    with pytest.raises(ResumeError, match=r"latest names step_00000020, but it is incomplete or damaged "
+                                          r"\(no such directory\) and no other complete checkpoint is left"):
         ckpt.resume_tag()
     assert saved(tmp_path / "fresh").resume_tag() is None, "a new output_dir starts afresh"
 
@@ -114,11 +116,13 @@ def test_model_identity_tells_models_apart_by_name_architecture_and_vocabulary(t
 
     def identity(name: str, **init: Any) -> dict[str, str]:
         path = init_model(tmp_path / name, "tiny", **init)
-        return model_identity(path, AutoModelForCTC.from_pretrained(path), Wav2Vec2Processor.from_pretrained(path))
+        return model_identity(path, AutoModelForCTC.from_pretrained(path),
+                              Wav2Vec2Processor.from_pretrained(path))
 
     base = identity("base")
     assert identity_mismatch(base, identity("base")) == []
-    assert identity_mismatch(base, identity("reseeded", seed=1)) == ["name_or_path"]  # same shapes, other weights
+    # same shapes, other weights
+    assert identity_mismatch(base, identity("reseeded", seed=1)) == ["name_or_path"]
     assert identity_mismatch(base, identity("large", large_style=True)) == ["name_or_path", "architecture"]
     vocab = librispeech_vocab()
     other = processor_from_vocab({**{k: v for k, v in vocab.items() if k != "Q"}, "É": vocab["Q"]})

@@ -70,5 +70,6 @@ def test_step_flops_leave_out_dropped_layers_and_uncounted_families() -> None:
     config = Wav2Vec2Config()
     full = batch_flops(config, [32_000, 48_000])
     assert step_flops(config, [32_000, 48_000], True, 0.0) == pytest.approx(full.total)
-    assert step_flops(config, [32_000, 48_000], True, 0.1) == pytest.approx(full.total - 0.1 * full.transformer)
+    assert (step_flops(config, [32_000, 48_000], True,
+                       0.1) == pytest.approx(full.total - 0.1 * full.transformer))
     assert step_flops(AutoConfig.for_model("wav2vec2-conformer"), [32_000], True, 0.0) is None

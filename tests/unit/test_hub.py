@@ -39,7 +39,8 @@ def test_offline_a_cached_model_is_its_snapshot(tmp_path: Path, model_files: Pat
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     snapshot = hub_cache(tmp_path / "home", REPO_ID, model_files)
     assert fetch(REPO_ID, tmp_path / "home" / "hub") == snapshot
-    with pytest.raises(ModelUnavailable, match=r"w2v-dist-test/other is not in the hub cache .*HF_HUB_OFFLINE=1"):
+    with pytest.raises(ModelUnavailable,
+                       match=r"w2v-dist-test/other is not in the hub cache .*HF_HUB_OFFLINE=1"):
         fetch("w2v-dist-test/other", tmp_path / "home" / "hub")
 
 
@@ -77,7 +78,8 @@ def test_fetch_model_prints_the_snapshot_and_what_nodes_need(tmp_path: Path, mod
 
 def test_hub_ids_and_local_paths(tmp_path: Path) -> None:
     assert is_hub_id("facebook/wav2vec2-base") and is_hub_id("wav2vec2-base")
-    assert not is_hub_id(str(tmp_path)) and not is_hub_id("work/demo/model-init") and not is_hub_id("./model")
+    assert (not is_hub_id(str(tmp_path)) and not is_hub_id("work/demo/model-init")
+            and not is_hub_id("./model"))
 
 
 def test_a_hub_that_accepts_but_never_answers_is_one_line_within_seconds(
@@ -106,7 +108,8 @@ def test_a_hub_that_accepts_but_never_answers_is_one_line_within_seconds(
         worker.start()
         worker.join(15)
         assert not worker.is_alive(), "fetch still waits for a hub that never answers"
-    assert time.monotonic() - start < 5 and len(raised) == 1 and isinstance(raised[0], ModelUnavailable), raised
+    assert (time.monotonic() - start < 5 and len(raised) == 1
+            and isinstance(raised[0], ModelUnavailable)), raised
     assert "ReadTimeout" in str(raised[0]) and "\n" not in str(raised[0])
 
 
@@ -160,5 +163,6 @@ def test_a_model_the_hub_does_not_have_is_one_line(tmp_path: Path, monkeypatch: 
     finally:
         server.shutdown()
     message = str(caught.value)
-    assert message.startswith("model runs/final is no local directory, and the hub says: ") and "\n" not in message
+    assert (message.startswith("model runs/final is no local directory, and the hub says: ")
+            and "\n" not in message)
     assert "HF_TOKEN" in message

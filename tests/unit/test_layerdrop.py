@@ -18,7 +18,8 @@ from w2v_dist.trainer import seed_randomness
 def layers_run(model: torch.nn.Module, inputs: torch.Tensor) -> list[int]:
     ran: list[int] = []
     encoder = getattr(model, model.base_model_prefix).encoder
-    handles = [layer.register_forward_hook(lambda *_, i=i: ran.append(i)) for i, layer in enumerate(encoder.layers)]
+    handles = [layer.register_forward_hook(lambda *_, i=i: ran.append(i))
+               for i, layer in enumerate(encoder.layers)]
     model(input_values=inputs)
     for handle in handles:
         handle.remove()

@@ -1,4 +1,5 @@
-"""README's package table is the package: every module listed once, no module missing, none that does not exist."""
+"""README's package table is the package: every module listed once, no module missing, none that does not
+exist."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ REPO = Path(__file__).resolve().parents[2]
 def test_readme_layout_table_lists_exactly_the_packages_modules() -> None:
     readme = (REPO / "README.md").read_text()
     listed = re.findall(r"^\| `(w2v_dist/[\w/]+\.py)` \|", readme, flags=re.MULTILINE)
-    modules = sorted(str(p.relative_to(REPO)) for p in (REPO / "w2v_dist").rglob("*.py") if p.name != "__init__.py")
+    modules = sorted(str(p.relative_to(REPO)) for p in (REPO / "w2v_dist").rglob("*.py")
+                     if p.name != "__init__.py")
     assert len(listed) == len(set(listed)), "a module is listed twice"
     assert sorted(listed) == modules, {"missing": sorted(set(modules) - set(listed)),
                                        "not a module": sorted(set(listed) - set(modules))}
@@ -19,7 +21,8 @@ def test_readme_layout_table_lists_exactly_the_packages_modules() -> None:
 
 def test_only_the_engine_the_process_start_and_the_checkpoint_files_import_deepspeed() -> None:
     importers = sorted(str(p.relative_to(REPO)) for p in (REPO / "w2v_dist").rglob("*.py")
-                       if re.search(r"^\s*(import deepspeed|from deepspeed)", p.read_text(), flags=re.MULTILINE))
+                       if re.search(r"^\s*(import deepspeed|from deepspeed)", p.read_text(),
+                                    flags=re.MULTILINE))
     assert importers == ["w2v_dist/checkpoint/files.py", "w2v_dist/engine.py", "w2v_dist/process.py"]
 
 
@@ -32,7 +35,8 @@ def test_no_private_name_is_imported_across_modules() -> None:
 
 
 def package_imports() -> dict[str, set[str]]:
-    """Each module of w2v_dist and the modules of w2v_dist it imports, at module level or inside a function."""
+    """Each module of w2v_dist and the modules of w2v_dist it imports, at module level or inside a
+    function."""
     import ast
 
     modules = {".".join(p.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__"): p
@@ -76,7 +80,8 @@ def test_the_tests_are_a_package_whose_helpers_live_in_tests_support() -> None:
     subprocesses beside their tests); no file edits ``sys.path`` and no test module imports another."""
     tests = REPO / "tests"
     files = [p for p in tests.rglob("*.py") if "__pycache__" not in p.parts]
-    assert sorted({str(p.parent.relative_to(REPO)) for p in files if not (p.parent / "__init__.py").is_file()}) \
+    assert sorted({str(p.parent.relative_to(REPO)) for p in files
+                   if not (p.parent / "__init__.py").is_file()}) \
         == []
     loose = [str(p.relative_to(REPO)) for p in files if p.parent.name != "support"
              and not p.name.startswith("test_") and not p.name.endswith("_worker.py")

@@ -1,4 +1,5 @@
-"""The lease on output_dir (w2v_dist/lock.py): take, renew, release, stale, takeover, and what other ranks do."""
+"""The lease on output_dir (w2v_dist/lock.py): take, renew, release, stale, takeover, and what other ranks
+do."""
 
 from __future__ import annotations
 
@@ -31,8 +32,10 @@ def launch(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def held_by(directory: Path, **changes: object) -> Holder:
-    """Write a lease held by this very process (alive, on this host) under another launch, with ``changes``."""
-    holder = replace(Holder.this_process(), launch="node9/127.0.0.1:29500", **changes)  # type: ignore[arg-type]
+    """Write a lease held by this very process (alive, on this host) under another launch, with
+    ``changes``."""
+    holder = replace(Holder.this_process(), launch="node9/127.0.0.1:29500",
+                     **changes)  # type: ignore[arg-type]
     directory.mkdir(parents=True, exist_ok=True)
     (directory / LEASE_FILE).write_text(json.dumps(asdict(holder)))
     return holder
@@ -46,7 +49,8 @@ def gone_pid() -> tuple[int, float]:
     return proc.pid, started
 
 
-def test_take_writes_who_holds_it_and_release_removes_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_take_writes_who_holds_it_and_release_removes_it(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
     monkeypatch.setenv("SLURM_RESTART_COUNT", "2")
     lock = OutputDirLock(tmp_path / "run", stale_seconds=300)
@@ -83,7 +87,8 @@ def test_another_step_of_the_same_job_and_restart_is_refused(tmp_path: Path, mon
 
 @pytest.mark.parametrize("case", ["stale", "gone", "pid-reused", "requeued", "unreadable"])
 def test_a_dead_stale_or_requeued_holder_is_taken_over_with_a_warning(
-        case: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+        case: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
     if case == "stale":
         held_by(tmp_path, renewed=time.time() - 301)
         reason = "last renewed 301 s ago (stale after 300 s"
@@ -106,7 +111,8 @@ def test_a_dead_stale_or_requeued_holder_is_taken_over_with_a_warning(
     with caplog.at_level(logging.WARNING, logger="w2v_dist.lock"):
         lock.take()
     assert reason in caplog.text and "taking over the lock of" in caplog.text
-    assert Holder.this_process().launch == read_lease(tmp_path / LEASE_FILE).launch  # type: ignore[union-attr]
+    assert (Holder.this_process().launch
+            == read_lease(tmp_path / LEASE_FILE).launch)  # type: ignore[union-attr]
     lock.release()
 
 
@@ -152,8 +158,10 @@ def test_rank_0_claims_the_lease_and_returns_its_refusal_other_ranks_never_touch
     lock.release()
     held_by(tmp_path / "busy")
     refusal = OutputDirLock(tmp_path / "busy", stale_seconds=300).claim(World(0, 0, 2))
-    assert refusal is not None and refusal.startswith(f"output_dir {tmp_path / 'busy'} is in use by another run")
-    started = time.monotonic()  # rank 1 neither waits for the lease nor judges it: rank 0 decides for the launch
+    assert refusal is not None and refusal.startswith(
+        f"output_dir {tmp_path / 'busy'} is in use by another run")
+    # rank 1 neither waits for the lease nor judges it: rank 0 decides for the launch
+    started = time.monotonic()
     assert OutputDirLock(tmp_path / "busy", stale_seconds=300).claim(World(1, 1, 2)) is None
     assert OutputDirLock(tmp_path / "nowhere", stale_seconds=300).claim(World(1, 1, 2)) is None
     assert time.monotonic() - started < 1 and not (tmp_path / "nowhere").exists()

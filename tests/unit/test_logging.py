@@ -23,8 +23,8 @@ class BrokenRun:
         raise ConnectionError("api.wandb.ai unreachable")
 
 
-def test_a_checkpoint_wandb_cannot_record_leaves_a_warning_not_a_crash(tmp_path: Path,
-                                                                         caplog: pytest.LogCaptureFixture) -> None:
+def test_a_checkpoint_wandb_cannot_record_leaves_a_warning_not_a_crash(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     logger = MainLogger(tmp_path, config={}, wandb_cfg=WandbConfig(log_checkpoints=True), total_steps=1,
                         start_step=0, progress_bar=False)
     logger.wandb = BrokenRun()
@@ -56,7 +56,8 @@ def console_output(monkeypatch: pytest.MonkeyPatch, stream: io.StringIO, steps: 
 
 def test_outside_a_terminal_each_logged_step_is_one_plain_line_and_no_bar(monkeypatch: pytest.MonkeyPatch,
                                                                           tmp_path: Path) -> None:
-    """SLURM's log file, ``| tee``: no ``\\r`` redraws, one timestamped line per logged step, bar on or off."""
+    """SLURM's log file, ``| tee``: no ``\\r`` redraws, one timestamped line per logged step, bar on or
+    off."""
     for progress_bar in (True, False):
         out = console_output(monkeypatch, io.StringIO(), 2, progress_bar, tmp_path)
         assert "\r" not in out
@@ -76,11 +77,13 @@ def test_on_a_terminal_the_bar_stays_and_log_lines_are_never_glued_onto_it(monke
 
 
 def test_a_step_line_says_loss_lr_grad_norm_throughput_and_eta() -> None:
-    record = {"step": 1200, "loss": 1.23456, "lr": 1e-4, "grad_norm": 3.5, "audio_seconds_per_second": 1234.4}
+    record = {"step": 1200, "loss": 1.23456, "lr": 1e-4, "grad_norm": 3.5,
+              "audio_seconds_per_second": 1234.4}
     assert step_line(record, 3725.0) == \
         "step 1,200: loss 1.2346, lr 1.000e-04, grad norm 3.5, 1,234 audio-s/s, ETA 1:02:05"
     skipped = record | {"loss": None, "grad_norm": None, "skipped_cause": "grad_nonfinite"}
-    assert step_line(skipped, 0.0).startswith("step 1,200: loss skipped (grad_nonfinite), lr 1.000e-04, grad norm -,")
+    assert step_line(skipped, 0.0).startswith("step 1,200: loss skipped (grad_nonfinite), lr 1.000e-04, "
+                                              "grad norm -,")
 
 
 def test_progress_is_a_few_plain_lines_outside_a_terminal_and_nothing_off_rank_0(
@@ -93,5 +96,6 @@ def test_progress_is_a_few_plain_lines_outside_a_terminal_and_nothing_off_rank_0
     progress.close()
     Progress("scoring dev-other", 10, "utterances", show=False, every_s=0.0).update(4)
     said = [line.split("] ", 1)[1] for line in stream.getvalue().splitlines()]
-    assert said[0] == "scoring dev-clean: 10 utterances" and said[1].startswith("scoring dev-clean: 4 of 10 utterances")
+    assert said[0] == "scoring dev-clean: 10 utterances" and said[1].startswith("scoring dev-clean: 4 of 10 "
+                                                                                "utterances")
     assert len(said) == 2 and "\r" not in stream.getvalue()

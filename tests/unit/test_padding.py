@@ -1,5 +1,5 @@
-"""Batched scoring only where padding cannot change an utterance's logits: measured on every family, every kind
-of feature encoder, with and without an attention mask."""
+"""Batched scoring only where padding cannot change an utterance's logits: measured on every family, every
+kind of feature encoder, with and without an attention mask."""
 
 from __future__ import annotations
 
@@ -30,12 +30,14 @@ def test_batched_scoring_only_where_padding_changes_no_logit(family: str) -> Non
         config = AutoConfig.for_model(family, vocab_size=32, **geometry)
         model = AutoModelForCTC.from_config(config).eval()
         with torch.no_grad():
-            alone = [model(waves[row:row + 1, :length]).logits[0] for row, length in enumerate(lengths, start=1)]
+            alone = [model(waves[row:row + 1, :length]).logits[0]
+                     for row, length in enumerate(lengths, start=1)]
             for masked in (False, True):
                 logits = model(waves, attention_mask=mask if masked else None).logits
-                change = max((logits[row, :len(own)] - own).abs().max().item() for row, own in enumerate(alone, 1))
+                change = max((logits[row, :len(own)] - own).abs().max().item()
+                             for row, own in enumerate(alone, 1))
                 batches = scoring_batch_size(config, masked, 8) > 1
                 assert batches == (change < 1e-5), (
-                    f"{family}, {encoder} feature encoder, {'with' if masked else 'no'} attention mask: padding "
-                    f"changes the logits by up to {change:.1e}, but scoring_batch_size "
+                    f"{family}, {encoder} feature encoder, {'with' if masked else 'no'} attention mask: "
+                    f"padding changes the logits by up to {change:.1e}, but scoring_batch_size "
                     f"{'batches' if batches else 'takes one utterance at a time'}")

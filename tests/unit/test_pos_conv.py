@@ -1,6 +1,6 @@
-"""model.pos_conv (w2v_dist/pos_conv.py): every kernel equals the weight-normed grouped Conv1d it replaces, forward
-and every gradient, on odd and even kernels and lengths; a model keeps its parameter names and trains with the
-same losses."""
+"""model.pos_conv (w2v_dist/pos_conv.py): every kernel equals the weight-normed grouped Conv1d it replaces,
+forward and every gradient, on odd and even kernels and lengths; a model keeps its parameter names and trains
+with the same losses."""
 
 from __future__ import annotations
 
@@ -44,8 +44,8 @@ def test_kernel_equals_grouped_conv1d_forward_and_gradients(name: str, kernel: i
 
 
 def test_fft_is_linear_not_circular() -> None:
-    """A transform shorter than T + K - 1 wraps the end of the signal onto its start: an impulse at the last frame
-    must not reach the first outputs."""
+    """A transform shorter than T + K - 1 wraps the end of the signal onto its start: an impulse at the last
+    frame must not reach the first outputs."""
     assert all(fft_length(n) >= n for n in range(1, 3000))
     x = torch.zeros(1, 1, 50)
     x[..., -1] = 1.0
@@ -55,9 +55,10 @@ def test_fft_is_linear_not_circular() -> None:
 
 def tiny_model(family: str, seed: int = 0) -> PreTrainedModel:
     torch.manual_seed(seed)
-    geometry = dict(TINY, conv_dim=(64,) * 7, hidden_dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
-                    mask_time_prob=0.0, layerdrop=0.0)
-    return AutoModelForCTC.from_config(AutoConfig.for_model(family, vocab_size=12, pad_token_id=0, **geometry))
+    geometry = dict(TINY, conv_dim=(64,) * 7, hidden_dropout=0.0, attention_dropout=0.0,
+                    activation_dropout=0.0, mask_time_prob=0.0, layerdrop=0.0)
+    return AutoModelForCTC.from_config(AutoConfig.for_model(family, vocab_size=12, pad_token_id=0,
+                                                            **geometry))
 
 
 def loss_and_grads(model: PreTrainedModel, seed: int = 1) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -93,7 +94,8 @@ def test_a_model_keeps_its_names_and_computes_the_same_loss_and_gradients(family
 
 @pytest.mark.parametrize("variant", sorted(KERNELS))
 def test_training_with_a_kernel_follows_the_same_losses(variant: str) -> None:
-    """Ten AdamW updates: the losses stay within 1e-3 (relative) of Hugging Face's module (issue 27's bound)."""
+    """Ten AdamW updates: the losses stay within 1e-3 (relative) of Hugging Face's module (issue 27's
+    bound)."""
     runs = []
     for chosen in ("hf", variant):
         model = tiny_model("wav2vec2")

@@ -25,7 +25,8 @@ def test_values_of_secret_named_environment_variables_are_masked(monkeypatch: py
     monkeypatch.setenv("MY_SERVICE_TOKEN", "tok-0123456789abcdefXYZ")
     monkeypatch.setenv("SHORT_KEY", "abc")  # too short to redact without hitting ordinary text
     assert redact("pipe:fetch --auth tok-0123456789abcdefXYZ {shard}") == "pipe:fetch --auth *** {shard}"
-    assert redact_values({"a": ["x tok-0123456789abcdefXYZ", 3], "b": ("abc",)}) == {"a": ["x ***", 3], "b": ("abc",)}
+    assert (redact_values({"a": ["x tok-0123456789abcdefXYZ", 3], "b": ("abc",)}) == {"a": ["x ***", 3],
+                                                                                      "b": ("abc",)})
 
 
 @pytest.mark.parametrize("text", ["/data/LibriSpeech/train-clean-100", "s3://bucket/prefix/{shard}",

@@ -12,11 +12,13 @@ from w2v_dist.report import plot_all, read_metrics, write_report
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def train_line(step: int, skipped: dict[str, int], grad_norm: float | None = 1.0, cause: str | None = None) -> dict:
+def train_line(step: int, skipped: dict[str, int], grad_norm: float | None = 1.0,
+               cause: str | None = None) -> dict:
     """A train record; ``cause``: the update was skipped, so it has no loss."""
     return {"step": step, "loss": None if cause else 10.0 / step, "lr": 1e-4 * min(step, 5) / 5,
             "grad_norm": grad_norm, "epoch": step / 10, "audio_seconds_per_second": 100.0 + step,
-            "data_wait_fraction": 0.05, "skipped": skipped, "loader_skips": {"too_long": 2} if step >= 4 else {},
+            "data_wait_fraction": 0.05, "skipped": skipped,
+            "loader_skips": {"too_long": 2} if step >= 4 else {},
             **({"skipped_cause": cause} if cause else {})}
 
 
@@ -32,10 +34,12 @@ def write_run(run: Path) -> None:
     records += [train_line(5, {"loss_nonfinite": 1}, None, "loss_nonfinite"),
                 train_line(6, {"loss_nonfinite": 2}, None, "loss_nonfinite")]
     records += [{"step": 4, "rollback_from": 6, "rollbacks": 1}]
-    records += [train_line(s, {"loss_nonfinite": 2}) for s in range(5, 7)]  # steps 5-6 again, after the rollback
+    # steps 5-6 again, after the rollback
+    records += [train_line(s, {"loss_nonfinite": 2}) for s in range(5, 7)]
     records += [train_line(7, {"loss_nonfinite": 2, "grad_nonfinite": 1}, None, "grad_nonfinite"),
                 train_line(8, {"loss_nonfinite": 2, "grad_nonfinite": 1})]
-    records += [eval_line(8, 0.3, None), {"final": {"step": 8, "exported": True, "skipped": {"loss_nonfinite": 2}}}]
+    records += [eval_line(8, 0.3, None),
+                {"final": {"step": 8, "exported": True, "skipped": {"loss_nonfinite": 2}}}]
     run.mkdir(parents=True)
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records) + '{"step": 9, "lo')
 
@@ -63,15 +67,16 @@ def test_report_writes_pngs_and_markdown(tmp_path: Path) -> None:
     text = report.read_text()
     assert "last step 8; finished" in text and "final export written: True" in text
     assert "| dev-clean | 0.3000 | 0.3000 (8) | 0.1000 | 50 |" in text
-    assert "| dev-other | nan | 0.7000 (4) | 0.2000 | 40 |" in text  # the last evaluation's WER was null (NaN)
+    # the last evaluation's WER was null (NaN)
+    assert "| dev-other | nan | 0.7000 (4) | 0.2000 | 40 |" in text
     assert "{'loss_nonfinite': 2, 'grad_nonfinite': 1}" in text and "{'too_long': 2}" in text
     assert "rollbacks: 1 (step 6 → 4)" in text and "loss: first 10.0000, last 1.2500, min 1.2500" in text
     assert "updates logged as skipped (no loss): 1, the last at step 7 (grad_nonfinite)" in text
     assert all(f"]({p.name})" in text for p in pngs)
 
 
-def test_the_loss_plot_marks_skipped_updates_instead_of_plotting_a_loss(tmp_path: Path,
-                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_loss_plot_marks_skipped_updates_instead_of_plotting_a_loss(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import matplotlib.pyplot as plt
 
     figures, close = [], plt.close
@@ -91,7 +96,8 @@ def test_report_of_a_run_without_evaluations_or_metrics(tmp_path: Path) -> None:
     run.mkdir()
     (run / "metrics.jsonl").write_text(json.dumps(train_line(1, {})) + "\n")
     report = write_report(run, tmp_path / "out")
-    assert "not finished" in report.read_text() and (tmp_path / "out" / "dev_error_rates.png").stat().st_size > 5_000
+    assert ("not finished" in report.read_text()
+            and (tmp_path / "out" / "dev_error_rates.png").stat().st_size > 5_000)
     try:
         write_report(tmp_path / "missing")
     except FileNotFoundError as err:
@@ -101,8 +107,8 @@ def test_report_of_a_run_without_evaluations_or_metrics(tmp_path: Path) -> None:
 
 
 def test_a_plot_without_values_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A run whose grad_norm is null on every line (ZeRO-0 before the engine computed it) gets a grad-norm plot
-    that says it has no values, not a blank one; the plots with values carry no such note."""
+    """A run whose grad_norm is null on every line (ZeRO-0 before the engine computed it) gets a grad-norm
+    plot that says it has no values, not a blank one; the plots with values carry no such note."""
     import matplotlib.pyplot as plt
 
     figures, close = [], plt.close

@@ -34,7 +34,8 @@ def test_grid_lengths_are_the_fewest_samples_of_a_multiple_of_the_quantum() -> N
         length = shapes.length(n)
         assert length >= n and WAV2VEC2.frames(length) % 32 == 0
         assert length == 10_320 or length - 32 * 320 < n  # the grid length before it is too short
-        assert WAV2VEC2.frames(length - 1) < WAV2VEC2.frames(length)  # the fewest samples of that frame count
+        # the fewest samples of that frame count
+        assert WAV2VEC2.frames(length - 1) < WAV2VEC2.frames(length)
     assert shapes.rows(10_320) == 64 and shapes.rows(shapes.length(16 * SR)) == 200 * SR // 256_080
     assert grid(32, seconds=1.0).rows(20_560) == 1  # a longer utterance than the budget still trains alone
 
@@ -44,8 +45,9 @@ def utterances(seconds: list[float]) -> list[Utterance]:
 
 
 @settings(max_examples=80, deadline=None)
-@given(seconds=st.lists(st.floats(0.2, 30.0), min_size=1, max_size=300), quantum=st.sampled_from([8, 16, 32, 64]),
-       budget=st.floats(20.0, 200.0), window=st.integers(1, 64), seed=st.integers(0, 3))
+@given(seconds=st.lists(st.floats(0.2, 30.0), min_size=1, max_size=300),
+       quantum=st.sampled_from([8, 16, 32, 64]), budget=st.floats(20.0, 200.0), window=st.integers(1, 64),
+       seed=st.integers(0, 3))
 def test_every_utterance_once_on_grid_shapes_with_one_batch_not_full(
         seconds: list[float], quantum: int, budget: float, window: int, seed: int) -> None:
     shapes = grid(quantum, budget, 16)
@@ -72,8 +74,8 @@ def test_a_train_clean_100_sized_plan_pads_at_most_5_percent_and_has_few_shapes(
     shapes = grid(16)
     policy = BatchPolicy(200 * SR, 64, 512, 2000, grid=shapes)
     free = BatchPolicy(200 * SR, 64, 512, 2000)
-    assigned = assign_pieces([sum(u.num_samples for u in s) / SR for s in shards], [len(s) for s in shards], 48,
-                             seed=1, epoch=0)
+    assigned = assign_pieces([sum(u.num_samples for u in s) / SR for s in shards], [len(s) for s in shards],
+                             48, seed=1, epoch=0)
     planned, unbounded = [], []
     for slot, pieces in enumerate(assigned):
         planned += plan_batches(pieces, shards, policy, lambda u: None, epoch_rng(1, 0, slot))[0]
@@ -84,7 +86,8 @@ def test_a_train_clean_100_sized_plan_pads_at_most_5_percent_and_has_few_shapes(
     print(f"padding {padding:.3f} on the grid, {padding_fraction(unbounded):.3f} without; "
           f"{len({shapes.shape(b) for b in planned})} shapes against {len(free_shapes)}")
     assert padding <= 0.05
-    assert len({shapes.shape(b) for b in planned}) <= len({shapes.length(u.num_samples) for s in shards for u in s})
+    assert len({shapes.shape(b) for b in planned}) <= len({shapes.length(u.num_samples) for s in shards
+                                                           for u in s})
     assert sum(len(b) < shapes.shape(b)[0] for b in planned) <= 48  # one batch per slot-epoch not full
 
 
@@ -108,9 +111,10 @@ def test_empty_rows_add_nothing_to_the_loss_or_the_gradients(masked: bool) -> No
     from w2v_dist.model import TINY
 
     torch.manual_seed(0)
-    config = AutoConfig.for_model("wav2vec2", vocab_size=12, pad_token_id=0, ctc_zero_infinity=True, layerdrop=0.0,
-                                  mask_time_prob=0.0, hidden_dropout=0.0, attention_dropout=0.0,
-                                  activation_dropout=0.0, feat_proj_dropout=0.0, final_dropout=0.0,
+    config = AutoConfig.for_model("wav2vec2", vocab_size=12, pad_token_id=0, ctc_zero_infinity=True,
+                                  layerdrop=0.0, mask_time_prob=0.0, hidden_dropout=0.0,
+                                  attention_dropout=0.0, activation_dropout=0.0, feat_proj_dropout=0.0,
+                                  final_dropout=0.0,
                                   **{**TINY, "feat_extract_norm": "layer" if masked else "group"})
     model = AutoModelForCTC.from_config(config).train()
     rng = np.random.default_rng(0)
@@ -124,7 +128,8 @@ def test_empty_rows_add_nothing_to_the_loss_or_the_gradients(masked: bool) -> No
         batch = collator.assemble(values[:rows].copy(), lengths, labels, ["a", "b", "c"], ["", "", ""])
         assert len(batch) == 3 and batch.input_values.shape[0] == rows and batch.targets == 9
         model.zero_grad()
-        loss = ctc_loss_sum(model(**batch.model_inputs("cpu", with_labels=False)).logits, batch, model.config)
+        loss = ctc_loss_sum(model(**batch.model_inputs("cpu", with_labels=False)).logits, batch,
+                            model.config)
         loss.backward()
         results.append((loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
     (loss3, grads3), (loss5, grads5) = results

@@ -1,5 +1,5 @@
-"""The sharder's fast paths against the slow, trusted ones: tar headers against ``tarfile``, the FLAC final-frame
-check against libsndfile and a bytewise CRC."""
+"""The sharder's fast paths against the slow, trusted ones: tar headers against ``tarfile``, the FLAC
+final-frame check against libsndfile and a bytewise CRC."""
 
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ from w2v_dist.prep.tar_writer import tar_header, tarfile_header
 
 def test_tar_header_is_byte_for_byte_tarfiles() -> None:
     rng = random.Random(0)
-    names = ["".join(rng.choice("abcXYZ-_.0123456789/") for _ in range(rng.randint(1, 130))) for _ in range(3000)]
+    names = ["".join(rng.choice("abcXYZ-_.0123456789/") for _ in range(rng.randint(1, 130)))
+             for _ in range(3000)]
     names += ["é.flac", "a" * 99, "a" * 100, "1089-134686-0000.flac"]
     for name in names:
         size = rng.choice([0, 1, 511, 512, 513, rng.randint(0, 10**10), 8**11 - 1, 8**11])

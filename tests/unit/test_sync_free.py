@@ -1,7 +1,7 @@
 """A step that never waits for the device: the CTC loss from host lengths (w2v_dist/ctc.py) and SpecAugment
-applied without boolean indexing (w2v_dist/spec_augment.py) equal transformers', and a training forward, loss and
-backward read nothing from the device (w2v_dist/host_syncs.py counts it; transformers' own path reads several
-times). The whole train step's single read is counted in tests/e2e/equivalence_worker.py."""
+applied without boolean indexing (w2v_dist/spec_augment.py) equal transformers', and a training forward, loss
+and backward read nothing from the device (w2v_dist/host_syncs.py counts it; transformers' own path reads
+several times). The whole train step's single read is counted in tests/e2e/equivalence_worker.py."""
 
 from __future__ import annotations
 
@@ -33,7 +33,8 @@ def batch(masked: bool, lengths: tuple[int, ...] = (8000, 5000, 6400)) -> CTCBat
         values[row, :n] = rng.standard_normal(n)
     labels = [list(rng.integers(1, 12, size=size)) for size in (7, 3, 5)[:len(lengths)]]
     return CTCCollator(return_attention_mask=masked).assemble(values, list(lengths), labels,
-                                                              [f"u{i}" for i in lengths], [""] * len(lengths))
+                                                              [f"u{i}" for i in lengths],
+                                                              [""] * len(lengths))
 
 
 @pytest.mark.parametrize("masked", [False, True])
@@ -47,7 +48,8 @@ def test_loss_and_gradients_equal_hugging_faces(masked: bool) -> None:
     ours = ctc_loss_sum(model(**inputs).logits, data, model.config)
     ours.backward()
     assert ours.item() == theirs.item()  # the same kernel on the same numbers
-    for got, want in zip([p.grad for p in model.parameters() if p.grad is not None], their_grads, strict=True):
+    for got, want in zip([p.grad for p in model.parameters() if p.grad is not None], their_grads,
+                         strict=True):
         assert torch.equal(got, want)
 
 
@@ -71,8 +73,8 @@ def test_the_batch_carries_host_lengths_and_targets() -> None:
 
 def masked_pair(masked: bool, **masks: object) -> tuple[PreTrainedModel, PreTrainedModel, CTCBatch,
                                                           dict[str, torch.Tensor]]:
-    """transformers' model in training mode with SpecAugment ``masks``, its copy masking without a host sync, a
-    batch (with an attention mask when ``masked``) and its model inputs."""
+    """transformers' model in training mode with SpecAugment ``masks``, its copy masking without a host sync,
+    a batch (with an attention mask when ``masked``) and its model inputs."""
     reference = tiny_model(layerdrop=0.0, **masks).train()
     model = copy.deepcopy(reference)
     assert use_sync_free_masking(model)
@@ -82,17 +84,19 @@ def masked_pair(masked: bool, **masks: object) -> tuple[PreTrainedModel, PreTrai
 
 @pytest.mark.parametrize("masked", [False, True])
 def test_forward_loss_and_backward_read_nothing_from_the_device(masked: bool) -> None:
-    """As training loads the model: transformers' LayerDrop off (w2v_dist.layerdrop draws on the host), SpecAugment
-    on. With an attention mask (large-style models) transformers itself reads twice: whether SDPA may skip the
-    mask, and the mask's row sums that SpecAugment's draw takes."""
+    """As training loads the model: transformers' LayerDrop off (w2v_dist.layerdrop draws on the host),
+    SpecAugment on. With an attention mask (large-style models) transformers itself reads twice: whether SDPA
+    may skip the mask, and the mask's row sums that SpecAugment's draw takes."""
     reference, model, data, inputs = masked_pair(masked, mask_time_prob=0.3, mask_time_length=2,
                                                  mask_feature_prob=0.2, mask_feature_length=4)
     with HostSyncCounter() as ours:
         ctc_loss_sum(model(**inputs).logits, data, model.config).backward()
-    assert ours.by_op == ({"aten._local_scalar_dense.default": 1, "Tensor.tolist": 1} if masked else {}), ours.by_op
+    assert (ours.by_op == ({"aten._local_scalar_dense.default": 1, "Tensor.tolist": 1} if masked
+                           else {})), ours.by_op
     with HostSyncCounter() as theirs:  # the counter sees what we removed
         reference(**inputs, labels=data.labels).loss.backward()
-    assert theirs.by_op["aten.masked_select.default"] == 1 and theirs.by_op["aten._local_scalar_dense.default"] >= 1
+    assert (theirs.by_op["aten.masked_select.default"] == 1
+            and theirs.by_op["aten._local_scalar_dense.default"] >= 1)
     assert theirs.by_op["aten.index.Tensor"] >= 1 or theirs.by_op["aten.nonzero.default"] >= 1, theirs.by_op
 
 
@@ -106,7 +110,8 @@ def test_spec_augment_draws_the_same_masks_and_trains_the_same(masked: bool) -> 
         torch.manual_seed(3)  # dropout
         loss = ctc_loss_sum(candidate(**inputs).logits, data, candidate.config)
         loss.backward()
-        results.append((loss.detach(), {n: p.grad for n, p in candidate.named_parameters() if p.grad is not None}))
+        results.append((loss.detach(),
+                        {n: p.grad for n, p in candidate.named_parameters() if p.grad is not None}))
     (want, want_grads), (got, got_grads) = results
     torch.testing.assert_close(got, want, rtol=1e-6, atol=0.0)
     assert want_grads["wav2vec2.masked_spec_embed"].abs().sum() > 0  # masks were drawn and applied

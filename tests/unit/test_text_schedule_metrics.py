@@ -29,21 +29,24 @@ def test_text_policies_for_other_languages() -> None:
     assert french.normalize(raw) == "BONJOUR LE CAFÉ NUMÉRO ÇA VA L'ÉTÉ"
     with pytest.raises(TranscriptError, match="'ÇÉ'"):
         normalize(raw)  # LibriSpeech's policy: A-Z only
-    assert TextPolicy(alphabet="any", case="lower").normalize("ГДЕ ﬁlm?") == "где film"  # NFKC folds the ligature
+    # NFKC folds the ligature
+    assert TextPolicy(alphabet="any", case="lower").normalize("ГДЕ ﬁlm?") == "где film"
     assert TextPolicy(alphabet="any", digits="keep").normalize("Numéro 1") == "NUMÉRO 1"
     assert TextPolicy(alphabet="any", punctuation="keep").normalize("Ça va?") == "ÇA VA?"
     with pytest.raises(TranscriptError, match="'@'"):
         french.normalize("a@b")  # symbols are not punctuation to strip
     with pytest.raises(ValueError, match="alphabet='greek'"):
         TextPolicy(alphabet="greek")
-    # Scoring applies the dev set's policy to hypotheses: under LibriSpeech's, a French one would score as empty.
+    # Scoring applies the dev set's policy to hypotheses: under LibriSpeech's, a French one would score as
+    # empty.
     assert normalized("ça va", french) == "ÇA VA" and normalized("ça va") == ""
 
 
 def test_vocab_matches_wav2vec2_960h_layout() -> None:
     vocab = librispeech_vocab()
     assert len(vocab) == 32
-    assert [vocab[t] for t in ("<pad>", "<s>", "</s>", "<unk>", "|", "E", "T", "Z")] == [0, 1, 2, 3, 4, 5, 6, 31]
+    assert ([vocab[t] for t in ("<pad>", "<s>", "</s>", "<unk>", "|", "E", "T", "Z")] == [0, 1, 2, 3, 4, 5,
+                                                                                          6, 31])
     assert list(build_vocab(["BAD"])) == ["<pad>", "<s>", "</s>", "<unk>", "|", "A", "D", "B"]
 
 
@@ -54,7 +57,8 @@ def test_encoder_geometry_matches_wav2vec2() -> None:
 
 
 def test_tri_stage_schedule() -> None:
-    cfg = ScheduleConfig(name="tri_stage", phase_ratio=(0.1, 0.4, 0.5), init_lr_scale=0.01, final_lr_scale=0.05)
+    cfg = ScheduleConfig(name="tri_stage", phase_ratio=(0.1, 0.4, 0.5), init_lr_scale=0.01,
+                         final_lr_scale=0.05)
     assert lr_at(0, 1.0, 100, cfg) == pytest.approx(0.01)
     assert lr_at(10, 1.0, 100, cfg) == pytest.approx(1.0)
     assert lr_at(49, 1.0, 100, cfg) == pytest.approx(1.0)
@@ -93,7 +97,8 @@ def test_collator_pads_and_masks_only_when_asked() -> None:
     batch = CTCCollator(return_attention_mask=False).assemble(*rows, skips={"too_long": 1})
     assert batch.input_values.shape == (2, 5) and batch.attention_mask is None and len(batch) == 2
     assert batch.labels.tolist() == [[7, 8], [9, LABEL_PAD]] and batch.targets == 3
-    assert batch.keys == ("a", "b") and batch.seconds == pytest.approx(8 / 16_000) and batch.skips == {"too_long": 1}
+    assert (batch.keys == ("a", "b") and batch.seconds == pytest.approx(8 / 16_000)
+            and batch.skips == {"too_long": 1})
     masked = CTCCollator(return_attention_mask=True).assemble(*rows)
     assert masked.attention_mask is not None and masked.attention_mask.tolist()[1] == [1, 1, 1, 0, 0]
     assert set(masked.model_inputs("cpu")) == {"input_values", "attention_mask", "labels"}
@@ -111,9 +116,10 @@ def test_char_labeler_matches_the_tokenizer(tmp_path) -> None:
 
 
 def test_a_resume_that_changes_the_schedule_length_says_how_to_keep_it() -> None:
-    """Extending trainer.max_steps on resume re-stretches the tri-stage schedule: the warning names both lengths,
-    the lr jump at the resumed step, and schedule.steps; a fixed schedule.steps, an unchanged length or a constant
-    schedule give none. The checkpoint's config is read as the trainer reads it (to_yaml, then YAML)."""
+    """Extending trainer.max_steps on resume re-stretches the tri-stage schedule: the warning names both
+    lengths, the lr jump at the resumed step, and schedule.steps; a fixed schedule.steps, an unchanged length
+    or a constant schedule give none. The checkpoint's config is read as the trainer reads it (to_yaml, then
+    YAML)."""
     import yaml
 
     from w2v_dist.config import load_config, to_yaml
@@ -124,7 +130,8 @@ def test_a_resume_that_changes_the_schedule_length_says_how_to_keep_it() -> None
         cfg = load_config(None, now)
         return length_change(saved, cfg.trainer.max_steps, cfg.schedule, 3000, cfg.optim.lr)
 
-    message = change(["trainer.max_steps=4000", "optim.lr=1e-4"], ["trainer.max_steps=8000", "optim.lr=1e-4"])
+    message = change(["trainer.max_steps=4000", "optim.lr=1e-4"],
+                     ["trainer.max_steps=8000", "optim.lr=1e-4"])
     assert message is not None
     assert "spans 8,000 updates instead of the 4,000" in message and "schedule.steps=4000" in message
     assert "at step 3,000 the lr goes from 2.24e-05 to 1.00e-04" in message
@@ -147,7 +154,8 @@ def test_the_trainer_warns_on_rank_0_when_a_resume_changes_the_schedule_length(
     saved = SavedRun(world_size=1, step=3000, layout=None,
                      config=to_yaml(load_config(None, ["trainer.max_steps=4000"])))
     for is_main in (True, False):
-        fake = SimpleNamespace(cfg=load_config(None, ["trainer.max_steps=8000"]), state=SimpleNamespace(step=3000),
-                               world=SimpleNamespace(is_main=is_main))
+        fake = SimpleNamespace(cfg=load_config(None, ["trainer.max_steps=8000"]),
+                               state=SimpleNamespace(step=3000), world=SimpleNamespace(is_main=is_main))
         Trainer._check_schedule(fake, saved)  # type: ignore[arg-type]
-    assert caplog.text.count("resuming at step 3000: the learning-rate schedule (tri_stage) now spans 8,000") == 1
+    assert caplog.text.count("resuming at step 3000: the learning-rate schedule (tri_stage) now spans "
+                             "8,000") == 1
