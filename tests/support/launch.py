@@ -46,21 +46,14 @@ def deepspeed(ranks: int, port: int, program: tuple[str, ...] = TRAIN) -> list[s
     return [str(BIN / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(port), *program]
 
 
-def run_deepspeed(args: list[str], ranks: int = 2, timeout: float = 600, cwd: Path = REPO,
+def run_deepspeed(args: list[str], ranks: int = 2, timeout: float = WAIT_SECONDS,
                   program: tuple[str, ...] = TRAIN) -> subprocess.CompletedProcess[str]:
-    """``deepspeed --num_gpus N train.py ARGS`` to its end, stdout and stderr apart; stacks on a timeout."""
-    cmd = [*deepspeed(ranks, free_port(), program), *args]
-    proc = subprocess.Popen(cmd, env=launch_env(), cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        stacks = python_stacks(proc.pid)
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
-        raise AssertionError(f"timed out after {timeout} s: {' '.join(cmd)}\n--- stacks ---\n{stacks}\n"
-                             f"--- stdout ---\n{stdout[-4000:]}\n--- stderr ---\n{stderr[-8000:]}") from None
-    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+    """A :class:`Local` job of ``program ARGS`` run to its end, its stdout and stderr apart (a command's
+    stdout is its output); on a timeout, the job's stacks."""
+    with tempfile.TemporaryDirectory(prefix="w2v-dist-job-") as logs:
+        job = Job(Local(ranks, program, apart=True), args, Path(logs))
+        (code,) = job.finish(timeout)
+        return subprocess.CompletedProcess(["deepspeed", *program, *args], code, job.output(), job.errors())
 
 
 def run_single(args: list[str], timeout: float = 600, env: dict[str, str] | None = None,
@@ -99,8 +92,9 @@ class Processes:
 
     poll_seconds = 0.05
 
-    def __init__(self, procs: list[subprocess.Popen[bytes]], logs: list[Path]) -> None:
-        self.procs, self.logs = procs, logs
+    def __init__(self, procs: list[subprocess.Popen[bytes]], logs: list[Path],
+                 error_logs: list[Path] | None = None) -> None:
+        self.procs, self.logs, self.error_logs = procs, logs, error_logs or []
 
     def running(self) -> bool:
         return all(proc.poll() is None for proc in self.procs)
@@ -155,6 +149,10 @@ class Processes:
         chosen = self.logs if index is None else [self.logs[index]]
         return "\n".join(path.read_text(errors="replace") for path in chosen)
 
+    def errors(self) -> str:
+        """What the job wrote to stderr, where it was kept apart from stdout."""
+        return "\n".join(path.read_text(errors="replace") for path in self.error_logs)
+
 
 def _cmdline(process: psutil.Process | None) -> list[str]:
     try:
@@ -189,16 +187,20 @@ def _rank_of(process: psutil.Process) -> int | None:
 
 @dataclass(frozen=True)
 class Local:
-    """``deepspeed --num_gpus N train.py`` on this machine."""
+    """``deepspeed --num_gpus N train.py`` on this machine (``program``: another module or script).
+    ``apart``: stdout and stderr in two logs (a command whose stdout is its output), else one."""
 
     ranks: int = 2
+    program: tuple[str, ...] = TRAIN
+    apart: bool = False
 
     def start(self, args: list[str], env: dict[str, str], logs: Path) -> Processes:
-        log = logs / "job.log"
-        cmd = [*deepspeed(self.ranks, free_port()), *args]
+        log, error_log = logs / "job.log", logs / "job.err"
+        cmd = [*deepspeed(self.ranks, free_port(), self.program), *args]
         proc = subprocess.Popen(cmd, cwd=REPO, env=launch_env(**env), stdout=open(log, "wb"),
-                                stderr=subprocess.STDOUT, start_new_session=True)
-        return Processes([proc], [log])
+                                stderr=open(error_log, "wb") if self.apart else subprocess.STDOUT,
+                                start_new_session=True)
+        return Processes([proc], [log], [error_log] if self.apart else [])
 
 
 @dataclass(frozen=True)
@@ -372,3 +374,8 @@ class Job:
     def output(self, index: int | None = None) -> str:
         """The log of node ``index`` (a launcher's and its ranks' output), or of every node."""
         return self.run.output(index)
+
+    def errors(self) -> str:
+        """What the job wrote to stderr, where its launcher kept that apart (``Local(apart=True)``)."""
+        assert isinstance(self.run, Processes), "a SLURM job writes one log"
+        return self.run.errors()
