@@ -33,8 +33,8 @@ def key_log(out: Path) -> dict[int, list[tuple[int, int, tuple[str, ...]]]]:
 def test_two_ranks_then_one_then_two_end_with_the_straight_runs_weights(shard_dirs: dict, tiny_model: Path,
                                                                         tmp_path: Path, stage: int) -> None:
     # 2 streams of 8 s per update; SpecAugment masks and dropout on: they are drawn per micro-batch.
-    # The recipe's randomness (tests/helpers.py RECIPE) and dropout; schedule.steps: the launches stop at 2,
-    # 4 and 6 of the 6-step tri-stage schedule.
+    # The recipe's randomness (tests/support/runs.py RECIPE) and dropout; schedule.steps: the launches stop
+    # at 2, 4 and 6 of the 6-step tri-stage schedule.
     common = {"trainer.update_seconds": 16.0, "deepspeed.zero_stage": stage, "trainer.eval_every": 0,
               "trainer.save_every": 2, "logging.key_log": True, "model.hidden_dropout": 0.1,
               "optim.weight_decay": 0.01, "optim.grad_clip": 0.5, "schedule.steps": 6}

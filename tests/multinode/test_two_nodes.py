@@ -1,4 +1,4 @@
-"""Two nodes made of network namespaces (tests/multinode/cluster.py), one rank per node through torchrun's
+"""Two nodes made of network namespaces (tests/support/cluster.py), one rank per node through torchrun's
 c10d rendezvous: training, a lost node, and an output_dir that is not shared. SIGUSR1 preemption and resume
 on two nodes is one launcher's case of the preemption scenario (tests/faults/test_fault_matrix.py)."""
 
