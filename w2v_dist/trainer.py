@@ -124,8 +124,8 @@ class RunState:
     finds the run at ``max_steps`` evaluates nothing, and its model card shows these."""
 
     def state_dict(self) -> dict[str, Any]:
-        return {key: dict(value) if isinstance(value,
-                                               Counter) else value for key, value in vars(self).items()}
+        return {key: dict(value) if isinstance(value, Counter) else value
+                for key, value in vars(self).items()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for key, value in state.items():
