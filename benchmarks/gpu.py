@@ -32,9 +32,10 @@ from benchmarks.output import SR, elapsed, emit, interleaved_medians
 from benchmarks.step import data_wait
 from w2v_dist.data.audio import EncoderGeometry
 from w2v_dist.data.collate import LABEL_PAD, CTCBatch
+from w2v_dist.data.epoch import sorted_batches
 from w2v_dist.data.index import Utterance
 from w2v_dist.data.plan import BatchPolicy, pack
-from w2v_dist.data.shapes import ShapeGrid, pack_on_grid
+from w2v_dist.data.shapes import ShapeGrid
 from w2v_dist.flops import peak_tflops
 
 LONGEST_SECONDS = 35.0
@@ -55,7 +56,7 @@ def planned_batches(batch_seconds: float, count: int, vocab_size: int, seed: int
                                       bucket_window=512, shuffle_buffer=0,
                                       shape_quantum_frames=shape_quantum, geometry=EncoderGeometry())
     grid = policy.grid
-    plans = pack_on_grid(iter(utts), grid, 512, None) if grid else \
+    plans = sorted_batches(utts, policy) if grid else \
         [b for start in range(0, len(utts), 512) for b in pack(utts[start:start + 512], policy)]
     random.Random(seed).shuffle(plans)
     return [to_batch(plan, vocab_size, grid) for plan in plans[:count]]

@@ -29,20 +29,17 @@ from benchmarks.corpus import librispeech_like_seconds, prepare_shards
 from benchmarks.output import SR, emit, timed
 from w2v_dist.data.audio import EncoderGeometry
 from w2v_dist.data.collate import CTCBatch
-from w2v_dist.data.index import ShardSet, Utterance, load_shard_set
+from w2v_dist.data.index import ShardSet, Utterance, columns_of, load_shard_set
 from w2v_dist.data.loader import Preprocess, TrainStream, make_loader, make_preprocess
-from w2v_dist.data.plan import (
-    BatchPolicy,
-    StreamLayout,
-    assign_pieces,
-    epoch_rng,
-    padding_fraction,
-    plan_batches,
-)
+from w2v_dist.data.plan import BatchPolicy, StreamLayout, padding_fraction
 from w2v_dist.data.shapes import ShapeGrid
+from w2v_dist.data.slots import TrainPlan
 from w2v_dist.prep.sources import librispeech_sources
 
 Metadata = tuple[float, int, int, int]
+KEEP_ALL = Preprocess(labels=None, collator=None, geometry=EncoderGeometry(),  # type: ignore[arg-type]
+                      min_samples=0, max_samples=0, filtered=False)
+"""Plans of lengths alone: no filter, no labeler, no collator."""
 """A batch's real seconds, real samples, padded samples and utterances."""
 
 
@@ -204,9 +201,11 @@ def planned_padding(policy: BatchPolicy, utterances: int = 28_539, shards: int =
     lengths = (librispeech_like_seconds(utterances, np.random.default_rng(1)) * SR).astype(int)
     per_shard = [[Utterance(s, p, f"{s}-{p}", int(n), 200) for p, n in enumerate(lengths[s::shards])]
                  for s in range(shards)]
-    seconds = [sum(u.num_samples for u in shard) / SR for shard in per_shard]
-    batches = [b for slot, pieces in enumerate(assign_pieces(seconds, [len(s) for s in per_shard], 16, 1, 0))
-               for b in plan_batches(pieces, per_shard, policy, lambda u: None, epoch_rng(1, 0, slot))[0]]
+    shard_set = ShardSet("mem", tuple(f"s{s}.tar" for s in range(shards)),
+                         tuple(sum(u.num_samples for u in shard) / SR for shard in per_shard),
+                         columns_of(tuple(map(tuple, per_shard))), SR)
+    plan = TrainPlan(shard_set, policy, KEEP_ALL, StreamLayout(16, 1, 1), rank=0, world_size=1)
+    batches = [b for slot in range(16) for b in plan.slot_epoch(slot, 0)[0]]
     grid = policy.grid
     shapes = {grid.shape(b) if grid else (len(b), max(u.num_samples for u in b)) for b in batches}
     return padding_fraction(batches, grid), len(shapes)

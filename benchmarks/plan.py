@@ -12,9 +12,7 @@ process: the machine is shared.
 from __future__ import annotations
 
 import gc
-import itertools
 import json
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -27,7 +25,8 @@ import numpy as np
 from benchmarks.output import emit
 from w2v_dist.config import Config, DataConfig
 from w2v_dist.data.audio import EncoderGeometry
-from w2v_dist.data.index import ShardSet
+from w2v_dist.data.columns import write_columns
+from w2v_dist.data.index import ShardSet, Utterance
 from w2v_dist.data.loader import Preprocess
 from w2v_dist.data.mix import epoch_seconds
 from w2v_dist.data.plan import BatchPolicy, StreamLayout, padding_fraction
@@ -64,12 +63,15 @@ def synthetic_index(hours: float, seed: int) -> dict[str, Any]:
     seconds = np.where(kind < 0.32, rng.uniform(1.0, 12.0, count),
                        np.where(kind < 0.95, rng.uniform(12.0, 16.5, count), rng.uniform(16.5, 35.0, count)))
     samples = (seconds * SR).astype(np.int64)
+    # A sample's bytes in its tar: FLAC and JSON members, each a 512-byte header and data padded to 512.
+    sizes = 1024 + -(-(seconds * FLAC_BYTES_PER_SECOND).astype(np.int64) // 512) * 512 + 512
     per_shard = int(SHARD_BYTES / FLAC_BYTES_PER_SECOND / MEAN_SECONDS)
     shards = []
     for number, start in enumerate(range(0, count, per_shard)):
         end = min(start + per_shard, count)
-        rows = [[f"{seed}-{i // 120}-{i % 120:04d}", int(samples[i]), int(samples[i] * 14.6 / SR)]
-                for i in range(start, end)]
+        offsets = np.concatenate(([0], np.cumsum(sizes[start:end])))
+        rows = [[f"{seed}-{i // 120}-{i % 120:04d}", int(samples[i]), int(samples[i] * 14.6 / SR),
+                 int(offsets[i - start]), int(sizes[i])] for i in range(start, end)]
         shards.append({"name": f"shard-{number:06d}.tar", "samples": len(rows), "utterances": rows,
                        "seconds": round(int(samples[start:end].sum()) / SR, 3)})
     return {"format": "w2v-dist-shards", "version": 1, "sample_rate": SR, "shards": shards,
@@ -78,15 +80,18 @@ def synthetic_index(hours: float, seed: int) -> dict[str, Any]:
 
 
 def write_indexes(root: Path, hours: float, mix: bool) -> list[str]:
-    """One index directory, or three (a mix's parts); the index dicts are dropped before anything is
-    measured."""
+    """One index directory, or three (a mix's parts), each with its columns as ``w2v-dist shard`` writes
+    them; the index dicts are dropped before anything is measured."""
     parts = len(MIX_FRACTIONS) if mix else 1
     locations = []
     for part in range(parts):
         location = root / f"part{part}"
         location.mkdir(parents=True)
-        (location / "index.json").write_text(json.dumps(synthetic_index(hours / parts, seed=part)))
+        index = synthetic_index(hours / parts, seed=part)
+        (location / "index.json").write_text(json.dumps(index))
+        write_columns(location, index)
         locations.append(str(location))
+        del index
     gc.collect()
     return locations
 
@@ -106,30 +111,39 @@ def recipe_policy(data: DataConfig, speed_perturb: bool) -> tuple[BatchPolicy, P
     return policy, prep
 
 
-def utterance_bytes(shards: ShardSet, sample: int = 10_000) -> float:
-    """What a rank holds per utterance of the index: the ``Utterance`` object, its key and its integers
-    (small ones are shared by Python), and its slot in the shard's tuple; the mean over a sample of them."""
-    every = max(1, shards.total_samples // sample)
-    picked = list(itertools.islice(itertools.chain.from_iterable(shards.utterances), 0, None, every))
-    sizes = [sys.getsizeof(utt) + (sys.getsizeof(vars(utt)) if hasattr(utt, "__dict__") else 0)
-             + sys.getsizeof(utt.key) + 8
-             + sum(sys.getsizeof(value) for value in (utt.num_samples, utt.label_length, utt.position)
-                   if not -5 <= value <= 256) for utt in picked]
-    return sum(sizes) / len(sizes)
+def index_bytes(shards: ShardSet) -> float:
+    """What a rank holds per utterance of the index: its columns (memory-mapped, so shared by the rank's
+    workers and the node's ranks)."""
+    columns = shards.columns
+    return sum(getattr(columns, name).nbytes for name in vars(columns)) / columns.rows
 
 
 def read_counts(plan: TrainPlan, updates: int) -> np.ndarray:
-    """How often each utterance is read in ``updates`` updates: every slot's batches, as the run takes
+    """How often each utterance (row) is read in ``updates`` updates: every slot's batches, as the run takes
     them."""
-    offsets = np.cumsum([0, *map(len, plan.shards.utterances)])
-    reads = np.zeros(offsets[-1], dtype=np.int32)
+    starts = plan.shards.columns.shard_starts
+    reads = np.zeros(plan.shards.columns.rows, dtype=np.int32)
     readers = plan.layout.readers
     for slot in range(plan.layout.slots):
         batches = len(range(slot % readers, updates, readers))  # the updates that take this slot
         for _, (_, batch) in zip(range(batches), plan.planned(slot, 0)):
-            for utt in batch:
-                reads[offsets[utt.shard] + utt.position] += 1
+            reads[[starts[utt.shard] + utt.position for utt in batch]] += 1
     return reads
+
+
+def bytes_streamed(plan: TrainPlan, epoch: int) -> tuple[list[list[Utterance]], float, float]:
+    """Every slot's batches of ``epoch``, the bytes their reads request (each sample's byte range, as the
+    index records), and those a reader streams without offsets (every shard it touches, whole)."""
+    columns, starts = plan.shards.columns, plan.shards.columns.shard_starts
+    shard_bytes = np.add.reduceat(columns.byte_size, starts[:-1])
+    batches, ranged, whole = [], 0.0, 0.0
+    for slot in range(plan.layout.slots):
+        slot_batches = plan.slot_epoch(slot, epoch)[0]
+        batches += slot_batches
+        rows = [starts[u.shard] + u.position for batch in slot_batches for u in batch]
+        ranged += float(columns.byte_size[rows].sum())
+        whole += float(shard_bytes[sorted({u.shard for batch in slot_batches for u in batch})].sum())
+    return batches, ranged, whole
 
 
 def plan_benchmark(cfg: Config, hours: float, ranks: int, workers: int, mix: bool, speed_perturb: bool,
@@ -138,7 +152,7 @@ def plan_benchmark(cfg: Config, hours: float, ranks: int, workers: int, mix: boo
     layout = StreamLayout(ranks, workers, cfg.trainer.seed)
 
     def plan_of(shards: ShardSet) -> TrainPlan:
-        return TrainPlan(shards, policy, prep.skip_reason, layout, rank=0, world_size=ranks)
+        return TrainPlan(shards, policy, prep, layout, rank=0, world_size=ranks)
 
     with tempfile.TemporaryDirectory(prefix="w2v-dist-bench-plan-") as tmp:
         locations = write_indexes(Path(tmp), hours, mix)
@@ -155,37 +169,43 @@ def plan_benchmark(cfg: Config, hours: float, ranks: int, workers: int, mix: boo
         "workers": workers,
         "slots": layout.slots, "shards": len(shards.urls), "utterances": utterances, "mix": mix,
         "speeds": list(policy.speeds), "shape_quantum_frames": cfg.data.shape_quantum_frames,
-        "index_bytes_per_utt": round(utterance_bytes(shards), 1), "full_gc_s": round(full_gc_s, 3),
+        "index_bytes_per_utt": round(index_bytes(shards), 1), "full_gc_s": round(full_gc_s, 3),
         "rank_start_s": round(load_s + digest_s + worst_s + check_s, 3),
         "rank_start_parts_s": {"load_index": round(load_s, 3), "contents_digest": round(digest_s, 3),
                                "preflight_worst_case": round(worst_s, 3),
-                               "first_epoch_assignment": round(check_s, 3)},
+                               "first_epoch_plan": round(check_s, 3)},
         "refused": problem}
     if problem:
         return emit(record)
-    # A worker's planning for one epoch (epoch 1, nothing cached): every slot's pieces, then its own slot's
-    # batches.
-    worker_slot = layout.slot(0, 0)
-    _, plan_s = cpu_timed(lambda: plan_of(shards).slot_epoch(worker_slot, 1))
-    epoch_s = sum(epoch_seconds(shards)) / (ranks * audio_s_per_gpu)
-    # One pass over every slot's first epoch: batches, padding, and the bytes a reader streams (a strided
-    # piece, or a mix's fraction, streams the whole tar) against the bytes it keeps.
+    # A worker's planning for one epoch, its slot's batches (epoch 1: what the start planned is not reused,
+    # except what every epoch shares when epochs do not change).
     plan = plan_of(shards)
-    first_epoch = [batch for slot in range(layout.slots) for batch in plan.slot_epoch(slot, 0)[0]]
-    streamed = sum(shards.seconds[piece.shard] for pieces in plan.epoch_pieces(0) for piece in pieces)
-    kept = sum(utt.num_samples for batch in first_epoch for utt in batch) / SR
-    updates = epochs * len(first_epoch) // layout.streams
+    plan.epoch(0)
+    _, plan_s = cpu_timed(lambda: plan.slot_epoch(layout.slot(0, 0), 1))
+    epoch_s = epoch_seconds(shards) / (ranks * audio_s_per_gpu)
+    # One pass over every slot's first epoch: batches, padding, and the bytes a reader requests against the
+    # bytes of the utterances it keeps.
+    first_epoch, ranged, whole = bytes_streamed(plan, 0)
+    kept = float(sum(shards.columns.byte_size[shards.columns.shard_starts[u.shard] + u.position]
+                     for batch in first_epoch for u in batch))
+    per_slot = plan.epoch(0).per_slot
+    updates = epochs * per_slot * layout.readers
     reads, reads_s = cpu_timed(lambda: read_counts(plan_of(shards), updates))
+    read = plan.epoch(0).rows.read  # what the filters keep (at speed 1: perturbed lengths change by epoch)
     resumed = plan_of(shards)
     _, resume_s = cpu_timed(lambda: next(resumed.items(resume_updates, 0, workers, resumed.planned)))
     record |= {
         "plan_s_per_worker_epoch": round(plan_s, 4), "epoch_s": round(epoch_s, 3),
         "plan_share_of_epoch": round(plan_s / epoch_s, 4), "audio_s_per_gpu": audio_s_per_gpu,
         "padding": round(padding_fraction(first_epoch, policy.grid), 4),
-        "read_amplification": round(streamed / max(kept, 1e-9), 3),
-        "updates_per_epoch": round(len(first_epoch) / layout.streams, 1), "read_updates": updates,
-        "reads_min": int(reads.min()), "reads_max": int(reads.max()),
-        "reads_share_at_min": round(float(np.mean(reads == reads.min())), 4),
-        "reads_share_at_max": round(float(np.mean(reads == reads.max())), 4),
+        "read_amplification": round(ranged / max(kept, 1e-9), 3),
+        "read_amplification_without_offsets": round(whole / max(kept, 1e-9), 3),
+        "batches_per_slot_epoch": per_slot, "halved_batches": int(plan.epoch(0).halved.sum()),
+        "batch_seconds_mean": round(sum(u.num_samples for b in first_epoch for u in b) / SR / len(first_epoch), 1),
+        "updates_per_epoch": per_slot * layout.readers, "read_updates": updates,
+        "reads_min": int(reads[read].min()), "reads_max": int(reads[read].max()),
+        "reads_share_at_min": round(float(np.mean(reads[read] == reads[read].min())), 4),
+        "reads_share_at_max": round(float(np.mean(reads[read] == reads[read].max())), 4),
+        "filtered_at_epoch_0": int((~read).sum()),
         "resume_updates": resume_updates, "resume_s": round(resume_s, 3), "reads_pass_s": round(reads_s, 1)}
     return emit(record)

@@ -141,6 +141,26 @@ def _verify(args: argparse.Namespace) -> int:
     return 0 if result.ok else 1
 
 
+def _index(args: argparse.Namespace) -> int:
+    import time
+
+    from w2v_dist.data.index import ShardIndexError, is_remote
+    from w2v_dist.data.offsets import ShardOffsetsError, add_offsets
+
+    if remote := [d for d in args.dirs if is_remote(d)]:
+        return _fail("index", f"{redact(remote[0])}: index rewrites local shard directories only (run it "
+                              "where the shards are written, then copy index.json and its columnar copy)")
+    for directory in args.dirs:
+        started = time.monotonic()
+        try:
+            done = add_offsets(Path(directory))
+        except (ShardIndexError, ShardOffsetsError, OSError) as err:
+            return _fail("index", err, 1)
+        emit(f"{directory}: {done.shards} shards ({done.scanned} scanned for offsets), {done.utterances} "
+             f"utterances, {time.monotonic() - started:.1f} s")
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from w2v_dist.demo import run_demo
 
@@ -400,6 +420,12 @@ def build_parser() -> argparse.ArgumentParser:
     verify = command("verify", _verify, help="re-read a shard directory and check it against its index.json")
     verify.add_argument("dir", help="shard directory (the one holding index.json)")
     verify.add_argument("--workers", type=int, default=2, help="processes reading shards in parallel")
+
+    index = command("index", _index, help="record each sample's byte range in index.json (shards written "
+                                           "before offsets; no audio is read or rewritten) and write the "
+                                           "columnar index")
+    index.add_argument("dirs", nargs="+", metavar="DIR", help="local shard directory (the one holding "
+                                                              "index.json)")
 
     bench = command("bench", _bench,
                     help="benchmarks: one JSON line per measurement, ratios measured side by side")

@@ -48,9 +48,11 @@ class DataConfig:
     max_batch_size: int = 64
     """Upper bound on utterances per micro-batch, whatever the seconds budget allows."""
     bucket_window: int = 512
-    """Look-ahead window (utterances) sorted by duration before packing batches; larger pads less."""
+    """Evaluation: utterances sorted by duration together before packing batches; larger pads less. (Training
+    batches are cut from each shard's utterances sorted by duration: :mod:`w2v_dist.data.epoch`.)"""
     shuffle_buffer: int = 2000
-    """Shuffle buffer size in utterances after shard interleave; bounds worker memory."""
+    """Not used since training batches come from the global epoch (:mod:`w2v_dist.data.epoch`: shards in a
+    new order each epoch, batches in a new order in each slot); accepted so that older configs still load."""
     shape_quantum_frames: int = 0
     """Pad every training batch to one of a few shapes: lengths whose frame count is a multiple of this (32
     frames = 0.64 s for wav2vec2), each with one row count (``w2v_dist/data/shapes.py``). Otherwise nearly

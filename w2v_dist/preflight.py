@@ -33,10 +33,10 @@ class WorstCase:
 def worst_case(shards: ShardSet, policy: BatchPolicy, prep: Preprocess) -> WorstCase:
     """The largest micro-batch the plan can form: the longest kept utterance (at any speed perturbation's
     length; on a shape grid, its grid length), as many as the budget allows. Vectorised: every rank computes
-    it at startup, over every utterance and speed (15 s at 10,000 h as a loop over utterances)."""
-    count = shards.total_samples
-    source = np.fromiter((u.num_samples for shard in shards.utterances for u in shard), np.int64, count)
-    labels = np.fromiter((u.label_length for shard in shards.utterances for u in shard), np.int64, count)
+    it at startup, over every utterance and speed (15 s at 10,000 h as a loop over utterances), reading the
+    index's columns."""
+    source = shards.columns.num_samples.astype(np.int64)
+    labels = shards.columns.label_length.astype(np.int64)
     longest, label_length = 0, 0
     for speed in policy.speeds or (1.0,):
         lengths = perturbed_samples_of(source, speed, shards.sample_rate)

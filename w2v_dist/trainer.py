@@ -180,7 +180,7 @@ class Trainer:
             fetch_start = time.perf_counter()
             micro = [next(batches) for _ in range(run.grad_accum)]
             wait += time.perf_counter() - fetch_start
-            run.train_stream.update += 1
+            run.train_stream.took(micro)
             step = state.step + 1
             lr = lr_at(state.step, cfg.optim.lr, cfg.schedule.steps or cfg.trainer.max_steps, cfg.schedule)
             run.engine.set_lr(lr, encoder_frozen=state.step < cfg.model.freeze_finetune_updates)

@@ -13,8 +13,10 @@ from w2v_dist.config import ModelConfig
 from w2v_dist.ctc import ctc_loss_sum
 from w2v_dist.data.audio import EncoderGeometry
 from w2v_dist.data.collate import CTCBatch, CTCCollator
+from w2v_dist.data.epoch import sorted_batches
 from w2v_dist.data.index import Utterance
-from w2v_dist.data.shapes import ShapeGrid, pack_on_grid
+from w2v_dist.data.plan import BatchPolicy
+from w2v_dist.data.shapes import ShapeGrid
 from w2v_dist.model import load_model, load_processor
 
 pytestmark = pytest.mark.slow
@@ -25,7 +27,8 @@ def grid_batches(grid: ShapeGrid, count: int) -> list[CTCBatch]:
     rng = np.random.default_rng(0)
     utts = [Utterance(0, i, f"u{i}", int(rng.uniform(0.3, 2.5) * 16_000), 4) for i in range(200)]
     collator, batches = CTCCollator(return_attention_mask=False), []
-    for plan in pack_on_grid(iter(utts), grid, 64, None)[:count]:
+    policy = BatchPolicy(grid.max_batch_samples, grid.max_batch_size, 1, 1, grid=grid)
+    for plan in sorted_batches(utts, policy)[:count]:
         rows, length = grid.shape(plan)
         values = np.zeros((rows, length), dtype=np.float32)
         for row, utt in enumerate(plan):

@@ -7,19 +7,22 @@ import functools
 import http.server
 import itertools
 import random
+import re
 import shutil
 import socket
 import subprocess
 import threading
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 from transformers import Wav2Vec2Processor
 
 from w2v_dist.data.audio import EncoderGeometry
-from w2v_dist.data.index import Utterance, load_shard_set
+from w2v_dist.data.index import ShardSet, Utterance, columns_of, load_shard_set
 from w2v_dist.data.loader import EvalStream, Preprocess, TrainStream, make_loader, make_preprocess
 from w2v_dist.data.plan import BatchPolicy, StreamLayout
 
@@ -33,6 +36,13 @@ def make_shards(sizes: list[int], seed: int = 0) -> list[list[Utterance]]:
     rng = random.Random(seed)
     return [[Utterance(s, p, f"s{s}-{p}", int(rng.uniform(1, 20) * SR), rng.randint(5, 50))
              for p in range(n)] for s, n in enumerate(sizes)]
+
+
+def shard_set(shards: list[list[Utterance]], name: str = "mem") -> ShardSet:
+    """A shard set in memory (no tars) of :func:`make_shards`' utterances: for plans at metadata speed."""
+    return ShardSet(name, tuple(f"{name}/s{i}.tar" for i in range(len(shards))),
+                    tuple(sum(u.num_samples for u in s) / SR for s in shards), columns_of(tuple(map(tuple, shards))),
+                    SR)
 
 
 def preprocess(model_dir: Path) -> Preprocess:
@@ -54,36 +64,75 @@ def take_batches(stream: TrainStream, workers: int, count: int) -> list[dict]:
     return list(itertools.islice(iter(make_loader(stream, workers, 2)), count))
 
 
+@dataclass
+class Traffic:
+    """What a test server (:func:`http_server`) was asked for and sent, per path."""
+
+    requests: Counter[str] = field(default_factory=Counter)
+    sent: Counter[str] = field(default_factory=Counter)
+    """Body bytes."""
+    ranges: dict[str, list[str]] = field(default_factory=dict)
+    """The ``Range`` header of each request that had one."""
+
+
 class FlakyHandler(http.server.SimpleHTTPRequestHandler):
-    """Serves files, but cuts the first ``drops`` transfers of every ``.tar`` mid-file: the full
+    """Serves files, ``.tar`` files with single-range ``Range: bytes=a-b`` requests (206 + Content-Range),
+    but cuts the first ``drops`` transfers of every ``.tar``, whole or a range, midway: the full
     Content-Length is promised, half the bytes are sent, the connection is closed (what a dropped connection
-    looks like)."""
+    looks like). Without ``ranges`` a Range header is ignored (200 with the whole file, as some servers
+    do)."""
 
     drops: int = 0
-    served: dict[str, int] = {}
+    ranges: bool = True
+    traffic: Traffic = Traffic()
 
     def log_message(self, *args: object) -> None:
         pass
 
     def do_GET(self) -> None:
-        count = self.served[self.path] = self.served.get(self.path, 0) + 1
-        if not self.path.endswith(".tar") or count > self.drops:
+        self.traffic.requests[self.path] += 1
+        if not self.path.endswith(".tar"):
             return super().do_GET()
-        data = Path(self.translate_path(self.path)).read_bytes()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(data)))
+        try:
+            data = Path(self.translate_path(self.path)).read_bytes()
+        except OSError:
+            return self.send_error(404)
+        if (wanted := self.headers.get("Range")) is not None:
+            self.traffic.ranges.setdefault(self.path, []).append(wanted)
+        body, wanted = data, wanted if self.ranges else None
+        if wanted is not None:
+            match = re.fullmatch(r"bytes=(\d+)-(\d*)", wanted.strip())
+            if not match or int(match[1]) >= len(data):
+                self.send_response(416)
+                self.send_header("Content-Range", f"bytes */{len(data)}")
+                self.send_header("Content-Length", "0")
+                return self.end_headers()
+            first, last = int(match[1]), min(int(match[2] or len(data) - 1), len(data) - 1)
+            body = data[first:last + 1]
+        self.send_response(200 if wanted is None else 206)
+        self.send_header("Content-Type", "application/x-tar")
+        self.send_header("Content-Length", str(len(body)))
+        if wanted is not None:
+            self.send_header("Content-Range", f"bytes {first}-{last}/{len(data)}")
         self.end_headers()
-        self.wfile.write(data[: len(data) // 2])
-        self.wfile.flush()
-        self.close_connection = True
-        self.connection.shutdown(socket.SHUT_RDWR)
+        if self.traffic.requests[self.path] <= self.drops:
+            body = body[: len(body) // 2]
+            self.close_connection = True
+        self.wfile.write(body)
+        self.traffic.sent[self.path] += len(body)
+        if self.close_connection:
+            self.wfile.flush()
+            self.connection.shutdown(socket.SHUT_RDWR)
 
 
 @contextmanager
-def http_server(directory: Path, drops: int = 0) -> Iterator[str]:
+def http_server(directory: Path, drops: int = 0, ranges: bool = True, traffic: Traffic | None = None
+                ) -> Iterator[str]:
     """Serve ``directory`` on 127.0.0.1 (an ephemeral port) for the duration of the block; with ``drops``,
-    the first ``drops`` requests for each shard are cut mid-transfer (:class:`FlakyHandler`)."""
-    flaky = type("Flaky", (FlakyHandler,), {"drops": drops, "served": {}})
+    the first ``drops`` requests for each shard are cut mid-transfer (:class:`FlakyHandler`); without
+    ``ranges``, Range requests get the whole file. ``traffic`` is filled in with what was asked and sent."""
+    flaky = type("Flaky", (FlakyHandler,),
+                 {"drops": drops, "ranges": ranges, "traffic": traffic or Traffic()})
     handler = functools.partial(flaky, directory=str(directory))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)

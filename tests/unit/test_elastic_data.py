@@ -6,15 +6,16 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from dataclasses import replace
 
+import numpy as np
 import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from tests.support.data import SR, make_shards
+from tests.support.data import SR, make_shards, shard_set
 from w2v_dist.data.audio import EncoderGeometry
 from w2v_dist.data.index import ShardIndexError, ShardSet, Utterance
 from w2v_dist.data.loader import Preprocess, TrainStream
-from w2v_dist.data.mix import epoch_sample, epoch_samples, mix_shard_sets, part_name
+from w2v_dist.data.mix import epoch_sampled, epoch_samples, mix_shard_sets, part_name
 from w2v_dist.data.plan import BatchPolicy, StreamLayout
 from w2v_dist.data.shapes import ShapeGrid
 from w2v_dist.data.slots import TrainPlan
@@ -28,10 +29,7 @@ Shards = ShardSet | list[list[Utterance]]
 
 
 def as_shard_set(shards: Shards, name: str = "mem") -> ShardSet:
-    if isinstance(shards, ShardSet):
-        return shards
-    return ShardSet(name, tuple(f"{name}/s{i}.tar" for i in range(len(shards))),
-                    tuple(sum(u.num_samples for u in s) / SR for s in shards), tuple(map(tuple, shards)), SR)
+    return shards if isinstance(shards, ShardSet) else shard_set(shards, name)
 
 
 # Only the filters matter at plan speed: no labeler, no collator.
@@ -46,7 +44,7 @@ def stream_for(shards: Shards, layout: StreamLayout, rank: int, world: int, upda
 
 
 def plan_for(shards: Shards, layout: StreamLayout, rank: int = 0, world: int = 1) -> TrainPlan:
-    return TrainPlan(as_shard_set(shards), POLICY, PREP.skip_reason, layout, rank=rank, world_size=world)
+    return TrainPlan(as_shard_set(shards), POLICY, PREP, layout, rank=rank, world_size=world)
 
 
 def run_era(shards: Shards, layout: StreamLayout, world: int, num_workers: int, start: int,
@@ -93,8 +91,7 @@ def audit(shards: Shards, layout: StreamLayout, eras: list[tuple[int, int, int]]
 
     def kept(epoch: int) -> set[str]:
         """What the epoch reads (for a mix, its share of each set) and the filters keep."""
-        return {u.key for s in planner.epoch_utterances(epoch) for u in s
-                if 2 * SR <= u.num_samples <= 19 * SR}
+        return set(planner.shards.columns.keys(np.flatnonzero(planner.epoch(epoch).rows.read)))
 
     complete = [epoch for epoch in per_epoch
                 if all(read[(slot, epoch)] == len(planner.slot_epoch(slot, epoch)[0])
@@ -146,20 +143,22 @@ def test_a_mix_reads_its_fraction_of_each_set_per_epoch_across_world_size_change
     assert epoch_samples(mix) == 32 + 4 + 6 and part_name(mix, 5) == "b"
     assert [u.shard for u in mix.utterances[4]] == [4] * 10  # shard numbers follow the mix's order
     per_epoch = audit(mix, StreamLayout(4, 2, seed=3), [(2, 2, 9), (1, 3, 12), (4, 1, 10), (2, 4, 14)])
-    planner = plan_for(mix, StreamLayout(4, 2, seed=3))
-    b_keys = [{u.key for s in planner.epoch_utterances(epoch)[4:] for u in s} for epoch in (0, 1, 2)]
+    b_rows = np.arange(mix.columns.shard_starts[4], mix.columns.rows)
+    b_keys = [set(mix.columns.keys(b_rows[epoch_sampled(mix, 3, epoch)[b_rows]])) for epoch in (0, 1, 2)]
     assert [len(k) for k in b_keys] == [10, 10, 10] and len(set(map(frozenset, b_keys))) == 3, "a new subset"
     read_from_b = {k for keys in per_epoch.values() for k in keys if k.startswith("b")}
     assert read_from_b <= {u.key for s in b for u in s}
 
 
-def test_epoch_sample_is_a_deterministic_subset_in_tar_order() -> None:
-    shard = tuple(make_shards([20], seed=4)[0])
-    picked = epoch_sample(shard, 0.25, seed=1, epoch=3, shard=0)
-    assert len(picked) == 5 and picked == epoch_sample(shard, 0.25, seed=1, epoch=3, shard=0)
-    assert [u.position for u in picked] == sorted(u.position for u in picked) and set(picked) <= set(shard)
-    assert epoch_sample(shard, 1.0, seed=1, epoch=3, shard=0) is shard
-    assert epoch_sample(shard, 0.25, seed=1, epoch=4, shard=0) != picked
+def test_a_mix_samples_its_fraction_of_every_shard_afresh_each_epoch() -> None:
+    a, b = as_shard_set(make_shards([20, 7], seed=4), "a"), as_shard_set(make_shards([9], seed=5), "b")
+    mix = mix_shard_sets({"a": a, "b": b}, {"a": 0.25, "b": 1.0})
+    picked = epoch_sampled(mix, seed=1, epoch=3)
+    assert picked is not None and np.array_equal(picked, epoch_sampled(mix, seed=1, epoch=3))
+    per_shard = np.add.reduceat(picked, mix.columns.shard_starts[:-1])
+    assert per_shard.tolist() == [5, 2, 9]  # round(0.25 x 20), round(0.25 x 7), all of b
+    assert not np.array_equal(picked, epoch_sampled(mix, seed=1, epoch=4))
+    assert epoch_sampled(mix_shard_sets({"a": a, "b": b}, {"a": 1.0, "b": 1.0}), 1, 3) is None
 
 
 def test_a_mix_refuses_sets_sharded_differently() -> None:
@@ -224,10 +223,10 @@ def test_a_layout_with_more_slots_than_utterances_is_refused_with_its_numbers() 
     """100 h on 4,096 ranks x 8 workers would leave thousands of slots nothing to read, and the run would
     stop after three empty epochs: the startup refuses it, naming the counts (``run.build_run`` raises it as
     an input error)."""
-    shards = make_shards([3, 2, 2])
-    assert plan_for(shards, StreamLayout(7, 1, 0)).layout_problem() is None
+    shards = make_shards([3, 2, 2])  # 2 of them too short or too long for PREP's filters
+    assert plan_for(shards, StreamLayout(5, 1, 0)).layout_problem() is None
     problem = plan_for(shards, StreamLayout(4, 2, 0), world=2).layout_problem()
-    assert problem == ("data: 8 data slots (4 streams x 2 readers) but 7 training utterances per epoch, "
-                       "so 1 slot would read nothing: use fewer slots (trainer.update_seconds or "
-                       "trainer.grad_accum, data.stream_readers or data.num_workers, fewer ranks) or more "
-                       "data")
+    assert problem == ("data: 8 data slots (4 streams x 2 readers) cannot all read: epoch 0 reads 5 "
+                       "utterances (4 batches), too few to give 8 data slots the same number of batches (1 "
+                       "each): use fewer slots (trainer.update_seconds or trainer.grad_accum, "
+                       "data.stream_readers or data.num_workers, fewer ranks) or more data")

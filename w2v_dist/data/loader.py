@@ -8,7 +8,6 @@ update; everything else is replayed from the plan, see :mod:`w2v_dist.data.slots
 from __future__ import annotations
 
 import io
-import itertools
 import json
 import logging
 from collections import Counter
@@ -27,12 +26,14 @@ from w2v_dist.data.collate import CTCBatch, CTCCollator
 from w2v_dist.data.index import ShardSet, Utterance
 from w2v_dist.data.mix import mix_setting, part_name
 from w2v_dist.data.plan import Batch, BatchPolicy, Piece, StreamLayout, plan_batches
-from w2v_dist.data.shard_reader import RetryPolicy, read_members
+from w2v_dist.data.shard_reader import RetryPolicy, read_members, read_ranges
 from w2v_dist.data.slots import TrainPlan
 from w2v_dist.data.text import CharLabeler
 from w2v_dist.preemption import leave_stop_signals_to_the_rank
 
 log = logging.getLogger("w2v_dist.data")
+PLAN_VERSION = "global epoch, shards sorted by length (1)"
+"""Which data plan made a checkpoint's batches: a resume under another one says its batches differ."""
 
 
 @dataclass(frozen=True)
@@ -96,12 +97,10 @@ class _Stream(IterableDataset):  # type: ignore[type-arg]
         self.pool: BufferPool | None = None
         """This worker's batch buffers (made in the worker, on first use)."""
 
-    def _batches(self, batches: list[Batch], pieces: list[Piece], skips: Counter[str],
-                 utterances: tuple[tuple[Utterance, ...], ...] | None = None) -> Iterator[CTCBatch]:
-        """Read ``pieces`` (of ``utterances``, by default the whole set) in order and yield the planned
-        ``batches``, decoding only what they contain."""
+    def _batches(self, batches: list[Batch], pieces: list[Piece], skips: Counter[str]) -> Iterator[CTCBatch]:
+        """Stream ``pieces`` in order and yield the planned ``batches``, decoding only what they contain."""
         needed = {(u.shard, u.key) for batch in batches for u in batch}
-        samples = self._read(pieces, utterances or self.shards.utterances, needed, skips)
+        samples = self._read(pieces, needed, skips)
         held: dict[tuple[int, str], dict[str, bytes]] = {}
         for batch in batches:
             while any((u.shard, u.key) not in held for u in batch):
@@ -113,13 +112,34 @@ class _Stream(IterableDataset):  # type: ignore[type-arg]
             skips.clear()
             yield out
 
-    def _read(self, pieces: list[Piece], utterances: tuple[tuple[Utterance, ...], ...],
-              needed: set[tuple[int, str]], skips: Counter[str]
+    def _planned(self, batches: list[Batch], skips: Counter[str]) -> Iterator[CTCBatch]:
+        """Decode training batches, whose utterances come from anywhere in their shards: each batch's samples
+        read by the byte ranges the index records (a seek, or an HTTP Range request), or, for an index
+        without them or a ``pipe:`` command, each shard streamed once for all the batches that need it."""
+        columns = self.shards.columns
+        if not columns.has_offsets or any(url.startswith("pipe:") for url in self.shards.urls):
+            needed = dict.fromkeys(u.shard for batch in batches for u in batch)
+            yield from self._batches(batches, [Piece(shard) for shard in needed], skips)
+            return
+        starts = columns.shard_starts
+        for batch in batches:
+            held: dict[tuple[int, str], dict[str, bytes]] = {}
+            for shard in dict.fromkeys(u.shard for u in batch):
+                rows = [(u.key, int(starts[shard]) + u.position) for u in batch if u.shard == shard]
+                ranges = [(key, int(columns.byte_offset[row]), int(columns.byte_size[row])) for key, row in rows]
+                for key, members in read_ranges(self.shards.urls[shard], ranges, skips, self.retry):
+                    held[(shard, key)] = members
+            out = self._decode_batch(batch, held, skips)
+            skips.clear()
+            yield out
+
+    def _read(self, pieces: list[Piece], needed: set[tuple[int, str]], skips: Counter[str]
               ) -> Iterator[tuple[tuple[int, str], dict[str, bytes]]]:
         """``((shard, key), members)`` of the needed samples, piece by piece; a piece with none is not
         opened."""
         for piece in pieces:
-            wanted = {u.key for u in piece.select(utterances[piece.shard]) if (piece.shard, u.key) in needed}
+            wanted = {u.key for u in piece.select(self.shards.utterances[piece.shard])
+                      if (piece.shard, u.key) in needed}
             if wanted:
                 for key, members in read_members(self.shards.urls[piece.shard], wanted, skips, self.retry):
                     yield (piece.shard, key), members
@@ -199,7 +219,7 @@ class TrainStream(_Stream):
                  world_size: int, layout: StreamLayout, retry: RetryPolicy = RetryPolicy()) -> None:
         super().__init__(shards, policy, prep, retry=retry)
         self.layout = layout
-        self.plan = TrainPlan(shards, policy, prep.skip_reason, layout, rank=rank, world_size=world_size)
+        self.plan = TrainPlan(shards, policy, prep, layout, rank=rank, world_size=world_size)
         self.update = 0
         """Updates already taken: where the stream starts (the trainer keeps it at its step)."""
 
@@ -215,17 +235,24 @@ class TrainStream(_Stream):
             yield replace(batch, update=update, stream=stream)
 
     def _slot_batches(self, slot: int, first: int) -> Iterator[CTCBatch]:
-        for epoch, batches, pieces, skips in self.plan.slot_epochs(slot, first):
-            for batch in self._batches(batches, pieces, skips, self.plan.epoch_utterances(epoch)):
+        for epoch, batches, skips in self.plan.slot_epochs(slot, first):
+            for batch in self._planned(batches, skips):
                 yield replace(batch, epoch=epoch)
+
+    def took(self, micro_batches: list[CTCBatch]) -> None:
+        """The rank took one update's micro-batches: the stream starts after them from now on."""
+        for batch in micro_batches:
+            self.plan.saw(batch.epoch, batch.update)
+        self.update += 1
 
     def state_dict(self) -> dict[str, Any]:
         return {"update": self.update, "streams": self.layout.streams, "readers": self.layout.readers,
-                "seed": self.layout.seed, "plan_inputs": self.plan_inputs()}
+                "seed": self.layout.seed, "plan_inputs": self.plan_inputs(),
+                "epoch_batches": self.plan.epoch_batches(self.update // self.layout.readers + 1)}
 
     def plan_inputs(self) -> dict[str, Any]:
         """What the batches of an update depend on besides the layout, by the config keys that set it."""
-        return {"data.train_mix": mix_setting(self.shards),
+        return {"the data plan": PLAN_VERSION, "data.train_mix": mix_setting(self.shards),
                 "data.max_batch_seconds/max_batch_size/bucket_window/shuffle_buffer/speed_perturb":
                     json.loads(json.dumps({k: v for k, v in asdict(self.policy).items() if k != "grid"})),
                 "data.shape_quantum_frames": self.policy.grid.quantum_frames if self.policy.grid else 0,
@@ -240,6 +267,7 @@ class TrainStream(_Stream):
         before = state.get("plan_inputs", {"data.train_mix": state.get("mix", {})})
         if "plan_inputs" in state:  # saved before bounded shapes existed: its batches were free-length
             before = {"data.shape_quantum_frames": 0, **before}
+            before.setdefault("the data plan", "shard pieces per slot (before the global epoch)")
         changed = [name for name, value in self.plan_inputs().items()
                    if name in before and before[name] != value]
         if changed:  # a smaller batch after an OOM, a curriculum's new mix: on purpose, so go on, but say so
@@ -247,6 +275,8 @@ class TrainStream(_Stream):
                         "uninterrupted run (this epoch may read some utterances twice and others not at "
                         "all)", ", ".join(changed))
         self.update = int(state["update"])
+        if state.get("epoch_batches"):  # a mix or speed perturbation: where each epoch began
+            self.plan.load_epoch_batches([int(batches) for batches in state["epoch_batches"]])
 
 
 class EvalStream(_Stream):
@@ -256,14 +286,13 @@ class EvalStream(_Stream):
                  world_size: int, retry: RetryPolicy = RetryPolicy()) -> None:
         super().__init__(shards, policy, prep, retry=retry)
         # One more than shards.
-        firsts = itertools.accumulate((len(utts) for utts in shards.utterances), initial=0)
-        self.pieces = [Piece(shard, world_size, (rank - first) % world_size)
-                       for shard, first in zip(range(len(shards.utterances)), firsts)]
+        firsts = shards.columns.shard_starts[:-1].tolist()
+        self.pieces = [Piece(shard, world_size, (rank - first) % world_size) for shard, first in enumerate(firsts)]
 
     def __iter__(self) -> Iterator[CTCBatch]:
         worker, workers = _worker()
         mine = self.pieces[worker::workers]
-        batches, skips = plan_batches(mine, self.shards.utterances, self.policy, self.prep.skip_reason, None)
+        batches, skips = plan_batches(mine, self.shards.utterances, self.policy, self.prep.skip_reason)
         yield from self._batches(batches, mine, skips)
 
 

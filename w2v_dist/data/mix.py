@@ -4,16 +4,17 @@ fraction per epoch.
 A mix is a :class:`~w2v_dist.data.index.ShardSet` whose shards are its parts' shards one after the other; its
 ``parts``, ``shard_parts`` and ``fractions`` say which part each shard comes from and what fraction of that
 part an epoch reads. Everything that reads them is here: what an epoch reads (a fresh ``fraction`` of every
-shard of a part, :func:`epoch_sample`, drawn by ``(seed, epoch, shard)`` alone, so the plan stays replayable
-from metadata and no utterance is read twice in an epoch), how much that is, and which part a batch drew on.
+shard of a part, :func:`epoch_sampled`, drawn by ``(seed, epoch)`` alone, so the plan stays replayable from
+metadata and no utterance is read twice in an epoch), how much that is, and which part a batch drew on.
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
+import numpy as np
 
-from w2v_dist.data.index import ShardIndexError, ShardSet, Utterance
-from w2v_dist.data.plan import epoch_rng
+from w2v_dist.data.columns import Columns
+from w2v_dist.data.index import ShardIndexError, ShardSet
+from w2v_dist.data.plan import seeded
 from w2v_dist.redact import redact
 
 
@@ -24,7 +25,7 @@ def mix_shard_sets(sets: dict[str, ShardSet], fractions: dict[str, float]) -> Sh
     first = next(iter(sets.values()))
     urls: list[str] = []
     seconds: list[float] = []
-    utterances: list[tuple[Utterance, ...]] = []
+    columns: list[Columns] = []
     shard_parts: list[int] = []
     for part, (location, shards) in enumerate(sets.items()):
         for attribute in ("sample_rate", "text_policy"):
@@ -33,21 +34,13 @@ def mix_shard_sets(sets: dict[str, ShardSet], fractions: dict[str, float]) -> Sh
                     f"{redact(location)}: its {attribute} ({getattr(shards, attribute)}) differs from "
                     f"{redact(first.location)}'s ({getattr(first, attribute)}): shard the corpora of one "
                     "mix with the same options")
-        offset = len(urls)
         urls += shards.urls
         seconds += shards.seconds
-        utterances += (shards.utterances if offset == 0 else  # the first part's shard numbers stand
-                       [tuple(replace(u, shard=u.shard + offset) for u in utts)
-                        for utts in shards.utterances])
+        columns.append(shards.columns)  # shard numbers are places: a part's shard j becomes offset + j
         shard_parts += [part] * len(shards.urls)
-    return ShardSet("+".join(sets), tuple(urls), tuple(seconds), tuple(utterances), first.sample_rate,
+    return ShardSet("+".join(sets), tuple(urls), tuple(seconds), Columns.concat(columns), first.sample_rate,
                     first.text_policy, tuple(sets), tuple(shard_parts),
                     tuple(fractions[location] for location in sets))
-
-
-def shard_fraction(shards: ShardSet, shard: int) -> float:
-    """The fraction of a shard an epoch reads: all of it, unless a mix says less."""
-    return shards.fractions[shards.shard_parts[shard]] if shards.parts else 1.0
 
 
 def part_name(shards: ShardSet, shard: int) -> str:
@@ -60,30 +53,38 @@ def mix_setting(shards: ShardSet) -> dict[str, float]:
     return {redact(part): fraction for part, fraction in zip(shards.parts, shards.fractions)}
 
 
-def epoch_seconds(shards: ShardSet) -> tuple[float, ...]:
-    """Per shard, the audio seconds an epoch reads: all, or for a mix its fraction."""
-    return tuple(total * shard_fraction(shards, s) for s, total in enumerate(shards.seconds))
+def shard_fractions(shards: ShardSet) -> np.ndarray:
+    """Per shard, the fraction of it an epoch reads: all, unless a mix says less."""
+    if not shards.parts:
+        return np.ones(len(shards.urls))
+    return np.asarray(shards.fractions, dtype=np.float64)[np.asarray(shards.shard_parts)]
+
+
+def epoch_seconds(shards: ShardSet) -> float:
+    """The audio seconds an epoch reads: all, or for a mix its fraction of each part."""
+    return float(np.dot(np.asarray(shards.seconds, dtype=np.float64), shard_fractions(shards)))
+
+
+def epoch_counts(shards: ShardSet) -> np.ndarray:
+    """Per shard, the utterances an epoch reads: all, or ``round(fraction x n)`` for a mix's part."""
+    sizes = np.diff(shards.columns.shard_starts)
+    return np.round(shard_fractions(shards) * sizes).astype(np.int64)
 
 
 def epoch_samples(shards: ShardSet) -> int:
     """Utterances read per epoch: all of them, or the mix's fraction of each part (per shard, rounded)."""
-    return sum(round(len(u) * shard_fraction(shards, s)) for s, u in enumerate(shards.utterances))
+    return int(epoch_counts(shards).sum())
 
 
-def epoch_sample(utterances: tuple[Utterance, ...], fraction: float, seed: int, epoch: int, shard: int
-                 ) -> tuple[Utterance, ...]:
-    """A fresh ``fraction`` of a shard's utterances each epoch (``round(fraction * n)`` of them, in tar
-    order): how a mix reads part of a corpus per epoch without ever reading an utterance twice."""
-    if fraction >= 1.0:
-        return utterances
-    count = round(fraction * len(utterances))
-    picked = sorted(epoch_rng(seed, epoch, shard, -1).sample(range(len(utterances)), count))
-    return tuple(utterances[i] for i in picked)
-
-
-def epoch_utterances(shards: ShardSet, seed: int, epoch: int) -> tuple[tuple[Utterance, ...], ...]:
-    """Per shard, what ``epoch`` reads: every utterance, or for a mix its fraction of each part."""
-    if not shards.parts:
-        return shards.utterances
-    return tuple(epoch_sample(u, shard_fraction(shards, s), seed, epoch, s)
-                 for s, u in enumerate(shards.utterances))
+def epoch_sampled(shards: ShardSet, seed: int, epoch: int) -> np.ndarray | None:
+    """Which rows ``epoch`` reads: ``None`` (all) without a mix, else a fresh :func:`epoch_counts` of each
+    shard, drawn by ``(seed, epoch)`` alone: the same on every worker, replayable from metadata, and never an
+    utterance twice in an epoch."""
+    if not shards.parts or all(fraction >= 1.0 for fraction in shards.fractions):
+        return None
+    starts = np.asarray(shards.columns.shard_starts, dtype=np.int64)
+    shard = np.repeat(np.arange(len(starts) - 1), np.diff(starts))
+    order = np.lexsort((seeded(seed, epoch, 4).random(len(shard)), shard))
+    rank = np.empty(len(order), dtype=np.int64)
+    rank[order] = np.arange(len(order)) - starts[shard[order]]
+    return rank < epoch_counts(shards)[shard]

@@ -1,25 +1,21 @@
-"""Batch plans computed from index metadata alone: which samples each worker slot reads, in which order, in
-which batches. Nothing here touches audio, so a plan can be replayed (for exact resume) at metadata speed.
-
-A *slot* is one unit of reading, fixed for the whole run whatever the world size (:class:`StreamLayout`).
-Each epoch, shards are permuted by ``(seed, epoch)`` and given to slots so that audio seconds balance; with
-more slots than shards, each shard is split into strided *pieces* so that every slot reads something and
-every sample is still read exactly once per epoch.
+"""The vocabulary of batch plans, computed from index metadata alone: the batch policy, the stream layout
+(how training data is dealt out to ranks and worker *slots*), and the evaluation plan (strided *pieces*,
+windows sorted by length). Nothing here touches audio, so a plan can be replayed at metadata speed; the
+training plan, a global epoch over all slots, is :mod:`w2v_dist.data.epoch`.
 """
 
 from __future__ import annotations
 
-import heapq
-import itertools
-import random
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from w2v_dist.data.audio import EncoderGeometry, perturbed_samples
+import numpy as np
+
+from w2v_dist.data.audio import EncoderGeometry
 from w2v_dist.data.index import Utterance
-from w2v_dist.data.shapes import ShapeGrid, pack_on_grid
+from w2v_dist.data.shapes import ShapeGrid
 
 
 @dataclass(frozen=True)
@@ -43,7 +39,7 @@ class BatchPolicy:
     shuffle_buffer: int
     speeds: tuple[float, ...] = ()
     """Training: speed perturbation factors, one drawn per utterance and epoch
-    (:func:`speed_perturbation`)."""
+    (:meth:`~w2v_dist.data.epoch.EpochPlanner.rows`)."""
     grid: ShapeGrid | None = None
     """Training: pad every batch to one of a few shapes (:mod:`w2v_dist.data.shapes`); ``None``: to its
     longest utterance, as many utterances as the budget allows."""
@@ -73,7 +69,7 @@ class StreamLayout:
     streams (rank ``r`` of ``W`` takes streams ``r, r + W, ...``), so gradient accumulation is ``streams /
     W``. Each stream reads ``readers`` slots in turn (slot ``stream * readers + update % readers``): a slot
     is what one loader worker reads, and the plan gives every slot its share of each epoch
-    (:func:`~w2v_dist.data.plan.assign_pieces`). A resume on another world size moves whole streams between
+    (:mod:`~w2v_dist.data.epoch`). A resume on another world size moves whole streams between
     ranks; the batches of every update, and so the trajectory, stay those of the uninterrupted run, and every
     utterance is still read exactly once per epoch.
     """
@@ -112,65 +108,9 @@ Filter = Callable[[Utterance], str | None]
 """Returns a skip reason, or ``None`` to keep the utterance."""
 
 
-def epoch_rng(*parts: int) -> random.Random:
-    return random.Random(hash(tuple(parts)) & 0xFFFFFFFFFFFF)
-
-
-def piece_strides(shard_sizes: Sequence[int], slots: int) -> list[int]:
-    """Into how many pieces each shard is cut: one, unless there are fewer shards than slots; then the shards
-    with the most utterances per piece are cut further until there are as many pieces as slots, never into
-    more pieces than a shard has utterances (so every slot reads something whenever the corpus has an
-    utterance per slot). Ties go to the lower shard index. O((shards + slots) log shards): a heap of the
-    shards still to cut."""
-    strides = [1] * len(shard_sizes)
-    splittable: list[tuple[float, int]] = [(-float(size), shard) for shard, size in enumerate(shard_sizes)
-                                           if size > 1]
-    heapq.heapify(splittable)
-    pieces = len(shard_sizes)
-    while pieces < slots and splittable:
-        _, shard = heapq.heappop(splittable)
-        strides[shard] += 1
-        pieces += 1
-        if strides[shard] < shard_sizes[shard]:
-            heapq.heappush(splittable, (-shard_sizes[shard] / strides[shard], shard))
-    return strides
-
-
-def assign_pieces(shard_seconds: Sequence[float], shard_sizes: Sequence[int], slots: int, seed: int,
-                  epoch: int) -> list[list[Piece]]:
-    """Pieces per slot for one epoch, balanced by seconds (longest-processing-time first): each piece goes to
-    the slot with the fewest seconds so far, then the fewest pieces, then the lowest index. O(pieces log
-    slots): a heap of ``(seconds, pieces, slot)``."""
-    pieces = [Piece(shard, stride, offset) for shard, stride in enumerate(piece_strides(shard_sizes, slots))
-              for offset in range(stride)]
-    epoch_rng(seed, epoch).shuffle(pieces)
-    # Stable: equal sizes keep the shuffled order.
-    pieces.sort(key=lambda p: -shard_seconds[p.shard] / p.stride)
-    loads = [(0.0, 0, slot) for slot in range(slots)]  # sorted, so already a heap
-    assigned: list[list[Piece]] = [[] for _ in range(slots)]
-    for piece in pieces:
-        load, count, slot = loads[0]
-        assigned[slot].append(piece)
-        heapq.heapreplace(loads, (load + shard_seconds[piece.shard] / piece.stride, count + 1, slot))
-    for slot_pieces in assigned:
-        # One piece has one order: no generator to seed (half the cost at 4,096 slots).
-        if len(slot_pieces) > 1:
-            epoch_rng(seed, epoch, len(slot_pieces)).shuffle(slot_pieces)
-    return assigned
-
-
-def shuffled(items: Iterable[Utterance], size: int, rng: random.Random) -> Iterator[Utterance]:
-    """A bounded shuffle buffer, as webdataset's ``shuffle`` stage does it, but replayable."""
-    buffer: list[Utterance] = []
-    for item in items:
-        if len(buffer) < size:
-            buffer.append(item)
-            continue
-        slot = rng.randrange(size)
-        yield buffer[slot]
-        buffer[slot] = item
-    rng.shuffle(buffer)
-    yield from buffer
+def seeded(*parts: int) -> np.random.Generator:
+    """numpy's generator for a tuple of integers (seed, epoch, ...): the same on every rank and worker."""
+    return np.random.default_rng([part & 0xFFFFFFFF for part in parts])
 
 
 def pack(window: list[Utterance], policy: BatchPolicy) -> list[Batch]:
@@ -189,51 +129,20 @@ def pack(window: list[Utterance], policy: BatchPolicy) -> list[Batch]:
 
 
 def plan_batches(pieces: Sequence[Piece], utterances: Sequence[Sequence[Utterance]], policy: BatchPolicy,
-                 keep: Filter, rng: random.Random | None,
-                 perturb: Callable[[Utterance], Utterance] | None = None
-                 ) -> tuple[list[Batch], Counter[str]]:
-    """Batches for one slot and epoch, and the load-time skips by reason.
-
-    ``rng`` shuffles (buffer and batch order); ``None`` keeps stream order, as evaluation wants. ``perturb``
-    gives an utterance its speed and length for this epoch before the filters and the packing see it.
-    """
+                 keep: Filter) -> tuple[list[Batch], Counter[str]]:
+    """Evaluation batches of ``pieces``, in stream order, each ``bucket_window`` of utterances sorted by
+    length before packing; and the load-time skips by reason."""
     skips: Counter[str] = Counter()
     kept: list[Utterance] = []
     for piece in pieces:
         for utt in piece.select(utterances[piece.shard]):
-            utt = perturb(utt) if perturb else utt
             reason = keep(utt)
             if reason is None:
                 kept.append(utt)
             else:
                 skips[reason] += 1
-    stream = iter(shuffled(kept, policy.shuffle_buffer, rng) if rng else kept)
-    if policy.grid is not None:
-        return pack_on_grid(stream, policy.grid, policy.bucket_window, rng), skips
-    batches: list[Batch] = []
-    while window := list(itertools.islice(stream, policy.bucket_window)):
-        packed = pack(window, policy)
-        if rng is not None:
-            rng.shuffle(packed)
-        batches += packed
-    return batches, skips
-
-
-def speed_perturbation(speeds: Sequence[float], seed: int, epoch: int, sample_rate: int
-                       ) -> Callable[[Utterance], Utterance] | None:
-    """Each utterance's speed for an epoch, drawn uniformly from ``speeds`` by ``(seed, epoch, shard,
-    position)`` alone (the same whichever slot reads it); ``None`` when there is nothing to draw."""
-    if not speeds or set(speeds) == {1.0}:
-        return None
-
-    def perturb(utt: Utterance) -> Utterance:
-        speed = speeds[hash((seed, epoch, utt.shard, utt.position)) % len(speeds)]
-        if speed == 1.0:
-            return utt
-        return replace(utt, speed=speed, source_samples=utt.num_samples,
-                       num_samples=perturbed_samples(utt.num_samples, speed, sample_rate))
-
-    return perturb
+    return [batch for start in range(0, len(kept), policy.bucket_window)
+            for batch in pack(kept[start:start + policy.bucket_window], policy)], skips
 
 
 def padding_fraction(batches: Iterable[Batch], grid: ShapeGrid | None = None) -> float:

@@ -5,17 +5,19 @@ costs: cuDNN and cuBLAS plan anew, autotuning is never reused, and ``torch.compi
 the H200 the same batch repeated ran 22-72 % faster than fresh ones (docs/performance.md). Here a batch is
 padded to a grid: its length is the fewest samples whose frame count is a multiple of the quantum (32 frames:
 10,240 samples + 80 for wav2vec2's encoder) at or above its longest utterance's, and each grid length has one
-row count, as many as the batch budget allows. A batch with fewer utterances gets empty rows (no audio, no
-labels: they add nothing to the loss, ``w2v_dist/ctc.py``). Utterances are packed by grid cell across a
-slot's whole epoch; what is left at the end is packed longest first, so a slot's epoch has at most one batch
-that is not full.
+row count, as many as the batch budget allows, and half of it for a batch that fits in half (the global
+epoch halves a few batches so that every slot reads as many: :mod:`w2v_dist.data.epoch`). A batch with fewer
+utterances gets empty rows (no audio, no labels: they add nothing to the loss, ``w2v_dist/ctc.py``). The
+epoch cuts each shard's utterances longest first, a batch holding its first one's rows, so only a shard's
+last batch is short of rows.
 """
 
 from __future__ import annotations
 
-import random
-from collections.abc import Iterable
+from collections.abc import Sequence
 from dataclasses import dataclass
+
+import numpy as np
 
 from w2v_dist.data.audio import EncoderGeometry
 from w2v_dist.data.index import Utterance
@@ -44,46 +46,22 @@ class ShapeGrid:
         cells = -(-frames // self.quantum_frames)
         return self.receptive_field + (cells * self.quantum_frames - 1) * self.frame_step
 
+    def lengths(self, num_samples: np.ndarray) -> np.ndarray:
+        """:meth:`length` of many utterances at once."""
+        steps = np.maximum(0, -(-(np.asarray(num_samples, dtype=np.int64) - self.receptive_field)
+                                // self.frame_step))
+        cells = -(-(1 + steps) // self.quantum_frames)
+        return self.receptive_field + (cells * self.quantum_frames - 1) * self.frame_step
+
     def rows(self, length: int) -> int:
-        """The rows of every batch of grid length ``length``: the budget's worth, at least one."""
+        """The rows of a full batch of grid length ``length``: the budget's worth, at least one."""
         return max(1, min(self.max_batch_size, self.max_batch_samples // length))
 
-    def shape(self, batch: Iterable[Utterance]) -> tuple[int, int]:
-        """``(rows, samples)`` of a planned batch once padded to the grid."""
+    def shape(self, batch: Sequence[Utterance]) -> tuple[int, int]:
+        """``(rows, samples)`` of a planned batch once padded to the grid: a full batch's rows, or half of
+        them (rounded up) for a batch that fits in half, as the global epoch's halved batches do
+        (:mod:`w2v_dist.data.epoch`): two shapes per grid length."""
         length = self.length(max(u.num_samples for u in batch))
-        return self.rows(length), length
-
-
-def pack_on_grid(utterances: Iterable[Utterance], grid: ShapeGrid, window: int, rng: random.Random | None
-                 ) -> list[list[Utterance]]:
-    """A slot-epoch's stream of utterances in batches of grid cells, in the order they fill; with ``rng``,
-    the order is shuffled among the batches filled during each ``window`` utterances (as :func:`plan_batches`
-    shuffles each window's batches)."""
-    waiting: dict[int, list[Utterance]] = {}
-    batches: list[list[Utterance]] = []
-    filled: list[list[Utterance]] = []
-    for seen, utt in enumerate(utterances, 1):
-        length = grid.length(utt.num_samples)
-        cell = waiting.setdefault(length, [])
-        cell.append(utt)
-        if len(cell) == grid.rows(length):
-            filled.append(cell)
-            waiting[length] = []
-        if seen % window == 0:
-            batches += _shuffled(filled, rng)
-            filled = []
-    # The cells' remainders, longest first: each batch starts with its longest utterance, which sets its
-    # shape, and is filled with the next ones (shorter, so they fit), so only the very last batch can be
-    # short of rows.
-    left = sorted((u for cell in waiting.values() for u in cell), key=lambda u: (-u.num_samples, u.key))
-    while left:
-        rows = grid.rows(grid.length(left[0].num_samples))
-        filled.append(left[:rows])
-        left = left[rows:]
-    return batches + _shuffled(filled, rng)
-
-
-def _shuffled(batches: list[list[Utterance]], rng: random.Random | None) -> list[list[Utterance]]:
-    if rng is not None:
-        rng.shuffle(batches)
-    return batches
+        rows = self.rows(length)
+        half = -(-rows // 2)
+        return (half if len(batch) <= half else rows), length

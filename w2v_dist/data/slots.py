@@ -12,24 +12,24 @@ from __future__ import annotations
 import itertools
 from collections import Counter
 from collections.abc import Callable, Iterator
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
+import numpy as np
+
+from w2v_dist.data.epoch import Epoch, EpochLayoutError, EpochPlanner
 from w2v_dist.data.index import ShardSet, Utterance
-from w2v_dist.data.mix import epoch_seconds, epoch_utterances
-from w2v_dist.data.plan import (
-    Batch,
-    BatchPolicy,
-    Filter,
-    Piece,
-    StreamLayout,
-    assign_pieces,
-    epoch_rng,
-    plan_batches,
-    speed_perturbation,
-)
+from w2v_dist.data.mix import epoch_sampled
+from w2v_dist.data.plan import Batch, BatchPolicy, StreamLayout
 
-MAX_EMPTY_EPOCHS = 3
 T = TypeVar("T")
+
+
+class Filters(Protocol):
+    """The training filters (:class:`~w2v_dist.data.loader.Preprocess`): per utterance, and vectorised."""
+
+    def skip_reason(self, utt: Utterance) -> str | None: ...
+
+    def kept(self, num_samples: np.ndarray, label_length: np.ndarray) -> np.ndarray: ...
 
 
 def recent_epochs(cache: dict[int, T], epoch: int, make: Callable[[], T]) -> T:
@@ -44,54 +44,77 @@ def recent_epochs(cache: dict[int, T], epoch: int, make: Callable[[], T]) -> T:
 
 class TrainPlan:
     """Endless, deterministic training batches for one rank, as metadata: the micro-batches of update after
-    update (:class:`~w2v_dist.data.plan.StreamLayout`), each slot's from its epoch's pieces, and ``keep`` the
-    filters (a skip reason, or ``None``)."""
+    update (:class:`~w2v_dist.data.plan.StreamLayout`), each slot's from its share of every global epoch
+    (:mod:`w2v_dist.data.epoch`)."""
 
-    def __init__(self, shards: ShardSet, policy: BatchPolicy, keep: Filter, layout: StreamLayout, *,
+    def __init__(self, shards: ShardSet, policy: BatchPolicy, filters: Filters, layout: StreamLayout, *,
                  rank: int, world_size: int) -> None:
-        self.shards, self.policy, self.keep, self.layout = shards, policy, keep, layout
+        self.shards, self.policy, self.layout = shards, policy, layout
         self.rank, self.world_size = rank, world_size
         self.per_rank = layout.streams_per_rank(world_size)
         """Micro-batches per update on this rank: its share of the data streams."""
-        self._sampled: dict[int, tuple[tuple[Utterance, ...], ...]] = {}
-        self._assigned: dict[int, list[list[Piece]]] = {}
+        self.planner = EpochPlanner(shards, policy, filters.kept, filters.skip_reason, layout.slots,
+                                    layout.seed, lambda epoch: epoch_sampled(shards, layout.seed, epoch))
+        self._epochs: dict[int, Epoch] = {}
+        self._firsts = [0]
+        """``_firsts[e]``: a slot's batches before epoch ``e`` (every slot reads as many per epoch)."""
 
-    def slot_epoch(self, slot: int, epoch: int) -> tuple[list[Batch], list[Piece], Counter[str]]:
-        """One slot's ``epoch``: its batches, the pieces it reads them from, and the load-time skips."""
-        layout = self.layout
-        utterances = self.epoch_utterances(epoch)
-        pieces = self.epoch_pieces(epoch)[slot]
-        perturb = speed_perturbation(self.policy.speeds, layout.seed, epoch, self.shards.sample_rate)
-        batches, skips = plan_batches(pieces, utterances, self.policy, self.keep,
-                                      epoch_rng(layout.seed, epoch, slot), perturb)
-        return batches, pieces, skips
+    def epoch(self, number: int) -> Epoch:
+        try:
+            return recent_epochs(self._epochs, number, lambda: self.planner.epoch(number))
+        except EpochLayoutError as err:
+            raise RuntimeError(f"data: {err}") from None
 
-    def epoch_pieces(self, epoch: int) -> list[list[Piece]]:
-        """Every slot's pieces of ``epoch``: planned once per epoch for all the slots a worker reads, not
-        once per slot (:func:`~w2v_dist.data.plan.assign_pieces`)."""
-        return recent_epochs(self._assigned, epoch, lambda: assign_pieces(
-            epoch_seconds(self.shards), [len(u) for u in self.epoch_utterances(epoch)], self.layout.slots,
-            self.layout.seed, epoch))
+    def slot_epoch(self, slot: int, epoch: int) -> tuple[list[Batch], Counter[str]]:
+        """One slot's ``epoch``: its batches in reading order, and the filtered utterances it reports."""
+        return self.planner.slot_batches(self.epoch(epoch), slot)
 
-    def epoch_utterances(self, epoch: int) -> tuple[tuple[Utterance, ...], ...]:
-        """Per shard, what ``epoch`` reads: every utterance, or for a mix its fraction of each part
-        (:func:`~w2v_dist.data.mix.epoch_utterances`)."""
-        return recent_epochs(self._sampled, epoch,
-                             lambda: epoch_utterances(self.shards, self.layout.seed, epoch))
+    def first_batch(self, epoch: int) -> int:
+        """A slot's batches before ``epoch``: O(1) when epochs do not change (every one has as many batches),
+        else one plan per epoch not yet known (:meth:`load_epoch_batches` restores them on resume)."""
+        if not self.planner.changing:
+            return epoch * self.epoch(0).per_slot
+        while len(self._firsts) <= epoch:
+            self._firsts.append(self._firsts[-1] + self.epoch(len(self._firsts) - 1).per_slot)
+        return self._firsts[epoch]
+
+    def locate(self, batch: int) -> tuple[int, int]:
+        """``(epoch, index in it)`` of a slot's batch number ``batch``."""
+        if not self.planner.changing:
+            return divmod(batch, self.epoch(0).per_slot)
+        epoch = 0
+        while self.first_batch(epoch + 1) <= batch:
+            epoch += 1
+        return epoch, batch - self.first_batch(epoch)
+
+    def epoch_batches(self, batches: int) -> list[int]:
+        """Batches per slot of every epoch a slot has started by its batch number ``batches``: what a resume
+        needs to find its epoch without planning the ones before (empty when epochs do not change)."""
+        if not self.planner.changing:
+            return []
+        epoch, _ = self.locate(batches)
+        return [self.first_batch(e + 1) - self.first_batch(e) for e in range(epoch + 1)]
+
+    def load_epoch_batches(self, per_epoch: list[int]) -> None:
+        self._firsts = list(itertools.accumulate(per_epoch, initial=0))
+
+    def saw(self, epoch: int, update: int) -> None:
+        """A micro-batch of ``epoch`` taken at ``update``, in update order: the first of an epoch says where it
+        began (at ``first_batch(epoch) * readers``), so a rank learns what :meth:`epoch_batches` saves from the
+        batches it takes, without planning them itself."""
+        if self.planner.changing and epoch == len(self._firsts):
+            self._firsts.append(update // self.layout.readers)
 
     def layout_problem(self) -> str | None:
-        """Why this layout cannot train, said at startup: slots that an epoch gives nothing to read (more
-        slots than utterances per epoch), which would otherwise stop the run after :data:`MAX_EMPTY_EPOCHS`
-        empty epochs."""
-        starved = sum(not pieces for pieces in self.epoch_pieces(0))
-        if not starved:
-            return None
-        layout, slots = self.layout, "slot" if starved == 1 else "slots"
-        utterances = sum(map(len, self.epoch_utterances(0)))
-        return (f"data: {layout.slots:,} data slots ({layout.streams:,} streams x {layout.readers:,} "
-                f"readers) but {utterances:,} training utterances per epoch, so {starved:,} {slots} would "
-                "read nothing: use fewer slots (trainer.update_seconds or trainer.grad_accum, "
-                "data.stream_readers or data.num_workers, fewer ranks) or more data")
+        """Why this layout cannot train, said at startup: an epoch that cannot give every slot a batch."""
+        try:
+            self.planner.epoch(0)
+        except EpochLayoutError as err:
+            layout = self.layout
+            return (f"data: {layout.slots:,} data slots ({layout.streams:,} streams x {layout.readers:,} "
+                    f"readers) cannot all read: {err}: use fewer slots (trainer.update_seconds or trainer.grad_accum, "
+                    "data.stream_readers or data.num_workers, fewer ranks) or more data")
+        return None
 
     def schedule(self, start: int, worker: int, workers: int) -> Iterator[tuple[int, int, int]]:
         """``(update, stream, slot)`` of each micro-batch a worker makes from update ``start`` on, in the
@@ -104,30 +127,20 @@ class TrainPlan:
             stream = self.rank + index * self.world_size
             yield update, stream, self.layout.slot(stream, update)
 
-    def slot_epochs(self, slot: int, first: int
-                    ) -> Iterator[tuple[int, list[Batch], list[Piece], Counter[str]]]:
+    def slot_epochs(self, slot: int, first: int) -> Iterator[tuple[int, list[Batch], Counter[str]]]:
         """A slot's endless plan from its batch number ``first`` on, epoch by epoch: ``(epoch, batches,
-        pieces, load-time skips)`` (skips only with an epoch's first batch)."""
-        skip, empty_epochs = first, 0
-        for epoch in itertools.count():
-            batches, pieces, skips = self.slot_epoch(slot, epoch)
-            if skip >= len(batches):
-                skip -= len(batches)
-                empty_epochs = empty_epochs + 1 if not batches else 0
-                if empty_epochs >= MAX_EMPTY_EPOCHS:
-                    raise RuntimeError(f"data slot {slot} received no usable samples in {empty_epochs} "
-                                       "epochs: too few utterances for this many slots (data streams x "
-                                       "readers), or all were filtered")
-                continue
-            yield epoch, batches[skip:], pieces, skips if skip == 0 else Counter()
+        filtered)`` (the filtered counts only with an epoch's first batch)."""
+        epoch, skip = self.locate(first)
+        for number in itertools.count(epoch):
+            batches, skips = self.slot_epoch(slot, number)
+            yield number, batches[skip:], skips if skip == 0 else Counter()
             skip = 0
 
     def planned(self, slot: int, first: int) -> Iterator[tuple[int, Batch]]:
         """``(epoch, batch)`` of a slot from its batch number ``first`` on, at plan speed (no audio)."""
-        for epoch, batches, _, _ in self.slot_epochs(slot, first):
+        for epoch, batches, _ in self.slot_epochs(slot, first):
             for batch in batches:
                 yield epoch, batch
-
     def items(self, start: int, worker: int, workers: int, source: Callable[[int, int], Iterator[T]]
               ) -> Iterator[tuple[int, int, T]]:
         """``(update, stream, item)`` for :meth:`schedule`, each item the next of its slot's ``source(slot,

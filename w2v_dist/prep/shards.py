@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from w2v_dist.data.audio import SAMPLE_RATE, EncoderGeometry, decode, decode_error, encode_flac, to_16k_mono
 from w2v_dist.data.index import FORMAT_VERSION, INDEX_NAME
+from w2v_dist.data.offsets import save_index
 from w2v_dist.data.text import (
     LIBRISPEECH,
     TextPolicy,
@@ -202,27 +203,31 @@ def sample_json(item: Probed) -> dict[str, object]:
 
 
 def write_shard(path: Path, items: list[Probed]) -> dict[str, object]:
-    """Write one tar under a temporary name, then rename; return its index entry.
+    """Write one tar under a temporary name, then rename; return its index entry, whose rows hold each
+    sample's byte range (:mod:`w2v_dist.data.offsets`) so that a reader can fetch it alone.
 
     The standard library's tar headers, not webdataset's ``TarWriter``: importing webdataset pulls in torch,
     and the members are the same.
     """
     tmp = path.with_name(path.name + ".partial")
     reader = FileReader()
+    rows: list[list[object]] = []
     with open(tmp, "wb") as out:
         sink = TarSink(out)
         for item in items:
             audio: bytes | memoryview = reader.read(item.source.audio)  # type: ignore[arg-type]
             if item.converted_from:
                 audio = encode_flac(to_16k_mono(*decode(bytes(audio))))
+            start = sink.offset
             sink.add(f"{item.source.key}.flac", audio)
             sink.add(f"{item.source.key}.json", json.dumps(sample_json(item), sort_keys=True).encode())
+            rows.append([item.source.key, item.num_samples, label_length(item.text), start,
+                         sink.offset - start])
         sink.close()
     tmp.rename(path)
     seconds = round(sum(i.num_samples for i in items) / SAMPLE_RATE, 3)
     return {"name": path.name, "samples": len(items), "seconds": seconds, "bytes": sink.offset,
-            "sha256": sink.sha256.hexdigest(),
-            "utterances": [[i.source.key, i.num_samples, label_length(i.text)] for i in items]}
+            "sha256": sink.sha256.hexdigest(), "utterances": rows}
 
 
 def histogram(seconds: list[float], bin_seconds: float = 1.0) -> dict[str, object]:
@@ -359,8 +364,6 @@ def shard_corpus(sources: list[Source], out: str | Path, opts: ShardOptions, des
     if not opts.dry_run:
         write_rejects(rejects, out_dir)
         write_vocab(build_vocab(p.text for p in accepted), out_dir / "vocab.json")
-        tmp = out_dir / (INDEX_NAME + ".partial")
-        tmp.write_text(json.dumps(index, indent=1) + "\n")
-        tmp.rename(out_dir / INDEX_NAME)
+        save_index(out_dir, index)
     index["elapsed_seconds"] = time.monotonic() - started
     return index

@@ -90,7 +90,7 @@ def _check_sample(key: str, parts: dict[str, bytes], row: list, sample_rate: int
                   report: ShardReport) -> None:
     """Compare one sample with its index row and its own json; problems go to ``report``."""
     problems = report.problems
-    expected_key, expected_samples, expected_label = row
+    expected_key, expected_samples, expected_label = row[:3]  # [..., byte_offset, byte_size] since offsets
     if key != expected_key:
         # out of order: the row's numbers belong to another sample, so compare to the json only
         problems.append(f"sample {report.samples}: key {key!r}, the index says {expected_key!r}")
