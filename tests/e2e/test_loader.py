@@ -40,6 +40,29 @@ def test_resume_reproduces_the_uninterrupted_key_sequence(shard_dirs: dict, tiny
         assert keys(take_batches(resumed, workers, 40 - cut)) == straight[cut:], f"resume at {cut}"
 
 
+def test_an_index_without_byte_ranges_streams_whole_shards_into_the_same_batches(
+        shard_dirs: dict, tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Shards made before byte ranges (3-element rows, no columns) give the batches of the same shards with
+    them: each shard a slot needs is streamed whole, and no sample is read by its range."""
+    import w2v_dist.data.loader as loader
+
+    location = shard_dirs["train-clean-100"]
+    ranged = [list(b.input_lengths) for b in take_batches(train_stream(str(location), tiny_model), 0, 12)]
+    old = tmp_path / "old"
+    shutil.copytree(location, old, ignore=shutil.ignore_patterns("index.columns"))
+    index = json.loads((old / "index.json").read_text())
+    for shard in index["shards"]:
+        shard["utterances"] = [row[:3] for row in shard["utterances"]]
+    (old / "index.json").write_text(json.dumps(index))
+
+    def no_ranges(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a range read without byte ranges")
+
+    monkeypatch.setattr(loader, "read_ranges", no_ranges)
+    whole = [list(b.input_lengths) for b in take_batches(train_stream(str(old), tiny_model), 0, 12)]
+    assert whole == ranged
+
+
 def test_streams_are_endless_and_cross_epochs(shard_dirs: dict, tiny_model: Path) -> None:
     """2 ranks x 2 workers = 4 slots over fewer shards: each rank keeps producing past several epochs."""
     location = str(shard_dirs["train-clean-100"])
@@ -67,12 +90,18 @@ def test_each_dev_utterance_once_over_ranks(shard_dirs: dict, tiny_model: Path, 
     assert seen == Counter(u[0] for s in index["shards"] for u in s["utterances"])
 
 
-def test_shards_stream_from_a_loopback_http_server(shard_dirs: dict, tiny_model: Path) -> None:
+@pytest.mark.parametrize("ranges", [True, False])
+def test_shards_stream_from_a_loopback_http_server(shard_dirs: dict, tiny_model: Path, ranges: bool,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """By HTTP Range requests; from a server that ignores them, by whole shards (said once, at the start)."""
     directory = shard_dirs["train-clean-100"]
     local = keys(take_batches(train_stream(str(directory), tiny_model), 0, 12))
-    with http_server(directory) as url:
-        remote = take_batches(train_stream(url, tiny_model, workers=1), 1, 12)
+    with http_server(directory, ranges=ranges) as url:
+        stream = train_stream(url, tiny_model, workers=1)
+        remote = take_batches(stream, 1, 12)
     assert keys(remote) == local and remote[0].input_values.shape[0] == len(local[0])
+    assert stream.by_range == ranges
+    assert ("does not support HTTP Range requests" in caplog.text) == (not ranges)
 
 
 def rewrite_tar(path: Path, change: dict[str, bytes | None]) -> None:
@@ -233,8 +262,8 @@ def test_speed_perturbed_batches_are_the_resampled_audio_at_the_planned_lengths(
 def test_grid_shapes_from_real_shards_with_empty_rows_and_exact_resume(shard_dirs: dict, tiny_model: Path,
                                                                        workers: int) -> None:
     """24 updates of a grid-shaped stream (data.shape_quantum_frames=32), in shared-memory buffers with 2
-    workers: every batch has its grid shape, its empty rows are silence without labels, at most 12 shapes
-    occur where free batches have many more, and a resume replays the same batches."""
+    workers: every batch has its grid shape (full or half rows), its empty rows are silence without labels, at
+    most 12 shapes occur where free batches have many more, and a resume replays the same batches."""
     from dataclasses import replace
 
     from w2v_dist.data.audio import EncoderGeometry
@@ -249,8 +278,9 @@ def test_grid_shapes_from_real_shards_with_empty_rows_and_exact_resume(shard_dir
     batches = take_batches(stream(), workers, 24)
     for batch in batches:
         rows, length = batch.input_values.shape
-        assert (rows, length) == (grid.rows(grid.length(max(batch.sample_lengths))), grid.length(
-            max(batch.sample_lengths)))
+        full = grid.rows(grid.length(max(batch.sample_lengths)))
+        half = -(-full // 2)  # a batch that fits in half its shape's rows has half of them (a halved batch)
+        assert (rows, length) == (half if len(batch) <= half else full, grid.length(max(batch.sample_lengths)))
         assert len(batch) <= rows and batch.sample_lengths[len(batch):] == (0,) * (rows - len(batch))
         assert not batch.input_values[len(batch):].any() and batch.target_lengths[len(batch):] == (0,) * (
             rows - len(batch))

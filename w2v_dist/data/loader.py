@@ -26,7 +26,7 @@ from w2v_dist.data.collate import CTCBatch, CTCCollator
 from w2v_dist.data.index import ShardSet, Utterance
 from w2v_dist.data.mix import mix_setting, part_name
 from w2v_dist.data.plan import Batch, BatchPolicy, Piece, StreamLayout, plan_batches
-from w2v_dist.data.shard_reader import RetryPolicy, read_members, read_ranges
+from w2v_dist.data.shard_reader import RangesUnsupported, RetryPolicy, read_members, read_ranges
 from w2v_dist.data.slots import TrainPlan
 from w2v_dist.data.text import CharLabeler
 from w2v_dist.preemption import leave_stop_signals_to_the_rank
@@ -117,7 +117,7 @@ class _Stream(IterableDataset):  # type: ignore[type-arg]
         read by the byte ranges the index records (a seek, or an HTTP Range request), or, for an index
         without them or a ``pipe:`` command, each shard streamed once for all the batches that need it."""
         columns = self.shards.columns
-        if not columns.has_offsets or any(url.startswith("pipe:") for url in self.shards.urls):
+        if not self.by_range:
             needed = dict.fromkeys(u.shard for batch in batches for u in batch)
             yield from self._batches(batches, [Piece(shard) for shard in needed], skips)
             return
@@ -205,6 +205,28 @@ class _Stream(IterableDataset):  # type: ignore[type-arg]
         return out
 
 
+def reads_by_range(shards: ShardSet, retry: RetryPolicy) -> bool:
+    """Whether training can read each sample by its byte range: the index records them, the shards can seek
+    (not a ``pipe:`` command), and an HTTP server answers a Range request (asked once, for the first sample; a
+    server that ignores Range streams whole shards from then on, with a warning)."""
+    columns = shards.columns
+    if not columns.has_offsets or any(url.startswith("pipe:") for url in shards.urls):
+        return False
+    url = next((url for url in shards.urls if url.startswith(("http://", "https://"))), None)
+    if url is None:
+        return True
+    shard = shards.urls.index(url)
+    row = int(columns.shard_starts[shard])
+    try:
+        for _ in read_ranges(url, [(columns.key(row), int(columns.byte_offset[row]),
+                                    int(columns.byte_size[row]))], Counter(), retry):
+            pass
+    except RangesUnsupported as err:
+        log.warning("%s: streaming whole shards instead, each slot reading every shard it needs in full", err)
+        return False
+    return True
+
+
 def _worker() -> tuple[int, int]:
     info = get_worker_info()
     return (info.id, info.num_workers) if info else (0, 1)
@@ -220,6 +242,8 @@ class TrainStream(_Stream):
         super().__init__(shards, policy, prep, retry=retry)
         self.layout = layout
         self.plan = TrainPlan(shards, policy, prep, layout, rank=rank, world_size=world_size)
+        self.by_range = reads_by_range(shards, retry)
+        """Whether batches read their samples by byte range (else each shard a slot needs, whole)."""
         self.update = 0
         """Updates already taken: where the stream starts (the trainer keeps it at its step)."""
 

@@ -47,6 +47,10 @@ class RemoteShardError(RuntimeError):
     """A remote shard kept failing after every retry, or its server cannot serve byte ranges."""
 
 
+class RangesUnsupported(RemoteShardError):
+    """A server that answers a request for part of a shard with all of it (or more than asked)."""
+
+
 class CurlPipe(Pipe):
     """webdataset's ``Pipe`` whose close never waits long: a stream closed before its end (the reader has
     what it wanted, or is being torn down) stops curl instead of waiting up to webdataset's two hours for it
@@ -232,7 +236,7 @@ def _fetch_range(url: str, start: int, end: int, retry: RetryPolicy) -> Iterator
                 raise OSError(f"curl exit {status}") from None
             raise
         if extra:
-            raise RemoteShardError(f"shard {redact(url)}: the server sent more than the bytes {start}-"
+            raise RangesUnsupported(f"shard {redact(url)}: the server sent more than the bytes {start}-"
                                    f"{end - 1} asked for; it does not support HTTP Range requests properly")
     finally:
         proc.stdout.close()
@@ -257,7 +261,7 @@ def _expect_partial_content(stream: IO[bytes], url: str) -> None:
         if status == 206:
             return
         if status == 200:
-            raise RemoteShardError(f"shard {redact(url)}: the server does not support HTTP Range requests "
+            raise RangesUnsupported(f"shard {redact(url)}: the server does not support HTTP Range requests "
                                    f"(it answered a request for part of the shard with all of it); serve "
                                    f"the shards from one that does, or read them through "
                                    f"data.shard_command")
