@@ -28,7 +28,8 @@ def grid_batches(grid: ShapeGrid, count: int) -> list[CTCBatch]:
     utts = [Utterance(0, i, f"u{i}", int(rng.uniform(0.3, 2.5) * 16_000), 4) for i in range(200)]
     collator, batches = CTCCollator(return_attention_mask=False), []
     policy = BatchPolicy(grid.max_batch_samples, grid.max_batch_size, 1, 1, grid=grid)
-    for plan in sorted_batches(utts, policy)[:count]:
+    planned = sorted_batches(utts, policy)  # longest first: take batches from the whole range of lengths
+    for plan in planned[::max(1, len(planned) // count)][:count]:
         rows, length = grid.shape(plan)
         values = np.zeros((rows, length), dtype=np.float32)
         for row, utt in enumerate(plan):

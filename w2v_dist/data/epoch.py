@@ -50,8 +50,10 @@ class EpochRows:
 
     def per_shard(self, shard_starts: np.ndarray) -> np.ndarray:
         """Rows read in each shard."""
-        read_before = np.concatenate(([0], np.cumsum(self.read, dtype=np.int64)))
-        return read_before[shard_starts[1:]] - read_before[shard_starts[:-1]]
+        counts = np.zeros(len(shard_starts) - 1, dtype=np.int64)
+        filled = np.diff(shard_starts) > 0  # reduceat would give an empty shard its next row
+        counts[filled] = np.add.reduceat(self.read, shard_starts[:-1][filled], dtype=np.int64)
+        return counts
 
 
 def batch_rows(policy: BatchPolicy, lengths: np.ndarray) -> np.ndarray:
@@ -108,21 +110,40 @@ class ShardSorter:
         return ordered, cut(batch_rows(self.policy, rows.num_samples[ordered]).tolist())
 
     def counts(self, rows: EpochRows) -> np.ndarray:
-        """Every shard's batch count (before halving), as :meth:`shard` cuts it: one sort of all the rows
-        read, one pass over the batches."""
-        picked = np.flatnonzero(rows.read)
-        shard = np.searchsorted(self.starts, picked, side="right") - 1
-        lengths = rows.num_samples[picked].astype(np.int64)
+        """Every shard's batch count (before halving), as :meth:`shard` cuts it."""
+        per_shard = rows.per_shard(self.starts)
+        shard = np.repeat(np.arange(len(per_shard)), per_shard)
+        lengths = rows.num_samples if rows.read.all() else rows.num_samples[rows.read]
+        if self.policy.grid is not None:
+            return self._grid_counts(shard, self.policy.grid.cells(lengths))
+        lengths = lengths.astype(np.int64)
         capacity = batch_rows(self.policy, lengths[np.lexsort((-lengths, shard))]).tolist()
-        ends = np.cumsum(rows.per_shard(self.starts)).tolist()
-        counts = np.zeros(len(ends), dtype=np.int64)
+        counts = np.zeros(len(per_shard), dtype=np.int64)
         begin = 0
-        for number, end in enumerate(ends):
+        for number, end in enumerate(np.cumsum(per_shard).tolist()):
             batches, position = 0, begin
             while position < end:
                 position = min(end, position + capacity[position])
                 batches += 1
             counts[number], begin = batches, end
+        return counts
+
+    def _grid_counts(self, shard: np.ndarray, cells: np.ndarray) -> np.ndarray:
+        """:meth:`counts` on a shape grid, without sorting: per shard, how many rows fall in each grid cell
+        (longest first), and the batches that longest-first cutting makes of them, every shard at once. A
+        batch begun in one cell keeps taking rows from the next ones while it has room."""
+        grid, top = self.policy.grid, int(cells.max(initial=0)) + 1
+        assert grid is not None
+        per_cell = np.bincount(shard * top + cells, minlength=(len(self.starts) - 1) * top).reshape(-1, top)
+        counts = np.zeros(len(per_cell), dtype=np.int64)
+        room = np.zeros(len(per_cell), dtype=np.int64)
+        for cell in range(top - 1, 0, -1):
+            rows = grid.rows(grid.cell_length(cell))
+            left = per_cell[:, cell] - np.minimum(room, per_cell[:, cell])
+            room -= per_cell[:, cell] - left
+            started = -(-left // rows)
+            counts += started
+            room = np.where(started > 0, started * rows - left, room)
         return counts
 
 

@@ -46,12 +46,17 @@ class ShapeGrid:
         cells = -(-frames // self.quantum_frames)
         return self.receptive_field + (cells * self.quantum_frames - 1) * self.frame_step
 
+    def cells(self, num_samples: np.ndarray) -> np.ndarray:
+        """The grid cell of each utterance: its grid length is :meth:`cell_length` of it (1, 2, ...)."""
+        steps = np.maximum(np.asarray(num_samples) - self.receptive_field + self.frame_step - 1, 0) // self.frame_step
+        return (steps + self.quantum_frames) // self.quantum_frames
+
+    def cell_length(self, cells: np.ndarray | int) -> np.ndarray | int:
+        return self.receptive_field + (cells * self.quantum_frames - 1) * self.frame_step
+
     def lengths(self, num_samples: np.ndarray) -> np.ndarray:
         """:meth:`length` of many utterances at once."""
-        steps = np.maximum(0, -(-(np.asarray(num_samples, dtype=np.int64) - self.receptive_field)
-                                // self.frame_step))
-        cells = -(-(1 + steps) // self.quantum_frames)
-        return self.receptive_field + (cells * self.quantum_frames - 1) * self.frame_step
+        return np.asarray(self.cell_length(self.cells(num_samples)))
 
     def rows(self, length: int) -> int:
         """The rows of a full batch of grid length ``length``: the budget's worth, at least one."""
