@@ -189,11 +189,16 @@ def plan_benchmark(cfg: Config, hours: float, ranks: int, workers: int, mix: boo
     kept = float(sum(shards.columns.byte_size[shards.columns.shard_starts[u.shard] + u.position]
                      for batch in first_epoch for u in batch))
     per_slot = plan.epoch(0).per_slot
-    updates = epochs * per_slot * layout.readers
+    updates = plan.first_batch(epochs) * layout.readers
     reads, reads_s = cpu_timed(lambda: read_counts(plan_of(shards), updates))
-    read = plan.epoch(0).rows.read  # what the filters keep (at speed 1: perturbed lengths change by epoch)
+    # What the plan says those epochs read: each utterance once per epoch whose sample (a mix) and filters
+    # (at its perturbed length) take it.
+    planned = sum(plan.epoch(epoch).rows.read.astype(np.int32) for epoch in range(epochs))
+    # A resume as a checkpoint makes it: with a mix or speed perturbation, the epoch lengths it records.
+    saved = plan_of(shards).epoch_batches(resume_updates // layout.readers + 1)
     resumed = plan_of(shards)
-    _, resume_s = cpu_timed(lambda: next(resumed.items(resume_updates, 0, workers, resumed.planned)))
+    _, resume_s = cpu_timed(lambda: (resumed.load_epoch_batches(saved),
+                                     next(resumed.items(resume_updates, 0, workers, resumed.planned))))
     record |= {
         "plan_s_per_worker_epoch": round(plan_s, 4), "epoch_s": round(epoch_s, 3),
         "plan_share_of_epoch": round(plan_s / epoch_s, 4), "audio_s_per_gpu": audio_s_per_gpu,
@@ -203,9 +208,10 @@ def plan_benchmark(cfg: Config, hours: float, ranks: int, workers: int, mix: boo
         "batches_per_slot_epoch": per_slot, "halved_batches": int(plan.epoch(0).halved.sum()),
         "batch_seconds_mean": round(sum(u.num_samples for b in first_epoch for u in b) / SR / len(first_epoch), 1),
         "updates_per_epoch": per_slot * layout.readers, "read_updates": updates,
-        "reads_min": int(reads[read].min()), "reads_max": int(reads[read].max()),
-        "reads_share_at_min": round(float(np.mean(reads[read] == reads[read].min())), 4),
-        "reads_share_at_max": round(float(np.mean(reads[read] == reads[read].max())), 4),
-        "filtered_at_epoch_0": int((~read).sum()),
+        "reads_min": int(reads.min()), "reads_max": int(reads.max()),
+        "reads_share_at_min": round(float(np.mean(reads == reads.min())), 4),
+        "reads_share_at_max": round(float(np.mean(reads == reads.max())), 4),
+        "reads_not_as_planned": int(np.count_nonzero(reads != planned)),
+        "read_in_every_epoch": round(float(np.mean(planned == epochs)), 4),
         "resume_updates": resume_updates, "resume_s": round(resume_s, 3), "reads_pass_s": round(reads_s, 1)}
     return emit(record)

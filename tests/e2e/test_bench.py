@@ -40,16 +40,19 @@ def bench_plan(*args: str) -> dict:
 
 def test_bench_plan_measures_the_plan_and_refuses_what_the_run_would_refuse() -> None:
     """A sample's byte range is all a reader requests (read amplification 1; streaming the shards it touches
-    whole, as without byte ranges, reads more); over the updates of 3 epochs every utterance is read 3 times;
+    whole, as without byte ranges, reads more); over the updates of 3 epochs every utterance is read 3 times
+    (with a mix, once in each epoch that samples it);
     the index is held in columns of under 64 B per utterance."""
     whole = bench_plan("--hours", "7.77", "--ranks", "2", "--workers", "1", "--config", "configs/base.yaml")
     assert (whole["shards"], whole["slots"], whole["read_amplification"]) == (2, 2, 1.0)
     assert whole["reads_min"] == whole["reads_max"] == 3 and whole["refused"] is None
+    assert whole["reads_not_as_planned"] == 0 and whole["read_in_every_epoch"] == 1.0
     assert 0 < whole["plan_s_per_worker_epoch"] and 0 <= whole["padding"] < 0.05 and whole["resume_s"] > 0
     assert 0 < whole["index_bytes_per_utt"] < 64 and whole["rank_start_s"] > 0
     mixed = bench_plan("--hours", "5", "--ranks", "4", "--workers", "2", "--mix", "--speed-perturb")
     assert mixed["slots"] == 8 and mixed["read_amplification"] == 1.0
     assert mixed["read_amplification_without_offsets"] > 1.0 and mixed["speeds"] == [0.9, 1.0, 1.1]
+    assert mixed["reads_not_as_planned"] == 0 and mixed["read_in_every_epoch"] < 1.0  # a mix reads a part
     refused = bench_plan("--hours", "0.05", "--ranks", "8", "--workers", "4")
     assert refused["refused"].startswith("data: 32 data slots (8 streams x 4 readers) cannot all read: epoch 0 "
                                          "reads 15 utterances")

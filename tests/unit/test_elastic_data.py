@@ -15,7 +15,7 @@ from tests.support.data import SR, make_shards, shard_set
 from w2v_dist.data.audio import EncoderGeometry
 from w2v_dist.data.index import ShardIndexError, ShardSet, Utterance
 from w2v_dist.data.loader import Preprocess, TrainStream
-from w2v_dist.data.mix import epoch_sampled, epoch_samples, mix_shard_sets, part_name
+from w2v_dist.data.mix import EpochSampler, epoch_samples, mix_shard_sets, part_name
 from w2v_dist.data.plan import BatchPolicy, StreamLayout
 from w2v_dist.data.shapes import ShapeGrid
 from w2v_dist.data.slots import TrainPlan
@@ -144,21 +144,26 @@ def test_a_mix_reads_its_fraction_of_each_set_per_epoch_across_world_size_change
     assert [u.shard for u in mix.utterances[4]] == [4] * 10  # shard numbers follow the mix's order
     per_epoch = audit(mix, StreamLayout(4, 2, seed=3), [(2, 2, 9), (1, 3, 12), (4, 1, 10), (2, 4, 14)])
     b_rows = np.arange(mix.columns.shard_starts[4], mix.columns.rows)
-    b_keys = [set(mix.columns.keys(b_rows[epoch_sampled(mix, 3, epoch)[b_rows]])) for epoch in (0, 1, 2)]
+    sampled = EpochSampler(mix, 3)
+    b_keys = [set(mix.columns.keys(b_rows[sampled(epoch)[b_rows]])) for epoch in (0, 1, 2)]
     assert [len(k) for k in b_keys] == [10, 10, 10] and len(set(map(frozenset, b_keys))) == 3, "a new subset"
     read_from_b = {k for keys in per_epoch.values() for k in keys if k.startswith("b")}
     assert read_from_b <= {u.key for s in b for u in s}
 
 
-def test_a_mix_samples_its_fraction_of_every_shard_afresh_each_epoch() -> None:
+def test_a_mix_reads_the_next_fraction_of_each_shard_each_epoch_and_all_of_it_in_turn() -> None:
     a, b = as_shard_set(make_shards([20, 7], seed=4), "a"), as_shard_set(make_shards([9], seed=5), "b")
     mix = mix_shard_sets({"a": a, "b": b}, {"a": 0.25, "b": 1.0})
-    picked = epoch_sampled(mix, seed=1, epoch=3)
-    assert picked is not None and np.array_equal(picked, epoch_sampled(mix, seed=1, epoch=3))
-    per_shard = np.add.reduceat(picked, mix.columns.shard_starts[:-1])
-    assert per_shard.tolist() == [5, 2, 9]  # round(0.25 x 20), round(0.25 x 7), all of b
-    assert not np.array_equal(picked, epoch_sampled(mix, seed=1, epoch=4))
-    assert epoch_sampled(mix_shard_sets({"a": a, "b": b}, {"a": 1.0, "b": 1.0}), 1, 3) is None
+    sampled = EpochSampler(mix, seed=1)
+    epochs = [sampled(epoch) for epoch in range(8)]
+    assert all(mask is not None for mask in epochs)
+    assert np.array_equal(epochs[3], EpochSampler(mix, seed=1)(3)), "the same on every worker"
+    assert [np.add.reduceat(mask, mix.columns.shard_starts[:-1]).tolist() for mask in epochs[:2]] == \
+        [[5, 2, 9]] * 2  # round(0.25 x 20), round(0.25 x 7), all of b
+    first = mix.columns.shard_rows(0)
+    assert not (epochs[0] & epochs[1])[first.start:first.stop].any(), "a fresh subset"
+    assert sum(epochs[:4])[first.start:first.stop].tolist() == [1] * 20, "all of the shard in 4 epochs"
+    assert EpochSampler(mix_shard_sets({"a": a, "b": b}, {"a": 1.0, "b": 1.0}), 1)(3) is None
 
 
 def test_a_mix_refuses_sets_sharded_differently() -> None:

@@ -47,6 +47,8 @@ class EpochRows:
     """Each row's length this epoch (after speed perturbation)."""
     speeds: np.ndarray | None
     """Each row's speed factor this epoch; ``None``: all 1."""
+    cells: np.ndarray | None = None
+    """On a shape grid, each row's grid cell this epoch (:meth:`ShapeGrid.cells`)."""
 
     def per_shard(self, shard_starts: np.ndarray) -> np.ndarray:
         """Rows read in each shard."""
@@ -113,9 +115,10 @@ class ShardSorter:
         """Every shard's batch count (before halving), as :meth:`shard` cuts it."""
         per_shard = rows.per_shard(self.starts)
         shard = np.repeat(np.arange(len(per_shard)), per_shard)
-        lengths = rows.num_samples if rows.read.all() else rows.num_samples[rows.read]
-        if self.policy.grid is not None:
-            return self._grid_counts(shard, self.policy.grid.cells(lengths))
+        every = rows.read.all()
+        if rows.cells is not None:
+            return self._grid_counts(shard, rows.cells if every else rows.cells[rows.read])
+        lengths = rows.num_samples if every else rows.num_samples[rows.read]
         lengths = lengths.astype(np.int64)
         capacity = batch_rows(self.policy, lengths[np.lexsort((-lengths, shard))]).tolist()
         counts = np.zeros(len(per_shard), dtype=np.int64)
@@ -203,23 +206,27 @@ class EpochPlanner:
         self.changing = bool(shards.parts) or any(speed != 1.0 for speed in policy.speeds)
         """Whether epochs differ in what they read and at which lengths (a mix, speed perturbation)."""
         self._steady: tuple[EpochRows, np.ndarray, np.ndarray] | None = None
+        self._unperturbed: tuple[np.ndarray, np.ndarray | None] | None = None
 
     def rows(self, epoch: int) -> EpochRows:
-        columns = self.shards.columns
+        columns, grid = self.shards.columns, self.policy.grid
         sampled = self.sampled(epoch)
-        lengths: np.ndarray = columns.num_samples
-        speeds = None
         if any(speed != 1.0 for speed in self.policy.speeds):
             factors = np.asarray(self.policy.speeds, dtype=np.float64)
             speeds = factors[seeded(self.seed, epoch, 2).integers(len(factors), size=columns.rows)]
-            lengths = lengths.astype(np.int64)
+            lengths = columns.num_samples.astype(np.int64)
             for speed in set(self.policy.speeds) - {1.0}:
                 lengths = np.where(speeds == speed,
                                    perturbed_samples_of(lengths, speed, self.shards.sample_rate), lengths)
-        read = self.kept(lengths, np.asarray(columns.label_length))
-        if sampled is not None:
-            read &= sampled
-        return EpochRows(sampled, read, lengths, speeds)
+            kept = self.kept(lengths, np.asarray(columns.label_length))
+            cells = grid.cells(lengths) if grid else None
+        else:  # the same lengths every epoch: filtered and put in grid cells once
+            if self._unperturbed is None:
+                self._unperturbed = (self.kept(columns.num_samples, np.asarray(columns.label_length)),
+                                     grid.cells(columns.num_samples) if grid else None)
+            speeds, lengths, (kept, cells) = None, columns.num_samples, self._unperturbed
+        read = kept if sampled is None else kept & sampled
+        return EpochRows(sampled, read, lengths, speeds, cells)
 
     def epoch(self, number: int) -> Epoch:
         if self._steady is not None:

@@ -4,7 +4,7 @@ fraction per epoch.
 A mix is a :class:`~w2v_dist.data.index.ShardSet` whose shards are its parts' shards one after the other; its
 ``parts``, ``shard_parts`` and ``fractions`` say which part each shard comes from and what fraction of that
 part an epoch reads. Everything that reads them is here: what an epoch reads (a fresh ``fraction`` of every
-shard of a part, :func:`epoch_sampled`, drawn by ``(seed, epoch)`` alone, so the plan stays replayable from
+shard of a part, :class:`EpochSampler`, by ``(seed, epoch)`` alone, so the plan stays replayable from
 metadata and no utterance is read twice in an epoch), how much that is, and which part a batch drew on.
 """
 
@@ -76,15 +76,31 @@ def epoch_samples(shards: ShardSet) -> int:
     return int(epoch_counts(shards).sum())
 
 
-def epoch_sampled(shards: ShardSet, seed: int, epoch: int) -> np.ndarray | None:
-    """Which rows ``epoch`` reads: ``None`` (all) without a mix, else a fresh :func:`epoch_counts` of each
-    shard, drawn by ``(seed, epoch)`` alone: the same on every worker, replayable from metadata, and never an
-    utterance twice in an epoch."""
-    if not shards.parts or all(fraction >= 1.0 for fraction in shards.fractions):
-        return None
-    starts = np.asarray(shards.columns.shard_starts, dtype=np.int64)
-    shard = np.repeat(np.arange(len(starts) - 1), np.diff(starts))
-    order = np.lexsort((seeded(seed, epoch, 4).random(len(shard)), shard))
-    rank = np.empty(len(order), dtype=np.int64)
-    rank[order] = np.arange(len(order)) - starts[shard[order]]
-    return rank < epoch_counts(shards)[shard]
+class EpochSampler:
+    """Which rows each epoch reads (``None``: all, without a mix). Each shard of a part read at fraction ``f``
+    is put once in a random order, by ``seed`` alone, and epoch ``e`` reads its next :func:`epoch_counts`
+    rows in that order (from ``e x count``, wrapping around): never an utterance twice in an epoch, a fresh
+    subset every epoch, the whole shard every ``1 / f`` epochs, and the same on every worker."""
+
+    def __init__(self, shards: ShardSet, seed: int) -> None:
+        self.shards, self.seed = shards, seed
+        self.partial = bool(shards.parts) and any(fraction < 1.0 for fraction in shards.fractions)
+        self._places: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+
+    def places(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per row: its place in its shard's order, its shard's size, and its shard's count per epoch."""
+        if self._places is None:
+            starts = np.asarray(self.shards.columns.shard_starts, dtype=np.int64)
+            sizes = np.diff(starts)
+            shard = np.repeat(np.arange(len(sizes)), sizes)
+            order = np.lexsort((seeded(self.seed, 4).random(len(shard)), shard))
+            place = np.empty(len(order), dtype=np.int64)
+            place[order] = np.arange(len(order)) - starts[shard[order]]
+            self._places = place, sizes[shard], epoch_counts(self.shards)[shard]
+        return self._places
+
+    def __call__(self, epoch: int) -> np.ndarray | None:
+        if not self.partial:
+            return None
+        place, size, count = self.places()
+        return (place - epoch * count) % size < count

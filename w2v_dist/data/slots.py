@@ -18,7 +18,7 @@ import numpy as np
 
 from w2v_dist.data.epoch import Epoch, EpochLayoutError, EpochPlanner
 from w2v_dist.data.index import ShardSet, Utterance
-from w2v_dist.data.mix import epoch_sampled
+from w2v_dist.data.mix import EpochSampler
 from w2v_dist.data.plan import Batch, BatchPolicy, StreamLayout
 
 T = TypeVar("T")
@@ -54,7 +54,7 @@ class TrainPlan:
         self.per_rank = layout.streams_per_rank(world_size)
         """Micro-batches per update on this rank: its share of the data streams."""
         self.planner = EpochPlanner(shards, policy, filters.kept, filters.skip_reason, layout.slots,
-                                    layout.seed, lambda epoch: epoch_sampled(shards, layout.seed, epoch))
+                                    layout.seed, EpochSampler(shards, layout.seed))
         self._epochs: dict[int, Epoch] = {}
         self._firsts = [0]
         """``_firsts[e]``: a slot's batches before epoch ``e`` (every slot reads as many per epoch)."""

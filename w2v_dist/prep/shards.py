@@ -53,7 +53,7 @@ class ShardOptions:
     min_seconds: float = 0.0
     max_seconds: float = 35.0
     shuffle_seed: int | None = 0
-    sort_in_shards: bool = False
+    sort_in_shards: bool = True
     overwrite: bool = False
     dry_run: bool = False
     check_audio: str = "full"
@@ -174,7 +174,8 @@ def _write_rows(path: Path, rows: list[ProbedRow]) -> dict[str, object]:
 
 
 def plan_shards(items: list[Probed], opts: ShardOptions) -> list[list[Probed]]:
-    """Group accepted inputs into shards of about ``shard_size_mb`` (order: shuffled, optionally sorted)."""
+    """Group accepted inputs into shards of about ``shard_size_mb`` (order: shuffled; within a shard, longest
+    first unless ``sort_in_shards`` is off)."""
     ordered = sorted(items, key=lambda p: p.source.key)
     if opts.shuffle_seed is not None:
         random.Random(opts.shuffle_seed).shuffle(ordered)
@@ -187,8 +188,8 @@ def plan_shards(items: list[Probed], opts: ShardOptions) -> list[list[Probed]]:
             size = 0
         shards[-1].append(item)
         size += item.bytes
-    if opts.sort_in_shards:
-        shards = [sorted(shard, key=lambda p: p.num_samples) for shard in shards]
+    if opts.sort_in_shards:  # longest first, as training cuts batches: a batch's samples are adjacent
+        shards = [sorted(shard, key=lambda p: -p.num_samples) for shard in shards]
     return [s for s in shards if s]
 
 
