@@ -13,7 +13,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.data import POLICY, eval_stream, http_server, preprocess, take_batches, train_stream
+from tests.support.data import (
+    POLICY,
+    Traffic,
+    eval_stream,
+    http_server,
+    preprocess,
+    take_batches,
+    train_stream,
+)
 from w2v_dist.data.index import ShardIndexError, load_shard_set
 from w2v_dist.data.loader import TrainStream, make_loader
 from w2v_dist.data.plan import BatchPolicy, StreamLayout
@@ -102,6 +110,17 @@ def test_shards_stream_from_a_loopback_http_server(shard_dirs: dict, tiny_model:
     assert keys(remote) == local and remote[0].input_values.shape[0] == len(local[0])
     assert stream.by_range == ranges
     assert ("does not support HTTP Range requests" in caplog.text) == (not ranges)
+
+
+def test_a_batch_of_shards_written_longest_first_is_one_range_request(shard_dirs: dict, tiny_model: Path
+                                                                      ) -> None:
+    """``w2v-dist shard`` writes each shard longest first, as the plan cuts it: a batch's samples are adjacent,
+    so each batch costs one request (and the start one more, to see that the server serves ranges)."""
+    traffic = Traffic()
+    with http_server(shard_dirs["train-clean-100"], traffic=traffic) as url:
+        batches = take_batches(train_stream(url, tiny_model), 0, 12)
+    tars = sum(count for path, count in traffic.requests.items() if path.endswith(".tar"))
+    assert tars == len(batches) + 1 and sum(map(len, batches)) > 2 * len(batches)
 
 
 def rewrite_tar(path: Path, change: dict[str, bytes | None]) -> None:
