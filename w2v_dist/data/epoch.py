@@ -141,7 +141,7 @@ class ShardSorter:
         counts = np.zeros(len(per_cell), dtype=np.int64)
         room = np.zeros(len(per_cell), dtype=np.int64)
         for cell in range(top - 1, 0, -1):
-            rows = grid.rows(grid.cell_length(cell))
+            rows = grid.rows(int(grid.cell_length(cell)))
             left = per_cell[:, cell] - np.minimum(room, per_cell[:, cell])
             room -= per_cell[:, cell] - left
             started = -(-left // rows)

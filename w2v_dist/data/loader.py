@@ -112,27 +112,6 @@ class _Stream(IterableDataset):  # type: ignore[type-arg]
             skips.clear()
             yield out
 
-    def _planned(self, batches: list[Batch], skips: Counter[str]) -> Iterator[CTCBatch]:
-        """Decode training batches, whose utterances come from anywhere in their shards: each batch's samples
-        read by the byte ranges the index records (a seek, or an HTTP Range request), or, for an index
-        without them or a ``pipe:`` command, each shard streamed once for all the batches that need it."""
-        columns = self.shards.columns
-        if not self.by_range:
-            needed = dict.fromkeys(u.shard for batch in batches for u in batch)
-            yield from self._batches(batches, [Piece(shard) for shard in needed], skips)
-            return
-        starts = columns.shard_starts
-        for batch in batches:
-            held: dict[tuple[int, str], dict[str, bytes]] = {}
-            for shard in dict.fromkeys(u.shard for u in batch):
-                rows = [(u.key, int(starts[shard]) + u.position) for u in batch if u.shard == shard]
-                ranges = [(key, int(columns.byte_offset[row]), int(columns.byte_size[row])) for key, row in rows]
-                for key, members in read_ranges(self.shards.urls[shard], ranges, skips, self.retry):
-                    held[(shard, key)] = members
-            out = self._decode_batch(batch, held, skips)
-            skips.clear()
-            yield out
-
     def _read(self, pieces: list[Piece], needed: set[tuple[int, str]], skips: Counter[str]
               ) -> Iterator[tuple[tuple[int, str], dict[str, bytes]]]:
         """``((shard, key), members)`` of the needed samples, piece by piece; a piece with none is not
@@ -257,6 +236,27 @@ class TrainStream(_Stream):
         # goes.
         for update, stream, batch in self.plan.items(self.update, *_worker(), self._slot_batches):
             yield replace(batch, update=update, stream=stream)
+
+    def _planned(self, batches: list[Batch], skips: Counter[str]) -> Iterator[CTCBatch]:
+        """Decode training batches, whose utterances come from anywhere in their shards: each batch's samples
+        read by the byte ranges the index records (a seek, or an HTTP Range request), or, for an index
+        without them or a ``pipe:`` command, each shard streamed once for all the batches that need it."""
+        columns = self.shards.columns
+        if not self.by_range:
+            needed = dict.fromkeys(u.shard for batch in batches for u in batch)
+            yield from self._batches(batches, [Piece(shard) for shard in needed], skips)
+            return
+        starts = columns.shard_starts
+        for batch in batches:
+            held: dict[tuple[int, str], dict[str, bytes]] = {}
+            for shard in dict.fromkeys(u.shard for u in batch):
+                rows = [(u.key, int(starts[shard]) + u.position) for u in batch if u.shard == shard]
+                ranges = [(key, int(columns.byte_offset[row]), int(columns.byte_size[row])) for key, row in rows]
+                for key, members in read_ranges(self.shards.urls[shard], ranges, skips, self.retry):
+                    held[(shard, key)] = members
+            out = self._decode_batch(batch, held, skips)
+            skips.clear()
+            yield out
 
     def _slot_batches(self, slot: int, first: int) -> Iterator[CTCBatch]:
         for epoch, batches, skips in self.plan.slot_epochs(slot, first):
