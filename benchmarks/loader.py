@@ -30,8 +30,9 @@ from benchmarks.output import SR, emit, timed
 from w2v_dist.data.audio import EncoderGeometry
 from w2v_dist.data.collate import CTCBatch
 from w2v_dist.data.index import ShardSet, Utterance, columns_of, load_shard_set
-from w2v_dist.data.loader import Preprocess, TrainStream, make_loader, make_preprocess
+from w2v_dist.data.loader import TrainStream, make_loader
 from w2v_dist.data.plan import BatchPolicy, StreamLayout, padding_fraction
+from w2v_dist.data.preprocess import Preprocess, make_preprocess
 from w2v_dist.data.shapes import ShapeGrid
 from w2v_dist.data.slots import TrainPlan
 from w2v_dist.prep.sources import librispeech_sources

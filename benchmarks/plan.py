@@ -27,9 +27,9 @@ from w2v_dist.config import Config, DataConfig
 from w2v_dist.data.audio import EncoderGeometry
 from w2v_dist.data.columns import write_columns
 from w2v_dist.data.index import ShardSet, Utterance
-from w2v_dist.data.loader import Preprocess
 from w2v_dist.data.mix import epoch_seconds
 from w2v_dist.data.plan import BatchPolicy, StreamLayout, padding_fraction
+from w2v_dist.data.preprocess import Preprocess
 from w2v_dist.data.slots import TrainPlan
 from w2v_dist.preflight import worst_case
 from w2v_dist.run import load_train_set

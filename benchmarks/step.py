@@ -73,8 +73,9 @@ def fixed_batches(shards: Path, model_dir: Path, count: int, batch_seconds: floa
 
     from w2v_dist.data.audio import EncoderGeometry
     from w2v_dist.data.index import load_shard_set
-    from w2v_dist.data.loader import TrainStream, make_loader, make_preprocess
+    from w2v_dist.data.loader import TrainStream, make_loader
     from w2v_dist.data.plan import BatchPolicy, StreamLayout
+    from w2v_dist.data.preprocess import make_preprocess
 
     prep = make_preprocess(Wav2Vec2Processor.from_pretrained(model_dir), EncoderGeometry(), SR, 0.5, 35.0)
     policy = BatchPolicy.from_seconds(max_batch_seconds=batch_seconds, sample_rate=SR, max_batch_size=64,

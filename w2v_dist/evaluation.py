@@ -19,7 +19,7 @@ from w2v_dist import dist
 from w2v_dist.console import emit
 from w2v_dist.data.audio import EncoderGeometry
 from w2v_dist.data.index import load_shard_set
-from w2v_dist.data.loader import make_preprocess
+from w2v_dist.data.preprocess import make_preprocess
 from w2v_dist.data.shard_reader import RetryPolicy
 from w2v_dist.decoding import make_decoder
 from w2v_dist.scoring import Scorer, scoring_batch_size, scoring_loader, write_rows

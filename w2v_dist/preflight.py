@@ -13,8 +13,8 @@ from transformers import PreTrainedModel
 
 from w2v_dist.data.audio import perturbed_samples_of
 from w2v_dist.data.index import ShardSet
-from w2v_dist.data.loader import Preprocess
 from w2v_dist.data.plan import BatchPolicy
+from w2v_dist.data.preprocess import Preprocess
 
 log = logging.getLogger("w2v_dist.preflight")
 

@@ -18,9 +18,10 @@ from w2v_dist.checkpoint.saved import SavedRun
 from w2v_dist.config import Config, DataConfig
 from w2v_dist.data.audio import EncoderGeometry
 from w2v_dist.data.index import ShardSet, is_remote, load_shard_set
-from w2v_dist.data.loader import TrainStream, make_loader, make_preprocess
+from w2v_dist.data.loader import TrainStream, make_loader
 from w2v_dist.data.mix import epoch_samples, mix_shard_sets
 from w2v_dist.data.plan import BatchPolicy, StreamLayout
+from w2v_dist.data.preprocess import make_preprocess
 from w2v_dist.data.shard_reader import RetryPolicy
 from w2v_dist.data.text import TextPolicy
 from w2v_dist.engine import DTYPES, Engine

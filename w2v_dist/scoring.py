@@ -26,8 +26,9 @@ from w2v_dist import dist
 from w2v_dist.data.audio import EncoderGeometry
 from w2v_dist.data.collate import CTCBatch
 from w2v_dist.data.index import ShardSet
-from w2v_dist.data.loader import EvalStream, Preprocess, make_loader
+from w2v_dist.data.loader import EvalStream, make_loader
 from w2v_dist.data.plan import BatchPolicy
+from w2v_dist.data.preprocess import Preprocess
 from w2v_dist.data.shard_reader import RetryPolicy
 from w2v_dist.data.text import LIBRISPEECH, TextPolicy, TranscriptError
 from w2v_dist.decoding import CTCDecoder

@@ -23,8 +23,9 @@ from transformers import Wav2Vec2Processor
 
 from w2v_dist.data.audio import EncoderGeometry
 from w2v_dist.data.index import ShardSet, Utterance, columns_of, load_shard_set
-from w2v_dist.data.loader import EvalStream, Preprocess, TrainStream, make_loader, make_preprocess
+from w2v_dist.data.loader import EvalStream, TrainStream, make_loader
 from w2v_dist.data.plan import BatchPolicy, StreamLayout
+from w2v_dist.data.preprocess import Preprocess, make_preprocess
 
 POLICY = BatchPolicy(max_batch_samples=8 * 16_000, max_batch_size=4, bucket_window=8, shuffle_buffer=6)
 SR = 16_000

@@ -184,8 +184,8 @@ def test_the_digest_follows_names_keys_and_lengths_but_not_offsets(tmp_path: Pat
 
 def test_worst_case_reads_the_columns(tmp_path: Path) -> None:
     from w2v_dist.data.audio import EncoderGeometry
-    from w2v_dist.data.loader import Preprocess
     from w2v_dist.data.plan import BatchPolicy
+    from w2v_dist.data.preprocess import Preprocess
 
     shards = load_shard_set(write_index(tmp_path, index_body([4, 1, 6])))
     prep = Preprocess(labels=None, collator=None, geometry=EncoderGeometry(),  # type: ignore[arg-type]

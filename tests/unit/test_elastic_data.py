@@ -14,9 +14,10 @@ from hypothesis import strategies as st
 from tests.support.data import SR, make_shards, shard_set
 from w2v_dist.data.audio import EncoderGeometry
 from w2v_dist.data.index import ShardIndexError, ShardSet, Utterance
-from w2v_dist.data.loader import Preprocess, TrainStream
+from w2v_dist.data.loader import TrainStream
 from w2v_dist.data.mix import EpochSampler, epoch_samples, mix_shard_sets, part_name
 from w2v_dist.data.plan import BatchPolicy, StreamLayout
+from w2v_dist.data.preprocess import Preprocess
 from w2v_dist.data.shapes import ShapeGrid
 from w2v_dist.data.slots import TrainPlan
 

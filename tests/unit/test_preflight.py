@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 
 from w2v_dist.data.audio import EncoderGeometry, perturbed_samples, perturbed_samples_of
 from w2v_dist.data.index import ShardSet, Utterance
-from w2v_dist.data.loader import Preprocess
 from w2v_dist.data.plan import BatchPolicy
+from w2v_dist.data.preprocess import Preprocess
 from w2v_dist.preflight import PreflightError, WorstCase, preflight, worst_case
 
 

@@ -7,12 +7,11 @@ update; everything else is replayed from the plan, see :mod:`w2v_dist.data.slots
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from typing import Any, cast
 
 import numpy as np
@@ -20,74 +19,20 @@ import soundfile as sf
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from w2v_dist.data.audio import EncoderGeometry, decode_error, speed_perturb
+from w2v_dist.data.audio import decode_error
 from w2v_dist.data.buffers import BufferPool
-from w2v_dist.data.collate import CTCBatch, CTCCollator
-from w2v_dist.data.index import ShardSet, Utterance
+from w2v_dist.data.collate import CTCBatch
+from w2v_dist.data.index import ShardSet
 from w2v_dist.data.mix import mix_setting, part_name
 from w2v_dist.data.plan import Batch, BatchPolicy, Piece, StreamLayout, plan_batches
+from w2v_dist.data.preprocess import Preprocess
 from w2v_dist.data.shard_reader import RangesUnsupported, RetryPolicy, read_members, read_ranges
 from w2v_dist.data.slots import TrainPlan
-from w2v_dist.data.text import CharLabeler
 from w2v_dist.preemption import leave_stop_signals_to_the_rank
 
 log = logging.getLogger("w2v_dist.data")
 PLAN_VERSION = "global epoch, shards sorted by length (1)"
 """Which data plan made a checkpoint's batches: a resume under another one says its batches differ."""
-
-
-@dataclass(frozen=True)
-class Preprocess:
-    """Everything a worker needs to turn tar members into model inputs (picklable)."""
-
-    labels: CharLabeler
-    collator: CTCCollator
-    geometry: EncoderGeometry
-    min_samples: int
-    max_samples: int
-    filtered: bool = True
-    """False when scoring: every utterance is planned (:mod:`w2v_dist.scoring`), none is filtered."""
-
-    def skip_reason(self, utt: Utterance) -> str | None:
-        if not self.filtered:
-            return None
-        if utt.label_length == 0:
-            return "empty_label"
-        if utt.num_samples < max(self.min_samples, self.geometry.receptive_field):
-            return "too_short"
-        if utt.num_samples > self.max_samples:
-            return "too_long"
-        if self.geometry.frames(utt.num_samples) < utt.label_length:
-            return "ctc_infeasible"
-        return None
-
-    def kept(self, num_samples: np.ndarray, label_length: np.ndarray) -> np.ndarray:
-        """Whether :meth:`skip_reason` keeps each utterance, for arrays of lengths at once."""
-        if not self.filtered:
-            return np.ones(len(num_samples), dtype=bool)
-        return ((label_length > 0) & (num_samples >= max(self.min_samples, self.geometry.receptive_field))
-                & (num_samples <= self.max_samples) & (self.geometry.frames_of(num_samples) >= label_length))
-
-    def decode_into(self, members: dict[str, bytes], row: np.ndarray, sample_rate: int, utt: Utterance
-                    ) -> tuple[list[int], str]:
-        """Decode one sample straight into its batch row (already zero-padded to the batch width); return its
-        labels and transcript. The row's length is the sample count the plan promised (the index's, or after
-        ``utt.speed``'s perturbation). Normalisation happens later, on the training device
-        (:meth:`~w2v_dist.data.collate.CTCBatch.model_inputs`)."""
-        text = json.loads(members["json"])["text"]
-        stored = utt.source_samples or len(row)
-        with sf.SoundFile(io.BytesIO(members["flac"])) as audio:
-            if audio.samplerate != sample_rate or audio.channels != 1:
-                raise ValueError(f"expected {sample_rate} Hz mono, got {audio.samplerate} Hz with "
-                                 f"{audio.channels} channels")
-            if audio.frames != stored:
-                raise ValueError(f"the index says {stored} samples, the audio has {audio.frames}")
-            target = row if utt.speed == 1.0 else np.empty(stored, dtype=np.float32)
-            if len(audio.read(stored, dtype="float32", out=target)) != stored:
-                raise ValueError("the audio ends early (truncated FLAC)")
-        if utt.speed != 1.0:
-            row[:] = speed_perturb(target, utt.speed, sample_rate)  # the plan computed this length exactly
-        return self.labels(text), text
 
 
 class _Stream(IterableDataset):  # type: ignore[type-arg]
@@ -318,16 +263,6 @@ class EvalStream(_Stream):
         mine = self.pieces[worker::workers]
         batches, skips = plan_batches(mine, self.shards.utterances, self.policy, self.prep.skip_reason)
         yield from self._batches(batches, mine, skips)
-
-
-def make_preprocess(processor: Any, geometry: EncoderGeometry, sample_rate: int, min_seconds: float,
-                    max_seconds: float) -> Preprocess:
-    """The worker-side preprocessing the model's processor implies."""
-    extractor = processor.feature_extractor
-    return Preprocess(labels=CharLabeler(processor.tokenizer),
-                      collator=CTCCollator(bool(extractor.return_attention_mask), sample_rate,
-                                           bool(extractor.do_normalize)), geometry=geometry,
-                      min_samples=int(min_seconds * sample_rate), max_samples=int(max_seconds * sample_rate))
 
 
 def make_loader(stream: _Stream, num_workers: int,

@@ -25,7 +25,7 @@ T = TypeVar("T")
 
 
 class Filters(Protocol):
-    """The training filters (:class:`~w2v_dist.data.loader.Preprocess`): per utterance, and vectorised."""
+    """The training filters (:class:`~w2v_dist.data.preprocess.Preprocess`): per utterance, and vectorised."""
 
     def skip_reason(self, utt: Utterance) -> str | None: ...
 
