@@ -21,10 +21,11 @@ import soundfile as sf
 
 from tests.support.data import Traffic, http_server
 from w2v_dist.cli import main
-from w2v_dist.data import shard_reader
+from w2v_dist.data import ranges as range_reader
 from w2v_dist.data.columns import COLUMNS_DIR
 from w2v_dist.data.offsets import ShardOffsetsError, add_offsets, parse_sample, scan_offsets
-from w2v_dist.data.shard_reader import RemoteShardError, RetryPolicy, read_members, read_ranges
+from w2v_dist.data.ranges import read_ranges
+from w2v_dist.data.shard_reader import RemoteShardError, RetryPolicy, read_members
 from w2v_dist.prep.shards import ShardOptions, shard_corpus
 from w2v_dist.prep.sources import Source
 
@@ -153,7 +154,7 @@ def test_local_ranges_give_what_a_whole_shard_read_gives_reading_only_their_byte
         opened.append(CountingFile(path, mode, buffering))
         return opened[-1]
 
-    monkeypatch.setattr(shard_reader, "open", counting_open, raising=False)
+    monkeypatch.setattr(range_reader, "open", counting_open, raising=False)
     skips: Counter[str] = Counter()
     got = list(read_ranges(tar, ranges, skips))
     assert got == [(k, expected[k]) for k, _, _ in ranges] and not skips

@@ -26,7 +26,8 @@ from w2v_dist.data.index import ShardSet
 from w2v_dist.data.mix import mix_setting, part_name
 from w2v_dist.data.plan import Batch, BatchPolicy, Piece, StreamLayout, plan_batches
 from w2v_dist.data.preprocess import Preprocess
-from w2v_dist.data.shard_reader import RangesUnsupported, RetryPolicy, read_members, read_ranges
+from w2v_dist.data.ranges import RangesUnsupported, read_ranges
+from w2v_dist.data.shard_reader import RetryPolicy, read_members
 from w2v_dist.data.slots import TrainPlan
 from w2v_dist.preemption import leave_stop_signals_to_the_rank
 
