@@ -6,9 +6,10 @@ lengths speed perturbation draws (:class:`EpochRows`). Each shard's rows are sor
 into batches, each as many utterances as its first (longest) one's shape holds: similar lengths together, so
 little padding, and the same cut whichever slot reads the shard. The shards are permuted by ``(seed, e)`` and
 their batches laid end to end; slot ``s`` takes batches ``[s K, (s + 1) K)`` of that sequence, with ``K =
-ceil(M / slots)`` for ``M`` batches. The ``K slots - M`` batches missing are made by halving the largest
-batches of the first shards in the order (counted as ``split``): no slot reads more than another, so none
-ever laps another, and every epoch ends at the same update for all.
+ceil(M / slots)`` for ``M`` batches. The ``K slots - M`` batches missing are made by halving batches, the
+largest of each shard, in proportion to its batches (:attr:`Epoch.halved`; the grid gives a halved batch
+half its shape's rows): no slot reads more than another, so none ever laps another, and every epoch ends at
+the same update for all.
 
 A worker needs every shard's batch count (computed once for the run when epochs do not change the rows; per
 epoch, vectorised, with a mix or speed perturbation) and the batches of the one or two shards its slot
