@@ -2,11 +2,11 @@
 audio.
 
 The corpus is LibriSpeech-shaped (12.3 s per utterance on average, shards of about 256 MB of FLAC, the
-default of ``w2v-dist shard``); the layout is one data stream per rank (grad_accum 1) read by ``--workers``
-slots each, so a rank's loader worker reads one slot. Everything timed is the project's own code
-(:mod:`w2v_dist.data.index`, :mod:`w2v_dist.data.plan`, :class:`~w2v_dist.data.slots.TrainPlan`,
-:mod:`w2v_dist.preflight`), run once (these runs take minutes, not milliseconds), as CPU time of this
-process: the machine is shared.
+default of ``w2v-dist shard``), with each sample's byte range and the columnar index, as ``w2v-dist shard``
+writes them; the layout is one data stream per rank (grad_accum 1) read by ``--workers`` slots each, so a
+rank's loader worker reads one slot. Everything timed is the project's own code (:mod:`w2v_dist.data.index`,
+:mod:`w2v_dist.data.epoch`, :class:`~w2v_dist.data.slots.TrainPlan`, :mod:`w2v_dist.preflight`), run once
+(these runs take minutes, not milliseconds), as CPU time of this process: the machine is shared.
 """
 
 from __future__ import annotations
