@@ -242,3 +242,16 @@ def test_pax_and_gnu_long_names_are_read_as_tarfile_writes_them(tmp_path: Path) 
         for key, (offset, size) in found.items():
             assert parse_sample(raw[offset:offset + size], key, str(path)) == {"flac": key.encode() * 300,
                                                                               "json": b"{}"}
+
+
+def test_verify_checks_the_byte_ranges_training_reads(shards: Path, tmp_path: Path) -> None:
+    from w2v_dist.prep.verify import verify_dir
+
+    assert verify_dir(shards, workers=1).ok
+    copy = tmp_path / "shards"
+    shutil.copytree(shards, copy)
+    index = json.loads((copy / "index.json").read_text())
+    index["shards"][0]["utterances"][2][3] += 512
+    (copy / "index.json").write_text(json.dumps(index))
+    result = verify_dir(copy, workers=1)
+    assert not result.ok and "byte ranges of 1 samples differ from the tar" in result.shards[0].line()

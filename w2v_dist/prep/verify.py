@@ -22,6 +22,7 @@ import soundfile as sf
 
 from w2v_dist.data.audio import decode_error
 from w2v_dist.data.index import FORMAT_VERSION, ShardIndexError, check_shard_name, is_remote, read_index_json
+from w2v_dist.data.offsets import NO_SPAN, ShardOffsetsError, row_span, scan_offsets
 from w2v_dist.data.text import WORD_DELIMITER, label_length
 from w2v_dist.prep.workers import process_pool
 
@@ -147,9 +148,25 @@ def verify_shard(directory: str, entry: dict, sample_rate: int) -> ShardReport:
         report.problems.append(f"unreadable tar after {report.samples} samples ({err})")
     if report.samples != len(rows):
         report.problems.append(f"{report.samples} samples in the tar, the index lists {len(rows)}")
+    _check_byte_ranges(path, rows, report)
     if entry.get("samples") != len(rows):
         report.problems.append(f"the index counts {entry.get('samples')} samples but lists {len(rows)}")
     return report
+
+
+def _check_byte_ranges(path: Path, rows: list, report: ShardReport) -> None:
+    """The byte range the index gives each sample (what training reads) against the tar's headers."""
+    if not rows or any(row_span(row) == NO_SPAN for row in rows):
+        return  # an index from before byte ranges: the loader streams whole shards
+    try:
+        spans = scan_offsets(path)
+    except ShardOffsetsError as err:
+        report.problems.append(f"no byte ranges ({err})")
+        return
+    wrong = [str(row[0]) for row in rows if spans.get(str(row[0])) != row_span(row)]
+    if wrong:
+        report.problems.append(f"byte ranges of {len(wrong)} samples differ from the tar (first: {wrong[0]}); "
+                               f"run 'w2v-dist index DIR' to record them again")
 
 
 def _directory_problems(root: Path, index: dict, reports: list[ShardReport]) -> list[str]:
