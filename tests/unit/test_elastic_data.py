@@ -236,3 +236,13 @@ def test_a_layout_with_more_slots_than_utterances_is_refused_with_its_numbers() 
                        "utterances (4 batches), too few to give 8 data slots the same number of batches (1 "
                        "each): use fewer slots (trainer.update_seconds or trainer.grad_accum, "
                        "data.stream_readers or data.num_workers, fewer ranks) or more data")
+
+
+def test_a_checkpoint_from_the_shard_piece_plan_resumes_saying_its_batches_differ(
+        caplog: pytest.LogCaptureFixture) -> None:
+    layout = StreamLayout(1, 1, seed=3)
+    saved = stream_for(make_shards([4, 5]), layout, 0, 1, 7).state_dict()
+    del saved["plan_inputs"]["the data plan"]  # what a version before the global epoch wrote
+    resumed = stream_for(make_shards([4, 5]), layout, 0, 1, 0)
+    resumed.load_state_dict(saved)
+    assert resumed.update == 7 and "the data plan changed since the checkpoint" in caplog.text
