@@ -210,7 +210,8 @@ def plan_benchmark(cfg: Config, hours: float, ranks: int, workers: int, mix: boo
         "read_amplification": round(ranged / max(kept, 1e-9), 3),
         "read_amplification_without_offsets": round(whole / max(kept, 1e-9), 3),
         "batches_per_slot_epoch": per_slot, "halved_batches": int(plan.epoch(0).halved.sum()),
-        "batch_seconds_mean": round(sum(u.num_samples for b in first_epoch for u in b) / SR / len(first_epoch), 1),
+        "batch_seconds_mean": round(sum(u.num_samples for b in first_epoch for u in b) / SR
+                                    / len(first_epoch), 1),
         "updates_per_epoch": per_slot * layout.readers, "read_updates": updates,
         "reads_min": int(reads.min()), "reads_max": int(reads.max()),
         "reads_share_at_min": round(float(np.mean(reads == reads.min())), 4),

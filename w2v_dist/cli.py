@@ -375,8 +375,8 @@ def build_parser() -> argparse.ArgumentParser:
     shard.add_argument("--shuffle-seed", type=int, default=0, help="order of utterances across shards; -1 "
                                                                    "keeps corpus order")
     shard.add_argument("--sort-in-shards", action=argparse.BooleanOptionalAction, default=True,
-                       help="write each shard's utterances longest first, as training cuts them into batches "
-                            "(a batch is then one byte range to read)")
+                       help="write each shard's utterances longest first, as training cuts them into "
+                            "batches (a batch is then one byte range to read)")
     shard.add_argument("--overwrite", action="store_true", help="replace an existing shard directory")
     shard.add_argument("--dry-run", action="store_true", help="check and count everything, write nothing")
     shard.add_argument("--check-audio", choices=("full", "tail"), default="full",

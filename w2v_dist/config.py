@@ -33,8 +33,8 @@ class DataConfig:
     """Training shard directory or URL prefix holding ``index.json`` (written by ``w2v-dist shard``)."""
     train_mix: dict[str, float] = field(default_factory=dict)
     """Instead of ``train_shards``, several shard sets mixed: location → fraction of that set read per
-    epoch (0 < f ≤ 1; each epoch the next slice of each shard in a random order: a fresh subset every epoch,
-    all of it every 1/f epochs, never an utterance twice in one). To
+    epoch (0 < f ≤ 1; each epoch the next slice of each shard in a random order: a fresh subset every
+    epoch, all of it every 1/f epochs, never an utterance twice in one). To
     read a small corpus 4× as often as a large one, give the large one 0.25. Same vocabulary, sample rate
     and text policy."""
     dev_shards: dict[str, str] = field(default_factory=dict)

@@ -54,8 +54,8 @@ def test_bench_plan_measures_the_plan_and_refuses_what_the_run_would_refuse() ->
     assert mixed["read_amplification_without_offsets"] > 1.0 and mixed["speeds"] == [0.9, 1.0, 1.1]
     assert mixed["reads_not_as_planned"] == 0 and mixed["read_in_every_epoch"] < 1.0  # a mix reads a part
     refused = bench_plan("--hours", "0.05", "--ranks", "8", "--workers", "4")
-    assert refused["refused"].startswith("data: 32 data slots (8 streams x 4 readers) cannot all read: epoch 0 "
-                                         "reads 15 utterances")
+    assert refused["refused"].startswith("data: 32 data slots (8 streams x 4 readers) cannot all read: "
+                                         "epoch 0 reads 15 utterances")
 
 
 def test_bench_shard_compares_with_a_raw_copy(tmp_path: Path) -> None:

@@ -114,8 +114,9 @@ def test_shards_stream_from_a_loopback_http_server(shard_dirs: dict, tiny_model:
 
 def test_a_batch_of_shards_written_longest_first_is_one_range_request(shard_dirs: dict, tiny_model: Path
                                                                       ) -> None:
-    """``w2v-dist shard`` writes each shard longest first, as the plan cuts it: a batch's samples are adjacent,
-    so each batch costs one request (and the start one more, to see that the server serves ranges)."""
+    """``w2v-dist shard`` writes each shard longest first, as the plan cuts it: a batch's samples are
+    adjacent, so each batch costs one request (and the start one more, to see that the server serves
+    ranges)."""
     traffic = Traffic()
     with http_server(shard_dirs["train-clean-100"], traffic=traffic) as url:
         batches = take_batches(train_stream(url, tiny_model), 0, 12)
@@ -281,8 +282,8 @@ def test_speed_perturbed_batches_are_the_resampled_audio_at_the_planned_lengths(
 def test_grid_shapes_from_real_shards_with_empty_rows_and_exact_resume(shard_dirs: dict, tiny_model: Path,
                                                                        workers: int) -> None:
     """24 updates of a grid-shaped stream (data.shape_quantum_frames=32), in shared-memory buffers with 2
-    workers: every batch has its grid shape (full or half rows), its empty rows are silence without labels, at
-    most 12 shapes occur where free batches have many more, and a resume replays the same batches."""
+    workers: every batch has its grid shape (full or half rows), its empty rows are silence without labels,
+    at most 12 shapes occur where free batches have many more, and a resume replays the same batches."""
     from dataclasses import replace
 
     from w2v_dist.data.audio import EncoderGeometry
@@ -299,7 +300,8 @@ def test_grid_shapes_from_real_shards_with_empty_rows_and_exact_resume(shard_dir
         rows, length = batch.input_values.shape
         full = grid.rows(grid.length(max(batch.sample_lengths)))
         half = -(-full // 2)  # a batch that fits in half its shape's rows has half of them (a halved batch)
-        assert (rows, length) == (half if len(batch) <= half else full, grid.length(max(batch.sample_lengths)))
+        assert (rows, length) == (half if len(batch) <= half else full,
+                                  grid.length(max(batch.sample_lengths)))
         assert len(batch) <= rows and batch.sample_lengths[len(batch):] == (0,) * (rows - len(batch))
         assert not batch.input_values[len(batch):].any() and batch.target_lengths[len(batch):] == (0,) * (
             rows - len(batch))

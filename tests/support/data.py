@@ -42,8 +42,8 @@ def make_shards(sizes: list[int], seed: int = 0) -> list[list[Utterance]]:
 def shard_set(shards: list[list[Utterance]], name: str = "mem") -> ShardSet:
     """A shard set in memory (no tars) of :func:`make_shards`' utterances: for plans at metadata speed."""
     return ShardSet(name, tuple(f"{name}/s{i}.tar" for i in range(len(shards))),
-                    tuple(sum(u.num_samples for u in s) / SR for s in shards), columns_of(tuple(map(tuple, shards))),
-                    SR)
+                    tuple(sum(u.num_samples for u in s) / SR for s in shards),
+                    columns_of(tuple(map(tuple, shards))), SR)
 
 
 def preprocess(model_dir: Path) -> Preprocess:

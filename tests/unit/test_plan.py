@@ -40,7 +40,8 @@ class Filters:
 
 def plan_of(shards: ShardSet, slots: int, policy: BatchPolicy = FREE, filters: Filters | None = None,
             seed: int = 5) -> TrainPlan:
-    return TrainPlan(shards, policy, filters or Filters(), StreamLayout(slots, 1, seed), rank=0, world_size=1)
+    return TrainPlan(shards, policy, filters or Filters(), StreamLayout(slots, 1, seed), rank=0,
+                     world_size=1)
 
 
 def fits(batch: list[Utterance], policy: BatchPolicy) -> bool:
@@ -112,7 +113,8 @@ def test_resume_at_any_batch_replays_nothing_and_continues_the_same_sequence() -
     straight = [[u.key for u in batch] for _, (_, batch) in zip(range(40), plan.planned(2, 0))]
     for first in (0, 1, 7, 13, 29):
         fresh = plan_of(shards, 4)
-        resumed = [[u.key for u in batch] for _, (_, batch) in zip(range(40 - first), fresh.planned(2, first))]
+        resumed = [[u.key for u in batch]
+                   for _, (_, batch) in zip(range(40 - first), fresh.planned(2, first))]
         assert resumed == straight[first:]
         assert len(fresh._epochs) <= 4, "only the epochs from the resume point on are planned"
     assert plan.locate(9) == divmod(9, plan.epoch(0).per_slot)
@@ -166,10 +168,10 @@ def test_speed_perturbation_is_drawn_per_utterance_and_epoch_whoever_reads_it() 
 def test_a_layout_with_more_slots_than_utterances_is_refused_with_its_numbers() -> None:
     plan = plan_of(shard_set(make_shards([3, 2])), 8)
     assert plan.layout_problem() == (
-        "data: 8 data slots (8 streams x 1 readers) cannot all read: epoch 0 reads 5 utterances (4 batches), "
-        "too few to give 8 data slots the same number of batches (1 each): use fewer slots "
-        "(trainer.update_seconds or trainer.grad_accum, data.stream_readers or data.num_workers, fewer ranks) "
-        "or more data")
+        "data: 8 data slots (8 streams x 1 readers) cannot all read: epoch 0 reads 5 utterances "
+        "(4 batches), too few to give 8 data slots the same number of batches (1 each): use fewer slots "
+        "(trainer.update_seconds or trainer.grad_accum, data.stream_readers or data.num_workers, fewer "
+        "ranks) or more data")
 
 
 def test_evaluation_bucketing_pads_far_less_than_random_batches() -> None:

@@ -46,7 +46,8 @@ def utterances(seconds: list[float]) -> list[Utterance]:
 
 
 @settings(max_examples=80, deadline=None)
-@given(seconds=st.lists(st.floats(0.0, 40.0), min_size=1, max_size=50), quantum=st.sampled_from([1, 8, 16, 32]))
+@given(seconds=st.lists(st.floats(0.0, 40.0), min_size=1, max_size=50),
+       quantum=st.sampled_from([1, 8, 16, 32]))
 def test_grid_lengths_of_many_are_each_ones(seconds: list[float], quantum: int) -> None:
     shapes = grid(quantum)
     samples = [int(s * SR) for s in seconds]

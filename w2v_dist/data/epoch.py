@@ -179,8 +179,8 @@ class Epoch:
         spare = (read_per_shard - counts)[order]  # halving can go on until every batch holds one utterance
         if natural == 0 or int(spare.sum()) < missing:
             raise EpochLayoutError(
-                f"epoch {number} reads {int(read_per_shard.sum()):,} utterances ({natural:,} batches), too few "
-                f"to give {slots:,} data slots the same number of batches ({per_slot:,} each)")
+                f"epoch {number} reads {int(read_per_shard.sum()):,} utterances ({natural:,} batches), too "
+                f"few to give {slots:,} data slots the same number of batches ({per_slot:,} each)")
         # Halvings in proportion to each shard's batches (so that a batch is halved at most once), the few
         # left over to the first shards in the order that have room.
         halved = np.minimum(missing * counts[order] // max(natural, 1), spare)
@@ -196,8 +196,8 @@ class Epoch:
 
 
 class EpochPlanner:
-    """The slots' batches, epoch after epoch, for one shard set, policy and seed; ``sampled(epoch)``: the rows
-    a mix reads that epoch (``None``: all)."""
+    """The slots' batches, epoch after epoch, for one shard set, policy and seed; ``sampled(epoch)``: the
+    rows a mix reads that epoch (``None``: all)."""
 
     def __init__(self, shards: ShardSet, policy: BatchPolicy, kept: Kept, keep: Filter, slots: int,
                  seed: int, sampled: Callable[[int], np.ndarray | None]) -> None:

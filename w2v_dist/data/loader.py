@@ -132,8 +132,8 @@ class _Stream(IterableDataset):  # type: ignore[type-arg]
 
 def reads_by_range(shards: ShardSet, retry: RetryPolicy) -> bool:
     """Whether training can read each sample by its byte range: the index records them, the shards can seek
-    (not a ``pipe:`` command), and an HTTP server answers a Range request (asked once, for the first sample; a
-    server that ignores Range streams whole shards from then on, with a warning)."""
+    (not a ``pipe:`` command), and an HTTP server answers a Range request (asked once, for the first sample;
+    a server that ignores Range streams whole shards from then on, with a warning)."""
     columns = shards.columns
     if not columns.has_offsets or any(url.startswith("pipe:") for url in shards.urls):
         return False
@@ -147,7 +147,8 @@ def reads_by_range(shards: ShardSet, retry: RetryPolicy) -> bool:
                                     int(columns.byte_size[row]))], Counter(), retry):
             pass
     except RangesUnsupported as err:
-        log.warning("%s: streaming whole shards instead, each slot reading every shard it needs in full", err)
+        log.warning("%s: streaming whole shards instead, each slot reading every shard it needs in full",
+                    err)
         return False
     return True
 
@@ -197,7 +198,8 @@ class TrainStream(_Stream):
             held: dict[tuple[int, str], dict[str, bytes]] = {}
             for shard in dict.fromkeys(u.shard for u in batch):
                 rows = [(u.key, int(starts[shard]) + u.position) for u in batch if u.shard == shard]
-                ranges = [(key, int(columns.byte_offset[row]), int(columns.byte_size[row])) for key, row in rows]
+                ranges = [(key, int(columns.byte_offset[row]), int(columns.byte_size[row]))
+                          for key, row in rows]
                 for key, members in read_ranges(self.shards.urls[shard], ranges, skips, self.retry):
                     held[(shard, key)] = members
             out = self._decode_batch(batch, held, skips)
@@ -255,9 +257,9 @@ class EvalStream(_Stream):
     def __init__(self, shards: ShardSet, policy: BatchPolicy, prep: Preprocess, *, rank: int,
                  world_size: int, retry: RetryPolicy = RetryPolicy()) -> None:
         super().__init__(shards, policy, prep, retry=retry)
-        # One more than shards.
-        firsts = shards.columns.shard_starts[:-1].tolist()
-        self.pieces = [Piece(shard, world_size, (rank - first) % world_size) for shard, first in enumerate(firsts)]
+        firsts = shards.columns.shard_starts[:-1].tolist()  # each shard's first global position
+        self.pieces = [Piece(shard, world_size, (rank - first) % world_size)
+                       for shard, first in enumerate(firsts)]
 
     def __iter__(self) -> Iterator[CTCBatch]:
         worker, workers = _worker()

@@ -77,10 +77,11 @@ def epoch_samples(shards: ShardSet) -> int:
 
 
 class EpochSampler:
-    """Which rows each epoch reads (``None``: all, without a mix). Each shard of a part read at fraction ``f``
-    is put once in a random order, by ``seed`` alone, and epoch ``e`` reads its next :func:`epoch_counts`
-    rows in that order (from ``e x count``, wrapping around): never an utterance twice in an epoch, a fresh
-    subset every epoch, the whole shard every ``1 / f`` epochs, and the same on every worker."""
+    """Which rows each epoch reads (``None``: all, without a mix). Each shard of a part read at fraction
+    ``f`` is put once in a random order, by ``seed`` alone, and epoch ``e`` reads its next
+    :func:`epoch_counts` rows in that order (from ``e x count``, wrapping around): never an utterance twice
+    in an epoch, a fresh subset every epoch, the whole shard every ``1 / f`` epochs, and the same on every
+    worker."""
 
     def __init__(self, shards: ShardSet, seed: int) -> None:
         self.shards, self.seed = shards, seed

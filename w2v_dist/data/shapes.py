@@ -48,7 +48,8 @@ class ShapeGrid:
 
     def cells(self, num_samples: np.ndarray) -> np.ndarray:
         """The grid cell of each utterance: its grid length is :meth:`cell_length` of it (1, 2, ...)."""
-        steps = np.maximum(np.asarray(num_samples) - self.receptive_field + self.frame_step - 1, 0) // self.frame_step
+        above = np.asarray(num_samples) - self.receptive_field + self.frame_step - 1
+        steps = np.maximum(above, 0) // self.frame_step
         return (steps + self.quantum_frames) // self.quantum_frames
 
     def cell_length(self, cells: np.ndarray | int) -> np.ndarray | int:

@@ -1,10 +1,11 @@
 """A run's training plan over its slots, from index metadata alone: each slot's batches epoch after epoch,
 and the order in which a rank's loader workers make them, update after update.
 
-:mod:`w2v_dist.data.plan` makes one slot's batches for one epoch; :class:`TrainPlan` strings those epochs
-together for every slot and deals the slots out to ranks and workers
-(:class:`~w2v_dist.data.plan.StreamLayout`). No audio, no torch: :class:`~w2v_dist.data.loader.TrainStream`
-decodes what this plans, and ``w2v-dist bench plan`` and the elastic tests replay it at metadata speed.
+:mod:`w2v_dist.data.epoch` makes every slot's batches for one epoch; :class:`TrainPlan` strings those
+epochs together, finds the epoch of any update (a resume replays none), and deals the slots out to ranks and
+workers (:class:`~w2v_dist.data.plan.StreamLayout`). No audio, no torch:
+:class:`~w2v_dist.data.loader.TrainStream` decodes what this plans, and ``w2v-dist bench plan`` and the
+elastic tests replay it at metadata speed.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ T = TypeVar("T")
 
 
 class Filters(Protocol):
-    """The training filters (:class:`~w2v_dist.data.preprocess.Preprocess`): per utterance, and vectorised."""
+    """The training filters (:class:`~w2v_dist.data.preprocess.Preprocess`): per utterance, and
+    vectorised."""
 
     def skip_reason(self, utt: Utterance) -> str | None: ...
 
@@ -99,9 +101,9 @@ class TrainPlan:
         self._firsts = list(itertools.accumulate(per_epoch, initial=0))
 
     def saw(self, epoch: int, update: int) -> None:
-        """A micro-batch of ``epoch`` taken at ``update``, in update order: the first of an epoch says where it
-        began (at ``first_batch(epoch) * readers``), so a rank learns what :meth:`epoch_batches` saves from the
-        batches it takes, without planning them itself."""
+        """A micro-batch of ``epoch`` taken at ``update``, in update order: the first of an epoch says where
+        it began (at ``first_batch(epoch) * readers``), so a rank learns what :meth:`epoch_batches` saves
+        from the batches it takes, without planning them itself."""
         if self.planner.changing and epoch == len(self._firsts):
             self._firsts.append(update // self.layout.readers)
 
@@ -112,8 +114,8 @@ class TrainPlan:
         except EpochLayoutError as err:
             layout = self.layout
             return (f"data: {layout.slots:,} data slots ({layout.streams:,} streams x {layout.readers:,} "
-                    f"readers) cannot all read: {err}: use fewer slots (trainer.update_seconds or trainer.grad_accum, "
-                    "data.stream_readers or data.num_workers, fewer ranks) or more data")
+                    f"readers) cannot all read: {err}: use fewer slots (trainer.update_seconds or "
+                    "trainer.grad_accum, data.stream_readers or data.num_workers, fewer ranks) or more data")
         return None
 
     def schedule(self, start: int, worker: int, workers: int) -> Iterator[tuple[int, int, int]]:

@@ -165,8 +165,8 @@ def _check_byte_ranges(path: Path, rows: list, report: ShardReport) -> None:
         return
     wrong = [str(row[0]) for row in rows if spans.get(str(row[0])) != row_span(row)]
     if wrong:
-        report.problems.append(f"byte ranges of {len(wrong)} samples differ from the tar (first: {wrong[0]}); "
-                               f"run 'w2v-dist index DIR' to record them again")
+        report.problems.append(f"byte ranges of {len(wrong)} samples differ from the tar (first: "
+                               f"{wrong[0]}); run 'w2v-dist index DIR' to record them again")
 
 
 def _directory_problems(root: Path, index: dict, reports: list[ShardReport]) -> list[str]:
