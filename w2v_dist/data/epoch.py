@@ -122,15 +122,9 @@ class ShardSorter:
         lengths = rows.num_samples if every else rows.num_samples[rows.read]
         lengths = lengths.astype(np.int64)
         capacity = batch_rows(self.policy, lengths[np.lexsort((-lengths, shard))]).tolist()
-        counts = np.zeros(len(per_shard), dtype=np.int64)
-        begin = 0
-        for number, end in enumerate(np.cumsum(per_shard).tolist()):
-            batches, position = 0, begin
-            while position < end:
-                position = min(end, position + capacity[position])
-                batches += 1
-            counts[number], begin = batches, end
-        return counts
+        ends = np.cumsum(per_shard).tolist()
+        return np.array([len(cut(capacity[begin:end])) - 1 for begin, end in zip([0, *ends], ends)],
+                        dtype=np.int64)
 
     def _grid_counts(self, shard: np.ndarray, cells: np.ndarray) -> np.ndarray:
         """:meth:`counts` on a shape grid, without sorting: per shard, how many rows fall in each grid cell
@@ -165,8 +159,6 @@ class Epoch:
     """Per position in ``order``: how many extra batches halving made in that shard."""
     per_slot: int
     """Batches each slot reads this epoch."""
-    natural_batches: int
-    """Batches before halving."""
 
     @classmethod
     def plan(cls, number: int, rows: EpochRows, read_per_shard: np.ndarray, counts: np.ndarray, slots: int,
@@ -187,7 +179,7 @@ class Epoch:
         room, left = spare - halved, missing - int(halved.sum())
         halved += np.clip(left - (np.cumsum(room) - room), 0, room)
         starts = np.concatenate(([0], np.cumsum(counts[order] + halved)))
-        return cls(number, rows, order, starts, halved, per_slot, natural)
+        return cls(number, rows, order, starts, halved, per_slot)
 
     def positions(self, first: int, stop: int) -> range:
         """Positions in :attr:`order` of the shards holding batches ``[first, stop)`` of the sequence."""

@@ -63,8 +63,7 @@ class _Stream(IterableDataset):  # type: ignore[type-arg]
         """``((shard, key), members)`` of the needed samples, piece by piece; a piece with none is not
         opened."""
         for piece in pieces:
-            wanted = {u.key for u in piece.select(self.shards.utterances[piece.shard])
-                      if (piece.shard, u.key) in needed}
+            wanted = {key for shard, key in needed if shard == piece.shard}
             if wanted:
                 for key, members in read_members(self.shards.urls[piece.shard], wanted, skips, self.retry):
                     yield (piece.shard, key), members
